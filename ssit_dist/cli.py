@@ -1,0 +1,129 @@
+"""The `ssit-dist` command: thin Typer commands, each calling one library function."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
+console = Console()
+err = Console(stderr=True)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
+    """Versions, accelerator and DeepSpeed ops: paste this into bug reports."""
+    from ssit_dist.info import collect
+
+    report = collect()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("python", f"{report['python']}  ({report['platform']})")
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "[red]not installed[/]")
+    table.add_row("opencv", f"{report['opencv']['version']}, saliency module: {report['opencv']['saliency']}")
+    if report["cuda"]:
+        for d in report["cuda"]:
+            table.add_row(f"cuda:{d['index']}", f"{d['name']}, {d['memory_gib']} GiB, sm {d['capability']}, bf16 {d['bf16']}")
+    else:
+        table.add_row("cuda", "no CUDA device")
+    cpu = report["cpu"]
+    table.add_row("cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']}, {cpu['torch_capability']})")
+    table.add_row("cpu bf16/fp16", f"bf16 {cpu['bf16']}, fp16 {cpu['fp16']}, amx_bf16 {cpu['flags']['amx_bf16']}")
+    ds = report["deepspeed"]
+    table.add_row("deepspeed", f"accelerator {ds['accelerator']}, backend {ds['communication_backend']}")
+    ops = ds["ops"]
+    status = lambda o: "built" if o.get("jit_built") or o["prebuilt"] else ("compatible" if o["compatible"] else "no")  # noqa: E731
+    table.add_row("deepspeed ops", ", ".join(f"{n}: {status(o)}" for n, o in ops.items()))
+    table.add_row("extensions dir", ds["torch_extensions_dir"])
+    console.print(table)
+
+
+@app.command()
+def shard(
+    input: Path = typer.Argument(..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."),
+    output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
+    labels: Optional[Path] = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
+    split: Optional[str] = typer.Option(None, help="Ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15."),
+    seed: int = typer.Option(0, help="Seed for the split and the order inside shards."),
+    size: int = typer.Option(512, help="Side of the square crop, in pixels."),
+    shard_size: int = typer.Option(512, help="Samples per shard."),
+    workers: int = typer.Option(1, help="Worker processes."),
+    saliency: str = typer.Option("fine_grained", help="fine_grained (the paper's) or spectral_residual."),
+    jpeg_roundtrip: bool = typer.Option(True, "--jpeg-roundtrip/--no-jpeg-roundtrip", help="JPEG round trip of the enhanced image before saliency, as the paper did."),
+    quality: int = typer.Option(95, help="JPEG quality of the packed images."),
+    strict: bool = typer.Option(False, help="Stop with a non-zero exit at the first skipped input or bad label row."),
+    overwrite: bool = typer.Option(False, help="Replace shards already in OUTPUT."),
+    preview: int = typer.Option(0, help="Write OUTPUT/preview.png with this many images beside their saliency."),
+) -> None:
+    """Pack fundus photographs into WebDataset shards with precomputed saliency maps."""
+    from ssit_dist.data.index import ShardIndex
+    from ssit_dist.data.inputs import InputError, discover
+    from ssit_dist.data.shard import ShardError, ShardOptions, pack
+
+    opts = ShardOptions(size=size, shard_size=shard_size, workers=workers, saliency=saliency,
+                        jpeg_roundtrip=jpeg_roundtrip, quality=quality, seed=seed, split=split,
+                        overwrite=overwrite, preview=preview, strict=strict)
+    started = time.perf_counter()
+    try:
+        opts.check()
+        inputs = discover(input, labels, split, seed)
+        columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
+            task = progress.add_task("pack", total=len(inputs.items))
+            index: ShardIndex = pack(input, output, inputs, opts, labels, lambda _: progress.advance(task))
+    except (InputError, ShardError, ValueError) as e:
+        _fail(str(e), 1)
+    elapsed = time.perf_counter() - started
+
+    table = Table(title=f"{output}", title_justify="left")
+    for column in ("split", "samples", "shards", "grades 0/1/2/3/4"):
+        table.add_column(column)
+    for s in index.splits.values():
+        grades = "/".join(str(s.label_histogram[str(g)]) for g in range(5)) if s.label_histogram else "-"
+        table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades)
+    console.print(table)
+    for skip in index.skipped:
+        where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
+        console.print(f"[yellow]skipped[/] {where}: {skip['reason']}", highlight=False)
+    if index.not_in_labels:
+        console.print(f"[yellow]left out[/] {index.not_in_labels} images under {input} that {labels} does not name")
+    n = index.num_samples
+    console.print(f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
+                  f"{len(index.skipped)} skipped; mean {index.mean} std {index.std}", highlight=False)
+    if preview:
+        console.print(f"preview: {output / 'preview.png'}")
+
+
+@app.command()
+def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview.")) -> None:
+    """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""
+    from ssit_dist.demo import run_demo
+
+    try:
+        preview = run_demo(output, log=console.print)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e), 1)
+    console.print(f"[bold green]demo done[/]: saliency preview at {preview}")
+
