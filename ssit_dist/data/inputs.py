@@ -80,7 +80,10 @@ def parse_split(spec: str) -> dict[str, float]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # Dangling links are kept on purpose: they fail to read later and are reported, not lost.
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+    )
 
 
 def _grade_folder(rel_parts: tuple[str, ...]) -> int | None:
@@ -125,7 +128,7 @@ def read_labels(csv_path: Path, root: Path) -> tuple[dict[str, int], list[Proble
             problems.append(Problem(name, f"grade {grade} of {rel} is outside 0-4", line))
         elif rel in grades:
             problems.append(Problem(name, f"duplicate row for {rel} (first on line {first_line[rel]})", line))
-        elif not (root / rel).is_file():
+        elif not ((root / rel).is_file() or (root / rel).is_symlink()):
             problems.append(Problem(name, f"names {rel}, which is not a file under {root}", line))
         else:
             grades[rel] = grade

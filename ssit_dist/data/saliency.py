@@ -43,13 +43,16 @@ def enhance(bgr: np.ndarray) -> np.ndarray:
 
 
 def saliency_map(
-    rgb: np.ndarray, method: Method = "fine_grained", jpeg_roundtrip: bool = True
+    bgr: np.ndarray, method: Method = "fine_grained", jpeg_roundtrip: bool = True
 ) -> np.ndarray:
-    """Saliency of a square uint8 RGB crop as a (size, size) uint8 map (0 outside the mask circle)."""
-    if rgb.ndim != 3 or rgb.shape[0] != rgb.shape[1] or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected a square uint8 RGB image, got shape {rgb.shape} {rgb.dtype}")
-    size = rgb.shape[0]
-    enhanced = enhance(np.ascontiguousarray(rgb[..., ::-1]))
+    """Saliency of a square uint8 crop in OpenCV's BGR order, as a (size, size) uint8 map.
+
+    BGR matters: the detectors convert to grey with BGR weights, as the authors' cv.imread input was.
+    """
+    if bgr.ndim != 3 or bgr.shape[0] != bgr.shape[1] or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+        raise ValueError(f"expected a square uint8 BGR image, got shape {bgr.shape} {bgr.dtype}")
+    size = bgr.shape[0]
+    enhanced = enhance(bgr)
     if jpeg_roundtrip:
         # OpenCV's default JPEG quality (95), as the authors' script used.
         enhanced = cv2.imdecode(cv2.imencode(".jpg", enhanced)[1], cv2.IMREAD_COLOR)

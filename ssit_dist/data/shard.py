@@ -77,7 +77,7 @@ class Packed:
 
     item: Item
     members: dict[str, bytes] | None = None
-    pixel_sums: np.ndarray | None = None  # (2, 3): per-channel sum and sum of squares, in [0, 1] units
+    histogram: np.ndarray | None = None  # (3, 256) int64 counts of each RGB channel's values
     error: str | None = None
 
 
@@ -97,11 +97,12 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     jpg = buf.getvalue()
     # Saliency and statistics from the decoded JPEG: the pixels training will see, decoded the way the
     # loader decodes them.
-    seen = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
-    sal = saliency_map(np.ascontiguousarray(seen), opts.saliency, opts.jpeg_roundtrip)
+    seen = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    sal = saliency_map(seen, opts.saliency, opts.jpeg_roundtrip)
     # RLE strategy: as small as the best zlib setting on these maps, five times faster.
     sal_png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, 3])[1]
-    pixels = seen.reshape(-1, 3).astype(np.float64) / 255.0
+    # Integer histograms, so that mean/std do not depend on the order sums are taken in.
+    histogram = np.stack([cv2.calcHist([seen], [c], None, [256], [0, 256]).reshape(-1) for c in (2, 1, 0)])
     meta = {
         "source": item.rel,
         "original_size": list(cropped.original_size),
@@ -111,7 +112,7 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     members = {"jpg": jpg, "sal.png": sal_png.tobytes(), "json": json.dumps(meta, sort_keys=True).encode()}
     if item.grade is not None:
         members["cls"] = str(item.grade).encode()
-    return Packed(item, members, np.stack([pixels.sum(0), np.square(pixels).sum(0)]))
+    return Packed(item, members, histogram.astype(np.int64))
 
 
 def _init_worker() -> None:
@@ -161,14 +162,14 @@ class _SplitWriter:
         self.out, self.split, self.shard_size = out, split, shard_size
         self.lengths: list[int] = []
         self.grades: Counter[int] = Counter()
-        self.sums = np.zeros((2, 3))
+        self.histogram = np.zeros((3, 256), np.int64)
         self._tar: tarfile.TarFile | None = None
 
     def _name(self, index: int) -> str:
         return SHARD_PATTERN.format(split=self.split, index=index)
 
     def add(self, packed: Packed) -> None:
-        assert packed.members is not None and packed.pixel_sums is not None
+        assert packed.members is not None and packed.histogram is not None
         if self._tar is None or self.lengths[-1] == self.shard_size:
             self._close()
             tmp = self.out / (self._name(len(self.lengths)) + ".tmp")
@@ -177,7 +178,7 @@ class _SplitWriter:
         for ext, data in packed.members.items():
             _tar_member(self._tar, f"{packed.item.key}.{ext}", data)
         self.lengths[-1] += 1
-        self.sums += packed.pixel_sums
+        self.histogram += packed.histogram
         if packed.item.grade is not None:
             self.grades[packed.item.grade] += 1
 
@@ -219,9 +220,12 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         path.unlink()
 
 
-def _mean_std(sums: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
-    mean = sums[0] / pixels
-    std = np.sqrt(np.maximum(sums[1] / pixels - np.square(mean), 0))
+def _mean_std(histogram: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units from (3, 256) value counts."""
+    values = np.arange(256) / 255.0
+    counts = histogram / histogram.sum(axis=1, keepdims=True)
+    mean = counts @ values
+    std = np.sqrt(np.maximum(counts @ np.square(values) - np.square(mean), 0))
     return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
 
 
@@ -274,10 +278,9 @@ def pack(
     split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
     if not split_infos:
         raise ShardError(f"every input under {root} was skipped; see the reasons above")
-    stats_from = writers["train"] if "train" in split_infos else None
-    sums = stats_from.sums if stats_from else sum(w.sums for w in writers.values())
-    count = sum(stats_from.lengths) if stats_from else sum(s.num_samples for s in split_infos.values())
-    mean, std = _mean_std(sums, count * opts.size * opts.size)
+    # Normalisation statistics come from the training split, like everything else that is fitted.
+    stats_from = [writers["train"]] if "train" in split_infos else list(writers.values())
+    mean, std = _mean_std(sum(w.histogram for w in stats_from))
     params = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "preview")}
     params["labels"] = labels_file.name if labels_file else None
     index = ShardIndex(

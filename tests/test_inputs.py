@@ -1,0 +1,108 @@
+"""Finding inputs, reading label CSVs and assigning stratified splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ssit_dist.data.inputs import InputError, discover, parse_split, read_labels, sample_key
+
+
+def touch_images(root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")  # content is not read here
+
+
+def test_sample_keys_are_stable_and_webdataset_safe() -> None:
+    assert sample_key("train/3/10017_left.jpeg") == "train__3__10017_left"
+    assert sample_key("a.b.jpg") == "a_b"
+    assert "." not in sample_key("x.y.z.png")
+
+
+def test_parse_split_rejects_bad_specs() -> None:
+    assert parse_split("train=0.7,val=0.15,test=0.15") == {"train": 0.7, "val": 0.15, "test": 0.15}
+    with pytest.raises(InputError, match="sum to 0.9"):
+        parse_split("train=0.7,val=0.2")
+    with pytest.raises(InputError, match="not NAME=RATIO"):
+        parse_split("train:0.7")
+    with pytest.raises(InputError, match="'x' for 'val' is not a number"):
+        parse_split("train=0.5,val=x")
+
+
+def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
+    touch_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "image,grade,source\n"
+        "a.jpg,0,x\n"
+        "b.jpg,7,x\n"  # line 3: grade out of range
+        "missing.jpg,1,x\n"  # line 4: no such file
+        "a.jpg,2,x\n"  # line 5: duplicate of line 2
+        "c.jpg,1\n"  # line 6: malformed
+        "d.jpg,two,x\n"  # line 7: not an integer
+    )
+    grades, problems = read_labels(csv, tmp_path)
+    assert grades == {"a.jpg": 0}
+    by_line = {p.line: p.reason for p in problems}
+    assert set(by_line) == {3, 4, 5, 6, 7}
+    assert "outside 0-4" in by_line[3]
+    assert "missing.jpg" in by_line[4]
+    assert "first on line 2" in by_line[5]
+    assert "malformed" in by_line[6]
+    assert "'two'" in by_line[7]
+    assert str(problems[0]).startswith("labels.csv:3: ")
+
+
+def test_label_csv_without_the_columns_fails_fast(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("file,level\na.jpg,0\n")
+    with pytest.raises(InputError, match="'image' and 'grade'"):
+        read_labels(tmp_path / "labels.csv", tmp_path)
+
+
+def test_images_the_csv_does_not_name_are_counted(tmp_path: Path) -> None:
+    touch_images(tmp_path, ["a.jpg", "b.jpg", "c.png", "notes.txt"])
+    (tmp_path / "labels.csv").write_text("image,grade\na.jpg,1\n")
+    inputs = discover(tmp_path, tmp_path / "labels.csv")
+    assert [i.rel for i in inputs.items] == ["a.jpg"] and inputs.items[0].grade == 1
+    assert inputs.not_in_labels == 2 and inputs.labelled
+
+
+def test_grade_folders_and_split_folders(tmp_path: Path) -> None:
+    touch_images(tmp_path / "graded", ["0/a.jpg", "4/b.jpg"])
+    inputs = discover(tmp_path / "graded")
+    assert {(i.rel, i.grade, i.split) for i in inputs.items} == {("0/a.jpg", 0, "train"), ("4/b.jpg", 4, "train")}
+
+    touch_images(tmp_path / "split", ["train/1/a.jpg", "val/2/b.jpg", "test/3/c.jpg"])
+    inputs = discover(tmp_path / "split")
+    assert {(i.grade, i.split) for i in inputs.items} == {(1, "train"), (2, "val"), (3, "test")}
+    with pytest.raises(InputError, match="already has split folders"):
+        discover(tmp_path / "split", split="train=0.5,val=0.5")
+
+
+def test_mixed_grade_folders_are_an_error(tmp_path: Path) -> None:
+    touch_images(tmp_path, ["0/a.jpg", "stray.jpg"])
+    with pytest.raises(InputError, match="stray.jpg"):
+        discover(tmp_path)
+
+
+def test_stratified_split_follows_the_ratios_per_grade(tmp_path: Path) -> None:
+    names = [f"{g}/img{k:03d}.jpg" for g in range(5) for k in range(20 + 7 * g)]
+    touch_images(tmp_path, names)
+    inputs = discover(tmp_path, split="train=0.7,val=0.15,test=0.15", seed=3)
+    per = Counter((i.grade, i.split) for i in inputs.items)
+    for g in range(5):
+        n = 20 + 7 * g
+        assert abs(per[(g, "train")] - 0.7 * n) < 1 and abs(per[(g, "val")] - 0.15 * n) < 1
+        assert per[(g, "train")] + per[(g, "val")] + per[(g, "test")] == n
+    again = discover(tmp_path, split="train=0.7,val=0.15,test=0.15", seed=3)
+    other = discover(tmp_path, split="train=0.7,val=0.15,test=0.15", seed=4)
+    assert again.items == inputs.items and other.items != inputs.items
+
+
+def test_colliding_keys_are_refused(tmp_path: Path) -> None:
+    touch_images(tmp_path, ["a.b.jpg", "a_b.jpg"])
+    with pytest.raises(InputError, match="same sample key 'a_b'"):
+        discover(tmp_path)

@@ -1,0 +1,272 @@
+"""`ssit-dist shard` end to end, on real fundus photographs, through the installed command."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from conftest import CLI, run_cli
+from opencv_reference import paper_saliency
+from ssit_dist.data.index import read_index
+
+SPLIT = "train=0.7,val=0.15,test=0.15"
+
+
+def samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} read with the standard library, not with our own code."""
+    out: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            out[key][ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return out
+
+
+def link_subset(src: Path, dst: Path, names: list[str], grades: dict[str, int] | None = None) -> Path:
+    """A folder of symlinks to some real photographs (never copies), with a labels CSV if grades given."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (dst / name).symlink_to(src / name)
+    if grades is not None:
+        with open(dst / "labels.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("image", "grade"), *((n, grades[n]) for n in names)])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def grades(graded_dir: Path) -> dict[str, int]:
+    with open(graded_dir / "labels.csv") as f:
+        return {row["image"]: int(row["grade"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def packed(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The issue's command on all 300 graded photographs, default size, 2 workers, with a preview."""
+    out = tmp_path_factory.mktemp("graded") / "OUT"
+    result = run_cli("shard", graded_dir, out, "--labels", graded_dir / "labels.csv", "--split", SPLIT,
+                     "--workers", 2, "--preview", 6)
+    return out, result.stdout
+
+
+def test_counts_and_stratification(packed: tuple[Path, str], grades: dict[str, int]) -> None:
+    out, stdout = packed
+    info = json.loads((out / "_info.json").read_text())
+    assert info["num_samples"] == 300 and info["skipped"] == [] and info["not_in_labels"] == 0
+    counts = {name: s["num_samples"] for name, s in info["splits"].items()}
+    assert counts == {"train": 210, "val": 45, "test": 45}
+    expected_per_grade = Counter(grades.values())
+    for name, split in info["splits"].items():
+        assert all(split["label_histogram"][str(g)] > 0 for g in range(5)), name
+    for g in range(5):
+        total = sum(s["label_histogram"][str(g)] for s in info["splits"].values())
+        assert total == expected_per_grade[g]
+    assert "train" in stdout and "210" in stdout
+
+
+def test_index_fields_and_sha256(packed: tuple[Path, str]) -> None:
+    out, _ = packed
+    info = json.loads((out / "_info.json").read_text())
+    assert info["format_version"] == 1 and info["tool_version"]
+    assert info["parameters"]["size"] == 512 and info["parameters"]["saliency"] == "fine_grained"
+    assert info["parameters"]["labels"] == "labels.csv" and info["parameters"]["split"] == SPLIT
+    for split in info["splits"].values():
+        assert set(split) >= {"name", "num_samples", "filenames", "shard_lengths", "sha256", "label_histogram"}
+        assert sum(split["shard_lengths"]) == split["num_samples"]
+        for name, digest, length in zip(split["filenames"], split["sha256"], split["shard_lengths"]):
+            assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+            assert len(samples(out / name)) == length
+    assert not list(out.glob("*.tmp"))
+    read_index(out, verify=True)
+
+
+def test_every_sample_is_complete_and_graded_right(packed: tuple[Path, str], grades: dict[str, int]) -> None:
+    out, _ = packed
+    keys: set[str] = set()
+    for tar_path in sorted(out.glob("*.tar")):
+        for key, members in samples(tar_path).items():
+            assert set(members) == {"jpg", "sal.png", "cls", "json"}, key
+            meta = json.loads(members["json"])
+            assert int(members["cls"]) == grades[meta["source"]]
+            assert meta["original_size"] == [256, 256] and len(meta["crop_box"]) == 4
+            keys.add(key)
+    assert len(keys) == 300
+
+
+# webdataset's tar reader inside timm leaves its file objects to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_timm_reads_the_labelled_shards(packed: tuple[Path, str], grades: dict[str, int]) -> None:
+    from timm.data import create_dataset
+
+    out, _ = packed
+    dataset = create_dataset(f"wds/{out.name}", root=str(out), split="train")
+    seen = [(img, target) for img, target in dataset]
+    assert len(seen) == 210
+    assert all(isinstance(img, Image.Image) and img.size == (512, 512) for img, _ in seen)
+    info = json.loads((out / "_info.json").read_text())
+    assert Counter(t for _, t in seen) == {int(g): n for g, n in info["splits"]["train"]["label_histogram"].items()}
+
+
+def test_stored_saliency_is_opencv_on_the_stored_image(packed: tuple[Path, str]) -> None:
+    out, _ = packed
+    for key, members in list(samples(out / "val-000000.tar").items())[:5]:
+        image = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
+        stored = cv2.imdecode(np.frombuffer(members["sal.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        assert stored.dtype == np.uint8 and stored.shape == (512, 512)
+        np.testing.assert_array_equal(stored, paper_saliency(image), err_msg=key)
+
+
+def test_mean_std_are_those_of_the_train_images(packed: tuple[Path, str]) -> None:
+    out, _ = packed
+    pixels = [np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), np.float64) / 255
+              for m in samples(out / "train-000000.tar").values()]
+    stacked = np.stack(pixels).reshape(-1, 3)
+    info = json.loads((out / "_info.json").read_text())
+    np.testing.assert_allclose(info["mean"], stacked.mean(0), atol=2e-3)
+    np.testing.assert_allclose(info["std"], stacked.std(0), atol=2e-3)
+
+
+def test_preview_shows_images_beside_saliency(packed: tuple[Path, str]) -> None:
+    out, _ = packed
+    preview = cv2.imread(str(out / "preview.png"))
+    assert preview.shape == (512, 1536, 3)  # two rows of three image|saliency pairs at 256 px
+    saliency_tile = preview[:256, 256:512].astype(float)
+    assert saliency_tile.std() > 10  # a real map, not a blank tile
+
+
+def test_same_output_whatever_the_worker_count(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+    names = sorted(grades)[:40]
+    src = link_subset(graded_dir, tmp_path / "in", names, grades)
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        run_cli("shard", src, out, "--labels", src / "labels.csv", "--split", SPLIT, "--size", 128,
+                "--shard-size", 8, "--workers", workers)
+        outs.append(out)
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 4
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_bad_images_are_skipped_listed_and_strict_fails(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+    names = sorted(grades)[:6]
+    src = link_subset(graded_dir, tmp_path / "in", names)
+    whole = (graded_dir / names[0]).read_bytes()
+    (src / "truncated.jpeg").write_bytes(whole[: len(whole) // 2])
+    (src / "notes.jpg").write_text("this is a text file with an image name\n")
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "gone.jpg").symlink_to(tmp_path / "no-such-file.jpg")  # unreadable
+    result = run_cli("shard", src, tmp_path / "out", "--size", 64)
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in info["skipped"]}
+    assert set(reasons) == {"truncated.jpeg", "notes.jpg", "empty.jpg", "gone.jpg"}
+    assert "cannot decode" in reasons["truncated.jpeg"] and "not an image" in reasons["notes.jpg"]
+    assert "empty" in reasons["empty.jpg"] and "cannot read" in reasons["gone.jpg"]
+    assert info["num_samples"] == 6
+    for name in reasons:
+        assert f"skipped {name}: " in result.stdout
+
+    strict = run_cli("shard", src, tmp_path / "strict", "--size", 64, "--strict", check=False)
+    assert strict.returncode != 0 and "--strict" in strict.stderr
+    assert not (tmp_path / "strict" / "_info.json").exists()
+    assert not list((tmp_path / "strict").glob("*.tar*"))
+
+
+def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    small = retina.resize((200, 200))
+    small.convert("L").save(src / "grey.png")
+    small.convert("RGBA").save(src / "rgba.png")
+    small.convert("P").save(src / "palette.png")
+    small.convert("CMYK").save(src / "cmyk.jpg")
+    Image.fromarray((np.asarray(small.convert("L"), np.uint16) * 257)).save(src / "sixteen.png")
+    run_cli("shard", src, tmp_path / "out", "--size", 64)
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert info["num_samples"] == 5 and info["skipped"] == []
+    modes = {json.loads(m["json"])["original_mode"] for m in samples(tmp_path / "out" / "train-000000.tar").values()}
+    assert modes == {"L", "RGBA", "P", "CMYK", "I;16"}
+
+
+def test_label_csv_problems_are_reported_with_line_numbers(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+    names = sorted(grades)[:5]
+    src = link_subset(graded_dir, tmp_path / "in", names)
+    (src / "labels.csv").write_text(
+        "image,grade\n"
+        f"{names[0]},0\n{names[1]},9\nmissing.jpeg,1\n{names[0]},0\n{names[2]},1,extra\n{names[3]},2\n"
+    )
+    result = run_cli("shard", src, tmp_path / "out", "--labels", src / "labels.csv", "--size", 64)
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert {s["line"] for s in info["skipped"]} == {3, 4, 5, 6}
+    assert info["num_samples"] == 2 and info["not_in_labels"] == 3  # names[1], [2], [4] left out
+    assert "labels.csv:3: grade 9" in result.stdout
+    strict = run_cli("shard", src, tmp_path / "strict", "--labels", src / "labels.csv", "--strict", check=False)
+    assert strict.returncode != 0 and "labels.csv:4" in strict.stderr
+
+
+def test_existing_output_is_refused_without_overwrite(retina: Image.Image, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    retina.resize((128, 128)).save(src / "eye.jpg")
+    run_cli("shard", src, tmp_path / "out", "--size", 64)
+    again = run_cli("shard", src, tmp_path / "out", "--size", 64, check=False)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    run_cli("shard", src, tmp_path / "out", "--size", 96, "--overwrite")
+    assert json.loads((tmp_path / "out" / "_info.json").read_text())["parameters"]["size"] == 96
+
+
+def _start(*args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([str(CLI), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_killed_run_never_leaves_an_index_of_incomplete_shards(graded_dir: Path, retina: Image.Image, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    retina.resize((128, 128)).save(small / "eye.jpg")
+    out = tmp_path / "out"
+    run_cli("shard", small, out, "--size", 64)
+    assert (out / "_info.json").exists()
+
+    proc = _start("shard", graded_dir, out, "--overwrite", "--shard-size", 4)
+    _wait_for(lambda: list(out.glob("*.tar.tmp")) and len(list(out.glob("*.tmp"))) >= 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not (out / "_info.json").exists(), "an index survived that names shards which are gone"
+    assert not list(out.glob("*.tar")), "finished shard names appeared before the index"
+    refused = run_cli("shard", graded_dir, out, check=False)
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+
+
+def test_a_crashed_worker_fails_the_run_loudly(graded_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _start("shard", graded_dir, out, "--workers", 2)
+    parent = psutil.Process(proc.pid)
+    _wait_for(lambda: len(parent.children(recursive=True)) >= 2 and list(out.glob("*.tmp")))
+    os.kill(parent.children(recursive=True)[-1].pid, signal.SIGKILL)  # as the OOM killer would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "worker process died" in stderr
+    assert not (out / "_info.json").exists() and not list(out.glob("*.tar*"))
