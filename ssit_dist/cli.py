@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,7 +70,7 @@ def shard(
     seed: int = typer.Option(0, help="Seed for the split and the order inside shards."),
     size: int = typer.Option(512, help="Side of the square crop, in pixels."),
     shard_size: int = typer.Option(512, help="Samples per shard."),
-    workers: int = typer.Option(1, help="Worker processes."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per available core)."),
     saliency: str = typer.Option("fine_grained", help="fine_grained (the paper's) or spectral_residual."),
     jpeg_roundtrip: bool = typer.Option(True, "--jpeg-roundtrip/--no-jpeg-roundtrip", help="JPEG round trip of the enhanced image before saliency, as the paper did."),
     quality: int = typer.Option(95, help="JPEG quality of the packed images."),
@@ -82,6 +83,7 @@ def shard(
     from ssit_dist.data.inputs import InputError, discover
     from ssit_dist.data.shard import ShardError, ShardOptions, pack
 
+    workers = workers or len(os.sched_getaffinity(0))
     opts = ShardOptions(size=size, shard_size=shard_size, workers=workers, saliency=saliency,
                         jpeg_roundtrip=jpeg_roundtrip, quality=quality, seed=seed, split=split,
                         overwrite=overwrite, preview=preview, strict=strict)

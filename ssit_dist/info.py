@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -77,8 +78,9 @@ def _built_ops(names: list[str]) -> set[str]:
 
 def _deepspeed() -> dict[str, Any]:
     # DeepSpeed logs at WARNING when it falls back to the CPU accelerator; that is expected here.
-    from deepspeed.utils import logger as ds_logger
-
+    # DeepSpeed logs to stdout from import on; keep stdout clean for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.ERROR)
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops

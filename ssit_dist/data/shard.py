@@ -14,9 +14,12 @@ Sample layout (`<key>.<ext>` members of `<split>-NNNNNN.tar`):
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import multiprocessing
 import os
+import signal
 import tarfile
 import time
 from collections import Counter, deque
@@ -118,6 +121,11 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
 def _init_worker() -> None:
     # One OpenCV thread per worker: the pool already uses the cores.
     cv2.setNumThreads(1)
+    # Die with the parent: a killed `ssit-dist shard` must not leave workers behind (Linux only).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _results(root: Path, items: list[Item], opts: ShardOptions) -> Iterator[Packed]:
@@ -126,7 +134,9 @@ def _results(root: Path, items: list[Item], opts: ShardOptions) -> Iterator[Pack
         for item in items:
             yield process(root, item, opts)
         return
-    with ProcessPoolExecutor(opts.workers, initializer=_init_worker) as pool:
+    # Spawned, not forked: a fork after OpenCV or torch started their thread pools can deadlock.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(opts.workers, mp_context=spawn, initializer=_init_worker) as pool:
         window: deque[Future[Packed]] = deque()
         pending = iter(items)
         for item in pending:

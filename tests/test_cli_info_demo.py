@@ -1,0 +1,41 @@
+"""`ssit-dist info` and `ssit-dist demo`, through the installed command."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import cv2
+import torch
+
+from conftest import run_cli
+
+
+def test_info_json_reports_versions_and_accelerator() -> None:
+    report = json.loads(run_cli("info", "--json").stdout)
+    assert report["packages"]["torch"] == importlib.metadata.version("torch")
+    assert report["packages"]["deepspeed"] == importlib.metadata.version("deepspeed")
+    assert report["opencv"] == {"version": cv2.__version__, "saliency": True}
+    assert len(report["cuda"]) == torch.cuda.device_count()
+    expected = ("cuda", "nccl") if torch.cuda.is_available() else ("cpu", "gloo")
+    assert (report["deepspeed"]["accelerator"], report["deepspeed"]["communication_backend"]) == expected
+    assert {"cpu_adam", "fused_adam"} <= set(report["deepspeed"]["ops"])
+    flags = Path("/proc/cpuinfo").read_text()
+    assert report["cpu"]["bf16"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_info_fits_one_screen() -> None:
+    text = run_cli("info").stdout
+    assert "deepspeed" in text and "cpu_adam" in text
+    assert len(text.splitlines()) <= 40
+
+
+def test_demo_packs_real_photographs_and_writes_a_preview(tmp_path: Path) -> None:
+    result = run_cli("demo", tmp_path / "demo")
+    preview = tmp_path / "demo" / "shards" / "preview.png"
+    assert str(preview) in result.stdout.replace("\n", "")
+    image = cv2.imread(str(preview))
+    assert image is not None and image.shape == (512, 1536, 3)  # six image|saliency pairs, 3 to a row
+    info = json.loads((tmp_path / "demo" / "shards" / "_info.json").read_text())
+    assert info["num_samples"] == 6 and info["skipped"] == []
