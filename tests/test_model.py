@@ -1,0 +1,209 @@
+"""SSiT model: reference parity, token selection, shapes, gradients, EMA precision, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED
+from ssit_dist.dist import full_fp32_parameters
+from ssit_dist.models.momentum import momentum_at
+from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
+from ssit_dist.models.vit import create_encoder, encode, salient_token_indices
+
+FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
+TINY = dict(arch="vit_small_patch16_224", img_size=32,
+            timm_kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3), proj_hidden=64, proj_dim=32)
+
+
+def tiny(**overrides: object) -> SSiT:
+    torch.manual_seed(0)
+    return SSiT(ModelConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
+
+
+def batch(n: int = 6, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g),
+            torch.rand(n, 1, size, size, generator=g), torch.rand(n, 1, size, size, generator=g))
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    if not FIXTURE.is_file():
+        pytest.skip(f"reference test vectors not found at {FIXTURE} (../shared is absent here)")
+    return torch.load(FIXTURE, weights_only=True)
+
+
+def _reference_model(ref: dict) -> SSiT:
+    c = ref["config"]
+    return SSiT.from_reference(
+        ref["state_dict"], arch="vit_small_patch16_224", img_size=c["img_size"], patch_size=c["patch_size"],
+        embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], proj_hidden=c["mlp_dim"],
+        proj_dim=c["dim"], temperature=c["T"], mask_ratio=c["mask_ratio"], pool=c["pool_mode"],
+        saliency_threshold=c["saliency_threshold"])
+
+
+def test_losses_gradients_and_momentum_match_the_reference(reference: dict) -> None:
+    model = _reference_model(reference).train()
+    cl, ss = model(reference["x1"], reference["x2"], reference["m1"], reference["m2"], reference["m"])
+    assert cl.item() == pytest.approx(reference["cl_loss"], rel=1e-5)
+    assert ss.item() == pytest.approx(reference["ss_loss"], rel=1e-5)
+    (cl + reference["config"]["ss_weight"] * ss).backward()
+
+    renames = [(r"^base_encoder\.head\.", "online.projector."), (r"^base_encoder\.", "online.encoder."),
+               (r"^predictor\.", "online.predictor."), (r"^saliency_segmentor\.0\.", "online.saliency_head.proj.")]
+    params = dict(model.named_parameters())
+    checked = 0
+    for key, expected in reference["grads"].items():
+        name = next(re.sub(p, r, key) for p, r in renames if re.match(p, key))
+        got = params[name].grad
+        assert got is not None, name
+        assert (got - expected).norm() <= 1e-4 * expected.norm() + 1e-12, name
+        checked += 1
+    assert checked == len(params) - len(list(model.momentum.parameters()))
+
+    ours = model.momentum.state_dict()
+    for key, expected in reference["momentum_after"].items():
+        name = "projector." + key[5:] if key.startswith("head.") else "encoder." + key
+        torch.testing.assert_close(ours[name].float(), expected.float(), atol=1e-6, rtol=0, msg=name)
+
+
+def test_from_reference_accepts_the_ddp_prefix_and_rejects_strangers(reference: dict) -> None:
+    prefixed = {f"module.{k}": v for k, v in reference["state_dict"].items()}
+    reference = {**reference, "state_dict": prefixed}
+    model = _reference_model(reference)
+    torch.testing.assert_close(model.online.encoder.cls_token, prefixed["module.base_encoder.cls_token"])
+    with pytest.raises(ValueError, match="unexpected key 'decoder.weight'"):
+        SSiT.from_reference({**prefixed, "decoder.weight": torch.zeros(1)}, img_size=32, patch_size=8,
+                            embed_dim=48, depth=2, num_heads=3, proj_hidden=64, proj_dim=32)
+
+
+def test_salient_tokens_are_the_top_patches_of_a_hand_built_map() -> None:
+    # 4x4 patches of 2x2 pixels; patch (row r, col c) gets value 16 - (4r + c) except where overridden.
+    saliency = torch.zeros(1, 1, 8, 8)
+    values = {0: 0.1, 5: 0.9, 6: 0.8, 10: 0.95, 15: 0.7, 3: 0.6}
+    for patch, v in values.items():
+        r, c = divmod(patch, 4)
+        saliency[0, 0, 2 * r + 1, 2 * c] = v  # one bright pixel: max pooling finds it, avg dilutes it
+    keep = salient_token_indices(saliency, patch=2, mask_ratio=0.75)  # keep 4 of 16
+    assert keep.tolist() == [[0, 11, 6, 7, 16]]  # CLS, then patches 10, 5, 6, 15 shifted by one
+    all_kept = salient_token_indices(saliency, patch=2, mask_ratio=0.0)
+    assert all_kept.shape == (1, 17) and sorted(all_kept[0].tolist()) == list(range(17))
+    # Ties (the ten empty patches) are broken by the lower index, deterministically.
+    keep_ties = salient_token_indices(saliency, patch=2, mask_ratio=0.5)
+    assert keep_ties[0, 1:].tolist() == [11, 6, 7, 16, 4, 1, 2, 3]
+    avg = salient_token_indices(saliency * 0 + torch.arange(64.0).view(1, 1, 8, 8), patch=2, mask_ratio=0.75, pool="avg")
+    assert avg[0, 1:].tolist() == [16, 15, 14, 13]
+
+
+def test_key_encoder_sees_only_the_selected_tokens() -> None:
+    vit = create_encoder("vit_small_patch16_224", 32, patch_size=8, embed_dim=48, depth=1, num_heads=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = salient_token_indices(torch.rand(2, 1, 32, 32), 8, 0.25)
+    tokens = encode(vit, x, keep)
+    assert tokens.shape == (2, 13, 48)
+    # With every token kept in natural order, the salient forward equals timm's own forward.
+    everything = torch.arange(17).expand(2, 17)
+    torch.testing.assert_close(encode(vit, x, everything), vit.forward_features(x))
+
+
+def test_output_shapes_and_gradients_reach_the_online_side_only() -> None:
+    model = tiny().train()
+    x1, x2, s1, s2 = batch()
+    k = model.momentum(x1, s1)
+    assert k.shape == (6, 32) and not k.requires_grad
+    logits = model.online.saliency_head(encode(model.online.encoder, x1)[:, 1:])
+    assert logits.shape == (6, 1, 32, 32)
+    cl, ss = model(x1, x2, s1, s2, 0.99)
+    assert cl.shape == ss.shape == () and torch.isfinite(cl) and torch.isfinite(ss)
+    (cl + ss).backward()
+    for name, p in model.online.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for name, p in model.momentum.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+
+
+def test_momentum_update_follows_m() -> None:
+    model = tiny()
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.momentum.parameters()]
+    model.update_momentum(0.9)
+    sources = [p for m in model.online.ema_source() for p in m.parameters()]
+    for old, new, src in zip(before, model.momentum.parameters(), sources):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * src)
+
+
+def test_ema_in_fp32_tracks_float64_under_bf16_training() -> None:
+    model = tiny(timm_kwargs=dict(patch_size=8, embed_dim=48, depth=1, num_heads=3))
+    optimizer = torch.optim.AdamW(model.online.parameters(), lr=1e-3)
+    x1, x2, s1, s2 = batch(4)
+    sources = [p for m in model.online.ema_source() for p in m.parameters()]
+    exact = [p.detach().double().clone() for p in model.momentum.parameters()]
+    m = 0.999
+    for step in range(1000):
+        model.update_momentum(m)
+        for e, p in zip(exact, sources):
+            e.mul_(m).add_(p.detach().double(), alpha=1 - m)
+        if step % 10 == 0:  # train every 10th step: the EMA must follow moving weights, cheaply
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                cl, ss = model.online(x1, x2, s1, s2, model.momentum(x1, s1), model.momentum(x2, s2))
+            optimizer.zero_grad()
+            (cl + ss).backward()
+            optimizer.step()
+    assert all(p.dtype == torch.float32 for p in model.momentum.parameters())
+    drift = max((p.double() - e).abs().max().item() for p, e in zip(model.momentum.parameters(), exact))
+    moved = max((p.double() - e).abs().max().item() for p, e in zip(sources, exact))
+    assert drift < 1e-6 and moved > 1e-4, (drift, moved)
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
+    model = tiny().train()
+    optimizer = torch.optim.AdamW(model.online.parameters(), lr=3e-3)
+    x1, x2, s1, s2 = batch(8, seed=3)
+    losses = []
+    for _ in range(12):
+        cl, ss = model(x1, x2, s1, s2, 0.99)
+        loss = cl + 10 * ss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.online.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_momentum_schedule_is_a_cosine_ramp() -> None:
+    assert momentum_at(0.0) == pytest.approx(0.99)
+    assert momentum_at(0.5) == pytest.approx(0.995)
+    assert momentum_at(1.0) == pytest.approx(1.0)
+    assert momentum_at(0.25) < momentum_at(0.5) < momentum_at(0.75)
+
+
+def test_full_fp32_parameters_of_plain_modules() -> None:
+    layer = torch.nn.Linear(3, 2)
+    assert all(a is b or torch.equal(a, b) for a, b in zip(full_fp32_parameters(layer), layer.parameters()))
+    half = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    full = list(full_fp32_parameters(half))
+    assert all(t.dtype == torch.float32 for t in full)
+    torch.testing.assert_close(full[0], half.weight.float())
+
+
+def test_clear_errors() -> None:
+    model = tiny().train()
+    x1, x2, s1, s2 = batch()
+    k = torch.zeros(6, 32)
+    with pytest.raises(ValueError, match=r"saliency map shape \(6, 1, 16, 16\) does not match images"):
+        model.online(x1, x2, s1[..., :16, :16], s2, k, k)
+    with pytest.raises(ValueError, match="batch size 1 per rank"):
+        model.online(x1[:1], x2[:1], s1[:1], s2[:1], k[:1], k[:1])
+    with pytest.raises(ValueError, match="img_size 30 is not divisible by the patch size 8"):
+        create_encoder("vit_small_patch16_224", 30, patch_size=8)
+    with pytest.raises(ValueError, match="mask_ratio 1.0 must be in"):
+        tiny(mask_ratio=1.0)
+    with pytest.raises(ValueError, match="unknown ViT architecture 'vit_gigantic_patch3'"):
+        create_encoder("vit_gigantic_patch3")
