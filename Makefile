@@ -25,6 +25,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/shard.py
+	$(PY) bench/model_step.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) demo_out

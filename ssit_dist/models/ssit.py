@@ -113,11 +113,13 @@ class SSiT(nn.Module):
                        img_size: int = 224, **kwargs: Any) -> SSiT:
         """Build SSiT from a reference-repo training checkpoint's state dict.
 
-        Keys `base_encoder.*`, `momentum_encoder.*` (each with its projector as `head.*`), `predictor.*`,
+        Accepts the reference's `checkpoint.pt` dict or its `state_dict`, with keys `base_encoder.*`, `momentum_encoder.*` (each with its projector as `head.*`), `predictor.*`,
         `saliency_segmentor.0.*`, with or without a `module.` prefix. `kwargs` are ModelConfig fields
         (proj_hidden, proj_dim, temperature, mask_ratio, pool, saliency_threshold) or timm kwargs
         (patch_size, embed_dim, depth, num_heads, ...).
         """
+        if "state_dict" in state_dict:  # the whole checkpoint.pt dict (epoch, state_dict, optimizer, scaler)
+            state_dict = state_dict["state_dict"]  # type: ignore[assignment]
         fields = set(ModelConfig.__dataclass_fields__)
         cfg = ModelConfig(arch=arch, img_size=img_size,
                           timm_kwargs={k: v for k, v in kwargs.items() if k not in fields},

@@ -1,0 +1,78 @@
+"""Cross-rank pieces with 2 real gloo processes: the contrastive loss and BatchNorm over the global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ssit_dist.models.batchnorm import CrossRankBatchNorm1d, convert_batchnorm
+from ssit_dist.models.losses import contrastive_loss
+
+N, C, T = 4, 16, 0.2  # per-rank batch, feature size, temperature
+
+
+def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2 * N, C, generator=g), torch.randn(2 * N, C, generator=g)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        q_all, k_all = features()
+        q = q_all[rank * N : (rank + 1) * N].clone().requires_grad_(True)
+        loss = contrastive_loss(q, k_all[rank * N : (rank + 1) * N], T)
+        loss.backward()
+
+        torch.manual_seed(5)
+        bn = torch.nn.Sequential(torch.nn.Linear(C, 8), torch.nn.BatchNorm1d(8))
+        bn = convert_batchnorm(bn, "cpu")
+        x = q_all[rank * N : (rank + 1) * N].clone().requires_grad_(True)
+        y = bn(x)
+        (y * torch.arange(8.0)).sum().backward()
+        torch.save({"loss": loss.detach(), "q_grad": q.grad, "bn_out": y.detach(), "bn_x_grad": x.grad,
+                    "bn_w_grad": bn[0].weight.grad, "running_mean": bn[1].running_mean,
+                    "is_cross_rank": isinstance(bn[1], CrossRankBatchNorm1d)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path: Path) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # One process, whole batch.
+    q_all, k_all = features()
+    q = q_all.clone().requires_grad_(True)
+    loss = contrastive_loss(q, k_all, T)
+    loss.backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach())
+    # Data-parallel training averages gradients over ranks: rank r's gradient / 2 is the 1-rank gradient.
+    assert q.grad is not None
+    torch.testing.assert_close(torch.cat([r["q_grad"] for r in ranks]) / 2, q.grad)
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank really saw its own half
+
+    torch.manual_seed(5)
+    bn = torch.nn.Sequential(torch.nn.Linear(C, 8), torch.nn.BatchNorm1d(8))
+    x = q_all.clone().requires_grad_(True)
+    y = bn(x)
+    (y * torch.arange(8.0)).sum().backward()
+    assert all(r["is_cross_rank"] for r in ranks)
+    torch.testing.assert_close(torch.cat([r["bn_out"] for r in ranks]), y.detach())
+    torch.testing.assert_close(torch.cat([r["bn_x_grad"] for r in ranks]), x.grad)
+    torch.testing.assert_close(ranks[0]["bn_w_grad"] + ranks[1]["bn_w_grad"], bn[0].weight.grad)
+    torch.testing.assert_close(ranks[0]["running_mean"], bn[1].running_mean)
