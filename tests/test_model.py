@@ -10,7 +10,7 @@ import torch
 
 from conftest import SHARED
 from ssit_dist.dist import full_fp32_parameters
-from ssit_dist.models.momentum import momentum_at
+from ssit_dist.train.schedule import momentum as momentum_at
 from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
 from ssit_dist.models.vit import create_encoder, encode, salient_token_indices
 
@@ -178,10 +178,10 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
 
 
 def test_momentum_schedule_is_a_cosine_ramp() -> None:
-    assert momentum_at(0.0) == pytest.approx(0.99)
-    assert momentum_at(0.5) == pytest.approx(0.995)
-    assert momentum_at(1.0) == pytest.approx(1.0)
-    assert momentum_at(0.25) < momentum_at(0.5) < momentum_at(0.75)
+    assert momentum_at(0.0, 100) == pytest.approx(0.99)
+    assert momentum_at(50, 100) == pytest.approx(0.995)
+    assert momentum_at(100, 100) == pytest.approx(1.0)
+    assert momentum_at(25, 100) < momentum_at(50, 100) < momentum_at(75, 100)
 
 
 def test_full_fp32_parameters_of_plain_modules() -> None:

@@ -8,7 +8,6 @@ movement). It is updated from the full fp32 parameters, see `ssit_dist.dist.full
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 
 import torch
@@ -16,12 +15,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssit_dist.models.vit import encode, salient_token_indices
-
-
-def momentum_at(progress: float, base: float = 0.99, final: float = 1.0) -> float:
-    """Cosine ramp of the EMA momentum from `base` to `final` over training progress in [0, 1]."""
-    progress = min(max(progress, 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 class MomentumNetwork(nn.Module):
