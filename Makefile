@@ -25,6 +25,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/shard.py
+	$(PY) bench/pretrain.py
 	$(PY) bench/model_step.py
 
 clean:
