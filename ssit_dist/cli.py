@@ -118,6 +118,49 @@ def shard(
         console.print(f"preview: {output / 'preview.png'}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
+) -> None:
+    """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+    with socket.socket() as s:  # a free port: several runs on one machine must not collide on 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # DeepSpeed's launcher starts one CPU process unless told, and leaves OpenMP threads unset.
+        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(port), str(script)]
+    command += (["--config", str(config)] if config else []) + list(ctx.args)
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output path; .safetensors and .json are written."),
+    tag: Optional[str] = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
+) -> None:
+    """Export the query encoder of a checkpoint as timm-keyed safetensors plus a JSON."""
+    from ssit_dist.train.checkpoint import export_encoder
+
+    try:
+        weights, description = export_encoder(run_dir, output, tag)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e), 1)
+    console.print(f"wrote {weights} and {description}")
+
+
 @app.command()
 def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview.")) -> None:
     """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""
