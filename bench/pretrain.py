@@ -5,9 +5,11 @@ in-process and with 2 loader workers, against a reference-style loader on the sa
 quality-100 JPEG read with PIL per sample plus a float32 .npy saliency map, augmented with torchvision's
 PIL transforms as the reference recipe does. Pairs/s per worker is the figure to compare.
 
-Still to come with the pretraining loop (issue 4): end-to-end pairs/s, peak RSS per ZeRO stage.
+End to end (launch/pretrain.py, ViT-S/16 at 224, global batch 8, fp32, a few steps after a warm-up step):
+pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3.
+`--no-end-to-end` measures the data pipeline only.
 
-Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N]
+Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end]
 """
 
 from __future__ import annotations
@@ -86,12 +88,51 @@ def rate(loader, batches: int) -> float:  # type: ignore[no-untyped-def]
     return batches * BATCH / (time.perf_counter() - start)
 
 
+def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, steps: int) -> dict[str, float]:
+    """One short pretraining run through launch/pretrain.py; medians over the steps after the first."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    ds = work / f"zero{stage}.json"
+    ds.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": stage}, "steps_per_print": 10**6,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}))
+    run = work / f"run_r{ranks}_t{threads}_z{stage}"
+    cfg = work / f"{run.name}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run_dir": str(run), "ds_config": str(ds), "global_batch": 8, "epochs": 1, "steps_per_epoch": steps + 1,
+        "checkpoint_every": 10**6, "model": {"arch": "vit_small_patch16_224", "img_size": 224},
+        "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 32}}))
+    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_PORT": str(port)}
+    if ranks == 1:
+        command = [sys.executable, str(script), "--config", str(cfg)]
+    else:
+        command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks),
+                   "--master_port", str(port), str(script), "--config", str(cfg)]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    median = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
+    return {"pairs_per_s": round(median("pairs_per_s"), 2), "data_wait_s": round(median("data_wait_s"), 4),
+            "step_s": round(median("step_s"), 3), "peak_rss_mb_rank0": round(max(r["peak_mem_mb"] for r in rows))}
+
+
 def main() -> None:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "fundus" / "unlabelled"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=default)
     parser.add_argument("--limit", type=int, default=160)
     parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false")
     args = parser.parse_args()
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} not found: pass --images DIR with fundus photographs")
@@ -125,6 +166,14 @@ def main() -> None:
         ref0 = rate(DataLoader(ref, BATCH, sampler=sampler, num_workers=0), args.batches)
         ref2 = rate(DataLoader(ref, BATCH, sampler=sampler, num_workers=2, multiprocessing_context="forkserver"),
                     args.batches)
+        e2e = {}
+        if args.end_to_end:
+            e2e = {
+                "1_rank_x_2_threads_zero0": end_to_end(work / "shards", work, 1, 2, 0, args.steps),
+                "2_ranks_x_1_thread_zero0": end_to_end(work / "shards", work, 2, 1, 0, args.steps),
+                "2_ranks_x_1_thread_zero2": end_to_end(work / "shards", work, 2, 1, 2, args.steps),
+                "2_ranks_x_1_thread_zero3": end_to_end(work / "shards", work, 2, 1, 3, args.steps),
+            }
     print(json.dumps({
         "images": index.num_samples, "batch": BATCH, "view_size": 224, "shard_image_size": 512,
         "ssit_dist": {"in_process_pairs_per_s": round(ours0, 1), "workers_2_pairs_per_s": round(ours2, 1),
@@ -133,6 +182,7 @@ def main() -> None:
                             "per_worker_pairs_per_s": round(ref2 / 2, 1)},
         "reported_reference": {"in_process_pairs_per_s": 81.7, "workers_2_pairs_per_s": 140.5},
         "speedup_in_process": round(ours0 / ref0, 2), "speedup_2_workers": round(ours2 / ref2, 2),
+        "end_to_end_vit_s_224_fp32_global_batch_8": e2e,
     }, indent=2))
 
 

@@ -101,6 +101,8 @@ def test_zero_stages_agree_in_fp32_and_bf16_is_close(tiny_shards: Path, tmp_path
     assert bf16[0]["ss_loss"] == pytest.approx(runs[0][0]["ss_loss"], rel=0.05)
     # Training does something: the weights moved, so the losses changed from step to step.
     assert len({round(r["cl_loss"], 6) for r in runs[0]}) == 8
+    assert list((tmp_path / "z0" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert all({"pairs_per_s", "data_wait_s", "peak_mem_mb", "lr", "momentum"} <= set(r) for r in runs[0])
 
     # After step 2 (identical losses so far) ZeRO-0's weights, read straight from its module, and
     # ZeRO-3's, reassembled from shards, export to the same encoder, which plain timm loads.

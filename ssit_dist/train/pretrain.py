@@ -10,7 +10,6 @@ data position.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from ssit_dist.dist import full_fp32_parameters, rank, world_size
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
+from ssit_dist.train.report import Reporter
 
 log = logging.getLogger("ssit_dist.pretrain")
 
@@ -118,62 +118,60 @@ def pretrain(cfg: PretrainConfig) -> Path:
                   "torch_rng": torch.get_rng_state()}
         return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints)
 
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank() == 0 else None
-    batches = None
-    step = start_step
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if batches is None or in_epoch == 0:
-            stream.set_position(epoch, skip_batches=in_epoch * accumulation)
-            batches = iter(loader)
-        progress = step / steps_per_epoch
-        lr = schedule.learning_rate(progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        m = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
-        ss_weight = schedule.saliency_weight(progress, cfg.epochs, cfg.loss.ss_weight, cfg.loss.ss_cosine_decay)
+    reporter = Reporter(run_dir, total_steps, start_step) if rank() == 0 else None
+    try:
+        batches = None
+        step = start_step
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if batches is None or in_epoch == 0:
+                stream.set_position(epoch, skip_batches=in_epoch * accumulation)
+                batches = iter(loader)
+            progress = step / steps_per_epoch
+            lr = schedule.learning_rate(progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            m = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
+            ss_weight = schedule.saliency_weight(progress, cfg.epochs, cfg.loss.ss_weight, cfg.loss.ss_cosine_decay)
 
-        started = time.perf_counter()
-        momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), m)
-        data_wait, cl_sum, ss_sum = 0.0, 0.0, 0.0
-        for _ in range(accumulation):
-            waited = time.perf_counter()
-            x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in next(batches))
-            data_wait += time.perf_counter() - waited
-            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                if precision is not None:
-                    x1, x2 = x1.to(precision), x2.to(precision)
-                k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
-                cl, ss = engine(x1, x2, s1, s2, k1, k2)
-                loss = cfg.loss.cl_weight * cl + ss_weight * ss
-            if not math.isfinite(loss.item()):
-                tag = checkpoint.latest_tag(run_dir)
-                raise FloatingPointError(f"non-finite loss at step {step} (contrastive {cl.item()}, saliency "
-                                         f"{ss.item()}); the last good checkpoint is {tag or 'none'} in {run_dir}")
-            engine.backward(loss)
-            engine.step()
-            cl_sum += cl.item() / accumulation
-            ss_sum += ss.item() / accumulation
-        step += 1
-        elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), m)
+            data_wait, cl_sum, ss_sum = 0.0, 0.0, 0.0
+            for _ in range(accumulation):
+                waited = time.perf_counter()
+                x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in next(batches))
+                data_wait += time.perf_counter() - waited
+                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                    if precision is not None:
+                        x1, x2 = x1.to(precision), x2.to(precision)
+                    k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
+                    cl, ss = engine(x1, x2, s1, s2, k1, k2)
+                    loss = cfg.loss.cl_weight * cl + ss_weight * ss
+                if not math.isfinite(loss.item()):
+                    tag = checkpoint.latest_tag(run_dir)
+                    raise FloatingPointError(f"non-finite loss at step {step} (contrastive {cl.item()}, saliency "
+                                             f"{ss.item()}); the last good checkpoint is {tag or 'none'} in {run_dir}")
+                engine.backward(loss)
+                engine.step()
+                cl_sum += cl.item() / accumulation
+                ss_sum += ss.item() / accumulation
+            step += 1
+            elapsed = time.perf_counter() - started
 
-        if metrics is not None:
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "cl_loss": cl_sum, "ss_loss": ss_sum,
-                      "lr": lr, "momentum": m, "ss_weight": ss_weight,
-                      "pairs_per_s": round(cfg.global_batch / elapsed, 2), "step_s": round(elapsed, 4),
-                      "data_wait_s": round(data_wait, 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)}
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            print(f"step {step}/{total_steps} cl {cl_sum:.4f} ss {ss_sum:.4f} lr {lr:.2e} m {m:.5f} "
-                  f"{record['pairs_per_s']} pairs/s", flush=True)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save(step)
-        if _any_rank(stop["requested"]):
-            if step % cfg.checkpoint_every and step != total_steps:
+            if reporter is not None:
+                reporter.step({"step": step, "epoch": round(step / steps_per_epoch, 4), "cl_loss": cl_sum,
+                               "ss_loss": ss_sum, "lr": lr, "momentum": m, "ss_weight": ss_weight,
+                               "pairs_per_s": round(cfg.global_batch / elapsed, 2), "step_s": round(elapsed, 4),
+                               "data_wait_s": round(data_wait, 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)})
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
                 save(step)
-            raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
-    if metrics is not None:
-        metrics.close()
+            if _any_rank(stop["requested"]):
+                if step % cfg.checkpoint_every and step != total_steps:
+                    save(step)
+                raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
+    finally:
+        if reporter is not None:
+            reporter.close()
     return run_dir
 
 
