@@ -39,3 +39,14 @@ def run_cli(*args: object, timeout: float = 600, check: bool = True) -> subproce
     if check and result.returncode != 0:
         raise AssertionError(f"ssit-dist {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def pack_real_subset(graded_dir: Path, tmp_factory: pytest.TempPathFactory, count: int, size: int,
+                     shard_size: int) -> Path:
+    """Shards of the first `count` graded photographs (linked, never copied), unlabelled."""
+    src = tmp_factory.mktemp("src")
+    for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:count]:
+        (src / name).symlink_to(graded_dir / name)
+    out = tmp_factory.mktemp("shards") / f"real{count}"
+    run_cli("shard", src, out, "--size", size, "--shard-size", shard_size)
+    return out

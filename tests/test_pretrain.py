@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import pack_real_subset, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -26,12 +26,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 @pytest.fixture(scope="module")
 def tiny_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 real photographs at 64 px in uneven shards (7, 7, 7, 7, 7, 5)."""
-    src = tmp_path_factory.mktemp("src")
-    for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:40]:
-        (src / name).symlink_to(graded_dir / name)
-    out = tmp_path_factory.mktemp("shards") / "tiny"
-    run_cli("shard", src, out, "--size", 64, "--shard-size", 7)
-    return out
+    return pack_real_subset(graded_dir, tmp_path_factory, 40, size=64, shard_size=7)
 
 
 def ds_config(tmp: Path, stage: int, bf16: bool = False) -> Path:

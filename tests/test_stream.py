@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import pack_real_subset
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.stream import PairStream, open_shards, pair_loader
@@ -20,12 +20,7 @@ from ssit_dist.data.stream import PairStream, open_shards, pair_loader
 @pytest.fixture(scope="module")
 def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """23 real photographs at 64 px in uneven shards of 5 (5, 5, 5, 5, 3)."""
-    src = tmp_path_factory.mktemp("src")
-    for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:23]:
-        (src / name).symlink_to(graded_dir / name)
-    out = tmp_path_factory.mktemp("shards") / "graded64"
-    run_cli("shard", src, out, "--size", 64, "--shard-size", 5)
-    return out
+    return pack_real_subset(graded_dir, tmp_path_factory, 23, size=64, shard_size=5)
 
 
 def make_stream(folder: Path, rank: int = 0, seed: int = 0) -> PairStream:
