@@ -172,3 +172,28 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
     bad.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
     result = _launch_one(config(tmp_path, tiny_shards, "bad3", bad))
     assert result.returncode == 2 and "zero_optimisation" in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_path: Path) -> None:
+    # What SLURM sends before the time limit: the job must save where it is and stop with exit 0.
+    cfg = config(tmp_path, tiny_shards, "preempted", ds_config(tmp_path, 0), checkpoint_every=100)
+    metrics = tmp_path / "preempted" / "metrics.jsonl"
+    proc = subprocess.Popen(torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env(), start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.05)
+    import psutil
+
+    # Every process of the job but the launcher, as srun delivers a signal to its tasks: the ranks and
+    # their loader workers.
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    latest = (tmp_path / "preempted" / "checkpoints" / "latest").read_text().strip()
+    stopped_at = len(metrics.read_text().splitlines())
+    assert latest == f"step{stopped_at:08d}" and stopped_at < 8  # saved exactly where it stopped
+    resumed = train(cfg)
+    assert [r["step"] for r in resumed] == list(range(1, 9))

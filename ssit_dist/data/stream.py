@@ -12,6 +12,7 @@ decoding them.
 from __future__ import annotations
 
 import logging
+import signal
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,6 +148,10 @@ def read_shard(path: str) -> Iterator[dict]:
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    # SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
+    # must not die on the preemption signal before the trainer has saved its checkpoint.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
