@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageEnhance
 
 from ssit_dist.data.inputs import discover

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from conftest import SHARED
 from ssit_dist.dist import full_fp32_parameters
 from ssit_dist.train.schedule import momentum as momentum_at
-from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
+from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.models.vit import create_encoder, encode, salient_token_indices
 
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"

@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import signal
 import tarfile
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
