@@ -26,8 +26,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    shards: list[str] = field(default_factory=lambda: ["shards/pretrain"])  # folders from `ssit-dist shard`
-    split: str = "train"
+    # Folders from `ssit-dist shard`, or brace patterns of tar URLs (/data/train-{000000..000099}.tar,
+    # pipe:..., https://...).
+    shards: list[str] = field(default_factory=lambda: ["shards/pretrain"])
+    split: str = "train"  # of the folders; patterns name their shards themselves
+    mean: list[float] | None = None  # RGB in [0, 1]; default: from the shards' _info.json
+    std: list[float] | None = None
     workers: int = 2  # loader processes per rank
     prefetch: int = 2  # batches per loader worker
     pin_memory: bool = False
@@ -127,6 +131,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(values, override)
     cfg = _build(PretrainConfig, values, "")
     cfg.model.check()
+    for name in ("mean", "std"):
+        value = getattr(cfg.data, name)
+        if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+            raise ConfigError(f"data.{name} = {value!r}: expected three numbers (R, G, B in [0, 1])")
     return cfg
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -121,7 +122,10 @@ def test_zero_stages_agree_in_fp32_and_bf16_is_close(tiny_shards: Path, tmp_path
 
 def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Path) -> None:
     ds = ds_config(tmp_path, 2)
-    train(config(tmp_path, tiny_shards, "whole", ds))
+    # The uninterrupted run names its shards by a brace pattern: the same shards, counts and mean/std
+    # as the folder, so the same data.
+    pattern = f"{tiny_shards}/train-{{000000..000005}}.tar"
+    train(config(tmp_path, tiny_shards, "whole", ds, data__shards=[pattern]))
 
     cfg = config(tmp_path, tiny_shards, "killed", ds)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
@@ -136,7 +140,9 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     killed_at = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert killed_at < 8
 
-    resumed = train(cfg)
+    # Resumed through the deepspeed launcher, as `ssit-dist pretrain --nproc 2` starts it.
+    run_cli("pretrain", "--config", cfg, "--nproc", 2, timeout=300)
+    resumed = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["step"] == 8
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["cl_loss"] == pytest.approx(whole[-1]["cl_loss"], rel=1e-6)
@@ -162,6 +168,12 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
     assert result.returncode == 2 and "global_batch 7" in result.stderr
     result = _launch_one(config(tmp_path, tiny_shards, "missing", ds, data__shards=[str(tmp_path / "nowhere")]))
     assert result.returncode == 2 and "nowhere" in result.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in tiny_shards.glob("train-*.tar"):
+        (bare / tar.name).symlink_to(tar)
+    result = _launch_one(config(tmp_path, tiny_shards, "bare", ds, data__shards=[f"{bare}/train-{{000000..000005}}.tar"]))
+    assert result.returncode == 2 and "data.mean / data.std" in result.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}, "bf16": {"enabled": True}}))
     result = _launch_one(config(tmp_path, tiny_shards, "bad", bad))
@@ -172,6 +184,22 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
     bad.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
     result = _launch_one(config(tmp_path, tiny_shards, "bad3", bad))
     assert result.returncode == 2 and "zero_optimisation" in result.stderr
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, tmp_path: Path) -> None:
+    cfg = config(tmp_path, tiny_shards, "diverged", ds_config(tmp_path, 0), checkpoint_every=1,
+                 optim={"lr": 1e30, "warmup_epochs": 0.0})
+    result = subprocess.run(torchrun(cfg), capture_output=True, text=True, timeout=300, env=env())
+    assert result.returncode != 0
+    run_dir = tmp_path / "diverged"
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bad_step = len(logged) + 1  # the step whose loss was not finite is not logged
+    assert f"non-finite loss at step {bad_step}" in result.stderr and bad_step <= 8
+    assert all(math.isfinite(r["cl_loss"]) and math.isfinite(r["ss_loss"]) for r in logged)
+    # The last checkpoint is the last good step's, complete and loadable.
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step{len(logged):08d}" and f"last good checkpoint is {latest}" in result.stderr
+    run_cli("export", run_dir, "-o", tmp_path / "diverged_export" / "encoder")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_path: Path) -> None:
@@ -186,8 +214,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_pat
         time.sleep(0.05)
     import psutil
 
-    # The ranks (the launcher's direct children), as a launcher forwards the signal to its tasks.
-    for child in psutil.Process(proc.pid).children():
+    # Every process under the launcher (ranks, loader workers, their forkserver), as srun and
+    # scancel signal every process of a job step.
+    for child in psutil.Process(proc.pid).children(recursive=True):
         child.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]

@@ -5,16 +5,21 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from conftest import pack_real_subset
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader
+from ssit_dist.data.stream import PairStream, open_shards, pair_loader, read_shard
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +91,60 @@ def test_missing_folder_and_split_are_named(shards: Path, tmp_path: Path) -> Non
         open_shards([tmp_path / "nowhere"])
     with pytest.raises(ShardIndexError, match="no split 'val'"):
         open_shards([shards], split="val")
+
+
+def test_brace_patterns_name_the_same_shards_as_their_folder(shards: Path) -> None:
+    from_folder = open_shards([shards])
+    from_pattern = open_shards([f"{shards}/train-{{000000..000004}}.tar"])
+    assert from_pattern == from_folder  # counts and mean/std come from the _info.json beside them
+
+
+def test_shards_without_an_index_stream_with_given_statistics(shards: Path, tmp_path: Path) -> None:
+    for tar in shards.glob("train-*.tar"):
+        (tmp_path / tar.name).symlink_to(tar)
+    bare = open_shards([f"{tmp_path}/train-{{000000..000004}}.tar"])
+    assert bare.lengths == [None] * 5 and bare.num_samples is None and bare.mean is None
+    assert bare.weights().tolist() == [0.2] * 5
+    stream = PairStream(bare, PairAugment(32, [0.5] * 3, [0.25] * 3), batch_size=4, shuffle_buffer=8)
+    assert len(take(stream, 3, workers=0)) == 3
+    with pytest.raises(ShardIndexError, match=r"5 of the 10 shards .* missing, the first is .*train-000005\.tar"):
+        open_shards([f"{tmp_path}/train-{{000000..000009}}.tar"])
+
+
+def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
+    local = str(shards / "train-000004.tar")
+    from_file = list(read_shard(local))
+    from_pipe = list(read_shard(f"pipe:cat {local}"))
+    assert [s["__key__"] for s in from_pipe] == [s["__key__"] for s in from_file] and len(from_file) == 3
+    assert all(a["jpg"] == b["jpg"] and a["sal.png"] == b["sal.png"] for a, b in zip(from_file, from_pipe))
+
+
+def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path) -> None:
+    # srun and scancel signal every process of a job step, loader workers included, at any moment;
+    # a worker signalled before its initialisation ran must not die (the trainer saves, then stops).
+    # A fresh interpreter, as a trainer is: the forkserver starts with the loader.
+    script = f"""
+import itertools, os, signal
+from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.stream import PairStream, open_shards, pair_loader, start_batches
+shards = open_shards([{str(shards)!r}])
+stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), batch_size=4, shuffle_buffer=8)
+batches = start_batches(pair_loader(stream, workers=2))
+for worker in batches._workers:
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGUSR1)
+print(len(list(itertools.islice(batches, 4))), all(worker.is_alive() for worker in batches._workers), flush=True)
+import psutil
+print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanup
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    loaded, helpers = result.stdout.splitlines()
+    assert loaded == "4 True" and len(helpers.split()) >= 3  # two workers, the forkserver, ...
+    # Its loader workers and their forkserver must not outlive it.
+    deadline = time.monotonic() + 20
+    while any(psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+              for pid in helpers.split()):
+        assert time.monotonic() < deadline, f"loader processes {helpers} outlived the trainer"
+        time.sleep(0.2)

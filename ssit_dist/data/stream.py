@@ -12,20 +12,28 @@ decoding them.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import signal
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 import torch
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.index import ShardIndexError, read_index
+from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index
 from ssit_dist.dist import rank as dist_rank
 
 log = logging.getLogger(__name__)
@@ -33,35 +41,87 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardSet:
-    """Shards of one or more packed folders, with what normalisation needs."""
+    """Shard URLs with their sample counts (None where no index says) and the packed images' mean/std
+    (None when the shards came without an index)."""
 
     paths: list[str]
-    lengths: list[int]
-    mean: list[float]
-    std: list[float]
+    lengths: list[int | None]
+    mean: list[float] | None
+    std: list[float] | None
 
     @property
-    def num_samples(self) -> int:
-        return sum(self.lengths)
+    def num_samples(self) -> int | None:
+        return None if None in self.lengths else sum(self.lengths)  # type: ignore[arg-type]
+
+    def weights(self) -> np.ndarray:
+        """Draw probability per shard: by sample count, uniform when any count is unknown."""
+        if None in self.lengths:
+            return np.full(len(self.lengths), 1.0 / len(self.lengths))
+        p = np.array(self.lengths, np.float64)
+        return p / p.sum()
 
 
-def open_shards(folders: list[Path], split: str = "train") -> ShardSet:
-    """The `split` shards of every folder (each written by `ssit-dist shard`). Mean/std are the
-    sample-weighted average of the folders' statistics."""
-    if not folders:
-        raise ShardIndexError("no shard folders given")
-    paths, lengths, means, stds, weights = [], [], [], [], []
-    for folder in folders:
-        index = read_index(Path(folder))
-        paths += [str(p) for p in index.shard_paths(Path(folder), split)]
-        lengths += index.splits[split].shard_lengths
-        means.append(index.mean)
-        stds.append(index.std)
-        weights.append(index.splits[split].num_samples)
-    w = np.array(weights, np.float64) / sum(weights)
-    mean = (w[:, None] * np.array(means)).sum(0).round(6).tolist()
-    std = (w[:, None] * np.array(stds)).sum(0).round(6).tolist()
+def is_pattern(source: str) -> bool:
+    """A shard URL or brace pattern (`/data/train-{000000..000099}.tar`, `pipe:...`, `https://...`)
+    rather than a folder written by `ssit-dist shard`."""
+    return source.endswith(".tar") or "{" in source or "://" in source or source.startswith("pipe:")
+
+
+def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
+    """The shards named by `sources`: folders written by `ssit-dist shard` (their `split`), or brace
+    patterns of tar URLs. A local shard listed in an `_info.json` beside it takes its sample count and
+    mean/std from there; other URLs are drawn uniformly and carry no statistics. Mean/std of several
+    sources are the sample-weighted average."""
+    if not sources:
+        raise ShardIndexError("no shard sources given")
+    paths: list[str] = []
+    lengths: list[int | None] = []
+    stats: list[tuple[list[float], list[float], int] | None] = []
+    indexes: dict[Path, ShardIndex | None] = {}
+    for source in map(str, sources):
+        if not is_pattern(source):
+            folder = Path(source)
+            index = read_index(folder)
+            paths += [str(p) for p in index.shard_paths(folder, split)]
+            lengths += index.splits[split].shard_lengths
+            stats.append((index.mean, index.std, index.splits[split].num_samples))
+            continue
+        urls = list(braceexpand(source))
+        missing = [u for u in urls if not ("://" in u or u.startswith("pipe:") or Path(u).is_file())]
+        if missing:
+            raise ShardIndexError(f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
+                                  f"the first is {missing[0]}; check the pattern in data.shards")
+        found = [_indexed(url, indexes) for url in urls]
+        counts = [n for _, n in found]
+        paths += urls
+        lengths += counts
+        index = found[0][0]  # the pattern's statistics are those of its first shard's folder
+        known = index is not None and None not in counts
+        stats.append((index.mean, index.std, sum(counts)) if known else None)  # type: ignore[union-attr,arg-type]
+    if any(s is None for s in stats):
+        return ShardSet(paths, lengths, None, None)
+    w = np.array([n for _, _, n in stats], np.float64)  # type: ignore[misc]
+    w /= w.sum()
+    mean = (w[:, None] * np.array([m for m, _, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
+    std = (w[:, None] * np.array([s for _, s, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
     return ShardSet(paths, lengths, mean, std)
+
+
+def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, int | None]:
+    """The `_info.json` beside a local shard (read once per folder) and the shard's sample count in it."""
+    if "://" in url or url.startswith("pipe:"):
+        return None, None
+    path = Path(url)
+    if path.parent not in indexes:
+        try:
+            indexes[path.parent] = read_index(path.parent)
+        except ShardIndexError:
+            indexes[path.parent] = None
+    index = indexes[path.parent]
+    for split in index.splits.values() if index else []:
+        if path.name in split.filenames:
+            return index, split.shard_lengths[split.filenames.index(path.name)]
+    return index, None
 
 
 class PairStream(IterableDataset):
@@ -80,8 +140,7 @@ class PairStream(IterableDataset):
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def _raw_samples(self, rng: np.random.Generator) -> Iterator[dict]:
-        p = np.array(self.shards.lengths, np.float64)
-        p /= p.sum()
+        p = self.shards.weights()
         while True:
             yield from read_shard(self.shards.paths[int(rng.choice(len(p), p=p))])
 
@@ -127,7 +186,7 @@ def read_shard(path: str) -> Iterator[dict]:
     logged and read up to the damage."""
     sample: dict = {}
     try:
-        with tarfile.open(path, "r|") as tar:
+        with _open_url(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 split = base_plus_ext(member.name) if member.isfile() else None
                 if split is None or split[0] is None:
@@ -145,18 +204,64 @@ def read_shard(path: str) -> Iterator[dict]:
         yield sample
 
 
-def _worker_init(_: int) -> None:
+def _open_url(url: str) -> BinaryIO:
+    """A local path opens directly; `pipe:`, `http(s)://`, `s3://` ... through webdataset's gopen."""
+    if "://" in url or url.startswith("pipe:"):
+        return gopen(url, "rb")
+    return open(url, "rb")
+
+
+PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _worker_init(_: int, trainer: int) -> None:
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     # SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
-    # must not die on the preemption signal before the trainer has saved its checkpoint.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    # must not die on the preemption signal before the trainer has saved its checkpoint. The signals
+    # were blocked since the worker's birth (start_batches); ignoring them discards any that came.
+    for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+    threading.Thread(target=_exit_with, args=(trainer,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when the trainer process ends, however it ends. torch's own check compares the
+    worker's parent, which under forkserver is the forkserver, and that lives as long as its workers:
+    a trainer killed with SIGKILL would leave both behind for good."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    select.select([handle], [], [])
+    os._exit(0)
 
 
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Batches of `stream.batch_size` pairs; iterate it for as many steps as an epoch has."""
+    """Batches of `stream.batch_size` pairs; iterate it (with `start_batches`) for as many steps as an
+    epoch has."""
     # forkserver, not fork: a worker forked after OpenCV started its thread pool deadlocks in OpenCV.
     return DataLoader(stream, batch_size=stream.batch_size, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=prefetch if workers else None, worker_init_fn=_worker_init,
+                      prefetch_factor=prefetch if workers else None, worker_init_fn=partial(_worker_init, trainer=os.getpid()),
                       multiprocessing_context="forkserver" if workers else None, drop_last=True)
+
+
+def start_batches(loader: DataLoader) -> Iterator:
+    """`iter(loader)` with the preemption signals blocked while its workers start: they inherit the
+    block from the forkserver, so a signal sent to every process at that moment waits in the worker
+    until `_worker_init` ignores it, instead of killing a worker that has not yet installed its
+    handler. The trainer's own pending signal is delivered when the block lifts. The forkserver keeps
+    the mask it was started with, so the first loader of a process must start through here. Drop the
+    iterator before the process exits: that shuts the workers down, whereas multiprocessing's exit
+    hook would SIGTERM them (ignored) and wait forever."""
+    # multiprocessing starts its resource tracker with SIGTERM blocked and then UNblocks it in the
+    # caller, which would lift our block halfway: start the tracker first.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        if loader.num_workers:
+            forkserver.ensure_running()
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

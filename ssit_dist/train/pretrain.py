@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from ssit_dist.config import PretrainConfig, batch_layout, deepspeed_config, save_config
+from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader
+from ssit_dist.data.stream import PairStream, open_shards, pair_loader, start_batches
 from ssit_dist.dist import full_fp32_parameters, rank, world_size
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
@@ -81,8 +81,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     world = world_size()
     micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
     ds_config = deepspeed_config(cfg.ds_config, cfg, world)
-    shards = open_shards([Path(p) for p in cfg.data.shards], cfg.data.split)
-    steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)
+    shards = open_shards(cfg.data.shards, cfg.data.split)
+    mean, std = cfg.data.mean or shards.mean, cfg.data.std or shards.std
+    if mean is None or std is None:
+        raise ConfigError("data.mean / data.std: the shards in data.shards have no _info.json beside them; "
+                          "set both (RGB in [0, 1], as `ssit-dist shard` computed for them)")
+    if shards.num_samples is None and cfg.steps_per_epoch is None:
+        raise ConfigError("steps_per_epoch: the sample count of the shards in data.shards is unknown "
+                          "(no _info.json beside them); set steps_per_epoch")
+    steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     total_steps = cfg.epochs * steps_per_epoch
     if rank() == 0:
         save_config(cfg, run_dir)
@@ -103,15 +110,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
         start_step = int(state["step"])
         log.info("resumed from step %d of %d", start_step, total_steps)
 
-    stream = PairStream(shards, PairAugment(cfg.model.img_size, shards.mean, shards.std), micro,
+    stream = PairStream(shards, PairAugment(cfg.model.img_size, mean, std), micro,
                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
     loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
     stop = {"requested": False}
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda *_: stop.update(requested=True))
     meta = {"arch": cfg.model.arch, "img_size": cfg.model.img_size, "timm_kwargs": cfg.model.timm_kwargs,
-            "patch_size": int(model.online.encoder.patch_embed.patch_size[0]), "mean": shards.mean,
-            "std": shards.std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards}
+            "patch_size": int(model.online.encoder.patch_embed.patch_size[0]), "mean": mean,
+            "std": std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards}
 
     def save(step: int) -> str:
         client = {"step": step, "momentum": momentum_net.state_dict(), "config": asdict(cfg),
@@ -119,14 +126,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
         return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints)
 
     reporter = Reporter(run_dir, total_steps, start_step) if rank() == 0 else None
+    batches = None
     try:
-        batches = None
         step = start_step
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if batches is None or in_epoch == 0:
                 stream.set_position(epoch, skip_batches=in_epoch * accumulation)
-                batches = iter(loader)
+                batches = start_batches(loader)
             progress = step / steps_per_epoch
             lr = schedule.learning_rate(progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr)
             for group in engine.optimizer.param_groups:
@@ -147,9 +154,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                     k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
                     cl, ss = engine(x1, x2, s1, s2, k1, k2)
                     loss = cfg.loss.cl_weight * cl + ss_weight * ss
-                if not math.isfinite(loss.item()):
+                if _any_rank(not math.isfinite(loss.item())):  # every rank stops, none waits in a collective
                     tag = checkpoint.latest_tag(run_dir)
-                    raise FloatingPointError(f"non-finite loss at step {step} (contrastive {cl.item()}, saliency "
+                    raise FloatingPointError(f"non-finite loss at step {step + 1} (contrastive {cl.item()}, saliency "
                                              f"{ss.item()}); the last good checkpoint is {tag or 'none'} in {run_dir}")
                 engine.backward(loss)
                 engine.step()
@@ -170,6 +177,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                     save(step)
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
     finally:
+        batches = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if reporter is not None:
             reporter.close()
     return run_dir
@@ -194,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:
         print(e, file=sys.stderr)
         return 0
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, ShardIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
