@@ -75,6 +75,52 @@ class PretrainConfig:
         return self.optim.lr * self.global_batch / 512
 
 
+@dataclass
+class FinetuneConfig:
+    """DR grading on labelled shards (ssit-dist finetune). Sources are FOLDER or FOLDER:SPLIT."""
+
+    out: str = "runs/finetune"
+    train: str = "shards/graded:train"
+    val: str = "shards/graded:val"
+    test: str | None = "shards/graded:test"  # None: no test evaluation
+    init: str = "random"  # an export .safetensors, a reference checkpoint, timm weights, or "random"
+    arch: str | None = None  # default: the export's, else vit_small_patch16_224
+    timm_kwargs: dict[str, Any] | None = None
+    trust_pickle: bool = False  # allow unpickling a reference epoch_N.pt module
+    img_size: int = 384
+    objective: str = "regression"  # regression (MSE + thresholds) or classification (cross-entropy)
+    num_classes: int = 5
+    linear: bool = False  # frozen encoder, linear head only
+    epochs: int = 25
+    batch: int = 16  # global; per process and step it is batch / (processes x grad_accumulation)
+    grad_accumulation: int = 1
+    lr: float | None = None  # default 2e-5, linear probe 0.002
+    weight_decay: float | None = None  # default 1e-5, linear probe 0
+    warmup_epochs: float = 0.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
+    select_by: str = "qwk"  # best checkpoint by validation qwk or accuracy
+    workers: int = 2
+    eval_batch: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        choices = {"objective": ("regression", "classification"), "mixed_precision": ("no", "bf16", "fp16"),
+                   "select_by": ("qwk", "accuracy")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes = {self.num_classes}: need at least 2 grades")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.002 if self.linear else 2e-5)
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else (0.0 if self.linear else 1e-5)
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Dataclass `cls` from a dict, recursively, naming any unknown or mistyped field."""
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -117,7 +163,8 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     target[leaf] = _parse_value(text)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, kind: type = PretrainConfig) -> Any:
+    """A `kind` (PretrainConfig or FinetuneConfig) from a YAML/JSON file plus `a.b=value` overrides."""
     values: dict[str, Any] = {}
     if path:
         path = Path(path)
@@ -129,7 +176,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} must hold a mapping of sections and fields")
     for override in overrides or []:
         apply_override(values, override)
-    cfg = _build(PretrainConfig, values, "")
+    cfg = _build(kind, values, "")
+    if isinstance(cfg, FinetuneConfig):
+        cfg.check()
+        return cfg
     cfg.model.check()
     for name in ("mean", "std"):
         value = getattr(cfg.data, name)
@@ -138,7 +188,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def save_config(cfg: PretrainConfig, run_dir: Path) -> Path:
+def save_config(cfg: Any, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")

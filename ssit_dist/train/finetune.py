@@ -1,0 +1,219 @@
+"""DR grading with Accelerate: fine-tuning (or a linear probe) of a pretrained encoder, model selection
+on the validation split, and the test report.
+
+Per epoch: one pass over the shuffled training split with the reference augmentation (Adam, cosine lr,
+MSE on the grade or cross-entropy), then the validation split through every process, each sample
+exactly once; the epoch with the best validation QWK (or accuracy) is kept as best.safetensors. At the
+end the best weights are evaluated on the test split: report.json, predictions.csv, confusion.png,
+curves.png, and a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from ssit_dist.config import ConfigError, FinetuneConfig, save_config
+from ssit_dist.data.grading_transforms import eval_transform, train_transform
+from ssit_dist.data.index import ShardIndexError
+from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
+from ssit_dist.eval import report
+from ssit_dist.eval.metrics import grading_metrics
+from ssit_dist.eval.predict import missing, run_over_split
+from ssit_dist.models.grader import Grader
+from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+
+log = logging.getLogger("ssit_dist.finetune")
+
+
+def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
+    named = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    return {name: SplitSource.parse(text, name) for name, text in named.items() if text}
+
+
+def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
+    if cfg.batch % (processes * cfg.grad_accumulation):
+        raise ConfigError(f"batch {cfg.batch} is not divisible by {processes} processes x grad_accumulation "
+                          f"{cfg.grad_accumulation}")
+    return cfg.batch // (processes * cfg.grad_accumulation)
+
+
+def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, cfg: FinetuneConfig) -> dict[str, Any]:
+    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all)."""
+    grader.eval()
+    with accelerator.autocast():
+        indices, outputs = run_over_split(grader, dataset, accelerator, cfg.eval_batch)
+    predicted, scores = grader.grades_and_scores(torch.from_numpy(outputs))
+    truth = np.array(dataset.grades)[indices]
+    metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), cfg.num_classes)
+    metrics["missing"] = missing(dataset, indices)
+    return {"metrics": metrics, "indices": indices, "truth": truth, "predicted": predicted.numpy(), "scores": scores.numpy()}
+
+
+def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean: list[float], std: list[float]) -> dict:
+    return {"arch": encoder_source["arch"], "timm_kwargs": encoder_source["timm_kwargs"], "img_size": cfg.img_size,
+            "objective": cfg.objective, "num_classes": cfg.num_classes, "embed_dim": grader.encoder.embed_dim,
+            "mean": mean, "std": std, "init": encoder_source}
+
+
+def save_weights(grader: Grader, path: Path, meta: dict) -> None:
+    """Weights (encoder.* in timm names, head.*) as safetensors plus the JSON that rebuilds the model;
+    written under a temporary name and renamed, so a file is never half-written."""
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_grader(path: Path) -> tuple[Grader, dict]:
+    """A Grader saved by `save_weights` (best.safetensors / final.safetensors)."""
+    from ssit_dist.models.vit import create_encoder
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    grader = Grader(create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"]), meta["objective"], meta["num_classes"])
+    grader.load_state_dict(load_file(str(path)))
+    return grader, meta
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    sources = splits(cfg)
+    for name in ("train", "val"):
+        if name not in sources:
+            raise ConfigError(f"{name}: a split to {'train on' if name == 'train' else 'select the best epoch on'} is required")
+    for source in sources.values():  # every input problem surfaces before any training
+        check_labels(source, cfg.num_classes)
+    micro = micro_batch(cfg, accelerator.num_processes)
+    encoder, source = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs, cfg.trust_pickle)
+    grader = Grader(encoder, cfg.objective, cfg.num_classes, head_init_std=0.01 if cfg.linear else None)
+    if cfg.linear:
+        grader.encoder.requires_grad_(False)
+
+    train_index = check_labels(sources["train"], cfg.num_classes)
+    mean, std = train_index.mean, train_index.std
+    train_set = LabelledShards(sources["train"], train_transform(cfg.img_size, mean, std), cfg.num_classes)
+    eval_sets = {name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
+                 for name, s in sources.items() if name != "train"}
+    if len(train_set) < micro * accelerator.num_processes:
+        raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.batch}")
+    meta = grader_meta(cfg, grader, asdict(source), mean, std)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    log.info("encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
+             cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
+             accelerator.num_processes, cfg.grad_accumulation)
+
+    loader = DataLoader(train_set, batch_size=micro, shuffle=True, drop_last=True, collate_fn=collate_labelled,
+                        num_workers=cfg.workers, multiprocessing_context="forkserver" if cfg.workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
+    trainable = [p for p in grader.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
+    model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
+    plain: Grader = accelerator.unwrap_model(model)
+    # Stepped here once per optimizer step (not through Accelerate, which steps it once per process).
+    steps = cfg.epochs * max(len(loader) // cfg.grad_accumulation, 1)
+    warmup = int(cfg.warmup_epochs / max(cfg.epochs, 1) * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
+                                                  else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+
+    best_score, best_epoch, history = -math.inf, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        if cfg.linear:
+            plain.encoder.eval()  # frozen: no dropout, fixed features
+        losses = []
+        for images, grades, _ in loader:
+            with accelerator.accumulate(model):
+                loss = plain.loss(model(images), grades)
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+        if not math.isfinite(float(np.mean(losses))):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
+        train_loss = float(accelerator.reduce(torch.tensor(np.mean(losses)), "mean"))
+        val = evaluate(plain, eval_sets["val"], accelerator, cfg)["metrics"]
+        score = val[cfg.select_by] if val[cfg.select_by] is not None else -math.inf
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+               "val_accuracy": val["accuracy"], "val_qwk": val["qwk"], "val_macro_auc": val["macro_auc"],
+               "seconds": round(time.perf_counter() - started, 2)}
+        history.append(row)
+        if accelerator.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
+            if score > best_score:
+                save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val})
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+    if accelerator.is_main_process:
+        save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs})
+    accelerator.wait_for_everyone()
+
+    best, _ = load_grader(out / "best.safetensors")
+    best.to(accelerator.device)
+    results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
+    result = {"best_epoch": best_epoch, "select_by": cfg.select_by, "init": asdict(source), "linear": cfg.linear,
+              "objective": cfg.objective, "processes": accelerator.num_processes,
+              **{name: r["metrics"] for name, r in results.items()}}
+    if accelerator.is_main_process:
+        final = results.get("test", results["val"])
+        dataset = eval_sets["test" if "test" in results else "val"]
+        report.write_predictions(out / "predictions.csv", [dataset.keys[i] for i in final["indices"]],
+                                 final["truth"], final["predicted"], final["scores"])
+        report.confusion_png(out / "confusion.png", np.array(final["metrics"]["confusion_matrix"]),
+                             f"{'test' if 'test' in results else 'val'} split, best epoch {best_epoch}")
+        report.curves_png(out / "curves.png", {
+            "train loss": [(r["epoch"], r["train_loss"]) for r in history],
+            "val qwk": [(r["epoch"], r["val_qwk"]) for r in history],
+            "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history]})
+        tmp = out / "report.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out / "report.json")
+        report.summary_table(f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
+                             {name: r["metrics"] for name, r in results.items()})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/finetune.py: `--config FILE` and `field=value` overrides."""
+    import argparse
+
+    from ssit_dist.config import load_config
+
+    parser = argparse.ArgumentParser(description="DR grading fine-tuning with Accelerate")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        finetune(load_config(args.config, args.overrides, FinetuneConfig))
+    except (ConfigError, ShardIndexError, EncoderInitError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
