@@ -161,6 +161,86 @@ def export(
     console.print(f"wrote {weights} and {description}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(
+    ctx: typer.Context,
+    train: Optional[str] = typer.Option(None, help="Training shards: FOLDER[:SPLIT] (split default: train)."),
+    val: Optional[str] = typer.Option(None, help="Validation shards for model selection (split default: val)."),
+    test: Optional[str] = typer.Option(None, help="Test shards for the report (split default: test)."),
+    init: Optional[str] = typer.Option(None, help="Encoder: an export .safetensors, a reference checkpoint, "
+                                       "timm weights, or 'random'."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/finetune)."),
+    linear: bool = typer.Option(False, "--linear", help="Linear probe: frozen encoder, reference probe settings."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
+    config: Optional[Path] = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+) -> None:
+    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
+    overrides = [f"{name}={value}" for name, value in (("train", train), ("val", val), ("test", test), ("init", init),
+                                                       ("out", out)) if value is not None]
+    overrides += ["linear=true"] * linear + ["trust_pickle=true"] * trust_pickle + list(ctx.args)
+    args = (["--config", str(config)] if config else []) + overrides
+    if nproc == 1:
+        from ssit_dist.train.finetune import main
+
+        raise typer.Exit(main(args))
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    script = Path(__file__).resolve().parents[1] / "launch" / "finetune.py"
+    # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(script), *args]
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def knn(
+    train: str = typer.Option(..., help="Neighbour shards: FOLDER[:SPLIT] (split default: train)."),
+    test: str = typer.Option(..., help="Shards to grade: FOLDER[:SPLIT] (split default: test)."),
+    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."),
+    img_size: int = typer.Option(384, help="Input size (positional embeddings are resampled)."),
+    k: str = typer.Option("5,10,20", help="Neighbour counts, comma-separated."),
+    temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / temperature)."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture (default: the export's)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
+) -> None:
+    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.models.pretrained import EncoderInitError
+
+    try:
+        ks = tuple(int(v) for v in k.split(","))
+        result = knn_evaluate(train, test, init, img_size, ks, temperature, arch, trust_pickle=trust_pickle)
+    except (ShardIndexError, EncoderInitError, ValueError) as e:
+        _fail(str(e))
+    table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {temperature})")
+    for column in ("k", "samples", "accuracy", "QWK", "macro AUC"):
+        table.add_column(column)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for kk, m in result["k"].items():
+        table.add_row(kk, str(m["samples"]), fmt(m["accuracy"]), fmt(m["qwk"]), fmt(m["macro_auc"]))
+    console.print(table)
+    if result["missing"]:
+        console.print(f"[yellow]left out (did not decode):[/] {', '.join(result['missing'])}")
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {output}")
+
+
 @app.command()
 def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview.")) -> None:
     """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""

@@ -81,8 +81,8 @@ class FinetuneConfig:
 
     out: str = "runs/finetune"
     train: str = "shards/graded:train"
-    val: str = "shards/graded:val"
-    test: str | None = "shards/graded:test"  # None: no test evaluation
+    val: str | None = None  # default: the train folder's val split
+    test: str | None = None  # default: the train folder's test split, if it has one
     init: str = "random"  # an export .safetensors, a reference checkpoint, timm weights, or "random"
     arch: str | None = None  # default: the export's, else vit_small_patch16_224
     timm_kwargs: dict[str, Any] | None = None

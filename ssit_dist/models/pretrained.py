@@ -45,7 +45,7 @@ def load_encoder(init: str, img_size: int, arch: str | None = None, timm_kwargs:
     `epoch_N.pt`, or a state dict with timm key names (`.safetensors`, `.pth`, `.bin`)."""
     if init == "random":
         name = arch or "vit_small_patch16_224"
-        return create_encoder(name, img_size, **(timm_kwargs or {})), EncoderSource("random", None, name, timm_kwargs or {})
+        return _create(name, img_size, timm_kwargs or {}), EncoderSource("random", None, name, timm_kwargs or {})
     path = Path(init)
     if not path.is_file():
         raise EncoderInitError(f"encoder file {path} not found (or use --init random)")
@@ -67,9 +67,16 @@ def load_encoder(init: str, img_size: int, arch: str | None = None, timm_kwargs:
             state = {k[len("base_encoder."):]: v for k, v in state.items() if k.startswith("base_encoder.")}
         source = EncoderSource(kind, str(path), arch or "vit_small_patch16_224", timm_kwargs or {})
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}  # projector / classifier
-    encoder = create_encoder(source.arch, img_size, **source.timm_kwargs)
+    encoder = _create(source.arch, img_size, source.timm_kwargs)
     _load_into(encoder, state, path, source)
     return encoder, source
+
+
+def _create(arch: str, img_size: int, timm_kwargs: dict[str, Any]) -> VisionTransformer:
+    try:
+        return create_encoder(arch, img_size, **timm_kwargs)
+    except (ValueError, TypeError) as e:  # unknown arch, size not divisible by the patch, bad kwargs
+        raise EncoderInitError(f"cannot build {_describe(arch, timm_kwargs)} at {img_size} px: {e}") from None
 
 
 def _describe(arch: str | None, timm_kwargs: dict[str, Any]) -> str:

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 
-def create_encoder(arch: str, img_size: int = 224, weights: str | None = None, **timm_kwargs: Any) -> VisionTransformer:
-    """A timm ViT without classifier head; `timm_kwargs` (patch_size, embed_dim, depth, num_heads, ...)
-    override the architecture's defaults. Never downloads: `weights` is an optional local file
-    (safetensors or a torch state dict) with timm key names."""
+def create_encoder(arch: str, img_size: int = 224, **timm_kwargs: Any) -> VisionTransformer:
+    """A randomly initialised timm ViT without classifier head; `timm_kwargs` (patch_size, embed_dim,
+    depth, num_heads, ...) override the architecture's defaults. Never downloads; weights come from
+    `ssit_dist.models.pretrained.load_encoder`."""
     if not arch.startswith(("vit_", "deit_")) or arch not in timm.list_models():
         known = ", ".join(m for m in timm.list_models("vit_*_patch16_224"))
         raise ValueError(f"unknown ViT architecture {arch!r}; timm names such as {known}")
@@ -23,22 +23,7 @@ def create_encoder(arch: str, img_size: int = 224, weights: str | None = None, *
     model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **timm_kwargs)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{arch!r} is not a timm VisionTransformer")
-    if weights:
-        load_encoder_weights(model, weights)
     return model
-
-
-def load_encoder_weights(model: VisionTransformer, path: str) -> None:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def patch_size(vit: VisionTransformer) -> int:

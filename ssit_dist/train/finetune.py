@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
-from ssit_dist.data.index import ShardIndexError
+from ssit_dist.data.index import ShardIndexError, read_index
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
@@ -40,8 +40,14 @@ log = logging.getLogger("ssit_dist.finetune")
 
 
 def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
-    named = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
-    return {name: SplitSource.parse(text, name) for name, text in named.items() if text}
+    """train, val and (where there is one) test; val and test default to the train folder's splits."""
+    train = SplitSource.parse(cfg.train, "train")
+    sources = {"train": train, "val": SplitSource.parse(cfg.val, "val") if cfg.val else SplitSource(train.folder, "val")}
+    if cfg.test:
+        sources["test"] = SplitSource.parse(cfg.test, "test")
+    elif "test" in read_index(train.folder).splits:
+        sources["test"] = SplitSource(train.folder, "test")
+    return sources
 
 
 def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
@@ -90,13 +96,12 @@ def load_grader(path: Path) -> tuple[Grader, dict]:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation)
+    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation,
+                              cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     out = Path(cfg.out)
     sources = splits(cfg)
-    for name in ("train", "val"):
-        if name not in sources:
-            raise ConfigError(f"{name}: a split to {'train on' if name == 'train' else 'select the best epoch on'} is required")
     for source in sources.values():  # every input problem surfaces before any training
         check_labels(source, cfg.num_classes)
     micro = micro_batch(cfg, accelerator.num_processes)

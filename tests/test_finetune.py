@@ -1,0 +1,224 @@
+"""Fine-tuning and evaluation with Accelerate: real labelled shards, a real pretraining export, 1 and 2
+CPU processes (gloo), scikit-learn as the judge of the reported numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, cohen_kappa_score
+
+from conftest import SHARED, pack_real_subset, run_cli
+from ssit_dist.config import FinetuneConfig
+from ssit_dist.data.grading_transforms import eval_transform
+from ssit_dist.data.labelled import LabelledShards, SplitSource
+from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+from ssit_dist.models.ssit import SSiT
+from ssit_dist.train.finetune import evaluate, load_grader
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def graded_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 300 graded photographs at 64 px, split 210 / 45 / 45 (odd evaluation splits)."""
+    out = tmp_path_factory.mktemp("graded") / "graded64"
+    run_cli("shard", graded_dir, out, "--size", 64, "--shard-size", 64, "--labels", graded_dir / "labels.csv",
+            "--split", "train=0.7,val=0.15,test=0.15")
+    return out
+
+
+@pytest.fixture(scope="module")
+def export(graded_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real `ssit-dist export` of a short pretraining run (one process, 6 steps) of a tiny ViT."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    ds = tmp / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 0},
+                              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}))
+    cfg = tmp / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "run_dir": str(tmp / "run"), "ds_config": str(ds), "global_batch": 8, "epochs": 1, "steps_per_epoch": 6,
+        "checkpoint_every": 6, "model": {"img_size": 32, "proj_hidden": 64, "proj_dim": 32, "timm_kwargs": TINY},
+        "data": {"shards": [str(graded_shards)], "workers": 0, "shuffle_buffer": 16}, "optim": {"lr": 0.01, "warmup_epochs": 0.1}}))
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)], capture_output=True,
+                            text=True, timeout=300, env=clean_env(MASTER_PORT=str(free_port())))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_cli("export", tmp / "run", "-o", tmp / "encoder")
+    return tmp / "encoder.safetensors"
+
+
+def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: int = 1) -> dict:
+    run_cli("finetune", "--train", shards, "--val", shards, "--test", shards, "--init", init, "--out", out,
+            "--nproc", nproc, "img_size=48", "epochs=4", "workers=0", "lr=0.001", *extra, timeout=600)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path, export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    report = finetune(out, graded_shards, export)
+    for name in ("config.yaml", "metrics.jsonl", "best.safetensors", "final.safetensors", "report.json",
+                 "predictions.csv", "confusion.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert report["init"]["kind"] == "export" and report["test"]["samples"] == 45
+
+    # QWK and accuracy recomputed from predictions.csv by scikit-learn equal the report's.
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 45 and len({r["key"] for r in rows}) == 45
+    truth, predicted = [int(r["grade"]) for r in rows], [int(r["prediction"]) for r in rows]
+    assert report["test"]["qwk"] == pytest.approx(cohen_kappa_score(truth, predicted, weights="quadratic", labels=list(range(5))), abs=1e-9)
+    assert report["test"]["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+
+    # Reloading the best weights reproduces the validation QWK reported for them.
+    grader, meta = load_grader(out / "best.safetensors")
+    val = LabelledShards(SplitSource(graded_shards, "val"), eval_transform(48, meta["mean"], meta["std"]))
+    from accelerate import Accelerator
+
+    again = evaluate(grader, val, Accelerator(cpu=True), FinetuneConfig(img_size=48))["metrics"]
+    assert again["qwk"] == pytest.approx(report["val"]["qwk"], abs=1e-9)
+    assert again["qwk"] == pytest.approx(meta["val"]["qwk"], abs=1e-9)
+    best_row = epochs[report["best_epoch"] - 1]
+    assert best_row["val_qwk"] == pytest.approx(meta["val"]["qwk"], abs=1e-9)
+
+
+EVALUATE = """
+import json, sys, torch
+from accelerate import Accelerator
+from ssit_dist.config import FinetuneConfig
+from ssit_dist.data.grading_transforms import eval_transform
+from ssit_dist.data.labelled import LabelledShards, SplitSource
+from ssit_dist.models.grader import Grader
+from ssit_dist.models.vit import create_encoder
+torch.manual_seed(0)
+grader = Grader(create_encoder("vit_small_patch16_224", 32, **%r), "classification")
+accelerator = Accelerator(cpu=True)
+data = LabelledShards(SplitSource.parse(sys.argv[1], "test"), eval_transform(32, [0.4] * 3, [0.3] * 3))
+result = evaluate_split = __import__("ssit_dist.train.finetune", fromlist=["evaluate"]).evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
+if accelerator.is_main_process:
+    json.dump({"metrics": result["metrics"], "processes": accelerator.num_processes,
+               "indices": result["indices"].tolist(), "scores": result["scores"].tolist()}, open(sys.argv[2], "w"))
+""" % (TINY,)
+
+
+def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, tmp_path: Path) -> None:
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVALUATE)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    result = subprocess.run([sys.executable, str(script), str(graded_shards), str(one)], capture_output=True, text=True,
+                            timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(free_port()), str(script), str(graded_shards), str(two)],
+                            capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    assert a["indices"] == b["indices"] == list(range(45))  # 45 samples over 2 processes: none twice
+    assert a["metrics"] == b["metrics"] and a["metrics"]["samples"] == 45
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, export: Path, tmp_path: Path) -> None:
+    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01")
+    assert report["linear"] and {"qwk", "accuracy"} <= set(report["test"])
+    best, source = load_file(str(tmp_path / "linear" / "best.safetensors")), load_file(str(export))
+    for key, value in source.items():  # the encoder stayed frozen (pos_embed: resampled from 32 to 48 px)
+        if key != "pos_embed":
+            torch.testing.assert_close(best[f"encoder.{key}"], value, rtol=0, atol=0, msg=key)
+
+    out = tmp_path / "knn.json"
+    run_cli("knn", "--train", graded_shards, "--test", graded_shards, "--init", export, "--img-size", 48, "-o", out)
+    result = json.loads(out.read_text())
+    assert set(result["k"]) == {"5", "10", "20"}
+    for metrics in result["k"].values():
+        assert metrics["samples"] == 45 and -1 <= metrics["qwk"] <= 1 and 0 <= metrics["accuracy"] <= 1
+
+
+def test_reference_checkpoints_and_exports_give_the_source_features(export: Path, tmp_path: Path) -> None:
+    if not FIXTURE.is_file():
+        pytest.skip(f"reference test vectors not found at {FIXTURE} (../shared is absent here)")
+    ref = torch.load(FIXTURE, weights_only=True)
+    c = ref["config"]
+    kwargs = {"patch_size": c["patch_size"], "embed_dim": c["embed_dim"], "depth": c["depth"], "num_heads": c["num_heads"]}
+    source = SSiT.from_reference(ref["state_dict"], img_size=c["img_size"], proj_hidden=c["mlp_dim"], proj_dim=c["dim"],
+                                 **kwargs).online.encoder.eval()
+    checkpoint = tmp_path / "checkpoint.pt"  # the reference's layout: DDP-prefixed keys inside a dict
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in ref["state_dict"].items()}}, checkpoint)
+    encoder, origin = load_encoder(str(checkpoint), c["img_size"], "vit_small_patch16_224", kwargs)
+    x = torch.randn(3, 3, c["img_size"], c["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval().forward_features(x), source.forward_features(x))
+    assert origin.kind == "reference"
+
+    # epoch_N.pt is a pickled module: refused unless trusted, then the same features.
+    pickled = tmp_path / "epoch_3.pt"
+    torch.save(source, pickled)
+    with pytest.raises(EncoderInitError, match="--trust-pickle"):
+        load_encoder(str(pickled), c["img_size"], "vit_small_patch16_224", kwargs)
+    trusted, _ = load_encoder(str(pickled), c["img_size"], "vit_small_patch16_224", kwargs, trust_pickle=True)
+    with torch.no_grad():
+        torch.testing.assert_close(trusted.eval().forward_features(x), source.forward_features(x))
+
+    # An export loads with its own arch; at its training size the features equal plain timm's.
+    import timm
+
+    meta = json.loads(export.with_suffix(".json").read_text())
+    plain = timm.create_model(meta["arch"], num_classes=0, img_size=meta["img_size"], **meta["timm_kwargs"])
+    plain.load_state_dict(load_file(str(export)))
+    mine, _ = load_encoder(str(export), meta["img_size"])
+    x = torch.randn(2, 3, meta["img_size"], meta["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(mine.eval().forward_features(x), plain.eval().forward_features(x))
+    # At another size the positional embeddings are resampled (the patch tokens keep their weights).
+    bigger, _ = load_encoder(str(export), 64)
+    assert bigger.pos_embed.shape[1] == 1 + (64 // 8) ** 2
+    torch.testing.assert_close(bigger.patch_embed.proj.weight, plain.patch_embed.proj.weight)
+
+
+def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, graded_shards: Path, export: Path,
+                                                               tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def fails(*args: object) -> str:
+        result = run_cli("finetune", "--out", tmp_path / "bad", *args, "img_size=32", "epochs=1", "workers=0", check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # nothing trained
+        return " ".join(result.stderr.split())
+
+    unlabelled = pack_real_subset(graded_dir, tmp_path_factory, 6, size=32, shard_size=6)
+    assert "carry no grades" in fails("--train", unlabelled, "--val", graded_shards, "--init", "random")
+    message = fails("--train", graded_shards, "--val", graded_shards, "--init", "random", "num_classes=3")
+    assert "grade 3" in message and "0..2" in message
+    assert "no split 'holdout'" in fails("--train", graded_shards, "--val", f"{graded_shards}:holdout", "--init", "random")
+    message = fails("--train", graded_shards, "--val", graded_shards, "--init", export, "arch=vit_base_patch16_224")
+    assert "vit_small_patch16_224" in message and "vit_base_patch16_224" in message
+    other = tmp_path / "other.pth"  # timm weights of another width
+    torch.save(load_encoder("random", 32, "vit_small_patch16_224", {**TINY, "embed_dim": 96})[0].state_dict(), other)
+    message = fails("--train", graded_shards, "--val", graded_shards, "--init", other, f"timm_kwargs={json.dumps(TINY)}")
+    assert "(1, 1, 96)" in message and "(1, 1, 48)" in message
