@@ -54,7 +54,12 @@ class OnlineNetwork(nn.Module):
         super().__init__()
         cfg.check()
         self.cfg = cfg
-        self.encoder = create_encoder(cfg.arch, cfg.img_size, cfg.weights, **cfg.timm_kwargs)
+        if cfg.weights:  # start from local weights (an export, a reference checkpoint, timm weights)
+            from ssit_dist.models.pretrained import load_encoder
+
+            self.encoder = load_encoder(cfg.weights, cfg.img_size, cfg.arch, cfg.timm_kwargs)[0]
+        else:
+            self.encoder = create_encoder(cfg.arch, cfg.img_size, **cfg.timm_kwargs)
         dim = self.encoder.embed_dim
         self.projector = projector(dim, cfg.proj_hidden, cfg.proj_dim)
         self.predictor = predictor(cfg.proj_dim, cfg.proj_hidden)
