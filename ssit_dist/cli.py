@@ -213,6 +213,7 @@ def knn(
     k: str = typer.Option("5,10,20", help="Neighbour counts, comma-separated."),
     temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / temperature)."),
     arch: Optional[str] = typer.Option(None, help="timm architecture (default: the export's)."),
+    timm_kwargs: Optional[str] = typer.Option(None, help='timm overrides as JSON, e.g. \'{"embed_dim": 96, "depth": 4}\'.'),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
 ) -> None:
@@ -223,8 +224,9 @@ def knn(
 
     try:
         ks = tuple(int(v) for v in k.split(","))
-        result = knn_evaluate(train, test, init, img_size, ks, temperature, arch, trust_pickle=trust_pickle)
-    except (ShardIndexError, EncoderInitError, ValueError) as e:
+        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
+        result = knn_evaluate(train, test, init, img_size, ks, temperature, arch, kwargs, trust_pickle)
+    except (ShardIndexError, EncoderInitError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         _fail(str(e))
     table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {temperature})")
     for column in ("k", "samples", "accuracy", "QWK", "macro AUC"):

@@ -147,8 +147,10 @@ def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, t
 
 
 def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, export: Path, tmp_path: Path) -> None:
-    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01")
-    assert report["linear"] and {"qwk", "accuracy"} <= set(report["test"])
+    # Two processes through `accelerate launch` (gloo on CPU).
+    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01", nproc=2)
+    assert report["linear"] and report["processes"] == 2 and {"qwk", "accuracy"} <= set(report["test"])
+    assert report["test"]["samples"] == 45
     best, source = load_file(str(tmp_path / "linear" / "best.safetensors")), load_file(str(export))
     for key, value in source.items():  # the encoder stayed frozen (pos_embed: resampled from 32 to 48 px)
         if key != "pos_embed":
