@@ -79,7 +79,7 @@ def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: i
 
 def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path, export: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
-    report = finetune(out, graded_shards, export)
+    report = finetune(out, graded_shards, export, "grad_accumulation=2")  # micro batches of 8
     for name in ("config.yaml", "metrics.jsonl", "best.safetensors", "final.safetensors", "report.json",
                  "predictions.csv", "confusion.png", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -147,9 +147,10 @@ def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, t
 
 
 def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, export: Path, tmp_path: Path) -> None:
-    # Two processes through `accelerate launch` (gloo on CPU).
-    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01", nproc=2)
-    assert report["linear"] and report["processes"] == 2 and {"qwk", "accuracy"} <= set(report["test"])
+    # Two processes through `accelerate launch` (gloo on CPU), bf16 autocast through Accelerate.
+    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01",
+                      "mixed_precision=bf16", nproc=2)
+    assert report["linear"] and report["processes"] == 2 and report["mixed_precision"] == "bf16" and {"qwk", "accuracy"} <= set(report["test"])
     assert report["test"]["samples"] == 45
     best, source = load_file(str(tmp_path / "linear" / "best.safetensors")), load_file(str(export))
     for key, value in source.items():  # the encoder stayed frozen (pos_embed: resampled from 32 to 48 px)

@@ -180,6 +180,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
     result = {"best_epoch": best_epoch, "select_by": cfg.select_by, "init": asdict(source), "linear": cfg.linear,
               "objective": cfg.objective, "processes": accelerator.num_processes,
+              "mixed_precision": accelerator.mixed_precision,
               **{name: r["metrics"] for name, r in results.items()}}
     if accelerator.is_main_process:
         final = results.get("test", results["val"])
