@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,37 @@ def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, 
     torch.save(load_encoder("random", 32, "vit_small_patch16_224", {**TINY, "embed_dim": 96})[0].state_dict(), other)
     message = fails("--train", graded_shards, "--val", graded_shards, "--init", other, f"timm_kwargs={json.dumps(TINY)}")
     assert "(1, 1, 96)" in message and "(1, 1, 48)" in message
+
+
+def test_a_killed_finetune_resumes_to_the_same_weights(graded_shards: Path, tmp_path: Path) -> None:
+    def command(out: Path) -> list[str]:
+        return [str(Path(sys.executable).with_name("ssit-dist")), "finetune", "--train", str(graded_shards), "--init",
+                "random", "--out", str(out), "img_size=32", "epochs=4", "workers=0", "lr=0.001",
+                "arch=vit_small_patch16_224", f"timm_kwargs={json.dumps(TINY)}"]
+
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300, env=clean_env())
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                            start_new_session=True)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() >= "epoch0002"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "report.json").exists()
+
+    again = subprocess.run(command(killed), capture_output=True, text=True, timeout=300, env=clean_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed after epoch" in again.stderr
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("whole", "killed")}
+    assert [r["epoch"] for r in rows["killed"]] == [1, 2, 3, 4]
+    for a, b in zip(rows["whole"], rows["killed"]):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    a, b = (load_file(str(tmp_path / name / "final.safetensors")) for name in ("whole", "killed"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

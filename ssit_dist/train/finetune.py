@@ -5,7 +5,8 @@ Per epoch: one pass over the shuffled training split with the reference augmenta
 MSE on the grade or cross-entropy), then the validation split through every process, each sample
 exactly once; the epoch with the best validation QWK (or accuracy) is kept as best.safetensors. At the
 end the best weights are evaluated on the test split: report.json, predictions.csv, confusion.png,
-curves.png, and a summary table.
+curves.png, and a summary table. Every epoch ends with a checkpoint; rerunning the same command
+resumes after the last complete epoch and, in fp32 on the same process count, ends with the same weights.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.eval.predict import missing, run_over_split
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+from ssit_dist.train.finetune_state import load_state, save_state
 
 log = logging.getLogger("ssit_dist.finetune")
 
@@ -125,9 +127,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
              cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
              accelerator.num_processes, cfg.grad_accumulation)
 
+    order = torch.Generator().manual_seed(cfg.seed)  # reseeded every epoch: the order is f(seed, epoch)
     loader = DataLoader(train_set, batch_size=micro, shuffle=True, drop_last=True, collate_fn=collate_labelled,
                         num_workers=cfg.workers, multiprocessing_context="forkserver" if cfg.workers else None,
-                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.workers > 0)
+                        generator=order)
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
     model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
@@ -138,9 +141,23 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
                                                   else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
 
-    best_score, best_epoch, history = -math.inf, 0, []
-    for epoch in range(1, cfg.epochs + 1):
+    best_score, best_epoch, history, start = -math.inf, 0, [], 1
+    resumed = load_state(out)
+    if resumed is not None:
+        weights, optimizer_state, state = resumed
+        plain.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
+        best_score = state["best_score"] if state["best_score"] is not None else -math.inf
+        best_epoch, history, start = state["best_epoch"], state["history"], state["epoch"] + 1
+        log.info("resumed after epoch %d of %d", state["epoch"], cfg.epochs)
+    if accelerator.is_main_process:  # the history of the epochs the checkpoint holds, nothing after
+        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+
+    for epoch in range(start, cfg.epochs + 1):
         started = time.perf_counter()
+        set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
+        order.manual_seed(cfg.seed + epoch)
         model.train()
         if cfg.linear:
             plain.encoder.eval()  # frozen: no dropout, fixed features
@@ -171,6 +188,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val})
         if score > best_score:
             best_score, best_epoch = score, epoch
+        if accelerator.is_main_process:
+            save_state(out, epoch, plain.state_dict(), optimizer.state_dict(),
+                       {"scheduler": scheduler.state_dict(), "best_score": best_score if math.isfinite(best_score) else None,
+                        "best_epoch": best_epoch, "history": history})
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs})
     accelerator.wait_for_everyone()
