@@ -84,10 +84,12 @@ def export_encoder(run_dir: Path, out: Path, tag: str | None = None) -> tuple[Pa
     meta_path = checkpoint_dir(run_dir) / tag / "ssit_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    weights = out.with_suffix(".safetensors")
-    save_file(encoder, str(weights), metadata={"format": "pt"})
-    description = out.with_suffix(".json")
-    description.write_text(json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n")
+    # Each file under a temporary name, then renamed: a reader never sees half of one.
+    weights, description = out.with_suffix(".safetensors"), out.with_suffix(".json")
+    save_file(encoder, str(weights) + ".tmp", metadata={"format": "pt"})
+    Path(str(description) + ".tmp").write_text(json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n")
+    os.replace(str(description) + ".tmp", description)
+    os.replace(str(weights) + ".tmp", weights)
     return weights, description
 
 
