@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,19 @@ class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:  # type: ignore[no-untyped-def]
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
+
+
+def _local_launch(nproc: int) -> tuple[int, dict[str, str]]:
+    """A free port and the environment for `nproc` processes started by a launcher on this machine:
+    without GPUs each gets a fair share of the cores as OpenMP threads (launchers leave it unset)."""
+    import torch
+
+    from ssit_dist.dist import free_port
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    return free_port(), env
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -125,20 +140,9 @@ def pretrain(
     nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
 ) -> None:
     """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
-    import socket
-    import subprocess
-    import sys
-
-    import torch
-
     script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
-    with socket.socket() as s:  # a free port: several runs on one machine must not collide on 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        # DeepSpeed's launcher starts one CPU process unless told, and leaves OpenMP threads unset.
-        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    port, env = _local_launch(nproc)
+    # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`.
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                "--master_port", str(port), str(script)]
     command += (["--config", str(config)] if config else []) + list(ctx.args)
@@ -184,18 +188,7 @@ def finetune(
         from ssit_dist.train.finetune import main
 
         raise typer.Exit(main(args))
-    import socket
-    import subprocess
-    import sys
-
-    import torch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    port, env = _local_launch(nproc)
     script = Path(__file__).resolve().parents[1] / "launch" / "finetune.py"
     # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),

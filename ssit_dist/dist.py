@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: several runs on one machine must not collide on 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def is_distributed() -> bool:

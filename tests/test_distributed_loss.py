@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ssit_dist.dist import free_port
 from ssit_dist.models.batchnorm import CrossRankBatchNorm1d, convert_batchnorm
 from ssit_dist.models.losses import contrastive_loss
 
@@ -19,12 +19,6 @@ N, C, T = 4, 16, 0.2  # per-rank batch, feature size, temperature
 def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(2 * N, C, generator=g), torch.randn(2 * N, C, generator=g)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:

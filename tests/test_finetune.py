@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from conftest import SHARED, pack_real_subset, run_cli
 from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.grading_transforms import eval_transform
 from ssit_dist.data.labelled import LabelledShards, SplitSource
+from ssit_dist.dist import free_port
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train.finetune import evaluate, load_grader
@@ -31,12 +31,6 @@ from ssit_dist.train.finetune import evaluate, load_grader
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -118,11 +112,12 @@ from ssit_dist.data.grading_transforms import eval_transform
 from ssit_dist.data.labelled import LabelledShards, SplitSource
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.vit import create_encoder
+from ssit_dist.train.finetune import evaluate
 torch.manual_seed(0)
 grader = Grader(create_encoder("vit_small_patch16_224", 32, **%r), "classification")
 accelerator = Accelerator(cpu=True)
 data = LabelledShards(SplitSource.parse(sys.argv[1], "test"), eval_transform(32, [0.4] * 3, [0.3] * 3))
-result = evaluate_split = __import__("ssit_dist.train.finetune", fromlist=["evaluate"]).evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
+result = evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
 if accelerator.is_main_process:
     json.dump({"metrics": result["metrics"], "processes": accelerator.num_processes,
                "indices": result["indices"].tolist(), "scores": result["scores"].tolist()}, open(sys.argv[2], "w"))

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import pack_real_subset, run_cli
+from ssit_dist.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -55,12 +55,6 @@ def config(tmp: Path, shards: Path, name: str, ds: Path, **extra: object) -> Pat
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(cfg: Path, nproc: int = 2) -> list[str]:

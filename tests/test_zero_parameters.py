@@ -6,23 +6,16 @@ Two real gloo ranks, a real DeepSpeed engine with ZeRO stage 3 partitioning the 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-from ssit_dist.dist import full_fp32_parameters
+from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
 
 TINY = ModelConfig(arch="vit_small_patch16_224", img_size=32,
                    timm_kwargs=dict(patch_size=8, embed_dim=48, depth=1, num_heads=3), proj_hidden=64, proj_dim=32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:

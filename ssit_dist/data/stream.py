@@ -61,10 +61,14 @@ class ShardSet:
         return p / p.sum()
 
 
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
 def is_pattern(source: str) -> bool:
     """A shard URL or brace pattern (`/data/train-{000000..000099}.tar`, `pipe:...`, `https://...`)
     rather than a folder written by `ssit-dist shard`."""
-    return source.endswith(".tar") or "{" in source or "://" in source or source.startswith("pipe:")
+    return source.endswith(".tar") or "{" in source or _is_remote(source)
 
 
 def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
@@ -87,7 +91,7 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
             stats.append((index.mean, index.std, index.splits[split].num_samples))
             continue
         urls = list(braceexpand(source))
-        missing = [u for u in urls if not ("://" in u or u.startswith("pipe:") or Path(u).is_file())]
+        missing = [u for u in urls if not (_is_remote(u) or Path(u).is_file())]
         if missing:
             raise ShardIndexError(f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
                                   f"the first is {missing[0]}; check the pattern in data.shards")
@@ -109,7 +113,7 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
 
 def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, int | None]:
     """The `_info.json` beside a local shard (read once per folder) and the shard's sample count in it."""
-    if "://" in url or url.startswith("pipe:"):
+    if _is_remote(url):
         return None, None
     path = Path(url)
     if path.parent not in indexes:
@@ -206,7 +210,7 @@ def read_shard(path: str) -> Iterator[dict]:
 
 def _open_url(url: str) -> BinaryIO:
     """A local path opens directly; `pipe:`, `http(s)://`, `s3://` ... through webdataset's gopen."""
-    if "://" in url or url.startswith("pipe:"):
+    if _is_remote(url):
         return gopen(url, "rb")
     return open(url, "rb")
 

@@ -43,12 +43,10 @@ def knn_evaluate(train: str, test: str, init: str, img_size: int, ks: tuple[int,
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     sources = {"train": SplitSource.parse(train, "train"), "test": SplitSource.parse(test, "test")}
-    for source in sources.values():
-        check_labels(source, num_classes)
+    indexes = {name: check_labels(s, num_classes) for name, s in sources.items()}  # fail before loading
     encoder, origin = load_encoder(init, img_size, arch, timm_kwargs, trust_pickle)
     encoder.to(accelerator.device).eval()
-    index = check_labels(sources["train"], num_classes)
-    transform = eval_transform(img_size, index.mean, index.std)
+    transform = eval_transform(img_size, indexes["train"].mean, indexes["train"].std)
     data = {name: LabelledShards(s, transform, num_classes) for name, s in sources.items()}
     features = {name: run_over_split(lambda x: encoder.forward_features(x)[:, 0], ds, accelerator, batch)
                 for name, ds in data.items()}

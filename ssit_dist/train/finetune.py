@@ -104,16 +104,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     out = Path(cfg.out)
     sources = splits(cfg)
-    for source in sources.values():  # every input problem surfaces before any training
-        check_labels(source, cfg.num_classes)
+    indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
     micro = micro_batch(cfg, accelerator.num_processes)
     encoder, source = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs, cfg.trust_pickle)
     grader = Grader(encoder, cfg.objective, cfg.num_classes, head_init_std=0.01 if cfg.linear else None)
     if cfg.linear:
         grader.encoder.requires_grad_(False)
 
-    train_index = check_labels(sources["train"], cfg.num_classes)
-    mean, std = train_index.mean, train_index.std
+    mean, std = indexes["train"].mean, indexes["train"].std
     train_set = LabelledShards(sources["train"], train_transform(cfg.img_size, mean, std), cfg.num_classes)
     eval_sets = {name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
                  for name, s in sources.items() if name != "train"}
