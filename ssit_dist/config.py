@@ -36,6 +36,12 @@ class DataConfig:
     prefetch: int = 2  # batches per loader worker
     pin_memory: bool = False
     shuffle_buffer: int = 1000
+    # Before training, each local shard is checked against its _info.json: "size" (fast), "sha256"
+    # (reads every byte) or "none".
+    verify: str = "size"
+    # A source that yields no usable sample for this long (every sample undecodable, a failing pipe:,
+    # an http 404) ends the run with an error naming it.
+    empty_timeout_s: float = 300.0
 
 
 @dataclass
@@ -70,6 +76,11 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 500  # steps
     keep_checkpoints: int = 3
+    # auto: resume from the latest checkpoint when what it depends on (fingerprint.json) is unchanged,
+    # refuse otherwise; force: resume although it changed; reshard: resume on another world size
+    # through DeepSpeed's universal checkpoint.
+    resume: str = "auto"
+    dist_timeout_s: float = 1800.0  # a collective that waits longer ends the run with an error
 
     def scaled_lr(self) -> float:
         return self.optim.lr * self.global_batch / 512
@@ -102,13 +113,20 @@ class FinetuneConfig:
     workers: int = 2
     eval_batch: int = 64
     seed: int = 0
+    clip_grad: float | None = 1.0  # max gradient norm, as the reference's fine-tuning; None: no clipping
+    resume: str = "auto"  # auto: resume an unchanged run in `out`, refuse a changed one; force
+    dist_timeout_s: float = 1800.0  # a collective that waits longer ends the run with an error
 
     def check(self) -> None:
         choices = {"objective": ("regression", "classification"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "select_by": ("qwk", "accuracy")}
+                   "select_by": ("qwk", "accuracy"), "resume": ("auto", "force")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s = {self.dist_timeout_s}: must be positive (seconds)")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"clip_grad = {self.clip_grad}: must be positive, or null for no clipping")
         if self.num_classes < 2:
             raise ConfigError(f"num_classes = {self.num_classes}: need at least 2 grades")
 
@@ -136,6 +154,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             kwargs[key] = _build(type(default), value, f"{where}{key}.")
             continue
         expected = type(default)
+        if value is None and "None" in str(f.type):
+            kwargs[key] = value
+            continue
         if default is not None and not isinstance(value, expected) and not (expected is float and isinstance(value, int)):
             raise ConfigError(f"{where}{key} = {value!r}: expected {expected.__name__}")
         kwargs[key] = value
@@ -181,6 +202,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.check()
         return cfg
     cfg.model.check()
+    choices = {"resume": (cfg.resume, ("auto", "force", "reshard")), "data.verify": (cfg.data.verify, ("size", "sha256", "none"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name} = {value!r}: expected one of {', '.join(allowed)}")
+    for name, value in (("dist_timeout_s", cfg.dist_timeout_s), ("data.empty_timeout_s", cfg.data.empty_timeout_s)):
+        if value <= 0:
+            raise ConfigError(f"{name} = {value}: must be positive (seconds)")
     for name in ("mean", "std"):
         value = getattr(cfg.data, name)
         if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):

@@ -31,6 +31,7 @@ class SplitInfo:
     shard_lengths: list[int]
     sha256: list[str]
     label_histogram: dict[str, int] | None = None  # grade (as a string key) -> count
+    sizes: list[int] | None = None  # bytes per shard (absent in indexes of ssit-dist 0.1.0 before sizes)
 
 
 @dataclass

@@ -214,6 +214,7 @@ class _SplitWriter:
             shard_lengths=list(self.lengths),
             sha256=[sha256_file(self.out / n) for n in names],
             label_histogram=histogram,
+            sizes=[(self.out / n).stat().st_size for n in names],
         )
 
 

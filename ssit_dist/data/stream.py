@@ -17,7 +17,8 @@ import select
 import signal
 import tarfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import forkserver, resource_tracker
@@ -33,7 +34,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index
+from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index, sha256_file
 from ssit_dist.dist import rank as dist_rank
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class ShardSet:
     lengths: list[int | None]
     mean: list[float] | None
     std: list[float] | None
+    sizes: list[int | None]  # bytes, as the index recorded them
+    sha256: list[str | None]
 
     @property
     def num_samples(self) -> int | None:
@@ -80,6 +83,8 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
         raise ShardIndexError("no shard sources given")
     paths: list[str] = []
     lengths: list[int | None] = []
+    sizes: list[int | None] = []
+    hashes: list[str | None] = []
     stats: list[tuple[list[float], list[float], int] | None] = []
     indexes: dict[Path, ShardIndex | None] = {}
     for source in map(str, sources):
@@ -87,7 +92,10 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
             folder = Path(source)
             index = read_index(folder)
             paths += [str(p) for p in index.shard_paths(folder, split)]
-            lengths += index.splits[split].shard_lengths
+            info = index.splits[split]
+            lengths += info.shard_lengths
+            sizes += info.sizes or [None] * len(info.filenames)
+            hashes += info.sha256
             stats.append((index.mean, index.std, index.splits[split].num_samples))
             continue
         urls = list(braceexpand(source))
@@ -96,25 +104,28 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
             raise ShardIndexError(f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
                                   f"the first is {missing[0]}; check the pattern in data.shards")
         found = [_indexed(url, indexes) for url in urls]
-        counts = [n for _, n in found]
+        counts = [n for _, n, _, _ in found]
         paths += urls
         lengths += counts
+        sizes += [size for _, _, size, _ in found]
+        hashes += [digest for _, _, _, digest in found]
         index = found[0][0]  # the pattern's statistics are those of its first shard's folder
         known = index is not None and None not in counts
         stats.append((index.mean, index.std, sum(counts)) if known else None)  # type: ignore[union-attr,arg-type]
     if any(s is None for s in stats):
-        return ShardSet(paths, lengths, None, None)
+        return ShardSet(paths, lengths, None, None, sizes, hashes)
     w = np.array([n for _, _, n in stats], np.float64)  # type: ignore[misc]
     w /= w.sum()
     mean = (w[:, None] * np.array([m for m, _, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
     std = (w[:, None] * np.array([s for _, s, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
-    return ShardSet(paths, lengths, mean, std)
+    return ShardSet(paths, lengths, mean, std, sizes, hashes)
 
 
-def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, int | None]:
-    """The `_info.json` beside a local shard (read once per folder) and the shard's sample count in it."""
+def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, int | None, int | None, str | None]:
+    """The `_info.json` beside a local shard (read once per folder) and the shard's sample count, size
+    and sha256 in it."""
     if _is_remote(url):
-        return None, None
+        return None, None, None, None
     path = Path(url)
     if path.parent not in indexes:
         try:
@@ -124,17 +135,53 @@ def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardInd
     index = indexes[path.parent]
     for split in index.splits.values() if index else []:
         if path.name in split.filenames:
-            return index, split.shard_lengths[split.filenames.index(path.name)]
-    return index, None
+            i = split.filenames.index(path.name)
+            return index, split.shard_lengths[i], split.sizes[i] if split.sizes else None, split.sha256[i]
+    return index, None, None, None
+
+
+def verify_shards(shards: ShardSet, mode: str, progress: Callable[[int, int], None] | None = None) -> None:
+    """Check every local shard against its index before training: `size` (bytes, fast), `sha256`
+    (reads every byte) or `none`. A mismatch names the shard and what to do. Remote sources are opened
+    once instead, so that a failing `pipe:` or a 404 stops the run now rather than after hours."""
+    if mode == "none":
+        return
+    for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256)):
+        if _is_remote(url):
+            _probe(url)
+        elif mode == "size" and size is not None and os.path.getsize(url) != size:
+            raise ShardIndexError(f"{url} has {os.path.getsize(url)} bytes, its _info.json says {size}: the shard "
+                                  "changed or was cut short; re-copy it or re-run `ssit-dist shard`")
+        elif mode == "sha256" and digest is not None and sha256_file(Path(url)) != digest:
+            raise ShardIndexError(f"{url}: sha256 does not match its _info.json: the shard changed or is corrupt; "
+                                  "re-copy it or re-run `ssit-dist shard`")
+        if progress is not None:
+            progress(i + 1, len(shards.paths))
+
+
+def _probe(url: str) -> None:
+    """Read the first tar header of a remote shard, or fail naming it."""
+    try:
+        with _open_url(url) as stream:
+            head = stream.read(512)
+    except Exception as e:  # gopen raises whatever its transport raises (IOError, HTTP errors, ...)
+        raise ShardIndexError(f"shard source {url} cannot be read: {e}") from None
+    if len(head) < 512:
+        raise ShardIndexError(f"shard source {url} gave {len(head)} bytes, not a tar file; check the URL or command")
+
+
+class SourceError(RuntimeError):
+    """The shard sources gave no usable sample for `empty_timeout_s`: the run stops naming them."""
 
 
 class PairStream(IterableDataset):
     """Infinite stream of augmented (x1, x2, s1, s2) pairs for one rank; see the module docstring."""
 
     def __init__(self, shards: ShardSet, augment: PairAugment, batch_size: int, seed: int = 0,
-                 shuffle_buffer: int = 1000, rank: int | None = None):
+                 shuffle_buffer: int = 1000, rank: int | None = None, empty_timeout_s: float = 300.0):
         super().__init__()
-        self.shards, self.augment = shards, augment
+        self.shards, self.augment, self.empty_timeout_s = shards, augment, empty_timeout_s
+        self._last_good = time.monotonic()
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.epoch, self.skip_batches = 0, 0
         self.rank = dist_rank() if rank is None else rank
@@ -146,7 +193,21 @@ class PairStream(IterableDataset):
     def _raw_samples(self, rng: np.random.Generator) -> Iterator[dict]:
         p = self.shards.weights()
         while True:
-            yield from read_shard(self.shards.paths[int(rng.choice(len(p), p=p))])
+            url = self.shards.paths[int(rng.choice(len(p), p=p))]
+            empty = True
+            for sample in read_shard(url):
+                empty = False
+                yield sample
+            if empty:
+                self._starving(url)
+                time.sleep(0.5)  # a source that yields nothing: do not spin on it
+
+    def _starving(self, url: str) -> None:
+        """Raise SourceError once no usable sample came for `empty_timeout_s` (progress resets it)."""
+        if time.monotonic() - self._last_good > self.empty_timeout_s:
+            raise SourceError(f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards "
+                              f"(the last one tried: {url}): every sample was undecodable or lacked jpg/sal.png, "
+                              "or the source yields nothing (see the warnings above); check the shards and URLs")
 
     def _shuffled(self, rng: np.random.Generator) -> Iterator[dict]:
         buffer: list[dict] = []
@@ -164,12 +225,17 @@ class PairStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, stream])
         # Loader batch j comes from worker j % workers: this worker's share of the skipped batches.
         skip = (self.skip_batches - worker + workers - 1) // workers * self.batch_size
+        self._last_good = time.monotonic()
         for i, sample in enumerate(self._shuffled(rng)):
             if i < skip:
+                self._last_good = time.monotonic()
                 continue
             pair = self._decode_and_augment(sample, np.random.default_rng([self.seed, self.epoch, stream, i]))
-            if pair is not None:
-                yield pair
+            if pair is None:
+                self._starving(sample.get("__url__", "?"))
+                continue
+            self._last_good = time.monotonic()
+            yield pair
 
     def _decode_and_augment(self, sample: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...] | None:
         try:

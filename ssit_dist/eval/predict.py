@@ -11,10 +11,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Subset
 
 from ssit_dist.data.labelled import LabelledShards, collate_labelled
+from ssit_dist.dist import gather_objects
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def run_over_split(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Labelled
             outputs.append(fn(images.to(accelerator.device)).float().cpu().numpy())
             indices.append(index.numpy())
     local = [(np.concatenate(indices), np.concatenate(outputs))] if indices else []
-    parts = gather_object(local) if accelerator.num_processes > 1 else local
+    parts = [part for rank_parts in gather_objects(local, accelerator.device) for part in rank_parts]
     if not parts:
         return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     all_indices = np.concatenate([i for i, _ in parts])

@@ -9,10 +9,9 @@ all-reduced (differentiably) over gloo. On one process both reduce to nn.BatchNo
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from ssit_dist.dist import world_size
+from ssit_dist.dist import sum_over_ranks_differentiable, world_size
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
@@ -23,7 +22,7 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         x32 = x.float()  # statistics in fp32 whatever the autocast dtype
         stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x.shape[0]])])
-        stats = dist_fn.all_reduce(stats)
+        stats = sum_over_ranks_differentiable(stats)
         features = x.shape[1]
         count = stats[-1]
         mean = stats[:features] / count

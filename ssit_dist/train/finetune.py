@@ -29,14 +29,17 @@ from torch.utils.data import DataLoader
 
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
-from ssit_dist.data.index import ShardIndexError, read_index
+from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
+from ssit_dist.dist import RankFailure, broadcast_from_zero, init_process_group, launched, mean_over_ranks, on_rank_zero
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.eval.predict import missing, run_over_split
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
-from ssit_dist.train.finetune_state import load_state, save_state
+from ssit_dist.train.checkpoint import latest_tag
+from ssit_dist.train.finetune_state import load_state, read_state, save_state
+from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
 log = logging.getLogger("ssit_dist.finetune")
 
@@ -96,11 +99,37 @@ def load_grader(path: Path) -> tuple[Grader, dict]:
     return grader, meta
 
 
+def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, SplitSource], indexes: dict) -> dict:
+    """What resuming a fine-tuning run depends on: its data, the encoder it started from, the
+    optimisation (see train/resume.py)."""
+    init = Path(cfg.init)
+    fields = ("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs", "batch",
+              "grad_accumulation", "warmup_epochs", "mixed_precision", "seed", "clip_grad")
+    return {**{name: getattr(cfg, name) for name in fields}, "processes": processes, "lr": cfg.resolved_lr,
+            "weight_decay": cfg.resolved_weight_decay,
+            "init_sha256": sha256_file(init) if init.is_file() else None,
+            "data": {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}}
+
+
+def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError:
+    """Rank 0's resume decision for the fine-tuning run in `out`."""
+    try:
+        tag = latest_tag(out)
+        state = read_state(out, tag) if tag else {}
+        return decide(tag, int(state.get("epoch", 0)), state.get("fingerprint"), fingerprint, mode, out, 0)
+    except ResumeError as e:
+        return e
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
-    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment.
+    # Under a launcher the process group is ours (per-device backends, timeout); Accelerate adopts it.
+    # cpu=True without CUDA: Accelerate then runs on the gloo group.
+    if launched():
+        init_process_group(cfg.dist_timeout_s)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation,
                               cpu=not torch.cuda.is_available())
+    device = accelerator.device
     set_seed(cfg.seed)
     out = Path(cfg.out)
     sources = splits(cfg)
@@ -118,9 +147,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if len(train_set) < micro * accelerator.num_processes:
         raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.batch}")
     meta = grader_meta(cfg, grader, asdict(source), mean, std)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
     log.info("encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
              cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
              accelerator.num_processes, cfg.grad_accumulation)
@@ -134,13 +160,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
     plain: Grader = accelerator.unwrap_model(model)
     # Stepped here once per optimizer step (not through Accelerate, which steps it once per process).
-    steps = cfg.epochs * max(len(loader) // cfg.grad_accumulation, 1)
+    # Accelerate also steps on an epoch's last batch when the accumulation has not filled: ceil.
+    steps = cfg.epochs * max(math.ceil(len(loader) / cfg.grad_accumulation), 1)
     warmup = int(cfg.warmup_epochs / max(cfg.epochs, 1) * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
-                                                  else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+                                                  else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0))))
 
     best_score, best_epoch, history, start = -math.inf, 0, [], 1
-    resumed = load_state(out)
+    fingerprint = run_fingerprint(cfg, accelerator.num_processes, sources, indexes)
+    plan = broadcast_from_zero(_decide(out, fingerprint, cfg.resume) if accelerator.is_main_process else None, device)
+    if isinstance(plan, ResumeError):
+        raise plan
+    resumed = load_state(out, plan.tag) if plan.tag else None
+    if plan.mode == "force":
+        log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
     if resumed is not None:
         weights, optimizer_state, state = resumed
         plain.load_state_dict(weights)
@@ -149,9 +182,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         best_score = state["best_score"] if state["best_score"] is not None else -math.inf
         best_epoch, history, start = state["best_epoch"], state["history"], state["epoch"] + 1
         log.info("resumed after epoch %d of %d", state["epoch"], cfg.epochs)
-    if accelerator.is_main_process:  # the history of the epochs the checkpoint holds, nothing after
+
+    def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
+        save_config(cfg, out)
         (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
 
+    on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
+
+    select_by = cfg.select_by
     for epoch in range(start, cfg.epochs + 1):
         started = time.perf_counter()
         set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
@@ -164,45 +202,55 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 loss = plain.loss(model(images), grades)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.clip_grad)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
-        if not math.isfinite(float(np.mean(losses))):
+        train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
+        if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
-        train_loss = float(accelerator.reduce(torch.tensor(np.mean(losses)), "mean"))
         val = evaluate(plain, eval_sets["val"], accelerator, cfg)["metrics"]
-        score = val[cfg.select_by] if val[cfg.select_by] is not None else -math.inf
+        if val[select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
+            select_by = "accuracy" if select_by == "qwk" else "qwk"
+            log.warning("validation %s is undefined (the split has %s); selecting the best epoch by %s",
+                        cfg.select_by, "one grade" if cfg.select_by == "qwk" else "no samples", select_by)
+        score = val[select_by] if val[select_by] is not None else -math.inf
         row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                "val_accuracy": val["accuracy"], "val_qwk": val["qwk"], "val_macro_auc": val["macro_auc"],
                "seconds": round(time.perf_counter() - started, 2)}
         history.append(row)
-        if accelerator.is_main_process:
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+
+        def end_epoch() -> None:  # rank 0's files; every rank hears if they failed
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
-            if score > best_score:
-                save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val})
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-        if accelerator.is_main_process:
+            if improved:
+                save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
             save_state(out, epoch, plain.state_dict(), optimizer.state_dict(),
                        {"scheduler": scheduler.state_dict(), "best_score": best_score if math.isfinite(best_score) else None,
-                        "best_epoch": best_epoch, "history": history})
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs})
-    accelerator.wait_for_everyone()
+                        "best_epoch": best_epoch, "history": history, "fingerprint": fingerprint})
+
+        on_rank_zero(end_epoch, device, f"saving epoch {epoch} under {out}")
+    on_rank_zero(lambda: save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}), device,
+                 f"writing {out / 'final.safetensors'}")
 
     best, _ = load_grader(out / "best.safetensors")
     best.to(accelerator.device)
     results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
-    result = {"best_epoch": best_epoch, "select_by": cfg.select_by, "init": asdict(source), "linear": cfg.linear,
-              "objective": cfg.objective, "processes": accelerator.num_processes,
-              "mixed_precision": accelerator.mixed_precision,
-              **{name: r["metrics"] for name, r in results.items()}}
-    if accelerator.is_main_process:
+    # The final weights too, as the reference reports both.
+    final_weights = {name: evaluate(plain, dataset, accelerator, cfg)["metrics"] for name, dataset in eval_sets.items()}
+    result = {"best_epoch": best_epoch, "select_by": select_by, "select_by_asked": cfg.select_by,
+              "init": asdict(source), "linear": cfg.linear, "objective": cfg.objective,
+              "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+              **{name: r["metrics"] for name, r in results.items()}, "final": final_weights}
+
+    def write_report() -> None:
         final = results.get("test", results["val"])
         dataset = eval_sets["test" if "test" in results else "val"]
         report.write_predictions(out / "predictions.csv", [dataset.keys[i] for i in final["indices"]],
@@ -218,7 +266,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         tmp.replace(out / "report.json")
         report.summary_table(f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
                              {name: r["metrics"] for name, r in results.items()})
-    accelerator.wait_for_everyone()
+        report.summary_table(f"final weights (epoch {cfg.epochs})", final_weights)
+
+    on_rank_zero(write_report, device, f"writing the report under {out}")
     accelerator.end_training()
     return result
 
@@ -236,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         finetune(load_config(args.config, args.overrides, FinetuneConfig))
-    except (ConfigError, ShardIndexError, EncoderInitError) as e:
+    except (ConfigError, ShardIndexError, EncoderInitError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, RankFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

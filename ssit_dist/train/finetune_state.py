@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssit_dist.train.checkpoint import LATEST, checkpoint_dir, latest_tag
+from ssit_dist.train.checkpoint import checkpoint_dir, write_latest
+from ssit_dist.train.resume import ResumeError
 
 
 def save_state(run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
@@ -33,20 +34,24 @@ def save_state(run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimi
     (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
     shutil.rmtree(folder / tag, ignore_errors=True)
     os.replace(tmp, folder / tag)
-    pointer = folder / (LATEST + ".tmp")
-    pointer.write_text(tag)
-    os.replace(pointer, folder / LATEST)
+    write_latest(folder, tag)
     for old in folder.iterdir():
         if old.is_dir() and old.name.startswith("epoch") and old.name != tag:
             shutil.rmtree(old, ignore_errors=True)
     return tag
 
 
-def load_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
-    """(model state, optimizer state, state.json) of the latest complete epoch, or None."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
+def read_state(run_dir: Path, tag: str) -> dict[str, Any]:
+    """state.json of checkpoint `tag`; a checkpoint without one is an error naming it."""
+    path = checkpoint_dir(run_dir) / tag / "state.json"
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path.parent} (named by {checkpoint_dir(run_dir) / 'latest'}) is incomplete: "
+                          "state.json is missing; delete the folder and `latest` to start again")
+    return json.loads(path.read_text())
+
+
+def load_state(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state, state.json) of checkpoint `tag`."""
     folder = checkpoint_dir(run_dir) / tag
     optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    return load_file(str(folder / "model.safetensors")), optimizer, json.loads((folder / "state.json").read_text())
+    return load_file(str(folder / "model.safetensors")), optimizer, read_state(run_dir, tag)

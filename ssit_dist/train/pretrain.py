@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader, start_batches
-from ssit_dist.dist import full_fp32_parameters, rank, world_size
+from ssit_dist.data.stream import (PREEMPTION_SIGNALS, PairStream, ShardSet, SourceError, open_shards, pair_loader,
+                                   start_batches, verify_shards)
+from ssit_dist.dist import (RankFailure, any_rank, any_ranks, full_fp32_parameters, init_process_group, on_rank_zero,
+                            world_size)
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
+from ssit_dist.train.resume import ResumeError, write_fingerprint
 
 log = logging.getLogger("ssit_dist.pretrain")
 
@@ -39,44 +44,33 @@ class StopRequested(Exception):
     """SIGTERM / SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
 
 
-def init_distributed() -> torch.device:
-    """Process group from the launcher's environment (deepspeed, torchrun, srun, or none)."""
-    import deepspeed
-
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun: one task per rank
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cpu")
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)])
-    if world_size() > 1:
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item())
+def run_fingerprint(cfg: PretrainConfig, world: int, micro: int, accumulation: int, steps_per_epoch: int,
+                    shards: ShardSet, ds_config: dict) -> dict:
+    """Everything a resume depends on (see train/resume.py)."""
+    return {"world_size": world, "global_batch": cfg.global_batch, "micro_batch": micro,
+            "gradient_accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
+            "seed": cfg.seed, "model": asdict(cfg.model), "ds_config": ds_config,
+            "shards": [{"url": url, "samples": n, "bytes": size, "sha256": digest}
+                       for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256)]}
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as `cfg` says; returns the run folder."""
     import deepspeed
 
-    device = init_distributed()
+    device = init_process_group(cfg.dist_timeout_s)
+    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
+    # Installed first: a signal during start-up (SLURM preempting a job that is still loading) means
+    # exit cleanly at the first point where every rank can agree, without training.
+    stop = {"requested": False}
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, lambda *_: stop.update(requested=True))
     run_dir = Path(cfg.run_dir)
     world = world_size()
     micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
@@ -89,43 +83,52 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if shards.num_samples is None and cfg.steps_per_epoch is None:
         raise ConfigError("steps_per_epoch: the sample count of the shards in data.shards is unknown "
                           "(no _info.json beside them); set steps_per_epoch")
+    verify_shards(shards, cfg.data.verify)
     steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     total_steps = cfg.epochs * steps_per_epoch
-    if rank() == 0:
-        save_config(cfg, run_dir)
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    fingerprint = run_fingerprint(cfg, world, micro, accumulation, steps_per_epoch, shards, ds_config)
+    plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
+    if plan.mode in ("force", "reshard"):
+        log.warning("resume=%s: resuming %s although the run changed:\n  %s", plan.mode, plan.tag, "\n  ".join(plan.changed))
+    load_tag = plan.tag
+    if plan.mode == "reshard":
+        load_tag = checkpoint.to_universal(run_dir, plan.tag, device)  # type: ignore[arg-type]
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    on_rank_zero(lambda: (save_config(cfg, run_dir), write_fingerprint(run_dir, fingerprint)), device,
+                 f"writing {run_dir / 'config.yaml'}")
 
     torch.manual_seed(cfg.seed)
     model = SSiT(cfg.model)
-    if world > 1:
+    if world_size() > 1 or device.type == "cuda":  # on CUDA always: the same NCCL path at any world size
         convert_batchnorm(model, device.type)
     engine, _, _, _ = deepspeed.initialize(model=model.online, model_parameters=model.online.parameters(),
                                            config=ds_config)
     momentum_net = model.momentum.to(device)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
 
-    start_step = 0
-    state = checkpoint.load_latest(engine, run_dir)
-    if state is not None:
+    start_step = plan.step
+    if load_tag is not None:
+        state = checkpoint.load(engine, run_dir, load_tag)
         momentum_net.load_state_dict(state["momentum"])
-        start_step = int(state["step"])
-        log.info("resumed from step %d of %d", start_step, total_steps)
+        log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, start_step, total_steps)
 
-    stream = PairStream(shards, PairAugment(cfg.model.img_size, mean, std), micro,
-                        seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    stream = PairStream(shards, PairAugment(cfg.model.img_size, mean, std), micro, seed=cfg.seed,
+                        shuffle_buffer=cfg.data.shuffle_buffer, empty_timeout_s=cfg.data.empty_timeout_s)
     loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
-    stop = {"requested": False}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: stop.update(requested=True))
     meta = {"arch": cfg.model.arch, "img_size": cfg.model.img_size, "timm_kwargs": cfg.model.timm_kwargs,
             "patch_size": int(model.online.encoder.patch_embed.patch_size[0]), "mean": mean,
-            "std": std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards}
+            "std": std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards,
+            "fingerprint": fingerprint}
 
     def save(step: int) -> str:
         client = {"step": step, "momentum": momentum_net.state_dict(), "config": asdict(cfg),
                   "torch_rng": torch.get_rng_state()}
-        return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints)
+        return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints, device)
 
-    reporter = Reporter(run_dir, total_steps, start_step) if rank() == 0 else None
+    reporter = on_rank_zero(lambda: Reporter(run_dir, total_steps, start_step), device, f"opening {run_dir / 'metrics.jsonl'}")
+    if any_rank(stop["requested"], device):
+        raise StopRequested(f"stopped by signal during start-up, before step {start_step + 1}; relaunch to resume")
     batches = None
     try:
         step = start_step
@@ -144,24 +147,32 @@ def pretrain(cfg: PretrainConfig) -> Path:
             started = time.perf_counter()
             momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), m)
             data_wait, cl_sum, ss_sum = 0.0, 0.0, 0.0
+            losses: tuple[float, float] | None = None  # of the previous micro step, checked with the next batch
             for _ in range(accumulation):
                 waited = time.perf_counter()
-                x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in next(batches))
+                batch, failure = _next_batch(batches)
                 data_wait += time.perf_counter() - waited
+                # One agreement before the forward (whose collectives a failed rank would never join).
+                data_failed, diverged = any_ranks([failure is not None, not _finite(losses)], device)
+                _raise_if(diverged, losses, step, run_dir)
+                if data_failed:
+                    raise failure or SourceError("the data loader failed on another rank; see its log")
+                x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in batch)
                 with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
                     if precision is not None:
                         x1, x2 = x1.to(precision), x2.to(precision)
                     k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
                     cl, ss = engine(x1, x2, s1, s2, k1, k2)
                     loss = cfg.loss.cl_weight * cl + ss_weight * ss
-                if _any_rank(not math.isfinite(loss.item())):  # every rank stops, none waits in a collective
-                    tag = checkpoint.latest_tag(run_dir)
-                    raise FloatingPointError(f"non-finite loss at step {step + 1} (contrastive {cl.item()}, saliency "
-                                             f"{ss.item()}); the last good checkpoint is {tag or 'none'} in {run_dir}")
                 engine.backward(loss)
                 engine.step()
-                cl_sum += cl.item() / accumulation
-                ss_sum += ss.item() / accumulation
+                losses = (cl.item(), ss.item())
+                cl_sum += losses[0] / accumulation
+                ss_sum += losses[1] / accumulation
+            # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
+            # signal on any rank stops all of them after this step's checkpoint.
+            diverged, stopping = any_ranks([not _finite(losses), stop["requested"]], device)
+            _raise_if(diverged, losses, step, run_dir)
             step += 1
             elapsed = time.perf_counter() - started
 
@@ -170,17 +181,35 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                "ss_loss": ss_sum, "lr": lr, "momentum": m, "ss_weight": ss_weight,
                                "pairs_per_s": round(cfg.global_batch / elapsed, 2), "step_s": round(elapsed, 4),
                                "data_wait_s": round(data_wait, 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)})
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
+            if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
                 save(step)
-            if _any_rank(stop["requested"]):
-                if step % cfg.checkpoint_every and step != total_steps:
-                    save(step)
+            if stopping:
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
     finally:
         batches = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if reporter is not None:
             reporter.close()
     return run_dir
+
+
+def _next_batch(batches: Iterator) -> tuple[Any, BaseException | None]:
+    try:
+        return next(batches), None
+    except Exception as e:  # a starved source, a dead worker: every rank must hear of it first
+        return None, e
+
+
+def _finite(losses: tuple[float, float] | None) -> bool:
+    return losses is None or all(math.isfinite(v) for v in losses)
+
+
+def _raise_if(diverged: bool, losses: tuple[float, float] | None, step: int, run_dir: Path) -> None:
+    if not diverged:
+        return
+    where = (f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank")  # type: ignore[index]
+    tag = checkpoint.latest_tag(run_dir)
+    raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is "
+                             f"{tag or 'none'} in {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:
         print(e, file=sys.stderr)
         return 0
-    except FloatingPointError as e:
+    except (FloatingPointError, RankFailure, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, ShardIndexError) as e:
+    except (ConfigError, ShardIndexError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

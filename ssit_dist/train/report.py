@@ -18,7 +18,13 @@ class Reporter:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():  # a resume at start_step: drop the rows a killed run wrote after it
+            kept = [line for line in path.read_text().splitlines() if 0 < _step_of(line) <= start_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.metrics = open(path, "a")
         self.board = SummaryWriter(str(run_dir / "tensorboard"))
         self.total = total_steps
         self.progress: Progress | None = None
@@ -46,3 +52,11 @@ class Reporter:
             self.progress.stop()
         self.board.close()
         self.metrics.close()
+
+
+def _step_of(line: str) -> int:
+    """The step of a metrics line; -1 for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
