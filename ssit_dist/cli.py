@@ -154,13 +154,14 @@ def export(
     run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
     output: Path = typer.Option(..., "-o", "--output", help="Output path; .safetensors and .json are written."),
     tag: Optional[str] = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT.safetensors / OUTPUT.json if they exist."),
 ) -> None:
     """Export the query encoder of a checkpoint as timm-keyed safetensors plus a JSON."""
     from ssit_dist.train.checkpoint import export_encoder
 
     try:
-        weights, description = export_encoder(run_dir, output, tag)
-    except (FileNotFoundError, ValueError) as e:
+        weights, description = export_encoder(run_dir, output, tag, overwrite)
+    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
         _fail(str(e), 1)
     console.print(f"wrote {weights} and {description}")
 

@@ -84,6 +84,13 @@ def init_process_group(timeout_s: float) -> torch.device:
     return device
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to the destructors, a group whose
+    peers already left can abort the process (SIGABRT) and turn a clean error exit into a crash."""
+    if is_distributed():
+        torch_dist.destroy_process_group()
+
+
 def barrier(device: torch.device) -> None:
     """Every rank waits for every other, through an all-reduce on `device` (a bare barrier guesses it)."""
     if is_distributed():

@@ -30,12 +30,12 @@ def tiny_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return pack_real_subset(graded_dir, tmp_path_factory, 40, size=64, shard_size=7)
 
 
-def ds_config(tmp: Path, stage: int, bf16: bool = False) -> Path:
-    path = tmp / f"zero{stage}{'_bf16' if bf16 else ''}.json"
+def ds_config(tmp: Path, stage: int, bf16: bool = False, eps: float = 1e-8) -> Path:
+    path = tmp / f"zero{stage}{'_bf16' if bf16 else ''}_eps{eps:g}.json"
     body = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0, "steps_per_print": 10**6,
             "zero_optimization": {"stage": stage},
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True, "eps": eps}}}
     if bf16:
         body["bf16"] = {"enabled": True}
     path.write_text(json.dumps(body))
@@ -75,43 +75,67 @@ def train(cfg: Path, nproc: int = 2) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_zero_stages_agree_in_fp32_and_bf16_is_close(tiny_shards: Path, tmp_path: Path) -> None:
-    runs = {stage: train(config(tmp_path, tiny_shards, f"z{stage}", ds_config(tmp_path, stage))) for stage in range(4)}
-    # The stages sum gradients in different orders; the fp32 rounding differences (~1e-7) are the
-    # only difference, and the contrastive loss amplifies them a little with every step.
+def _encoder_at(run_dir: Path, tag: str, out: Path) -> dict[str, torch.Tensor]:
+    from ssit_dist.train.checkpoint import export_encoder
+
+    weights, _ = export_encoder(run_dir, out / f"{run_dir.name}_{tag}")
+    return load_file(str(weights))
+
+
+def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, tmp_path: Path) -> None:
+    # What ZeRO 1-3 change is where gradients and optimizer states live, not the arithmetic: the update
+    # of each step must be ZeRO-0's. Compared where that holds on every CPU: the parameters after steps
+    # 1, 2 and 3 at a small lr. Adam moves each weight by lr * m/(sqrt(v) + eps); a change dg of a
+    # gradient changes that by at most about lr * |dg| / eps. The stages sum and clip gradients in other
+    # orders and buckets, so dg is fp32 rounding: for sums of up to ~1e3 terms of gradients clipped to
+    # norm 1.0 it is below n * 2^-24 ~ 1e-4 on any CPU. With eps = 1e-3 (the default 1e-8 would amplify
+    # the rounding of near-zero gradients a hundred-thousandfold) the updates therefore agree within
+    # 0.1 * lr per step, while the update of a weight with a real gradient is close to lr: a lost or
+    # doubled gradient, or a stale partition, shows.
+    # Losses over many steps are chaotic in the rounding and are not compared here (the kill-and-resume
+    # and SIGTERM tests train 8 steps on ZeRO 0 and 2 as the multi-step smoke check).
+    steps = {"epochs": 1, "steps_per_epoch": 3, "checkpoint_every": 1, "optim": {"lr": 0.005, "warmup_epochs": 0.0}}
+    runs = {stage: train(config(tmp_path, tiny_shards, f"z{stage}", ds_config(tmp_path, stage, eps=1e-3), **steps))
+            for stage in range(4)}
+    lr = runs[0][0]["lr"]
+    assert lr == pytest.approx(0.005 * 8 / 512)
+    from ssit_dist.models.ssit import ModelConfig, SSiT
+
+    torch.manual_seed(3)  # the run's seed: the weights every stage started from
+    model_cfg = yaml.safe_load((tmp_path / "z0.yaml").read_text())["model"]
+    start = {k: v.detach() for k, v in SSiT(ModelConfig(**model_cfg)).online.encoder.state_dict().items()}
+    exported = tmp_path / "exported"
+    for step in (1, 2, 3):
+        tag = f"step{step:08d}"
+        reference = _encoder_at(tmp_path / "z0", tag, exported)
+        moved = max((reference[k] - start[k]).abs().max().item() for k in start)
+        assert moved > 0.1 * lr, (step, moved, lr)  # the weights moved: it trained
+        for stage in (1, 2, 3):
+            other = _encoder_at(tmp_path / f"z{stage}", tag, exported)
+            assert other.keys() == reference.keys()
+            for key in reference:
+                torch.testing.assert_close(other[key], reference[key], rtol=0, atol=0.1 * lr * step,
+                                           msg=f"ZeRO {stage} vs 0 after step {step}: {key}")
     for stage in range(4):
-        assert [r["step"] for r in runs[stage]] == list(range(1, 9))
+        assert [r["step"] for r in runs[stage]] == [1, 2, 3]
+        # The first loss is computed before any update, from the same weights and data; the later ones
+        # after updates of ~lr, which move the loss far less than its own scale.
+        assert runs[stage][0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=1e-5)
         for a, b in zip(runs[0], runs[stage]):
-            tolerance = 1e-5 if a["step"] <= 3 else 5e-3
-            assert a["cl_loss"] == pytest.approx(b["cl_loss"], rel=tolerance), (stage, a["step"])
-            assert a["ss_loss"] == pytest.approx(b["ss_loss"], rel=tolerance), (stage, a["step"])
-    bf16 = train(config(tmp_path, tiny_shards, "bf16", ds_config(tmp_path, 2, bf16=True)))
+            assert a["cl_loss"] == pytest.approx(b["cl_loss"], rel=1e-3) and a["ss_loss"] == pytest.approx(b["ss_loss"], rel=1e-3)
+    bf16 = train(config(tmp_path, tiny_shards, "bf16", ds_config(tmp_path, 2, bf16=True), **steps))
     assert all(torch.isfinite(torch.tensor([r["cl_loss"], r["ss_loss"]])).all() for r in bf16)
     assert bf16[0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=0.1)  # bf16: 8-bit mantissa
     assert bf16[0]["ss_loss"] == pytest.approx(runs[0][0]["ss_loss"], rel=0.05)
-    # Training does something: the weights moved, so the losses changed from step to step.
-    assert len({round(r["cl_loss"], 6) for r in runs[0]}) == 8
     assert list((tmp_path / "z0" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert all({"pairs_per_s", "data_wait_s", "peak_mem_mb", "lr", "momentum"} <= set(r) for r in runs[0])
 
-    # After step 2 (identical losses so far) ZeRO-0's weights, read straight from its module, and
-    # ZeRO-3's, reassembled from shards, export to the same encoder, which plain timm loads.
-    encoders = []
-    for stage in (0, 3):
-        out = tmp_path / f"export{stage}" / "encoder"
-        run_cli("export", tmp_path / f"z{stage}", "-o", out, "--tag", "step00000002")
-        meta = json.loads(out.with_suffix(".json").read_text())
-        model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"],
-                                  **meta["timm_kwargs"])
-        model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))), strict=True)
-        encoders.append(model.eval())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        features = [encoder(x) for encoder in encoders]
-        fresh = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=32, **meta["timm_kwargs"])
-        untrained = fresh.eval()(x)
-    torch.testing.assert_close(features[0], features[1], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(features[0], untrained, atol=1e-3)  # the export holds trained weights
+    # ZeRO-3's weights, reassembled from shards by `ssit-dist export`, load into plain timm.
+    out = tmp_path / "export3" / "encoder"
+    run_cli("export", tmp_path / "z3", "-o", out, "--tag", "step00000003")
+    meta = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"], **meta["timm_kwargs"])
+    model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))), strict=True)
 
 
 def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ssit_dist import __version__
 from ssit_dist.data.fundus import BadImage, crop_to_disc
-from ssit_dist.data.index import INFO_NAME, ShardIndex, SplitInfo, sha256_file, write_index
+from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
 from ssit_dist.data.inputs import IMAGE_SUFFIXES, Inputs, Item
 from ssit_dist.data.preview import write_preview
 from ssit_dist.data.saliency import METHODS, saliency_map
@@ -225,9 +225,18 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         raise ShardError(
             f"{out} already holds shards ({existing[0].name}, ...); pass --overwrite to replace them"
         )
-    # The index goes first: an interrupted overwrite must not leave an index that names old shards.
-    for path in sorted(existing, key=lambda p: p.name != INFO_NAME):
-        path.unlink()
+    # Only what the old index named, our own temporary files and its preview: other files stay. The
+    # index goes first: an interrupted overwrite must not leave an index that names deleted shards.
+    named: list[Path] = []
+    if (out / INFO_NAME).is_file():
+        try:
+            old = read_index(out)
+            named = [out / INFO_NAME] + [out / f for split in old.splits.values() for f in split.filenames]
+        except ShardIndexError:
+            named = [out / INFO_NAME]  # unreadable: replace the index, leave the tars we cannot attribute
+        named.append(out / "preview.png")
+    for path in named + sorted(out.glob("*.tar.tmp")):
+        path.unlink(missing_ok=True)
 
 
 def _mean_std(histogram: np.ndarray) -> tuple[list[float], list[float]]:

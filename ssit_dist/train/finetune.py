@@ -31,7 +31,7 @@ from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
-from ssit_dist.dist import RankFailure, broadcast_from_zero, init_process_group, launched, mean_over_ranks, on_rank_zero
+from ssit_dist.dist import RankFailure, broadcast_from_zero, init_process_group, launched, mean_over_ranks, on_rank_zero, shutdown
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.eval.predict import missing, run_over_split
@@ -292,4 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, RankFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0

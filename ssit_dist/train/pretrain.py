@@ -30,7 +30,7 @@ from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.stream import (PREEMPTION_SIGNALS, PairStream, ShardSet, SourceError, open_shards, pair_loader,
                                    start_batches, verify_shards)
 from ssit_dist.dist import (RankFailure, any_rank, any_ranks, full_fp32_parameters, init_process_group, on_rank_zero,
-                            world_size)
+                            shutdown, world_size)
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
@@ -237,4 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardIndexError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0

@@ -1,0 +1,148 @@
+"""Failing safely on 2 CPU ranks (gloo): resumes that refuse a changed run, dangling and incomplete
+checkpoints, a rank 0 that cannot write, sources that yield nothing, and CLI commands that must not
+destroy other files. Real DeepSpeed runs of a tiny ViT on real photographs."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import pack_real_subset, run_cli
+from test_pretrain import ROOT, config, ds_config, env, torchrun, train
+from ssit_dist.dist import free_port
+
+
+@pytest.fixture(scope="module")
+def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
+
+
+def launch(cfg: Path, *overrides: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(torchrun(cfg, nproc) + list(overrides), capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def short(tmp: Path, shards: Path, name: str, **extra: object) -> Path:
+    body = {"epochs": 1, "steps_per_epoch": 2, "checkpoint_every": 1, "dist_timeout_s": 60, **extra}
+    return config(tmp, shards, name, ds_config(tmp, 2), **body)
+
+
+def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, tmp_path: Path) -> None:
+    cfg = short(tmp_path, shards, "run")
+    train(cfg)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "fingerprint.json").is_file()
+
+    # torchrun itself exits 1 whatever its ranks' code; theirs is 2 (a config problem) and it says so.
+    result = launch(cfg, "global_batch=4", "epochs=2")
+    assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
+    assert "global_batch: 8 -> 4" in result.stderr and "epochs: 1 -> 2" in result.stderr and "resume=force" in result.stderr
+
+    result = launch(cfg, nproc=1)  # a requeue onto fewer ranks
+    assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
+    assert "world_size: 2 -> 1" in result.stderr and "resume=reshard" in result.stderr
+
+    # Forced: weights, optimizer and momentum network from step 2; schedule and data re-derived.
+    result = launch(cfg, "global_batch=4", "epochs=2", "resume=force")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resume=force" in result.stderr and "global_batch: 8 -> 4" in result.stderr
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]  # no duplicate rows, continued at 3
+    assert json.loads((run_dir / "fingerprint.json").read_text())["global_batch"] == 4
+
+
+def test_a_dangling_latest_or_a_missing_rank_file_stops_every_rank(shards: Path, tmp_path: Path) -> None:
+    cfg = short(tmp_path, shards, "run")
+    train(cfg)
+    folder = tmp_path / "run" / "checkpoints"
+    assert (folder / "latest").read_text() == "step00000002"
+    (folder / "latest").write_text("step00000009")
+    result = launch(cfg)
+    assert result.returncode != 0
+    assert f"{folder / 'latest'} names checkpoint 'step00000009'" in result.stderr and str(folder / "step00000009") in result.stderr
+
+    (folder / "latest").write_text("step00000002")
+    rank1 = next((folder / "step00000002").glob("*rank_1*optim_states.pt"))  # one rank's ZeRO partition
+    rank1.unlink()
+    started = time.monotonic()
+    result = launch(cfg)
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert f"{rank1} is missing" in result.stderr and "rank 0 on" in result.stderr and "rank 1 on" in result.stderr
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]  # nothing appended
+
+
+def test_rank_zero_failing_to_write_stops_every_rank(shards: Path, tmp_path: Path) -> None:
+    cfg = short(tmp_path, shards, "run", steps_per_epoch=4)
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step00000002").write_text("a file where the step-2 checkpoint folder must go")
+    started = time.monotonic()
+    result = launch(cfg)
+    assert result.returncode != 0 and time.monotonic() - started < 120  # within the timeout, no hang
+    assert f"creating checkpoint {folder / 'step00000002'} failed on rank 0" in result.stderr
+    assert result.stderr.count("failed on rank 0") >= 2  # both ranks stopped with the named error
+    assert (folder / "latest").read_text() == "step00000001"
+
+
+def _python(cfg: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    e = env()
+    e.update(MASTER_PORT=str(free_port()))
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def test_a_source_that_yields_nothing_ends_the_run_naming_it(shards: Path, tmp_path: Path) -> None:
+    stats = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "workers": 0}
+    result = _python(short(tmp_path, shards, "pipe", data={"shards": ["pipe:false"], **stats}))
+    assert result.returncode == 2 and "pipe:false" in result.stderr  # opened at start-up: fails fast
+
+    # A tar of samples without jpg / sal.png: every sample is skipped, the run stops after the bound.
+    empty = tmp_path / "nosal-000000.tar"
+    with tarfile.open(empty, "w") as tar:
+        for i in range(4):
+            info = tarfile.TarInfo(f"s{i}.txt")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    cfg = short(tmp_path, shards, "nosal", data={"shards": [str(empty)], "empty_timeout_s": 3, **stats})
+    started = time.monotonic()
+    result = _python(cfg)
+    assert result.returncode == 1 and time.monotonic() - started < 120
+    assert "no usable sample for 3 s" in result.stderr and str(empty) in result.stderr
+
+
+def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(graded_dir: Path, shards: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:4]:
+        (src / name).symlink_to(graded_dir / name)
+    out = tmp_path / "out"
+    run_cli("shard", src, out, "--size", 32)
+    (out / "mine.tar").write_bytes(b"not ours")
+    (out / "notes.txt").write_text("mine")
+    run_cli("shard", src, out, "--size", 32, "--overwrite")
+    assert (out / "mine.tar").read_bytes() == b"not ours" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "train-000000.tar").is_file() and (out / "_info.json").is_file()
+
+    train(short(tmp_path, shards, "run"))
+    target = tmp_path / "exp" / "run1.5"
+    run_cli("export", tmp_path / "run", "-o", target)
+    assert (tmp_path / "exp" / "run1.5.safetensors").is_file() and (tmp_path / "exp" / "run1.5.json").is_file()
+    before = (tmp_path / "exp" / "run1.5.safetensors").read_bytes()
+    refused = run_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", check=False)
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+    assert (tmp_path / "exp" / "run1.5.safetensors").read_bytes() == before
+    run_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", "--overwrite")
+    assert (tmp_path / "exp" / "run1.5.safetensors").read_bytes() != before
+    (tmp_path / "run" / "checkpoints" / "step00000001" / "ssit_meta.json").unlink()  # as an interrupted save leaves it
+    refused = run_cli("export", tmp_path / "run", "-o", tmp_path / "exp" / "other", "--tag", "step00000001", check=False)
+    assert refused.returncode != 0 and "incomplete" in refused.stderr
