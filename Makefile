@@ -6,7 +6,7 @@ CACHE   ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ bench: setup
 	$(PY) bench/shard.py
 	$(PY) bench/pretrain.py
 	$(PY) bench/model_step.py
+
+# On a CUDA machine: NCCL collectives, ZeRO-2/3 bf16 pretraining with a stop and resume, export and bf16
+# fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/gpu_check.py).
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) demo_out

@@ -77,8 +77,8 @@ class PretrainConfig:
     checkpoint_every: int = 500  # steps
     keep_checkpoints: int = 3
     # auto: resume from the latest checkpoint when what it depends on (fingerprint.json) is unchanged,
-    # refuse otherwise; force: resume although it changed; reshard: resume on another world size
-    # through DeepSpeed's universal checkpoint.
+    # refuse otherwise; force: resume although it changed; reshard: another world size through
+    # DeepSpeed's universal checkpoint (not built yet: refused with a message).
     resume: str = "auto"
     dist_timeout_s: float = 1800.0  # a collective that waits longer ends the run with an error
 

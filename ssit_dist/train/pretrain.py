@@ -91,10 +91,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
     if plan.mode in ("force", "reshard"):
         log.warning("resume=%s: resuming %s although the run changed:\n  %s", plan.mode, plan.tag, "\n  ".join(plan.changed))
-    load_tag = plan.tag
     if plan.mode == "reshard":
-        load_tag = checkpoint.to_universal(run_dir, plan.tag, device)  # type: ignore[arg-type]
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        raise ConfigError(f"resume=reshard: converting {plan.tag} to another world size (DeepSpeed's universal "
+                          "checkpoint) is not built yet; relaunch on the world size the checkpoint was written with")
+    load_tag = plan.tag
     on_rank_zero(lambda: (save_config(cfg, run_dir), write_fingerprint(run_dir, fingerprint)), device,
                  f"writing {run_dir / 'config.yaml'}")
 

@@ -10,9 +10,9 @@ compares its own fingerprint with the one stored beside the latest checkpoint:
   fp32 momentum network, the step count. Re-derived from the new config: the lr / momentum / saliency
   schedules, and the data position (epoch and batch within it follow from the step and the new
   steps_per_epoch; the stream is drawn anew from the new shards and batch layout);
-- a changed world size under ZeRO (DeepSpeed's partitions fit one data-parallel size) needs
-  `resume=reshard`: the checkpoint is converted to DeepSpeed's universal format and loaded on the new
-  world size, keeping the optimizer state; the data position is re-derived as for force.
+- a changed world size under ZeRO (DeepSpeed's partitions fit one data-parallel size) is refused even
+  with force; `resume=reshard` (conversion through DeepSpeed's universal checkpoint) is planned and
+  refused with a message until it is built.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def decide(tag: str | None, step: int, stored: dict[str, Any] | None, current: d
         return ResumePlan(tag, step, "force", tuple(changed))
     lines = "\n  ".join(changed)
     if world_changed:
-        hint = (f"the world size changed from {stored['world_size']} to {current['world_size']}: pass resume=reshard "  # type: ignore[index]
-                "to convert the checkpoint (DeepSpeed universal checkpoint) and resume on the new world size")
+        hint = (f"the world size changed from {stored['world_size']} to {current['world_size']}: DeepSpeed's ZeRO "  # type: ignore[index]
+                f"checkpoints hold one partition per rank; relaunch on {stored['world_size']} ranks (resume=reshard, "  # type: ignore[index]
+                "a conversion through DeepSpeed's universal checkpoint, is not built yet)")
     else:
         hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
     raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")
