@@ -78,7 +78,7 @@ def test_a_bad_sample_is_logged_and_skipped(shards: Path, tmp_path: Path, caplog
             info.size = len(data)
             bad.addfile(info, io.BytesIO(data))
     shard_set = open_shards([shards])
-    shard_set = type(shard_set)([str(bad_path)], [5], shard_set.mean, shard_set.std)
+    shard_set = type(shard_set)([str(bad_path)], [5], shard_set.mean, shard_set.std, [None], [None])
     stream = PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), batch_size=4, shuffle_buffer=1)
     with caplog.at_level(logging.WARNING):
         batches = take(stream, 3, workers=0)

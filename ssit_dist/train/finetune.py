@@ -17,13 +17,14 @@ import math
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -31,7 +32,7 @@ from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
-from ssit_dist.dist import RankFailure, broadcast_from_zero, init_process_group, launched, mean_over_ranks, on_rank_zero, shutdown
+from ssit_dist.dist import RankFailure, broadcast_from_zero, mean_over_ranks, on_rank_zero, shutdown
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.eval.predict import missing, run_over_split
@@ -123,12 +124,11 @@ def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
-    # Under a launcher the process group is ours (per-device backends, timeout); Accelerate adopts it.
-    # cpu=True without CUDA: Accelerate then runs on the gloo group.
-    if launched():
-        init_process_group(cfg.dist_timeout_s)
+    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment. Every
+    # collective of ours goes through dist.py on accelerator.device, with the timeout below.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
     device = accelerator.device
     set_seed(cfg.seed)
     out = Path(cfg.out)
@@ -288,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         finetune(load_config(args.config, args.overrides, FinetuneConfig))
     except (ConfigError, ShardIndexError, EncoderInitError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown()  # on success Accelerate's end_training tears the group down
         return 2
     except (FloatingPointError, RankFailure) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
         shutdown()
+        return 1
     return 0
