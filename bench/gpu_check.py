@@ -39,7 +39,6 @@ def collectives() -> dict:
     out["broadcast_from_zero"] = dist.broadcast_from_zero({"tag": "step1"}, device)
     out["gather_objects"] = dist.gather_objects(("host", []), device)
     out["on_rank_zero"] = dist.on_rank_zero(lambda: 7, device, "work")
-    out["agree_all"] = dist.agree_all(True, device)
     x = torch.arange(4.0, device=device)
     out["all_gather_cat"] = dist.all_gather_cat(x).tolist()
     y = torch.ones(3, device=device, requires_grad=True)
@@ -110,10 +109,12 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
     result["pairs_per_s_last"] = rows[-1]["pairs_per_s"]
     result["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    from safetensors.torch import load_file
+
     from ssit_dist.train.checkpoint import export_encoder
 
     weights, _ = export_encoder(run_dir, work / f"export{stage}" / "encoder")
-    result["export_tensors"] = len(__import__("safetensors.torch").torch.load_file(str(weights)))
+    result["export_tensors"] = len(load_file(str(weights)))
     result["ok"] = (result["first_exit"] == 0 and result["steps"] == list(range(1, 13))
                     and all(map(_finite, result["cl_loss"] + result["ss_loss"])))
     if not result["ok"]:

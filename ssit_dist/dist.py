@@ -52,11 +52,6 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
-def launched() -> bool:
-    """Started by a launcher that sets a rank (torchrun, deepspeed, accelerate launch, srun)."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
 def init_process_group(timeout_s: float) -> torch.device:
     """The process group from the launcher's environment (deepspeed, torchrun, srun, accelerate, or
     none: then one process), with `timeout_s` on every collective. Returns this rank's device."""
@@ -155,16 +150,6 @@ def on_rank_zero(work: Callable[[], T], device: torch.device, what: str) -> T | 
         detail = f"{error.strerror or error}: {error.filename}" if isinstance(error, OSError) and error.filename else error
         raise RankFailure(f"{what} failed on rank 0: {detail or 'see the log of rank 0'}") from error
     return result
-
-
-def agree_all(ok: bool, device: torch.device) -> list[bool]:
-    """Every rank's `ok`, in rank order, on every rank (to name the ranks that failed a check)."""
-    if not is_distributed():
-        return [ok]
-    t = torch.zeros(world_size(), dtype=torch.int32, device=device)
-    t[rank()] = int(ok)
-    torch_dist.all_reduce(t)
-    return [bool(v) for v in t.tolist()]
 
 
 @torch.no_grad()

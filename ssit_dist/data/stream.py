@@ -18,7 +18,7 @@ import signal
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import forkserver, resource_tracker
@@ -140,23 +140,21 @@ def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardInd
     return index, None, None, None
 
 
-def verify_shards(shards: ShardSet, mode: str, progress: Callable[[int, int], None] | None = None) -> None:
+def verify_shards(shards: ShardSet, mode: str) -> None:
     """Check every local shard against its index before training: `size` (bytes, fast), `sha256`
     (reads every byte) or `none`. A mismatch names the shard and what to do. Remote sources are opened
     once instead, so that a failing `pipe:` or a 404 stops the run now rather than after hours."""
     if mode == "none":
         return
-    for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256)):
+    for url, size, digest in zip(shards.paths, shards.sizes, shards.sha256):
         if _is_remote(url):
             _probe(url)
-        elif mode == "size" and size is not None and os.path.getsize(url) != size:
-            raise ShardIndexError(f"{url} has {os.path.getsize(url)} bytes, its _info.json says {size}: the shard "
+        elif mode == "size" and size is not None and (actual := os.path.getsize(url)) != size:
+            raise ShardIndexError(f"{url} has {actual} bytes, its _info.json says {size}: the shard "
                                   "changed or was cut short; re-copy it or re-run `ssit-dist shard`")
         elif mode == "sha256" and digest is not None and sha256_file(Path(url)) != digest:
             raise ShardIndexError(f"{url}: sha256 does not match its _info.json: the shard changed or is corrupt; "
                                   "re-copy it or re-run `ssit-dist shard`")
-        if progress is not None:
-            progress(i + 1, len(shards.paths))
 
 
 def _probe(url: str) -> None:

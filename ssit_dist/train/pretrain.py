@@ -89,12 +89,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     fingerprint = run_fingerprint(cfg, world, micro, accumulation, steps_per_epoch, shards, ds_config)
     plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
-    if plan.mode in ("force", "reshard"):
-        log.warning("resume=%s: resuming %s although the run changed:\n  %s", plan.mode, plan.tag, "\n  ".join(plan.changed))
     if plan.mode == "reshard":
         raise ConfigError(f"resume=reshard: converting {plan.tag} to another world size (DeepSpeed's universal "
                           "checkpoint) is not built yet; relaunch on the world size the checkpoint was written with")
-    load_tag = plan.tag
+    if plan.mode == "force":
+        log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
     on_rank_zero(lambda: (save_config(cfg, run_dir), write_fingerprint(run_dir, fingerprint)), device,
                  f"writing {run_dir / 'config.yaml'}")
 
@@ -108,8 +107,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
 
     start_step = plan.step
-    if load_tag is not None:
-        state = checkpoint.load(engine, run_dir, load_tag)
+    if plan.tag is not None:
+        state = checkpoint.load(engine, run_dir, plan.tag)
         momentum_net.load_state_dict(state["momentum"])
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, start_step, total_steps)
 
