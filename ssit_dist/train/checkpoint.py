@@ -6,10 +6,15 @@ our client state: the fp32 momentum network, step, config, RNG state), in it `ss
 written after every rank finished), and a `latest` file naming the newest complete one. `latest` is
 replaced atomically last, so a kill at any moment leaves the previous checkpoint as the one a resume
 loads; a `latest` that names a missing or incomplete checkpoint is an error, never a silent restart.
+
+A resume onto another world size under ZeRO (`resume=reshard`) first converts the checkpoint with
+DeepSpeed's universal checkpoint (ds_to_universal) into `universal/TAG/` beside it, loads that with
+`load_universal`, and deletes the conversion once every rank has loaded it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -24,6 +29,7 @@ from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
 LATEST = "latest"
 META = "ssit_meta.json"
+UNIVERSAL = "universal"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -179,9 +185,46 @@ def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stag
     return plan
 
 
-def load(engine: Any, run_dir: Path, tag: str) -> dict[str, Any]:
-    """Load checkpoint `tag` into `engine` (every rank); returns its client state."""
-    _, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:
+    """Collective. Rank 0 converts checkpoint `tag` into DeepSpeed's universal format (one file per
+    parameter and optimizer state, free of any data-parallel partitioning) under
+    checkpoints/universal/TAG, written under a temporary name and renamed when complete; every rank
+    then checks that it sees the result (a shared file system is needed, as for any resume)."""
+    universal = checkpoint_dir(run_dir) / UNIVERSAL
+    target = universal / tag
+
+    def convert() -> None:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        if target.is_dir():
+            return  # converted by an earlier launch that failed later
+        tmp = universal / f"{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker each: the conversion runs inside a training process, where forking a pool is unsafe.
+        # The checkpoint read is this run's own (its pickled optimizer state is DeepSpeed's format).
+        ds_to_universal(argparse.Namespace(input_folder=str(checkpoint_dir(run_dir) / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=True))
+        os.replace(tmp, target)
+
+    on_rank_zero(convert, device, f"converting {checkpoint_dir(run_dir) / tag} to a universal checkpoint in {target}")
+    seen = gather_objects((socket.gethostname(), target.is_dir()), device)
+    missing = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
+    if missing:
+        raise ResumeError(f"{target}, written by rank 0, is not visible to {', '.join(missing)}: resume=reshard "
+                          "needs the run folder on a file system every node shares")
+
+
+def load(engine: Any, run_dir: Path, plan: ResumePlan, device: torch.device) -> dict[str, Any]:
+    """Collective. Load the checkpoint `plan` names into `engine` on every rank (from its universal
+    conversion for a reshard, made by `to_universal` and deleted here once loaded); returns the
+    client state (step, momentum network, RNG)."""
+    assert plan.tag is not None
+    folder = checkpoint_dir(run_dir) / (UNIVERSAL if plan.mode == "reshard" else "")
+    _, client_state = engine.load_checkpoint(str(folder), tag=plan.tag)
     if client_state is None:
-        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / tag} could not be loaded by DeepSpeed")
+        raise ResumeError(f"checkpoint {folder / plan.tag} could not be loaded by DeepSpeed")
+    if plan.mode == "reshard":
+        barrier(device)
+        on_rank_zero(lambda: shutil.rmtree(folder, ignore_errors=True), device, f"removing {folder}")
     return client_state

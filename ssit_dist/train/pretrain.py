@@ -35,7 +35,7 @@ from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
-from ssit_dist.train.resume import ResumeError, write_fingerprint
+from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
 
 log = logging.getLogger("ssit_dist.pretrain")
 
@@ -58,6 +58,30 @@ def run_fingerprint(cfg: PretrainConfig, world: int, micro: int, accumulation: i
             "seed": cfg.seed, "model": asdict(cfg.model), "ds_config": ds_config,
             "shards": [{"url": url, "samples": n, "bytes": size, "sha256": digest}
                        for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256)]}
+
+
+def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, device: torch.device) -> tuple[Any, Any]:
+    """Collective. The DeepSpeed engine of the online network and the fp32 momentum network, with the
+    checkpoint `plan` names loaded into both (converted to the new world size first for a reshard)."""
+    import deepspeed
+
+    if plan.mode == "reshard":
+        checkpoint.to_universal(Path(cfg.run_dir), plan.tag, device)  # type: ignore[arg-type]
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    torch.manual_seed(cfg.seed)
+    model = SSiT(cfg.model)
+    if world_size() > 1 or device.type == "cuda":  # on CUDA always: the same NCCL path at any world size
+        convert_batchnorm(model, device.type)
+    engine, _, _, _ = deepspeed.initialize(model=model.online, model_parameters=model.online.parameters(),
+                                           config=ds_config)
+    momentum_net = model.momentum.to(device)
+    if plan.tag is not None:
+        state = checkpoint.load(engine, Path(cfg.run_dir), plan, device)
+        momentum_net.load_state_dict(state["momentum"])
+        if int(state["step"]) != plan.step:
+            raise ResumeError(f"checkpoint {plan.tag} in {cfg.run_dir} holds step {state['step']}, its "
+                              f"{checkpoint.META} says {plan.step}; the folder was modified by hand")
+    return engine, momentum_net
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -89,34 +113,22 @@ def pretrain(cfg: PretrainConfig) -> Path:
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     fingerprint = run_fingerprint(cfg, world, micro, accumulation, steps_per_epoch, shards, ds_config)
     plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
-    if plan.mode == "reshard":
-        raise ConfigError(f"resume=reshard: converting {plan.tag} to another world size (DeepSpeed's universal "
-                          "checkpoint) is not built yet; relaunch on the world size the checkpoint was written with")
-    if plan.mode == "force":
-        log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
+    if plan.mode in ("force", "reshard"):
+        log.warning("resume=%s: resuming %s although the run changed:\n  %s", cfg.resume, plan.tag, "\n  ".join(plan.changed))
     on_rank_zero(lambda: (save_config(cfg, run_dir), write_fingerprint(run_dir, fingerprint)), device,
                  f"writing {run_dir / 'config.yaml'}")
 
-    torch.manual_seed(cfg.seed)
-    model = SSiT(cfg.model)
-    if world_size() > 1 or device.type == "cuda":  # on CUDA always: the same NCCL path at any world size
-        convert_batchnorm(model, device.type)
-    engine, _, _, _ = deepspeed.initialize(model=model.online, model_parameters=model.online.parameters(),
-                                           config=ds_config)
-    momentum_net = model.momentum.to(device)
+    engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
-
     start_step = plan.step
     if plan.tag is not None:
-        state = checkpoint.load(engine, run_dir, plan.tag)
-        momentum_net.load_state_dict(state["momentum"])
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, start_step, total_steps)
 
     stream = PairStream(shards, PairAugment(cfg.model.img_size, mean, std), micro, seed=cfg.seed,
                         shuffle_buffer=cfg.data.shuffle_buffer, empty_timeout_s=cfg.data.empty_timeout_s)
     loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
     meta = {"arch": cfg.model.arch, "img_size": cfg.model.img_size, "timm_kwargs": cfg.model.timm_kwargs,
-            "patch_size": int(model.online.encoder.patch_embed.patch_size[0]), "mean": mean,
+            "patch_size": int(engine.module.encoder.patch_embed.patch_size[0]), "mean": mean,
             "std": std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards,
             "fingerprint": fingerprint}
 

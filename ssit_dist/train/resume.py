@@ -11,8 +11,8 @@ compares its own fingerprint with the one stored beside the latest checkpoint:
   schedules, and the data position (epoch and batch within it follow from the step and the new
   steps_per_epoch; the stream is drawn anew from the new shards and batch layout);
 - a changed world size under ZeRO (DeepSpeed's partitions fit one data-parallel size) is refused even
-  with force; `resume=reshard` (conversion through DeepSpeed's universal checkpoint) is planned and
-  refused with a message until it is built.
+  with force; `resume=reshard` resumes it through DeepSpeed's universal checkpoint (train/checkpoint.py
+  converts it), keeping what force keeps, optimizer state included, and re-deriving the same.
 """
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ def decide(tag: str | None, step: int, stored: dict[str, Any] | None, current: d
         return ResumePlan(tag, step, "resume")
     world_changed = stored is not None and stored.get("world_size") != current.get("world_size")
     if mode == "reshard":
-        return ResumePlan(tag, step, "reshard" if world_changed else "force", tuple(changed))
+        return ResumePlan(tag, step, "reshard" if world_changed and zero_stage > 0 else "force", tuple(changed))
     if mode == "force" and not (world_changed and zero_stage > 0):
         return ResumePlan(tag, step, "force", tuple(changed))
     lines = "\n  ".join(changed)
     if world_changed:
         hint = (f"the world size changed from {stored['world_size']} to {current['world_size']}: DeepSpeed's ZeRO "  # type: ignore[index]
-                f"checkpoints hold one partition per rank; relaunch on {stored['world_size']} ranks (resume=reshard, "  # type: ignore[index]
-                "a conversion through DeepSpeed's universal checkpoint, is not built yet)")
+                f"checkpoints hold one partition per rank; pass resume=reshard to convert the checkpoint to the new "
+                f"world size (DeepSpeed's universal checkpoint), or relaunch on {stored['world_size']} ranks")  # type: ignore[index]
     else:
         hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
     raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")
