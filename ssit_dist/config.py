@@ -78,7 +78,7 @@ class PretrainConfig:
     keep_checkpoints: int = 3
     # auto: resume from the latest checkpoint when what it depends on (fingerprint.json) is unchanged,
     # refuse otherwise; force: resume although it changed; reshard: another world size through
-    # DeepSpeed's universal checkpoint (not built yet: refused with a message).
+    # DeepSpeed's universal checkpoint, keeping the optimizer state (README: resuming).
     resume: str = "auto"
     dist_timeout_s: float = 1800.0  # a collective that waits longer ends the run with an error
 

@@ -4,11 +4,14 @@ CPU processes (gloo), scikit-learn as the judge of the reported numbers."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -223,6 +226,31 @@ def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, 
     message = fails("--train", graded_shards, "--val", graded_shards, "--init", other, f"timm_kwargs={json.dumps(TINY)}")
     assert "(1, 1, 96)" in message and "(1, 1, 48)" in message
 
+    # Damaged labelled shards: a truncated copy, a grade that is not a number.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(graded_shards, damaged)
+    first = sorted(damaged.glob("train-*.tar"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    message = fails("--train", damaged, "--init", "random")
+    assert f"{first} has {first.stat().st_size} bytes" in message and "copy the shard again" in message
+    info = json.loads((damaged / "_info.json").read_text())
+    info["splits"]["train"]["sizes"] = None  # an index of ssit-dist 0.1.0: the tar itself shows the cut
+    (damaged / "_info.json").write_text(json.dumps(info))
+    message = fails("--train", damaged, "--init", "random")
+    assert f"{first} is truncated inside sample" in message and "copy the shard again" in message
+    shutil.copy(graded_shards / first.name, first)
+    second = sorted(damaged.glob("train-*.tar"))[1]
+    with tarfile.open(second) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    key = next(m.name for m, _ in members if m.name.endswith(".cls")).partition(".")[0]
+    with tarfile.open(second, "w") as tar:
+        for member, data in members:
+            data = b"two" if member.name == f"{key}.cls" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    message = fails("--train", damaged, "--init", "random")
+    assert f"{second}: sample {key} has grade 'two'" in message
+
 
 def test_a_killed_finetune_resumes_to_the_same_weights(graded_shards: Path, tmp_path: Path) -> None:
     def command(out: Path) -> list[str]:
@@ -256,3 +284,30 @@ def test_a_killed_finetune_resumes_to_the_same_weights(graded_shards: Path, tmp_
     a, b = (load_file(str(tmp_path / name / "final.safetensors")) for name in ("whole", "killed"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_loader_workers_end_with_a_killed_finetune(graded_shards: Path, tmp_path: Path) -> None:
+    # The OOM killer takes the trainer alone; its loader workers and their forkserver must not live on.
+    import psutil
+
+    command = [str(Path(sys.executable).with_name("ssit-dist")), "finetune", "--train", str(graded_shards), "--init",
+               "random", "--out", str(tmp_path / "run"), "img_size=32", "epochs=50", "workers=2", "lr=0.001",
+               "arch=vit_small_patch16_224", f"timm_kwargs={json.dumps(TINY)}"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                            start_new_session=True)
+    try:
+        trainer, deadline = psutil.Process(proc.pid), time.monotonic() + 240
+        while len(helpers := trainer.children(recursive=True)) < 3:  # the forkserver and two workers, at least
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its workers started"
+            time.sleep(0.1)
+        proc.kill()  # the trainer only
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 20
+        while alive := [p.pid for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            assert time.monotonic() < deadline, f"loader processes {alive} outlived the killed trainer"
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

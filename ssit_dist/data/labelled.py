@@ -67,7 +67,12 @@ class LabelledShards(Dataset):
         self.keys: list[str] = []
         self.grades: list[int] = []
         self._where: list[tuple[str, int, int]] = []  # (shard, offset of the jpg bytes, size)
-        for shard in self.index.shard_paths(source.folder, source.split):
+        split = self.index.splits[source.split]
+        for i, shard in enumerate(self.index.shard_paths(source.folder, source.split)):
+            if split.sizes is not None and shard.stat().st_size != split.sizes[i]:
+                raise ShardIndexError(f"{shard} has {shard.stat().st_size} bytes, {source.folder / '_info.json'} says "
+                                      f"{split.sizes[i]}: a truncated or changed copy; copy the shard again or re-run "
+                                      "`ssit-dist shard`")
             self._scan(shard)
         if len(self.keys) != self.index.splits[source.split].num_samples:
             raise ShardIndexError(f"{source}: found {len(self.keys)} labelled samples, the index says "
@@ -75,14 +80,24 @@ class LabelledShards(Dataset):
 
     def _scan(self, shard: Path) -> None:
         found: dict[str, dict] = {}
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                entry = found.setdefault(key, {})
-                if ext == "jpg":
-                    entry["jpg"] = (member.offset_data, member.size)
-                elif ext == "cls":
-                    entry["cls"] = int(tar.extractfile(member).read())  # type: ignore[union-attr]
+        size, key = shard.stat().st_size, None
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if member.offset_data + member.size > size:
+                        raise ShardIndexError(f"{shard} is truncated inside sample {key} ({member.name} ends at byte "
+                                              f"{member.offset_data + member.size}, the file has {size}); copy the "
+                                              "shard again or re-run `ssit-dist shard`")
+                    entry = found.setdefault(key, {})
+                    if ext == "jpg":
+                        entry["jpg"] = (member.offset_data, member.size)
+                    elif ext == "cls":
+                        entry["cls"] = _grade(tar.extractfile(member).read(), shard, key)  # type: ignore[union-attr]
+        except (tarfile.TarError, EOFError, OSError) as e:
+            after = f"after sample {key}" if key else "at its start"
+            raise ShardIndexError(f"{shard} is damaged {after} ({e}); copy the shard again or re-run "
+                                  "`ssit-dist shard`") from None
         for key, entry in found.items():
             if "jpg" not in entry or "cls" not in entry:
                 raise ShardIndexError(f"{shard}: sample {key} lacks its {'jpg' if 'jpg' not in entry else 'cls'} member")
@@ -104,6 +119,15 @@ class LabelledShards(Dataset):
             return None, self.grades[i], i
         rgb = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)
         return self.transform(rgb), self.grades[i], i
+
+
+def _grade(raw: bytes, shard: Path, key: str) -> int:
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ShardIndexError(f"{shard}: sample {key} has grade {text[:40]!r} in its cls member, not an integer; "
+                              "fix the labels CSV and re-run `ssit-dist shard`") from None
 
 
 def collate_labelled(batch: list[tuple[torch.Tensor | None, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +32,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index, sha256_file
+from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import rank as dist_rank
 
 log = logging.getLogger(__name__)
@@ -282,37 +280,20 @@ def _open_url(url: str) -> BinaryIO:
 PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 
 
-def _worker_init(_: int, trainer: int) -> None:
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-    # SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
-    # must not die on the preemption signal before the trainer has saved its checkpoint. The signals
-    # were blocked since the worker's birth (start_batches); ignoring them discards any that came.
+def _ignore_preemption() -> None:
+    """SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
+    must not die on the preemption signal before the trainer has saved its checkpoint. The signals
+    were blocked since the worker's birth (start_batches); ignoring them discards any that came."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
-    threading.Thread(target=_exit_with, args=(trainer,), name="exit-with-trainer", daemon=True).start()
-
-
-def _exit_with(pid: int) -> None:
-    """End this worker when the trainer process ends, however it ends. torch's own check compares the
-    worker's parent, which under forkserver is the forkserver, and that lives as long as its workers:
-    a trainer killed with SIGKILL would leave both behind for good."""
-    try:
-        handle = os.pidfd_open(pid)
-    except ProcessLookupError:
-        os._exit(0)
-    select.select([handle], [], [])
-    os._exit(0)
 
 
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """Batches of `stream.batch_size` pairs; iterate it (with `start_batches`) for as many steps as an
     epoch has."""
-    # forkserver, not fork: a worker forked after OpenCV started its thread pool deadlocks in OpenCV.
-    return DataLoader(stream, batch_size=stream.batch_size, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=prefetch if workers else None, worker_init_fn=partial(_worker_init, trainer=os.getpid()),
-                      multiprocessing_context="forkserver" if workers else None, drop_last=True)
+    return DataLoader(stream, batch_size=stream.batch_size, pin_memory=pin_memory, drop_last=True,
+                      prefetch_factor=prefetch if workers else None, **worker_options(workers, _ignore_preemption))
 
 
 def start_batches(loader: DataLoader) -> Iterator:

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 
 from ssit_dist.data.labelled import LabelledShards, collate_labelled
+from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import gather_objects
 
 
@@ -23,8 +24,7 @@ def run_over_split(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Labelled
     """(sample indices, outputs of `fn` as float32 rows), over every process, in dataset order. Samples
     that did not decode are absent; callers name them (`missing`)."""
     mine = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=collate_labelled,
-                        multiprocessing_context="forkserver" if workers else None)
+    loader = DataLoader(mine, batch_size=batch_size, collate_fn=collate_labelled, **worker_options(workers))
     indices, outputs = [], []
     for images, _, index in loader:
         if len(index):

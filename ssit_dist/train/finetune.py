@@ -32,6 +32,7 @@ from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
+from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import RankFailure, broadcast_from_zero, mean_over_ranks, on_rank_zero, shutdown
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
@@ -153,8 +154,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     order = torch.Generator().manual_seed(cfg.seed)  # reseeded every epoch: the order is f(seed, epoch)
     loader = DataLoader(train_set, batch_size=micro, shuffle=True, drop_last=True, collate_fn=collate_labelled,
-                        num_workers=cfg.workers, multiprocessing_context="forkserver" if cfg.workers else None,
-                        generator=order)
+                        generator=order, **worker_options(cfg.workers))
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
     model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
