@@ -5,6 +5,7 @@ destroy other files. Real DeepSpeed runs of a tiny ViT on real photographs."""
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import subprocess
 import sys
@@ -118,6 +119,19 @@ def test_a_source_that_yields_nothing_ends_the_run_naming_it(shards: Path, tmp_p
     result = _python(cfg)
     assert result.returncode == 1 and time.monotonic() - started < 120
     assert "no usable sample for 3 s" in result.stderr and str(empty) in result.stderr
+
+
+def test_a_changed_shard_stops_every_rank_naming_it(shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = sorted(copy.glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = launch(short(tmp_path, copy, "run", data={"shards": [str(copy)], "verify": "sha256", "workers": 1}))
+    assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
+    assert "rank 0 on" in result.stderr and "rank 1 on" in result.stderr and f"{shard}: sha256 does not match" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(graded_dir: Path, shards: Path, tmp_path: Path) -> None:

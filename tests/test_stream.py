@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from conftest import pack_real_subset
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader, read_shard
+from ssit_dist.data.stream import PairStream, open_shards, pair_loader, read_shard, verify_shards
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,20 @@ os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanu
               for pid in helpers.split()):
         assert time.monotonic() < deadline, f"loader processes {helpers} outlived the trainer"
         time.sleep(0.2)
+
+
+def test_verify_names_a_changed_or_cut_shard(shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit inside a JPEG: same size, other content
+    shard.write_bytes(bytes(data))
+    verify_shards(open_shards([copy]), "size")  # size cannot see it
+    with pytest.raises(ShardIndexError, match=rf"{shard}: sha256 does not match"):
+        verify_shards(open_shards([copy]), "sha256", show_progress=True)
+    verify_shards(open_shards([copy]), "none")
+
+    shard.write_bytes(bytes(data[:-512]))
+    with pytest.raises(ShardIndexError, match=rf"{shard} has {len(data) - 512} bytes, its _info.json says {len(data)}"):
+        verify_shards(open_shards([copy]), "size")

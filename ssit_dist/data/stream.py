@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import torch
 from braceexpand import braceexpand
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -138,21 +140,32 @@ def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardInd
     return index, None, None, None
 
 
-def verify_shards(shards: ShardSet, mode: str) -> None:
+def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> None:
     """Check every local shard against its index before training: `size` (bytes, fast), `sha256`
-    (reads every byte) or `none`. A mismatch names the shard and what to do. Remote sources are opened
-    once instead, so that a failing `pipe:` or a 404 stops the run now rather than after hours."""
+    (reads every byte; a progress bar on a terminal where `show_progress`) or `none`. A mismatch names
+    the shard and what to do. Remote sources are opened once instead, so that a failing `pipe:` or a
+    404 stops the run now rather than after hours."""
     if mode == "none":
         return
-    for url, size, digest in zip(shards.paths, shards.sizes, shards.sha256):
-        if _is_remote(url):
-            _probe(url)
-        elif mode == "size" and size is not None and (actual := os.path.getsize(url)) != size:
-            raise ShardIndexError(f"{url} has {actual} bytes, its _info.json says {size}: the shard "
-                                  "changed or was cut short; re-copy it or re-run `ssit-dist shard`")
-        elif mode == "sha256" and digest is not None and sha256_file(Path(url)) != digest:
-            raise ShardIndexError(f"{url}: sha256 does not match its _info.json: the shard changed or is corrupt; "
-                                  "re-copy it or re-run `ssit-dist shard`")
+    hashed = [i for i, (url, digest) in enumerate(zip(shards.paths, shards.sha256))
+              if mode == "sha256" and digest is not None and not _is_remote(url)]
+    total = sum(os.path.getsize(shards.paths[i]) for i in hashed)
+    if hashed:
+        log.info("verifying the sha256 of %d shards (%.2f GB)", len(hashed), total / 1e9)
+    columns = (TextColumn("sha256"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not (show_progress and hashed), transient=True) as progress:
+        bar = progress.add_task("sha256", total=total)
+        for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256)):
+            if _is_remote(url):
+                _probe(url)
+            elif mode == "size" and size is not None and (actual := os.path.getsize(url)) != size:
+                raise ShardIndexError(f"{url} has {actual} bytes, its _info.json says {size}: the shard "
+                                      "changed or was cut short; re-copy it or re-run `ssit-dist shard`")
+            elif i in hashed:
+                if sha256_file(Path(url)) != digest:
+                    raise ShardIndexError(f"{url}: sha256 does not match its _info.json: the shard changed or is "
+                                          "corrupt; re-copy it or re-run `ssit-dist shard`")
+                progress.advance(bar, os.path.getsize(url))
 
 
 def _probe(url: str) -> None:

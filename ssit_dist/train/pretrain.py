@@ -14,6 +14,7 @@ import logging
 import math
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -27,10 +28,11 @@ import torch.distributed as torch_dist
 
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.stream import (PREEMPTION_SIGNALS, PairStream, ShardSet, SourceError, open_shards, pair_loader,
                                    start_batches, verify_shards)
-from ssit_dist.dist import (RankFailure, any_rank, any_ranks, full_fp32_parameters, init_process_group, on_rank_zero,
-                            shutdown, world_size)
+from ssit_dist.dist import (RankFailure, any_rank, any_ranks, full_fp32_parameters, gather_objects, init_process_group,
+                            on_rank_zero, rank, shutdown, world_size)
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
@@ -107,7 +109,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if shards.num_samples is None and cfg.steps_per_epoch is None:
         raise ConfigError("steps_per_epoch: the sample count of the shards in data.shards is unknown "
                           "(no _info.json beside them); set steps_per_epoch")
-    verify_shards(shards, cfg.data.verify)
+    _verify_on_every_rank(shards, cfg.data.verify, device)
     steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     total_steps = cfg.epochs * steps_per_epoch
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -203,6 +205,20 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return run_dir
 
 
+def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> None:
+    """Every rank checks the shards as it sees them (node-local copies differ), then all agree: a
+    mismatch on any rank stops every rank, naming the rank, host and shard."""
+    try:
+        verify_shards(shards, mode, show_progress=rank() == 0)
+        problem = None
+    except ShardIndexError as e:
+        problem = str(e)
+    seen = gather_objects((socket.gethostname(), problem), device)
+    failed = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(seen) if p]
+    if failed:
+        raise ShardIndexError("the shards do not match their index:\n  " + "\n  ".join(failed))
+
+
 def _next_batch(batches: Iterator) -> tuple[Any, BaseException | None]:
     try:
         return next(batches), None
@@ -228,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from ssit_dist.config import ConfigError, load_config
-    from ssit_dist.data.index import ShardIndexError
 
     parser = argparse.ArgumentParser(description="SSiT pretraining with DeepSpeed")
     parser.add_argument("--config", type=Path, default=None)
