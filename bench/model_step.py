@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.train.step import PlainEngine, train_step
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -43,29 +44,30 @@ def native_bf16() -> bool:
 
 
 def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[no-untyped-def]
+    """ssit-dist's step is `train_step`, the one the trainer runs; the reference-style step is the
+    baseline, written here as the reference code does it."""
     params = list(model.online.parameters())
-    if reference_style:
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-        for block in model.online.encoder.blocks:
-            block.attn.fused_attn = False
-        for block in model.momentum.encoder.blocks:
-            block.attn.fused_attn = False
-    else:
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)
+    if not reference_style:
+        engine = PlainEngine(model.online, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True))
+        precision = torch.bfloat16 if bf16 else None
+
+        def step(x1, x2, s1, s2) -> float:  # type: ignore[no-untyped-def]
+            losses = train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.99, 1.0, 10.0, precision)
+            return (losses.contrastive + 10 * losses.saliency).item()
+
+        return step
+
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    for block in [*model.online.encoder.blocks, *model.momentum.encoder.blocks]:
+        block.attn.fused_attn = False
     sources = [p for m in model.online.ema_source() for p in m.parameters()]
 
-    def ema(m: float) -> None:
-        if reference_style:
-            with torch.no_grad():
-                for p_b, p_m in zip(sources, model.momentum.parameters()):
-                    p_m.data = p_m.data * m + p_b.data * (1.0 - m)
-        else:
-            model.update_momentum(m)
-
-    def step(x1, x2, s1, s2) -> float:  # type: ignore[no-untyped-def]
+    def reference_step(x1, x2, s1, s2) -> float:  # type: ignore[no-untyped-def]
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
-            ema(0.99)
+            with torch.no_grad():
+                for p_b, p_m in zip(sources, model.momentum.parameters()):
+                    p_m.data = p_m.data * 0.99 + p_b.data * (1.0 - 0.99)
             k1, k2 = model.momentum(x1, s1), model.momentum(x2, s2)
             cl, ss = model.online(x1, x2, s1, s2, k1, k2)
             loss = cl + 10 * ss
@@ -75,7 +77,7 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
         optimizer.step()
         return loss.item()
 
-    return step
+    return reference_step
 
 
 def measure(arch: str, batch: int, steps: int, reference_style: bool, bf16: bool) -> dict[str, float]:

@@ -9,9 +9,10 @@ import torch
 
 from conftest import SHARED
 from ssit_dist.dist import full_fp32_parameters
-from ssit_dist.train.schedule import momentum as momentum_at
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.models.vit import create_encoder, encode, salient_token_indices
+from ssit_dist.train.schedule import momentum as momentum_at
+from ssit_dist.train.step import PlainEngine, train_step
 
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
 TINY = dict(arch="vit_small_patch16_224", img_size=32,
@@ -46,11 +47,14 @@ def _reference_model(ref: dict) -> SSiT:
 
 
 def test_losses_gradients_and_momentum_match_the_reference(reference: dict) -> None:
+    # Through the step the trainer runs (train_step), with an optimizer that leaves the weights as
+    # they are (lr 0) and no clipping, so the gradients can be read as the reference computed them.
     model = _reference_model(reference).train()
-    cl, ss = model(reference["x1"], reference["x2"], reference["m1"], reference["m2"], reference["m"])
-    assert cl.item() == pytest.approx(reference["cl_loss"], rel=1e-5)
-    assert ss.item() == pytest.approx(reference["ss_loss"], rel=1e-5)
-    (cl + reference["config"]["ss_weight"] * ss).backward()
+    engine = PlainEngine(model.online, torch.optim.SGD(model.online.parameters(), lr=0.0), clip_grad=None)
+    batch = (reference["x1"], reference["x2"], reference["m1"], reference["m2"])
+    losses = train_step(engine, model.momentum, [batch], reference["m"], 1.0, reference["config"]["ss_weight"])
+    assert losses.contrastive.item() == pytest.approx(reference["cl_loss"], rel=1e-5)
+    assert losses.saliency.item() == pytest.approx(reference["ss_loss"], rel=1e-5)
 
     renames = [(r"^base_encoder\.head\.", "online.projector."), (r"^base_encoder\.", "online.encoder."),
                (r"^predictor\.", "online.predictor."), (r"^saliency_segmentor\.0\.", "online.saliency_head.proj.")]
@@ -116,7 +120,7 @@ def test_output_shapes_and_gradients_reach_the_online_side_only() -> None:
     assert k.shape == (6, 32) and not k.requires_grad
     logits = model.online.saliency_head(encode(model.online.encoder, x1)[:, 1:])
     assert logits.shape == (6, 1, 32, 32)
-    cl, ss = model(x1, x2, s1, s2, 0.99)
+    cl, ss = model.online(x1, x2, s1, s2, k, model.momentum(x2, s2))
     assert cl.shape == ss.shape == () and torch.isfinite(cl) and torch.isfinite(ss)
     (cl + ss).backward()
     for name, p in model.online.named_parameters():
@@ -131,8 +135,8 @@ def test_momentum_update_follows_m() -> None:
         for p in model.online.parameters():
             p.add_(1.0)
     before = [p.clone() for p in model.momentum.parameters()]
-    model.update_momentum(0.9)
     sources = [p for m in model.online.ema_source() for p in m.parameters()]
+    model.momentum.update(sources, 0.9)
     for old, new, src in zip(before, model.momentum.parameters(), sources):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * src)
 
@@ -145,7 +149,7 @@ def test_ema_in_fp32_tracks_float64_under_bf16_training() -> None:
     exact = [p.detach().double().clone() for p in model.momentum.parameters()]
     m = 0.999
     for step in range(1000):
-        model.update_momentum(m)
+        model.momentum.update(sources, m)
         for e, p in zip(exact, sources):
             e.mul_(m).add_(p.detach().double(), alpha=1 - m)
         if step % 10 == 0:  # train every 10th step: the EMA must follow moving weights, cheaply
@@ -162,17 +166,12 @@ def test_ema_in_fp32_tracks_float64_under_bf16_training() -> None:
 
 def test_a_few_steps_on_a_fixed_batch_lower_the_loss() -> None:
     model = tiny().train()
-    optimizer = torch.optim.AdamW(model.online.parameters(), lr=3e-3)
-    x1, x2, s1, s2 = batch(8, seed=3)
+    engine = PlainEngine(model.online, torch.optim.AdamW(model.online.parameters(), lr=3e-3))
+    pairs = batch(8, seed=3)
     losses = []
     for _ in range(12):
-        cl, ss = model(x1, x2, s1, s2, 0.99)
-        loss = cl + 10 * ss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.online.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        step = train_step(engine, model.momentum, [pairs], 0.99, 1.0, 10.0)
+        losses.append((step.contrastive + 10 * step.saliency).item())
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.train.step import train_step
 
 TINY = ModelConfig(arch="vit_small_patch16_224", img_size=32,
                    timm_kwargs=dict(patch_size=8, embed_dim=48, depth=1, num_heads=3), proj_hidden=64, proj_dim=32)
@@ -40,10 +41,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     g = torch.Generator().manual_seed(rank)
     x1, x2 = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
     s1, s2 = torch.rand(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
-    cl, ss = engine(x1, x2, s1, s2, model.momentum(x1, s1), model.momentum(x2, s2))
-    engine.backward(cl + ss)
-    engine.step()
-    model.momentum.update((t for m in engine.module.ema_source() for t in full_fp32_parameters(m)), 0.5)
+    # The trainer's step, twice: its momentum update (from the full fp32 weights, before the engine's
+    # step) moves the momentum network at the second step, once the weights have changed.
+    for _ in range(2):
+        train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.5, 1.0, 1.0)
     torch.save({"original": original, "full": full, "shard_sizes": shard_sizes,
                 "momentum_after": [p.detach().clone() for p in model.momentum.parameters()]},
                f"{out}/rank{rank}.pt")
@@ -58,7 +59,7 @@ def test_full_fp32_parameters_reassemble_zero3_shards(tmp_path: Path) -> None:
         for full, original in zip(r["full"], r["original"]):
             assert full.dtype == torch.float32 and full.shape == original.shape
             torch.testing.assert_close(full, original, rtol=0, atol=0)
-    # After a step both ranks moved their momentum networks identically, away from the start.
+    # Both ranks moved their momentum networks identically, away from the start.
     for a, b, start in zip(ranks[0]["momentum_after"], ranks[1]["momentum_after"], ranks[0]["original"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     moved = max((a - s).abs().max().item() for a, s in zip(ranks[0]["momentum_after"], ranks[0]["original"]))

@@ -5,9 +5,8 @@ Two networks:
   training engine (DeepSpeed) wraps. Its forward takes the keys and returns the two losses.
 - `MomentumNetwork` (models/momentum.py), the fp32 EMA key side, outside any engine.
 
-`SSiT` holds both and runs the reference's step semantics in one call: update the momentum network with
-m, compute keys from the salient patches of each view, then the losses. A distributed trainer does the
-same three things itself, with the online side inside its engine.
+`SSiT` holds both (and reads the reference's checkpoints); the training step that drives them, with the
+reference's order of momentum update, keys and losses, is `ssit_dist.train.step.train_step`.
 """
 
 from __future__ import annotations
@@ -95,23 +94,13 @@ class OnlineNetwork(nn.Module):
 
 
 class SSiT(nn.Module):
-    """Online and momentum networks together, with the reference's forward(x1, x2, m1, m2, m)."""
+    """Online and momentum networks together; the momentum network starts as a copy of the online
+    encoder and projector."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.online = OnlineNetwork(cfg)
         self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, cfg.mask_ratio, cfg.pool)
-
-    @torch.no_grad()
-    def update_momentum(self, m: float) -> None:
-        params = [p for module in self.online.ema_source() for p in module.parameters()]
-        self.momentum.update(params, m)
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
-                m: float) -> tuple[torch.Tensor, torch.Tensor]:
-        self.update_momentum(m)
-        k1, k2 = self.momentum(x1, s1), self.momentum(x2, s2)
-        return self.online(x1, x2, s1, s2, k1, k2)
 
     @classmethod
     def from_reference(cls, state_dict: dict[str, torch.Tensor], arch: str = "vit_small_patch16_224",

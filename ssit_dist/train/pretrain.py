@@ -1,8 +1,8 @@
 """SSiT pretraining with DeepSpeed: the training loop.
 
-Per optimizer step: set lr / momentum / saliency weight from the fractional epoch, move the fp32
-momentum network towards the full fp32 query weights, then for each micro batch compute keys from the
-salient patches, the two losses through the DeepSpeed engine, backward and step. Checkpoints every
+Per optimizer step: set lr / momentum / saliency weight from the fractional epoch, then run SSiT's
+step (train/step.py: momentum update, keys from the salient patches, both losses, backward and step
+through the DeepSpeed engine) over the step's micro batches. Checkpoints every
 `checkpoint_every` steps, at the end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the
 time limit); a relaunch resumes from the latest complete checkpoint at the same schedule position and
 data position.
@@ -31,13 +31,14 @@ from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.stream import (PREEMPTION_SIGNALS, PairStream, ShardSet, SourceError, open_shards, pair_loader,
                                    start_batches, verify_shards)
-from ssit_dist.dist import (RankFailure, any_rank, any_ranks, full_fp32_parameters, gather_objects, init_process_group,
-                            on_rank_zero, rank, shutdown, world_size)
+from ssit_dist.dist import (RankFailure, any_rank, any_ranks, gather_objects, init_process_group, on_rank_zero, rank,
+                            shutdown, world_size)
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
+from ssit_dist.train.step import Batch, train_step
 
 log = logging.getLogger("ssit_dist.pretrain")
 
@@ -158,42 +159,21 @@ def pretrain(cfg: PretrainConfig) -> Path:
             ss_weight = schedule.saliency_weight(progress, cfg.epochs, cfg.loss.ss_weight, cfg.loss.ss_cosine_decay)
 
             started = time.perf_counter()
-            momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), m)
-            data_wait, cl_sum, ss_sum = 0.0, 0.0, 0.0
-            losses: tuple[float, float] | None = None  # of the previous micro step, checked with the next batch
-            for _ in range(accumulation):
-                waited = time.perf_counter()
-                batch, failure = _next_batch(batches)
-                data_wait += time.perf_counter() - waited
-                # One agreement before the forward (whose collectives a failed rank would never join).
-                data_failed, diverged = any_ranks([failure is not None, not _finite(losses)], device)
-                _raise_if(diverged, losses, step, run_dir)
-                if data_failed:
-                    raise failure or SourceError("the data loader failed on another rank; see its log")
-                x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in batch)
-                with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                    if precision is not None:
-                        x1, x2 = x1.to(precision), x2.to(precision)
-                    k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
-                    cl, ss = engine(x1, x2, s1, s2, k1, k2)
-                    loss = cfg.loss.cl_weight * cl + ss_weight * ss
-                engine.backward(loss)
-                engine.step()
-                losses = (cl.item(), ss.item())
-                cl_sum += losses[0] / accumulation
-                ss_sum += losses[1] / accumulation
+            waits: list[float] = []  # seconds spent waiting for each micro batch
+            losses = train_step(engine, momentum_net, _micro_batches(batches, accumulation, device, waits), m, cfg.loss.cl_weight, ss_weight, precision)
+            cl_loss, ss_loss = losses.contrastive.item(), losses.saliency.item()
             # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
             # signal on any rank stops all of them after this step's checkpoint.
-            diverged, stopping = any_ranks([not _finite(losses), stop["requested"]], device)
-            _raise_if(diverged, losses, step, run_dir)
+            diverged, stopping = any_ranks([not _finite((cl_loss, ss_loss)), stop["requested"]], device)
+            _raise_if(diverged, (cl_loss, ss_loss), step, run_dir)
             step += 1
             elapsed = time.perf_counter() - started
 
             if reporter is not None:
-                reporter.step({"step": step, "epoch": round(step / steps_per_epoch, 4), "cl_loss": cl_sum,
-                               "ss_loss": ss_sum, "lr": lr, "momentum": m, "ss_weight": ss_weight,
+                reporter.step({"step": step, "epoch": round(step / steps_per_epoch, 4), "cl_loss": cl_loss,
+                               "ss_loss": ss_loss, "lr": lr, "momentum": m, "ss_weight": ss_weight,
                                "pairs_per_s": round(cfg.global_batch / elapsed, 2), "step_s": round(elapsed, 4),
-                               "data_wait_s": round(data_wait, 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)})
+                               "data_wait_s": round(sum(waits), 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)})
             if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
                 save(step)
             if stopping:
@@ -219,21 +199,29 @@ def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> 
         raise ShardIndexError("the shards do not match their index:\n  " + "\n  ".join(failed))
 
 
-def _next_batch(batches: Iterator) -> tuple[Any, BaseException | None]:
-    try:
-        return next(batches), None
-    except Exception as e:  # a starved source, a dead worker: every rank must hear of it first
-        return None, e
+def _micro_batches(batches: Iterator, count: int, device: torch.device, waits: list[float]) -> Iterator[Batch]:
+    """The next `count` batches, on `device`, each agreed on by every rank before it is used: a rank
+    whose loader failed would never join the forward's collectives, so all ranks stop together."""
+    for _ in range(count):
+        waited = time.perf_counter()
+        try:
+            batch, failure = next(batches), None
+        except Exception as e:  # a starved source, a dead worker
+            batch, failure = None, e
+        waits.append(time.perf_counter() - waited)
+        if any_rank(failure is not None, device):
+            raise failure or SourceError("the data loader failed on another rank; see its log")
+        yield tuple(t.to(device, non_blocking=True) for t in batch)  # type: ignore[misc]
 
 
-def _finite(losses: tuple[float, float] | None) -> bool:
-    return losses is None or all(math.isfinite(v) for v in losses)
+def _finite(losses: tuple[float, float]) -> bool:
+    return all(math.isfinite(v) for v in losses)
 
 
-def _raise_if(diverged: bool, losses: tuple[float, float] | None, step: int, run_dir: Path) -> None:
+def _raise_if(diverged: bool, losses: tuple[float, float], step: int, run_dir: Path) -> None:
     if not diverged:
         return
-    where = (f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank")  # type: ignore[index]
+    where = f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank"
     tag = checkpoint.latest_tag(run_dir)
     raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is "
                              f"{tag or 'none'} in {run_dir}")
