@@ -125,8 +125,8 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
 def finetune(shards: Path, encoder: Path, work: Path, env: dict) -> dict:
     out = work / "finetune"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_port()),
-           str(ROOT / "launch" / "finetune.py"), f"train={shards}", f"init={encoder}", f"out={out}", "epochs=1",
-           "img_size=64", "mixed_precision=bf16", "batch=16", "workers=2", "dist_timeout_s=300"]
+           str(ROOT / "launch" / "finetune.py"), f"train={shards}", f"init={encoder}", f"run_dir={out}", "epochs=1",
+           "img_size=64", "mixed_precision=bf16", "global_batch=16", "workers=2", "dist_timeout_s=300"]
     started = time.perf_counter()
     run = _run(cmd, env, 400, work / "finetune.log")
     result: dict = {"exit": run.returncode, "seconds": round(time.perf_counter() - started, 1)}

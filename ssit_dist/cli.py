@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -140,11 +141,11 @@ def pretrain(
     nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
 ) -> None:
     """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
-    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
     port, env = _local_launch(nproc)
-    # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`.
+    # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`. The trainer is a module of
+    # the package, so an installed ssit-dist (a wheel, no source tree) runs the same way.
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(port), str(script)]
+               "--master_port", str(port), "--module", "ssit_dist.train.pretrain"]
     command += (["--config", str(config)] if config else []) + list(ctx.args)
     raise typer.Exit(subprocess.call(command, env=env))
 
@@ -174,7 +175,7 @@ def finetune(
     test: Optional[str] = typer.Option(None, help="Test shards for the report (split default: test)."),
     init: Optional[str] = typer.Option(None, help="Encoder: an export .safetensors, a reference checkpoint, "
                                        "timm weights, or 'random'."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default runs/finetune)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--out", help="Run folder (default runs/finetune)."),
     linear: bool = typer.Option(False, "--linear", help="Linear probe: frozen encoder, reference probe settings."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
     config: Optional[Path] = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
@@ -182,7 +183,7 @@ def finetune(
 ) -> None:
     """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
     overrides = [f"{name}={value}" for name, value in (("train", train), ("val", val), ("test", test), ("init", init),
-                                                       ("out", out)) if value is not None]
+                                                       ("run_dir", run_dir)) if value is not None]
     overrides += ["linear=true"] * linear + ["trust_pickle=true"] * trust_pickle + list(ctx.args)
     args = (["--config", str(config)] if config else []) + overrides
     if nproc == 1:
@@ -190,11 +191,10 @@ def finetune(
 
         raise typer.Exit(main(args))
     port, env = _local_launch(nproc)
-    script = Path(__file__).resolve().parents[1] / "launch" / "finetune.py"
     # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), str(script), *args]
+               "--main_process_port", str(port), "-m", "ssit_dist.train.finetune", *args]
     raise typer.Exit(subprocess.call(command, env=env))
 
 
@@ -247,4 +247,30 @@ def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the de
     except (RuntimeError, ValueError) as e:
         _fail(str(e), 1)
     console.print(f"[bold green]demo done[/]: saliency preview at {preview}")
+
+
+@app.command("config")
+def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetune")) -> None:
+    """List every config field: name, type, default and what it does."""
+    import dataclasses
+
+    from ssit_dist.config import FinetuneConfig, PretrainConfig
+    from ssit_dist.fields import describe
+
+    if kind not in ("pretrain", "finetune"):
+        _fail(f"config {kind!r}: expected pretrain or finetune", 2)
+    table = Table("field", "type", "default", "what it does", box=None, highlight=False)
+
+    def add(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                add(type(default), f"{prefix}{f.name}.")
+                continue
+            alias = f" (was {f.metadata['alias']})" if f.metadata.get("alias") else ""
+            table.add_row(prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias)
+
+    add(PretrainConfig if kind == "pretrain" else FinetuneConfig, "")
+    console.print(table)
 

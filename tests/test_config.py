@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, load_config, save_config
+from ssit_dist.config import (ConfigError, FinetuneConfig, PretrainConfig, batch_layout, deepspeed_config, load_config,
+                               save_config)
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
 DS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -85,3 +86,70 @@ def test_schedules() -> None:
     assert learning_rate(55, 1.0, 10, 100) == pytest.approx(0.5)
     assert learning_rate(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
     assert saliency_weight(50, 100, 10) == 10 and saliency_weight(50, 100, 10, True) == pytest.approx(5)
+
+
+@pytest.mark.parametrize("text, value", [("5e-4", 5e-4), ("1E-4", 1e-4), (".5", 0.5), ("1_000", 1000.0), ("2", 2.0)])
+def test_numbers_in_any_form_in_files_and_overrides(tmp_path: Path, text: str, value: float) -> None:
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == pytest.approx(value)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"optim:\n  lr: {text}\nglobal_batch: 1_024\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(value) and isinstance(cfg.optim.lr, float) and cfg.global_batch == 1024
+    fine = load_config(None, [f"lr={text}"], kind=FinetuneConfig)
+    assert fine.lr == pytest.approx(value) and isinstance(fine.lr, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("micro_batch=abc", "micro_batch = 'abc': expected int or null"),
+    ("steps_per_epoch=2.5", "steps_per_epoch = 2.5: expected int or null"),
+    ("global_batch=true", "global_batch = True: expected int"),
+    ("checkpoint_every=0", "checkpoint_every = 0: must be at least 1"),
+    ("optim.lr=-1", "optim.lr = -1.0: must be positive"),
+    ("data.workers=-1", "data.workers = -1: must be 0 or more"),
+    ("data.mean=[0.5, 0.5]", r"data.mean = \[0.5, 0.5\]: expected three numbers"),
+    ("data.shards=a", "data.shards = 'a': expected list of str"),
+    ("loss.momentum=1.5", r"loss.momentum = 1.5: must be in \[0, 1\]"),
+    ("model.pool=mean", "model.pool = 'mean': expected one of max, avg"),
+    ("resume=maybe", "resume = 'maybe': expected one of auto, force, reshard"),
+])
+def test_every_field_is_checked_for_type_and_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "lr = 'abc': expected float or null"),
+    ("weight_decay=-0.1", "weight_decay = -0.1: must be 0 or more"),
+    ("linear=1", "linear = 1: expected bool"),
+    ("epochs=0", "epochs = 0: must be at least 1"),
+])
+def test_finetune_fields_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], kind=FinetuneConfig)
+
+
+def test_old_names_are_read_with_a_deprecation_warning() -> None:
+    with pytest.warns(FutureWarning, match="out is now called run_dir"):
+        assert load_config(None, ["out=runs/x"], kind=FinetuneConfig).run_dir == "runs/x"
+    with pytest.warns(FutureWarning, match="batch is now called global_batch"):
+        assert load_config(None, ["batch=32"], kind=FinetuneConfig).global_batch == 32
+    with pytest.warns(FutureWarning, match="model.weights is now called model.init"):
+        assert load_config(None, ["model.weights=enc.safetensors"]).model.init == "enc.safetensors"
+
+
+def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
+    for name in ("ssit_vit_s", "ssit_vit_b"):
+        cfg = load_config(name)  # a bare name: the shipped config
+        assert (cfg.epochs, cfg.optim.warmup_epochs, cfg.global_batch, cfg.model.img_size) == (300, 40, 512, 224)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.momentum, cfg.loss.ss_weight) == (1e-3, 0.1, 0.99, 10)
+        ds = deepspeed_config(cfg.ds_config, cfg, world=8)
+        assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+    defaults = PretrainConfig()
+    assert (defaults.epochs, defaults.optim.warmup_epochs) == (300, 40)  # the reference's recipe
+    # A relative ds_config path is taken relative to the config file that names it.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "ds.json").write_text((DS / "zero1_bf16.json").read_text())
+    (tmp_path / "mine" / "run.yaml").write_text("ds_config: ds.json\n")
+    cfg = load_config(tmp_path / "mine" / "run.yaml")
+    assert cfg.ds_config == str(tmp_path / "mine" / "ds.json")
+    assert deepspeed_config("zero3_bf16", cfg, world=1)["zero_optimization"]["stage"] == 3

@@ -201,7 +201,7 @@ def test_clear_errors() -> None:
         model.online(x1[:1], x2[:1], s1[:1], s2[:1], k[:1], k[:1])
     with pytest.raises(ValueError, match="img_size 30 is not divisible by the patch size 8"):
         create_encoder("vit_small_patch16_224", 30, patch_size=8)
-    with pytest.raises(ValueError, match="mask_ratio 1.0 must be in"):
+    with pytest.raises(ValueError, match=r"mask_ratio = 1.0: must be in \[0, 1\)"):
         tiny(mask_ratio=1.0)
     with pytest.raises(ValueError, match="unknown ViT architecture 'vit_gigantic_patch3'"):
         create_encoder("vit_gigantic_patch3")

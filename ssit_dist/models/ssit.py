@@ -12,12 +12,13 @@ reference's order of momentum update, keys and losses, is `ssit_dist.train.step.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ssit_dist.fields import Checked, one_of, option, require
 from ssit_dist.models.heads import SaliencyHead, predictor, projector
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.momentum import MomentumNetwork
@@ -25,25 +26,27 @@ from ssit_dist.models.vit import create_encoder, encode, patch_size
 
 
 @dataclass
-class ModelConfig:
-    arch: str = "vit_small_patch16_224"
-    img_size: int = 224
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # patch_size, embed_dim, depth, num_heads, ...
-    weights: str | None = None  # optional local encoder weights (timm key names)
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    temperature: float = 0.2
-    mask_ratio: float = 0.25
-    pool: str = "max"  # how patch saliency is pooled for token selection: max or avg
-    saliency_threshold: float = 0.5
+class ModelConfig(Checked):
+    arch: str = option("vit_small_patch16_224", "timm architecture of the encoder (vit_small_patch16_224, vit_base_patch16_224, ...)")
+    img_size: int = option(224, "input size in pixels (square); a multiple of the patch size")
+    timm_kwargs: dict[str, Any] = option(factory=dict, help="timm overrides: patch_size, embed_dim, depth, num_heads, ...")
+    init: str | None = option(None, "initial encoder weights (an export, a reference checkpoint, timm weights); null: random",
+                              alias="weights")
+    proj_hidden: int = option(4096, "hidden width of the projector and predictor MLPs")
+    proj_dim: int = option(256, "output width of the projector and predictor")
+    temperature: float = option(0.2, "contrastive temperature T")
+    mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
+    pool: str = option("max", "how pixel saliency is pooled per patch for token selection: max or avg")
+    saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
 
-    def check(self) -> None:
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
-        if self.pool not in ("max", "avg"):
-            raise ValueError(f"pool {self.pool!r} must be 'max' or 'avg'")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature {self.temperature} must be positive")
+    def validate(self) -> None:
+        require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        one_of("pool", self.pool, ("max", "avg"))
+        require(self.temperature > 0, "temperature", self.temperature, "must be positive")
+        require(self.img_size > 0, "img_size", self.img_size, "must be positive")
+        require(self.proj_hidden > 0 and self.proj_dim > 0, "proj_hidden / proj_dim", (self.proj_hidden, self.proj_dim),
+                "must be positive")
+        require(0 < self.saliency_threshold < 1, "saliency_threshold", self.saliency_threshold, "must be in (0, 1)")
 
 
 class OnlineNetwork(nn.Module):
@@ -51,12 +54,11 @@ class OnlineNetwork(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.check()
         self.cfg = cfg
-        if cfg.weights:  # start from local weights (an export, a reference checkpoint, timm weights)
+        if cfg.init:  # start from local weights (an export, a reference checkpoint, timm weights)
             from ssit_dist.models.pretrained import load_encoder
 
-            self.encoder = load_encoder(cfg.weights, cfg.img_size, cfg.arch, cfg.timm_kwargs)[0]
+            self.encoder = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs)[0]
         else:
             self.encoder = create_encoder(cfg.arch, cfg.img_size, **cfg.timm_kwargs)
         dim = self.encoder.embed_dim

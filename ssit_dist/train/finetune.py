@@ -58,10 +58,10 @@ def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
 
 
 def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
-    if cfg.batch % (processes * cfg.grad_accumulation):
-        raise ConfigError(f"batch {cfg.batch} is not divisible by {processes} processes x grad_accumulation "
+    if cfg.global_batch % (processes * cfg.grad_accumulation):
+        raise ConfigError(f"global_batch {cfg.global_batch} is not divisible by {processes} processes x grad_accumulation "
                           f"{cfg.grad_accumulation}")
-    return cfg.batch // (processes * cfg.grad_accumulation)
+    return cfg.global_batch // (processes * cfg.grad_accumulation)
 
 
 def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, cfg: FinetuneConfig) -> dict[str, Any]:
@@ -105,9 +105,11 @@ def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, Spli
     """What resuming a fine-tuning run depends on: its data, the encoder it started from, the
     optimisation (see train/resume.py)."""
     init = Path(cfg.init)
-    fields = ("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs", "batch",
+    fields = ("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs",
               "grad_accumulation", "warmup_epochs", "mixed_precision", "seed", "clip_grad")
-    return {**{name: getattr(cfg, name) for name in fields}, "processes": processes, "lr": cfg.resolved_lr,
+    # "batch": the key runs of 0.1 recorded, so that they still resume.
+    return {**{name: getattr(cfg, name) for name in fields}, "batch": cfg.global_batch, "processes": processes,
+            "lr": cfg.resolved_lr,
             "weight_decay": cfg.resolved_weight_decay,
             "init_sha256": sha256_file(init) if init.is_file() else None,
             "data": {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}}
@@ -132,7 +134,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
     device = accelerator.device
     set_seed(cfg.seed)
-    out = Path(cfg.out)
+    out = Path(cfg.run_dir)
     sources = splits(cfg)
     indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
     micro = micro_batch(cfg, accelerator.num_processes)
@@ -146,7 +148,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     eval_sets = {name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
                  for name, s in sources.items() if name != "train"}
     if len(train_set) < micro * accelerator.num_processes:
-        raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.batch}")
+        raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.global_batch}")
     meta = grader_meta(cfg, grader, asdict(source), mean, std)
     log.info("encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
              cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
@@ -295,3 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
         return 1
     return 0
+
+
+if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m
+    sys.exit(main())

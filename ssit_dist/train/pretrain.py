@@ -254,3 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown()
     return 0
+
+
+if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The `ssit-dist` command: thin Typer commands, each calling one library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
+console = Console()
+err = Console(stderr=True)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
+
+
+def _local_launch(nproc: int) -> tuple[int, dict[str, str]]:
+    """A free port and the environment for `nproc` processes started by a launcher on this machine:
+    without GPUs each gets a fair share of the cores as OpenMP threads (launchers leave it unset)."""
+    import torch
+
+    from ssit_dist.dist import free_port
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
+    return free_port(), env
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
+    """Versions, accelerator and DeepSpeed ops: paste this into bug reports."""
+    from ssit_dist.info import collect
+
+    report = collect()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("python", f"{report['python']}  ({report['platform']})")
+    for name, version in report["packages"].items():
+        table.add_row(name, version or "[red]not installed[/]")
+    table.add_row("opencv", f"{report['opencv']['version']}, saliency module: {report['opencv']['saliency']}")
+    if report["cuda"]:
+        for d in report["cuda"]:
+            table.add_row(f"cuda:{d['index']}", f"{d['name']}, {d['memory_gib']} GiB, sm {d['capability']}, bf16 {d['bf16']}")
+    else:
+        table.add_row("cuda", "no CUDA device")
+    cpu = report["cpu"]
+    table.add_row("cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']}, {cpu['torch_capability']})")
+    table.add_row("cpu bf16/fp16", f"bf16 {cpu['bf16']}, fp16 {cpu['fp16']}, amx_bf16 {cpu['flags']['amx_bf16']}")
+    ds = report["deepspeed"]
+    table.add_row("deepspeed", f"accelerator {ds['accelerator']}, backend {ds['communication_backend']}")
+    ops = ds["ops"]
+    status = lambda o: "built" if o.get("jit_built") or o["prebuilt"] else ("compatible" if o["compatible"] else "no")  # noqa: E731
+    table.add_row("deepspeed ops", ", ".join(f"{n}: {status(o)}" for n, o in ops.items()))
+    table.add_row("extensions dir", ds["torch_extensions_dir"])
+    console.print(table)
+
+
+@app.command()
+def shard(
+    input: Path = typer.Argument(..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."),
+    output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
+    labels: Optional[Path] = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
+    split: Optional[str] = typer.Option(None, help="Ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15."),
+    seed: int = typer.Option(0, help="Seed for the split and the order inside shards."),
+    size: int = typer.Option(512, help="Side of the square crop, in pixels."),
+    shard_size: int = typer.Option(512, help="Samples per shard."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per available core)."),
+    saliency: str = typer.Option("fine_grained", help="fine_grained (the paper's) or spectral_residual."),
+    jpeg_roundtrip: bool = typer.Option(True, "--jpeg-roundtrip/--no-jpeg-roundtrip", help="JPEG round trip of the enhanced image before saliency, as the paper did."),
+    quality: int = typer.Option(95, help="JPEG quality of the packed images."),
+    strict: bool = typer.Option(False, help="Stop with a non-zero exit at the first skipped input or bad label row."),
+    overwrite: bool = typer.Option(False, help="Replace shards already in OUTPUT."),
+    preview: int = typer.Option(0, help="Write OUTPUT/preview.png with this many images beside their saliency."),
+) -> None:
+    """Pack fundus photographs into WebDataset shards with precomputed saliency maps."""
+    from ssit_dist.data.index import ShardIndex
+    from ssit_dist.data.inputs import InputError, discover
+    from ssit_dist.data.shard import ShardError, ShardOptions, pack
+
+    workers = workers or len(os.sched_getaffinity(0))
+    opts = ShardOptions(size=size, shard_size=shard_size, workers=workers, saliency=saliency,
+                        jpeg_roundtrip=jpeg_roundtrip, quality=quality, seed=seed, split=split,
+                        overwrite=overwrite, preview=preview, strict=strict)
+    started = time.perf_counter()
+    try:
+        opts.check()
+        inputs = discover(input, labels, split, seed)
+        columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
+            task = progress.add_task("pack", total=len(inputs.items))
+            index: ShardIndex = pack(input, output, inputs, opts, labels, lambda _: progress.advance(task))
+    except (InputError, ShardError, ValueError) as e:
+        _fail(str(e), 1)
+    elapsed = time.perf_counter() - started
+
+    table = Table(title=f"{output}", title_justify="left")
+    for column in ("split", "samples", "shards", "grades 0/1/2/3/4"):
+        table.add_column(column)
+    for s in index.splits.values():
+        grades = "/".join(str(s.label_histogram[str(g)]) for g in range(5)) if s.label_histogram else "-"
+        table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades)
+    console.print(table)
+    for skip in index.skipped:
+        where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
+        console.print(f"[yellow]skipped[/] {where}: {skip['reason']}", highlight=False)
+    if index.not_in_labels:
+        console.print(f"[yellow]left out[/] {index.not_in_labels} images under {input} that {labels} does not name")
+    n = index.num_samples
+    console.print(f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
+                  f"{len(index.skipped)} skipped; mean {index.mean} std {index.std}", highlight=False)
+    if preview:
+        console.print(f"preview: {output / 'preview.png'}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
+) -> None:
+    """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
+    port, env = _local_launch(nproc)
+    # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`. The trainer is a module of
+    # the package, so an installed ssit-dist (a wheel, no source tree) runs the same way.
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(port), "--module", "ssit_dist.train.pretrain"]
+    command += (["--config", str(config)] if config else []) + list(ctx.args)
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output path; .safetensors and .json are written."),
+    tag: Optional[str] = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTPUT.safetensors / OUTPUT.json if they exist."),
+) -> None:
+    """Export the query encoder of a checkpoint as timm-keyed safetensors plus a JSON."""
+    from ssit_dist.train.checkpoint import export_encoder
+
+    try:
+        weights, description = export_encoder(run_dir, output, tag, overwrite)
+    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
+        _fail(str(e), 1)
+    console.print(f"wrote {weights} and {description}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(
+    ctx: typer.Context,
+    train: Optional[str] = typer.Option(None, help="Training shards: FOLDER[:SPLIT] (split default: train)."),
+    val: Optional[str] = typer.Option(None, help="Validation shards for model selection (split default: val)."),
+    test: Optional[str] = typer.Option(None, help="Test shards for the report (split default: test)."),
+    init: Optional[str] = typer.Option(None, help="Encoder: an export .safetensors, a reference checkpoint, "
+                                       "timm weights, or 'random'."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--out", help="Run folder (default runs/finetune)."),
+    linear: bool = typer.Option(False, "--linear", help="Linear probe: frozen encoder, reference probe settings."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
+    config: Optional[Path] = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+) -> None:
+    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
+    overrides = [f"{name}={value}" for name, value in (("train", train), ("val", val), ("test", test), ("init", init),
+                                                       ("run_dir", run_dir)) if value is not None]
+    overrides += ["linear=true"] * linear + ["trust_pickle=true"] * trust_pickle + list(ctx.args)
+    args = (["--config", str(config)] if config else []) + overrides
+    if nproc == 1:
+        from ssit_dist.train.finetune import main
+
+        raise typer.Exit(main(args))
+    port, env = _local_launch(nproc)
+    # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "ssit_dist.train.finetune", *args]
+    raise typer.Exit(subprocess.call(command, env=env))
+
+
+@app.command()
+def knn(
+    train: str = typer.Option(..., help="Neighbour shards: FOLDER[:SPLIT] (split default: train)."),
+    test: str = typer.Option(..., help="Shards to grade: FOLDER[:SPLIT] (split default: test)."),
+    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."),
+    img_size: int = typer.Option(384, help="Input size (positional embeddings are resampled)."),
+    k: str = typer.Option("5,10,20", help="Neighbour counts, comma-separated."),
+    temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / temperature)."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture (default: the export's)."),
+    timm_kwargs: Optional[str] = typer.Option(None, help='timm overrides as JSON, e.g. \'{"embed_dim": 96, "depth": 4}\'.'),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
+) -> None:
+    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.models.pretrained import EncoderInitError
+
+    try:
+        ks = tuple(int(v) for v in k.split(","))
+        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
+        result = knn_evaluate(train, test, init, img_size, ks, temperature, arch, kwargs, trust_pickle)
+    except (ShardIndexError, EncoderInitError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        _fail(str(e))
+    table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {temperature})")
+    for column in ("k", "samples", "accuracy", "QWK", "macro AUC"):
+        table.add_column(column)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for kk, m in result["k"].items():
+        table.add_row(kk, str(m["samples"]), fmt(m["accuracy"]), fmt(m["qwk"]), fmt(m["macro_auc"]))
+    console.print(table)
+    if result["missing"]:
+        console.print(f"[yellow]left out (did not decode):[/] {', '.join(result['missing'])}")
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview.")) -> None:
+    """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""
+    from ssit_dist.demo import run_demo
+
+    try:
+        preview = run_demo(output, log=console.print)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e), 1)
+    console.print(f"[bold green]demo done[/]: saliency preview at {preview}")
+
+
+@app.command("config")
+def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetune")) -> None:
+    """List every config field: name, type, default and what it does."""
+    import dataclasses
+
+    from ssit_dist.config import FinetuneConfig, PretrainConfig
+    from ssit_dist.fields import describe
+
+    if kind not in ("pretrain", "finetune"):
+        _fail(f"config {kind!r}: expected pretrain or finetune", 2)
+    table = Table("field", "type", "default", "what it does", box=None, highlight=False)
+
+    def add(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                add(type(default), f"{prefix}{f.name}.")
+                continue
+            alias = f" (was {f.metadata['alias']})" if f.metadata.get("alias") else ""
+            table.add_row(prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias)
+
+    add(PretrainConfig if kind == "pretrain" else FinetuneConfig, "")
+    console.print(table)
+

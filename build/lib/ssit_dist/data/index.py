@@ -1,0 +1,112 @@
+"""`_info.json`: the one place that writes, reads and validates the index of a packed dataset.
+
+The layout follows timm's WebDataset info schema (`splits.<name>.name / num_samples / filenames /
+shard_lengths`), so `timm.data.create_dataset("wds/<name>", root=folder, split=...)` reads our shards,
+extended with what ssit-dist needs: format and tool versions, packing parameters, sha256 per shard, the
+label histogram per split, per-channel mean/std of the packed images, and every skipped input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+INFO_NAME = "_info.json"
+FORMAT_VERSION = 1
+
+
+class ShardIndexError(ValueError):
+    """A shard folder whose index is missing, malformed or does not match its shards."""
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    num_samples: int
+    filenames: list[str]
+    shard_lengths: list[int]
+    sha256: list[str]
+    label_histogram: dict[str, int] | None = None  # grade (as a string key) -> count
+    sizes: list[int] | None = None  # bytes per shard (absent in indexes of ssit-dist 0.1.0 before sizes)
+
+
+@dataclass
+class ShardIndex:
+    tool_version: str
+    parameters: dict[str, Any]
+    splits: dict[str, SplitInfo]
+    mean: list[float]  # per channel RGB in [0, 1], over the train split (all samples if none)
+    std: list[float]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"path", "reason"[, "line"]}
+    not_in_labels: int = 0  # images under the input that the labels CSV did not name
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.splits.values())
+
+    @property
+    def labelled(self) -> bool:
+        return all(s.label_histogram is not None for s in self.splits.values())
+
+    def shard_paths(self, folder: Path, split: str) -> list[Path]:
+        if split not in self.splits:
+            raise ShardIndexError(
+                f"{folder / INFO_NAME} has no split {split!r} (it has: {', '.join(self.splits) or 'none'})"
+            )
+        return [folder / f for f in self.splits[split].filenames]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_index(folder: Path, index: ShardIndex) -> Path:
+    """Write atomically: a reader sees the old index, or the complete new one, never half of one."""
+    body = asdict(index)
+    body["num_samples"] = index.num_samples
+    path = folder / INFO_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(folder: Path, verify: bool = False) -> ShardIndex:
+    """Load and validate `folder/_info.json`; with verify, also check every shard's sha256."""
+    path = folder / INFO_NAME
+    if not path.is_file():
+        raise ShardIndexError(f"{path} not found: is {folder} a folder written by `ssit-dist shard`?")
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardIndexError(f"{path} is not valid JSON: {e}") from None
+    version = body.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ShardIndexError(f"{path}: format_version {version!r}, this ssit-dist reads {FORMAT_VERSION}")
+    try:
+        splits = {k: SplitInfo(**v) for k, v in body["splits"].items()}
+        body.pop("num_samples", None)
+        index = ShardIndex(**{**body, "splits": splits})
+    except (KeyError, TypeError) as e:
+        raise ShardIndexError(f"{path}: missing or unexpected field ({e}); re-run `ssit-dist shard`") from None
+    for split in index.splits.values():
+        if len(split.filenames) != len(split.shard_lengths) or len(split.filenames) != len(split.sha256):
+            raise ShardIndexError(f"{path}: split {split.name!r} lists shards, lengths and hashes of unequal count")
+        if sum(split.shard_lengths) != split.num_samples:
+            raise ShardIndexError(f"{path}: split {split.name!r} num_samples != sum of shard_lengths")
+        for name, expected in zip(split.filenames, split.sha256):
+            shard = folder / name
+            if not shard.is_file():
+                raise ShardIndexError(f"{path} lists {name}, which is missing from {folder}")
+            if verify and sha256_file(shard) != expected:
+                raise ShardIndexError(f"{shard}: sha256 does not match {path}; the shard changed or is corrupt")
+    return index

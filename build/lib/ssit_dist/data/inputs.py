@@ -1,0 +1,201 @@
+"""What to pack: find the images under an input folder, attach grades, assign splits.
+
+Layouts understood (checked in this order):
+- split folders `train/`, `val/`, `test/` at the top (each flat or with grade folders inside);
+- grade folders `0/` ... `4/` at the top;
+- any other tree: every image below the folder, unlabelled unless a labels CSV is given.
+A labels CSV (`image,grade`, paths relative to the input folder, other columns ignored) overrides grade
+folders. Problems in the CSV are collected with their line numbers, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+SPLIT_FOLDERS = ("train", "val", "test")
+NUM_GRADES = 5  # DR grades 0 (none) to 4 (proliferative)
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be packed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # stable sample id derived from the relative path
+    rel: str  # path relative to the input folder, POSIX separators
+    grade: int | None
+    split: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+    line: int | None = None  # line in the labels CSV, where the problem is a CSV row
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class Inputs:
+    items: list[Item]
+    problems: list[Problem] = field(default_factory=list)
+    not_in_labels: int = 0  # images under the folder that the labels CSV does not name
+    labelled: bool = False
+
+
+def sample_key(rel: str) -> str:
+    """A WebDataset-safe id: no dots (they start the extension) and no folders."""
+    stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "__"))
+
+
+def parse_split(spec: str) -> dict[str, float]:
+    """`train=0.7,val=0.15,test=0.15` -> {"train": 0.7, ...}; ratios must be positive and sum to 1."""
+    ratios: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise InputError(f"--split: {part!r} is not NAME=RATIO (for example train=0.8,val=0.2)")
+        try:
+            ratio = float(value)
+        except ValueError:
+            raise InputError(f"--split: ratio {value!r} for {name!r} is not a number") from None
+        if not 0 < ratio <= 1 or name in ratios:
+            raise InputError(f"--split: {name}={value} must be a new name with a ratio in (0, 1]")
+        ratios[name] = ratio
+    if abs(sum(ratios.values()) - 1) > 1e-6:
+        raise InputError(f"--split: ratios sum to {sum(ratios.values()):g}, they must sum to 1")
+    return ratios
+
+
+def _images_under(folder: Path) -> list[Path]:
+    # Dangling links are kept on purpose: they fail to read later and are reported, not lost.
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
+    )
+
+
+def _grade_folder(rel_parts: tuple[str, ...]) -> int | None:
+    if len(rel_parts) >= 2 and rel_parts[0].isdigit() and int(rel_parts[0]) < NUM_GRADES:
+        return int(rel_parts[0])
+    return None
+
+
+def read_labels(csv_path: Path, root: Path) -> tuple[dict[str, int], list[Problem]]:
+    """Grades by relative path from a CSV with columns image,grade; bad rows become Problems."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read labels CSV {csv_path}: {e}") from None
+    rows = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(rows, [])]
+    if "image" not in header or "grade" not in header:
+        raise InputError(
+            f"{csv_path}: line 1 must name the columns 'image' and 'grade' (found {header})"
+        )
+    col_image, col_grade = header.index("image"), header.index("grade")
+    grades: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    problems: list[Problem] = []
+    name = csv_path.name
+    for line, row in enumerate(rows, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            problems.append(Problem(name, f"malformed row: {len(row)} fields, header has {len(header)}", line))
+            continue
+        rel, grade_text = row[col_image].strip().replace("\\", "/"), row[col_grade].strip()
+        if not rel:
+            problems.append(Problem(name, "malformed row: empty image path", line))
+            continue
+        try:
+            grade = int(grade_text)
+        except ValueError:
+            problems.append(Problem(name, f"grade {grade_text!r} of {rel} is not an integer 0-4", line))
+            continue
+        if not 0 <= grade < NUM_GRADES:
+            problems.append(Problem(name, f"grade {grade} of {rel} is outside 0-4", line))
+        elif rel in grades:
+            problems.append(Problem(name, f"duplicate row for {rel} (first on line {first_line[rel]})", line))
+        elif not ((root / rel).is_file() or (root / rel).is_symlink()):
+            problems.append(Problem(name, f"names {rel}, which is not a file under {root}", line))
+        else:
+            grades[rel] = grade
+            first_line[rel] = line
+    return grades, problems
+
+
+def _stratified(items: list[Item], ratios: dict[str, float], seed: int) -> list[Item]:
+    """Assign splits per grade with largest-remainder rounding, so every grade follows the ratios."""
+    by_grade: dict[int | None, list[Item]] = defaultdict(list)
+    for item in items:
+        by_grade[item.grade].append(item)
+    out: list[Item] = []
+    names = list(ratios)
+    for grade in sorted(by_grade, key=lambda g: -1 if g is None else g):
+        group = sorted(by_grade[grade], key=lambda i: i.key)
+        random.Random(f"{seed}-{grade}").shuffle(group)
+        exact = [ratios[n] * len(group) for n in names]
+        counts = [int(x) for x in exact]
+        by_remainder = sorted(range(len(names)), key=lambda k: (counts[k] - exact[k], k))
+        for k in by_remainder[: len(group) - sum(counts)]:
+            counts[k] += 1
+        start = 0
+        for name, count in zip(names, counts):
+            out += [Item(i.key, i.rel, i.grade, name) for i in group[start : start + count]]
+            start += count
+    return out
+
+
+def discover(root: Path, labels: Path | None = None, split: str | None = None, seed: int = 0) -> Inputs:
+    """Everything to pack under `root`, with grades and splits (see the module docstring)."""
+    if not root.is_dir():
+        raise InputError(f"input folder {root} does not exist or is not a folder")
+    split_dirs = [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
+    if split_dirs and split:
+        raise InputError(f"{root} already has split folders ({', '.join(split_dirs)}); drop --split")
+    grades, problems = read_labels(labels, root) if labels else ({}, [])
+
+    items: list[Item] = []
+    not_in_labels = 0
+    for path in _images_under(root):
+        rel = path.relative_to(root).as_posix()
+        parts = Path(rel).parts
+        item_split = parts[0] if split_dirs and parts[0] in split_dirs else "train"
+        in_split = parts[1:] if split_dirs and parts[0] in split_dirs else parts
+        if labels:
+            if rel not in grades:
+                not_in_labels += 1
+                continue
+            grade = grades[rel]
+        else:
+            grade = _grade_folder(in_split)
+        items.append(Item(sample_key(rel), rel, grade, item_split))
+
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.key in seen:
+            raise InputError(f"{item.rel} and {seen[item.key]} map to the same sample key {item.key!r}; rename one")
+        seen[item.key] = item.rel
+    in_grade_folders = [i for i in items if i.grade is not None]
+    if not labels and in_grade_folders and len(in_grade_folders) != len(items):
+        stray = next(i.rel for i in items if i.grade is None)
+        raise InputError(
+            f"{root} mixes grade folders 0-4 with images outside them (for example {stray}); "
+            "move those images into a grade folder or give --labels"
+        )
+    labelled = bool(labels) or bool(in_grade_folders)
+    if split:
+        items = _stratified(items, parse_split(split), seed)
+    return Inputs(items, problems, not_in_labels, labelled)

@@ -1,0 +1,192 @@
+"""Distributed plumbing: the process group, and every collective the project calls itself.
+
+The rule that keeps multi-GPU runs alive: a collective runs on the engine's device. Under NCCL a CPU
+tensor in a collective raises, so every helper here takes the device and builds its tensors on it; no
+other module calls torch.distributed (or Accelerate's reduce/gather) directly (tests/test_collectives.py
+reads the source and enforces it). The process group is created with a backend per device type
+(`cpu:gloo,cuda:nccl` on GPUs), so that even a CPU tensor that slips through cannot crash it, and with a
+timeout, so that a rank that never arrives ends the job with an error instead of a silent stall.
+
+Where a process group exists the collectives run even at world size 1: a one-GPU job is the only GPU job
+a test can run, and it must make the same NCCL calls as eight GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """Work that one rank did for all (a checkpoint pointer, a config file, a report) failed there; every
+    rank raises this, so none waits forever in the next collective."""
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: several runs on one machine must not collide on 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_distributed() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_distributed() else 1
+
+
+def init_process_group(timeout_s: float) -> torch.device:
+    """The process group from the launcher's environment (deepspeed, torchrun, srun, accelerate, or
+    none: then one process), with `timeout_s` on every collective. Returns this rank's device."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun: one task per rank
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not is_distributed():
+        # NCCL for CUDA tensors, gloo for any CPU tensor. device_id binds the NCCL communicator to this
+        # rank's GPU up front (torch then knows the device of object collectives and barriers); DeepSpeed
+        # leaves it out at world size 1, where it would make every later new_group split a communicator.
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda" and int(os.environ["WORLD_SIZE"]) > 1:
+            kwargs["device_id"] = device
+        torch_dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                                      timeout=timedelta(seconds=timeout_s), **kwargs)
+    return device
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits: left to the destructors, a group whose
+    peers already left can abort the process (SIGABRT) and turn a clean error exit into a crash."""
+    if is_distributed():
+        torch_dist.destroy_process_group()
+
+
+def barrier(device: torch.device) -> None:
+    """Every rank waits for every other, through an all-reduce on `device` (a bare barrier guesses it)."""
+    if is_distributed():
+        torch_dist.all_reduce(torch.zeros(1, device=device))
+
+
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is true on any rank, on every rank: the way all ranks stop together
+    (several flags in one all-reduce)."""
+    if not is_distributed():
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    return any_ranks([flag], device)[0]
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a per-rank number over every rank."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return t.item() / world_size()
+
+
+def broadcast_from_zero(obj: T, device: torch.device) -> T:
+    """Rank 0's `obj` (anything picklable) on every rank: one decision, taken once."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def gather_objects(obj: T, device: torch.device) -> list[T]:
+    """`obj` of every rank, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    # The object travels as a byte tensor on the current device: make that `device`.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank_zero(work: Callable[[], T], device: torch.device, what: str) -> T | None:
+    """Run `work` on rank 0 only, then agree on its success: if it raised (disk full, no permission, a
+    file where a folder must go), every rank raises RankFailure naming `what` and the error, instead
+    of the others waiting in their next collective until the timeout."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = work()
+        except Exception as e:  # whatever it was, the other ranks must hear of it
+            error = e
+    if any_rank(error is not None, device):
+        detail = f"{error.strerror or error}: {error.filename}" if isinstance(error, OSError) and error.filename else error
+        raise RankFailure(f"{what} failed on rank 0: {detail or 'see the log of rank 0'}") from error
+    return result
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (on the engine's device) from every rank along dim 0, in rank order; no
+    gradient flows back."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def sum_over_ranks_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` (on its module's device) over every rank, with the gradient summed back."""
+    if not is_distributed():
+        return tensor
+    return dist_fn.all_reduce(tensor)
+
+
+def full_fp32_parameters(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter of `module`, whole and in fp32, in `module.parameters()` order.
+
+    Plain modules yield their own tensors (cast where not fp32). Under DeepSpeed the full fp32 master
+    copy is assembled from the optimizer's partitions (ZeRO 1-3, mixed precision), or, for a ZeRO-3
+    parameter without a master mapping, gathered from its shards. Collective: every rank must call it.
+    """
+    for param in module.parameters():
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # not (yet) mapped by an optimizer, e.g. a frozen ZeRO-3 parameter
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    full = param.detach().float().clone()
+            yield full
+        else:
+            yield param.detach() if param.dtype == torch.float32 else param.detach().float()

@@ -1,0 +1,47 @@
+"""Run a model over a split on every process and gather the results, each sample exactly once.
+
+Process p takes samples p, p + world, p + 2 world, ...: no sampler padding, so nothing is counted
+twice; the gathered rows are put back in dataset order by their sample index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
+
+from ssit_dist.data.labelled import LabelledShards, collate_labelled
+from ssit_dist.data.workers import worker_options
+from ssit_dist.dist import gather_objects
+
+
+@torch.no_grad()
+def run_over_split(fn: Callable[[torch.Tensor], torch.Tensor], dataset: LabelledShards, accelerator: Accelerator,
+                   batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(sample indices, outputs of `fn` as float32 rows), over every process, in dataset order. Samples
+    that did not decode are absent; callers name them (`missing`)."""
+    mine = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = DataLoader(mine, batch_size=batch_size, collate_fn=collate_labelled, **worker_options(workers))
+    indices, outputs = [], []
+    for images, _, index in loader:
+        if len(index):
+            outputs.append(fn(images.to(accelerator.device)).float().cpu().numpy())
+            indices.append(index.numpy())
+    local = [(np.concatenate(indices), np.concatenate(outputs))] if indices else []
+    parts = [part for rank_parts in gather_objects(local, accelerator.device) for part in rank_parts]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    all_indices = np.concatenate([i for i, _ in parts])
+    all_outputs = np.concatenate([o for _, o in parts])
+    order = np.argsort(all_indices, kind="stable")
+    return all_indices[order], all_outputs[order]
+
+
+def missing(dataset: LabelledShards, indices: np.ndarray) -> list[str]:
+    """Keys of the samples that produced no output (they did not decode)."""
+    present = np.zeros(len(dataset), bool)
+    present[indices] = True
+    return [dataset.keys[i] for i in np.flatnonzero(~present)]

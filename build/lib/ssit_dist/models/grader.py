@@ -1,0 +1,49 @@
+"""DR grading model: a ViT encoder and a linear head on the CLS token concatenated with the mean patch
+token, trained as a regression with thresholds (default) or a classification."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+THRESHOLDS = (-0.5, 0.5, 1.5, 2.5, 3.5)  # grade g <=> THRESHOLDS[g] <= output < THRESHOLDS[g + 1]
+
+
+class Grader(nn.Module):
+    def __init__(self, encoder: VisionTransformer, objective: str = "regression", num_classes: int = 5,
+                 head_init_std: float | None = None):
+        super().__init__()
+        if objective not in ("regression", "classification"):
+            raise ValueError(f"objective {objective!r}: expected regression or classification")
+        self.encoder, self.objective, self.num_classes = encoder, objective, num_classes
+        self.head = nn.Linear(2 * encoder.embed_dim, 1 if objective == "regression" else num_classes)
+        if head_init_std is not None:  # the linear probe's N(0, 0.01)
+            nn.init.normal_(self.head.weight, std=head_init_std)
+            nn.init.zeros_(self.head.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_features(x)
+        prefix = self.encoder.num_prefix_tokens
+        return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def loss(self, output: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+        if self.objective == "regression":
+            return nn.functional.mse_loss(output.squeeze(1).float(), grades.float())
+        return nn.functional.cross_entropy(output.float(), grades)
+
+    def grades_and_scores(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted grades and per-grade scores (for AUC). Regression: the grade whose threshold
+        interval holds the output; scores softmax(-(output - grade)^2), which rank samples by how close
+        they land to each grade."""
+        output = output.float()
+        if self.objective == "classification":
+            return output.argmax(1), output.softmax(1)
+        y = output.squeeze(1)
+        cuts = torch.tensor(THRESHOLDS[1 : self.num_classes], device=y.device)
+        grades = (y[:, None] >= cuts).sum(1)
+        distance = (y[:, None] - torch.arange(self.num_classes, device=y.device)) ** 2
+        return grades, (-distance).softmax(1)

@@ -1,0 +1,146 @@
+"""SSiT: saliency-guided self-supervised image transformer (Huang et al., IEEE JBHI 2024).
+
+Two networks:
+- `OnlineNetwork`, the trainable side (query encoder, projector, predictor, saliency head); this is what a
+  training engine (DeepSpeed) wraps. Its forward takes the keys and returns the two losses.
+- `MomentumNetwork` (models/momentum.py), the fp32 EMA key side, outside any engine.
+
+`SSiT` holds both (and reads the reference's checkpoints); the training step that drives them, with the
+reference's order of momentum update, keys and losses, is `ssit_dist.train.step.train_step`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssit_dist.fields import Checked, one_of, option, require
+from ssit_dist.models.heads import SaliencyHead, predictor, projector
+from ssit_dist.models.losses import contrastive_loss, saliency_loss
+from ssit_dist.models.momentum import MomentumNetwork
+from ssit_dist.models.vit import create_encoder, encode, patch_size
+
+
+@dataclass
+class ModelConfig(Checked):
+    arch: str = option("vit_small_patch16_224", "timm architecture of the encoder (vit_small_patch16_224, vit_base_patch16_224, ...)")
+    img_size: int = option(224, "input size in pixels (square); a multiple of the patch size")
+    timm_kwargs: dict[str, Any] = option(factory=dict, help="timm overrides: patch_size, embed_dim, depth, num_heads, ...")
+    init: str | None = option(None, "initial encoder weights (an export, a reference checkpoint, timm weights); null: random",
+                              alias="weights")
+    proj_hidden: int = option(4096, "hidden width of the projector and predictor MLPs")
+    proj_dim: int = option(256, "output width of the projector and predictor")
+    temperature: float = option(0.2, "contrastive temperature T")
+    mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
+    pool: str = option("max", "how pixel saliency is pooled per patch for token selection: max or avg")
+    saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
+
+    def validate(self) -> None:
+        require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        one_of("pool", self.pool, ("max", "avg"))
+        require(self.temperature > 0, "temperature", self.temperature, "must be positive")
+        require(self.img_size > 0, "img_size", self.img_size, "must be positive")
+        require(self.proj_hidden > 0 and self.proj_dim > 0, "proj_hidden / proj_dim", (self.proj_hidden, self.proj_dim),
+                "must be positive")
+        require(0 < self.saliency_threshold < 1, "saliency_threshold", self.saliency_threshold, "must be in (0, 1)")
+
+
+class OnlineNetwork(nn.Module):
+    """The trainable side of SSiT."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.init:  # start from local weights (an export, a reference checkpoint, timm weights)
+            from ssit_dist.models.pretrained import load_encoder
+
+            self.encoder = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs)[0]
+        else:
+            self.encoder = create_encoder(cfg.arch, cfg.img_size, **cfg.timm_kwargs)
+        dim = self.encoder.embed_dim
+        self.projector = projector(dim, cfg.proj_hidden, cfg.proj_dim)
+        self.predictor = predictor(cfg.proj_dim, cfg.proj_hidden)
+        self.saliency_head = SaliencyHead(dim, patch_size(self.encoder))
+
+    def ema_source(self) -> list[nn.Module]:
+        """The modules the momentum network averages, in its parameter order."""
+        return [self.encoder, self.projector]
+
+    def _check(self, x: torch.Tensor, saliency: torch.Tensor) -> None:
+        if x.shape[-2:] != saliency.shape[-2:] or saliency.shape[:2] != (x.shape[0], 1):
+            raise ValueError(f"saliency map shape {tuple(saliency.shape)} does not match images {tuple(x.shape)}; "
+                             "expected (B, 1, H, W) with the images' B, H, W")
+        if self.training and x.shape[0] < 2:
+            raise ValueError("batch size 1 per rank in training mode: BatchNorm in the projector needs at least 2")
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+                k1: torch.Tensor, k2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contrastive, saliency) losses of views x1, x2 with saliency maps s1, s2 in [0, 1] and the
+        momentum network's keys k1, k2 of the same views."""
+        self._check(x1, s1)
+        self._check(x2, s2)
+        prefix = self.encoder.num_prefix_tokens
+        f1, f2 = encode(self.encoder, x1), encode(self.encoder, x2)
+        q1 = self.predictor(self.projector(f1[:, 0]))
+        q2 = self.predictor(self.projector(f2[:, 0]))
+        t = self.cfg.temperature
+        cl = contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
+        thr = self.cfg.saliency_threshold
+        ss = (saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr)
+              + saliency_loss(self.saliency_head(f2[:, prefix:]), s2, thr))
+        return cl, ss
+
+
+class SSiT(nn.Module):
+    """Online and momentum networks together; the momentum network starts as a copy of the online
+    encoder and projector."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.online = OnlineNetwork(cfg)
+        self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, cfg.mask_ratio, cfg.pool)
+
+    @classmethod
+    def from_reference(cls, state_dict: dict[str, torch.Tensor], arch: str = "vit_small_patch16_224",
+                       img_size: int = 224, **kwargs: Any) -> SSiT:
+        """Build SSiT from a reference-repo training checkpoint's state dict.
+
+        Accepts the reference's `checkpoint.pt` dict or its `state_dict`, with keys `base_encoder.*`, `momentum_encoder.*` (each with its projector as `head.*`), `predictor.*`,
+        `saliency_segmentor.0.*`, with or without a `module.` prefix. `kwargs` are ModelConfig fields
+        (proj_hidden, proj_dim, temperature, mask_ratio, pool, saliency_threshold) or timm kwargs
+        (patch_size, embed_dim, depth, num_heads, ...).
+        """
+        if "state_dict" in state_dict:  # the whole checkpoint.pt dict (epoch, state_dict, optimizer, scaler)
+            state_dict = state_dict["state_dict"]  # type: ignore[assignment]
+        fields = set(ModelConfig.__dataclass_fields__)
+        cfg = ModelConfig(arch=arch, img_size=img_size,
+                          timm_kwargs={k: v for k, v in kwargs.items() if k not in fields},
+                          **{k: v for k, v in kwargs.items() if k in fields})
+        model = cls(cfg)
+        state = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+        renames = [
+            (r"^base_encoder\.head\.", "online.projector."),
+            (r"^base_encoder\.", "online.encoder."),
+            (r"^momentum_encoder\.head\.", "momentum.projector."),
+            (r"^momentum_encoder\.", "momentum.encoder."),
+            (r"^predictor\.", "online.predictor."),
+            (r"^saliency_segmentor\.0\.", "online.saliency_head.proj."),
+        ]
+        mapped = {}
+        for key, value in state.items():
+            for pattern, replacement in renames:
+                if re.match(pattern, key):
+                    mapped[re.sub(pattern, replacement, key)] = value
+                    break
+            else:
+                raise ValueError(f"unexpected key {key!r} in the reference state dict")
+        missing, unexpected = model.load_state_dict(mapped, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]  # EMA compensation starts at 0
+        if missing or unexpected:
+            raise ValueError(f"reference state dict does not fit {arch} at {img_size}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model

@@ -1,0 +1,56 @@
+"""timm Vision Transformer encoders and the salient-token forward of SSiT's key encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+
+def create_encoder(arch: str, img_size: int = 224, **timm_kwargs: Any) -> VisionTransformer:
+    """A randomly initialised timm ViT without classifier head; `timm_kwargs` (patch_size, embed_dim,
+    depth, num_heads, ...) override the architecture's defaults. Never downloads; weights come from
+    `ssit_dist.models.pretrained.load_encoder`."""
+    if not arch.startswith(("vit_", "deit_")) or arch not in timm.list_models():
+        known = ", ".join(m for m in timm.list_models("vit_*_patch16_224"))
+        raise ValueError(f"unknown ViT architecture {arch!r}; timm names such as {known}")
+    patch = timm_kwargs.get("patch_size") or int(arch.split("patch")[1].split("_")[0])
+    if img_size % patch:
+        raise ValueError(f"img_size {img_size} is not divisible by the patch size {patch}")
+    model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **timm_kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{arch!r} is not a timm VisionTransformer")
+    return model
+
+
+def patch_size(vit: VisionTransformer) -> int:
+    return int(vit.patch_embed.patch_size[0])
+
+
+def salient_token_indices(saliency: torch.Tensor, patch: int, mask_ratio: float, pool: str = "max") -> torch.Tensor:
+    """Token indices a key encoder keeps: CLS (0) plus the top (1 - mask_ratio) patches by pooled saliency.
+
+    saliency: (B, 1, H, W). Returns (B, 1 + n_keep) int64, patches sorted by decreasing saliency, ties
+    broken by the lower patch index so the choice is deterministic.
+    """
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} must be in [0, 1)")
+    pooled = F.max_pool2d(saliency, patch) if pool == "max" else F.avg_pool2d(saliency, patch)
+    scores = pooled.flatten(1)
+    keep = max(1, int((1 - mask_ratio) * scores.shape[1]))
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :keep]
+    cls = torch.zeros_like(order[:, :1])
+    return torch.cat([cls, order + 1], dim=1)
+
+
+def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens after the final norm, (B, N, D). With `keep` (from salient_token_indices) only those tokens
+    enter the transformer; positional embeddings are added before the selection."""
+    tokens = vit._pos_embed(vit.patch_embed(x))
+    if keep is not None:
+        tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    tokens = vit.norm_pre(vit.patch_drop(tokens))
+    return vit.norm(vit.blocks(tokens))

@@ -1,0 +1,230 @@
+"""Checkpoints of a DeepSpeed run: save, check, find the latest, resume, keep the last K, export.
+
+Layout under RUN_DIR/checkpoints/: one folder per save (`step00001200/`, DeepSpeed's own files plus
+our client state: the fp32 momentum network, step, config, RNG state), in it `ssit_meta.json`
+(architecture, normalisation, the run's fingerprint, and every file of the checkpoint with its size,
+written after every rank finished), and a `latest` file naming the newest complete one. `latest` is
+replaced atomically last, so a kill at any moment leaves the previous checkpoint as the one a resume
+loads; a `latest` that names a missing or incomplete checkpoint is an error, never a silent restart.
+
+A resume onto another world size under ZeRO (`resume=reshard`) first converts the checkpoint with
+DeepSpeed's universal checkpoint (ds_to_universal) into `universal/TAG/` beside it, loads that with
+`load_universal`, and deletes the conversion once every rank has loaded it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssit_dist.dist import barrier, broadcast_from_zero, gather_objects, on_rank_zero, rank
+from ssit_dist.train.resume import ResumeError, ResumePlan, decide
+
+LATEST = "latest"
+META = "ssit_meta.json"
+UNIVERSAL = "universal"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def write_latest(folder: Path, tag: str) -> None:
+    """Point `folder/latest` at `tag`, atomically: a reader sees the old name or the new, never half."""
+    tmp = folder / (LATEST + ".tmp")
+    tmp.write_text(tag)
+    os.replace(tmp, folder / LATEST)
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """The checkpoint `latest` names, or None when there is no `latest`. A `latest` that names a folder
+    that is not there is an error naming both."""
+    path = checkpoint_dir(run_dir) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not tag or not (checkpoint_dir(run_dir) / tag).is_dir():
+        raise ResumeError(f"{path} names checkpoint {tag!r}, but {checkpoint_dir(run_dir) / tag} is missing; "
+                          "point it at a complete checkpoint folder beside it, or delete it to start from step 0")
+    return tag
+
+
+def read_meta(run_dir: Path, tag: str) -> dict[str, Any]:
+    path = checkpoint_dir(run_dir) / tag / META
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / tag} is incomplete: {META} is missing (the save "
+                          f"was interrupted); point {checkpoint_dir(run_dir) / LATEST} at an earlier checkpoint")
+    return json.loads(path.read_text())
+
+
+def unreadable_files(run_dir: Path, tag: str) -> list[str]:
+    """Files of checkpoint `tag` that this process cannot read as they were written (missing, other
+    size, no permission): on a node-local disk or a stale NFS view, one rank may see what another does
+    not. Empty when the checkpoint is complete here."""
+    folder = checkpoint_dir(run_dir) / tag
+    problems = []
+    for name, size in read_meta(run_dir, tag).get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {size} were written")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{path} is not readable")
+    return problems
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
+
+
+def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+         keep: int, device: torch.device) -> str:
+    """Collective: every rank calls it. `meta` (architecture, sizes, normalisation, zero stage,
+    fingerprint) is written beside DeepSpeed's files with the list of files. Rank 0's own work (the
+    folder, the meta, the `latest` swap, pruning) is agreed on: if it fails, every rank raises
+    RankFailure naming the file and the OS error, and the previous checkpoint stays `latest`."""
+    tag = f"step{step:08d}"
+    folder = checkpoint_dir(run_dir)
+    on_rank_zero(lambda: (folder / tag).mkdir(parents=True, exist_ok=True), device, f"creating checkpoint {folder / tag}")
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    barrier(device)
+
+    def finish() -> None:
+        body = {**meta, "files": _files(folder / tag)}
+        tmp = folder / tag / (META + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        os.replace(tmp, folder / tag / META)
+        write_latest(folder, tag)
+        tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[: max(len(tags) - keep, 0)]:
+            if old != tag:
+                shutil.rmtree(folder / old, ignore_errors=True)
+
+    on_rank_zero(finish, device, f"finishing checkpoint {folder / tag}")
+    return tag
+
+
+def export_encoder(run_dir: Path, out: Path, tag: str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+    """The query encoder of a checkpoint (default: the latest) as timm-keyed safetensors plus a JSON:
+    OUT.safetensors and OUT.json (a suffix of OUT other than those two is part of the name)."""
+    from safetensors.torch import save_file
+
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
+    if not (checkpoint_dir(run_dir) / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag} under {checkpoint_dir(run_dir)}")
+    problems = unreadable_files(run_dir, tag)  # also names a missing meta: an interrupted save
+    if problems:
+        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / tag} is incomplete: {'; '.join(problems)}")
+    stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
+    weights, description = Path(f"{stem}.safetensors"), Path(f"{stem}.json")
+    existing = [p for p in (weights, description) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another -o")
+    meta = read_meta(run_dir, tag)
+    meta.pop("files", None)
+    state = _full_fp32_state(checkpoint_dir(run_dir), tag, int(meta.get("zero_stage", 0)))
+    encoder = {k[len("encoder."):]: v.float().contiguous() for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ValueError(f"checkpoint {tag} under {run_dir} holds no encoder weights")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    # Each file under a temporary name, then renamed; the weights first, then the JSON that describes
+    # them: a reader that finds the JSON finds its weights.
+    save_file(encoder, f"{weights}.tmp", metadata={"format": "pt"})
+    Path(f"{description}.tmp").write_text(json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n")
+    os.replace(f"{weights}.tmp", weights)
+    os.replace(f"{description}.tmp", description)
+    return weights, description
+
+
+def _full_fp32_state(folder: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    model_states = folder / tag / "mp_rank_00_model_states.pt"
+    if zero_stage > 0 and any((folder / tag).glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+
+
+def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stage: int, device: torch.device) -> ResumePlan:
+    """Collective. Rank 0 alone reads `latest` and decides (train/resume.py); every rank gets its plan,
+    then checks that it can read every file of that checkpoint itself, and all ranks agree before the
+    first step, or all raise ResumeError naming each rank, host and path that failed."""
+    def decision() -> ResumePlan | ResumeError:
+        try:
+            tag = latest_tag(run_dir)
+            if tag is None:
+                return decide(None, 0, None, fingerprint, mode, run_dir, zero_stage)
+            meta = read_meta(run_dir, tag)
+            return decide(tag, int(meta["step"]), meta.get("fingerprint"), fingerprint, mode, run_dir, zero_stage)
+        except ResumeError as e:
+            return e
+
+    plan = broadcast_from_zero(decision() if rank() == 0 else None, device)
+    if isinstance(plan, ResumeError):
+        raise plan
+    assert isinstance(plan, ResumePlan)
+    try:
+        problems = unreadable_files(run_dir, plan.tag) if plan.tag else []
+    except ResumeError as e:
+        problems = [str(e)]
+    seen = gather_objects((socket.gethostname(), problems), device)
+    failed = [f"rank {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
+    if failed:
+        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / str(plan.tag)} (named by {checkpoint_dir(run_dir) / LATEST}) "
+                          f"cannot be read on every rank:\n  " + "\n  ".join(failed))
+    return plan
+
+
+def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:
+    """Collective. Rank 0 converts checkpoint `tag` into DeepSpeed's universal format (one file per
+    parameter and optimizer state, free of any data-parallel partitioning) under
+    checkpoints/universal/TAG, written under a temporary name and renamed when complete; every rank
+    then checks that it sees the result (a shared file system is needed, as for any resume)."""
+    universal = checkpoint_dir(run_dir) / UNIVERSAL
+    target = universal / tag
+
+    def convert() -> None:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        if target.is_dir():
+            return  # converted by an earlier launch that failed later
+        tmp = universal / f"{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One worker each: the conversion runs inside a training process, where forking a pool is unsafe.
+        # The checkpoint read is this run's own (its pickled optimizer state is DeepSpeed's format).
+        ds_to_universal(argparse.Namespace(input_folder=str(checkpoint_dir(run_dir) / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=True))
+        os.replace(tmp, target)
+
+    on_rank_zero(convert, device, f"converting {checkpoint_dir(run_dir) / tag} to a universal checkpoint in {target}")
+    seen = gather_objects((socket.gethostname(), target.is_dir()), device)
+    missing = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
+    if missing:
+        raise ResumeError(f"{target}, written by rank 0, is not visible to {', '.join(missing)}: resume=reshard "
+                          "needs the run folder on a file system every node shares")
+
+
+def load(engine: Any, run_dir: Path, plan: ResumePlan, device: torch.device) -> dict[str, Any]:
+    """Collective. Load the checkpoint `plan` names into `engine` on every rank (from its universal
+    conversion for a reshard, made by `to_universal` and deleted here once loaded); returns the
+    client state (step, momentum network, RNG)."""
+    assert plan.tag is not None
+    folder = checkpoint_dir(run_dir) / (UNIVERSAL if plan.mode == "reshard" else "")
+    _, client_state = engine.load_checkpoint(str(folder), tag=plan.tag)
+    if client_state is None:
+        raise ResumeError(f"checkpoint {folder / plan.tag} could not be loaded by DeepSpeed")
+    if plan.mode == "reshard":
+        barrier(device)
+        on_rank_zero(lambda: shutil.rmtree(folder, ignore_errors=True), device, f"removing {folder}")
+    return client_state

@@ -1,0 +1,303 @@
+"""DR grading with Accelerate: fine-tuning (or a linear probe) of a pretrained encoder, model selection
+on the validation split, and the test report.
+
+Per epoch: one pass over the shuffled training split with the reference augmentation (Adam, cosine lr,
+MSE on the grade or cross-entropy), then the validation split through every process, each sample
+exactly once; the epoch with the best validation QWK (or accuracy) is kept as best.safetensors. At the
+end the best weights are evaluated on the test split: report.json, predictions.csv, confusion.png,
+curves.png, and a summary table. Every epoch ends with a checkpoint; rerunning the same command
+resumes after the last complete epoch and, in fp32 on the same process count, ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from ssit_dist.config import ConfigError, FinetuneConfig, save_config
+from ssit_dist.data.grading_transforms import eval_transform, train_transform
+from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
+from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
+from ssit_dist.data.workers import worker_options
+from ssit_dist.dist import RankFailure, broadcast_from_zero, mean_over_ranks, on_rank_zero, shutdown
+from ssit_dist.eval import report
+from ssit_dist.eval.metrics import grading_metrics
+from ssit_dist.eval.predict import missing, run_over_split
+from ssit_dist.models.grader import Grader
+from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+from ssit_dist.train.checkpoint import latest_tag
+from ssit_dist.train.finetune_state import load_state, read_state, save_state
+from ssit_dist.train.resume import ResumeError, ResumePlan, decide
+
+log = logging.getLogger("ssit_dist.finetune")
+
+
+def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
+    """train, val and (where there is one) test; val and test default to the train folder's splits."""
+    train = SplitSource.parse(cfg.train, "train")
+    sources = {"train": train, "val": SplitSource.parse(cfg.val, "val") if cfg.val else SplitSource(train.folder, "val")}
+    if cfg.test:
+        sources["test"] = SplitSource.parse(cfg.test, "test")
+    elif "test" in read_index(train.folder).splits:
+        sources["test"] = SplitSource(train.folder, "test")
+    return sources
+
+
+def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
+    if cfg.global_batch % (processes * cfg.grad_accumulation):
+        raise ConfigError(f"global_batch {cfg.global_batch} is not divisible by {processes} processes x grad_accumulation "
+                          f"{cfg.grad_accumulation}")
+    return cfg.global_batch // (processes * cfg.grad_accumulation)
+
+
+def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, cfg: FinetuneConfig) -> dict[str, Any]:
+    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all)."""
+    grader.eval()
+    with accelerator.autocast():
+        indices, outputs = run_over_split(grader, dataset, accelerator, cfg.eval_batch)
+    predicted, scores = grader.grades_and_scores(torch.from_numpy(outputs))
+    truth = np.array(dataset.grades)[indices]
+    metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), cfg.num_classes)
+    metrics["missing"] = missing(dataset, indices)
+    return {"metrics": metrics, "indices": indices, "truth": truth, "predicted": predicted.numpy(), "scores": scores.numpy()}
+
+
+def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean: list[float], std: list[float]) -> dict:
+    return {"arch": encoder_source["arch"], "timm_kwargs": encoder_source["timm_kwargs"], "img_size": cfg.img_size,
+            "objective": cfg.objective, "num_classes": cfg.num_classes, "embed_dim": grader.encoder.embed_dim,
+            "mean": mean, "std": std, "init": encoder_source}
+
+
+def save_weights(grader: Grader, path: Path, meta: dict) -> None:
+    """Weights (encoder.* in timm names, head.*) as safetensors plus the JSON that rebuilds the model;
+    written under a temporary name and renamed, so a file is never half-written."""
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_grader(path: Path) -> tuple[Grader, dict]:
+    """A Grader saved by `save_weights` (best.safetensors / final.safetensors)."""
+    from ssit_dist.models.vit import create_encoder
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    grader = Grader(create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"]), meta["objective"], meta["num_classes"])
+    grader.load_state_dict(load_file(str(path)))
+    return grader, meta
+
+
+def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, SplitSource], indexes: dict) -> dict:
+    """What resuming a fine-tuning run depends on: its data, the encoder it started from, the
+    optimisation (see train/resume.py)."""
+    init = Path(cfg.init)
+    fields = ("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs",
+              "grad_accumulation", "warmup_epochs", "mixed_precision", "seed", "clip_grad")
+    # "batch": the key runs of 0.1 recorded, so that they still resume.
+    return {**{name: getattr(cfg, name) for name in fields}, "batch": cfg.global_batch, "processes": processes,
+            "lr": cfg.resolved_lr,
+            "weight_decay": cfg.resolved_weight_decay,
+            "init_sha256": sha256_file(init) if init.is_file() else None,
+            "data": {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}}
+
+
+def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError:
+    """Rank 0's resume decision for the fine-tuning run in `out`."""
+    try:
+        tag = latest_tag(out)
+        state = read_state(out, tag) if tag else {}
+        return decide(tag, int(state.get("epoch", 0)), state.get("fingerprint"), fingerprint, mode, out, 0)
+    except ResumeError as e:
+        return e
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
+    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment. Every
+    # collective of ours goes through dist.py on accelerator.device, with the timeout below.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation,
+                              cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
+    device = accelerator.device
+    set_seed(cfg.seed)
+    out = Path(cfg.run_dir)
+    sources = splits(cfg)
+    indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
+    micro = micro_batch(cfg, accelerator.num_processes)
+    encoder, source = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs, cfg.trust_pickle)
+    grader = Grader(encoder, cfg.objective, cfg.num_classes, head_init_std=0.01 if cfg.linear else None)
+    if cfg.linear:
+        grader.encoder.requires_grad_(False)
+
+    mean, std = indexes["train"].mean, indexes["train"].std
+    train_set = LabelledShards(sources["train"], train_transform(cfg.img_size, mean, std), cfg.num_classes)
+    eval_sets = {name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
+                 for name, s in sources.items() if name != "train"}
+    if len(train_set) < micro * accelerator.num_processes:
+        raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.global_batch}")
+    meta = grader_meta(cfg, grader, asdict(source), mean, std)
+    log.info("encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
+             cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
+             accelerator.num_processes, cfg.grad_accumulation)
+
+    order = torch.Generator().manual_seed(cfg.seed)  # reseeded every epoch: the order is f(seed, epoch)
+    loader = DataLoader(train_set, batch_size=micro, shuffle=True, drop_last=True, collate_fn=collate_labelled,
+                        generator=order, **worker_options(cfg.workers))
+    trainable = [p for p in grader.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
+    model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
+    plain: Grader = accelerator.unwrap_model(model)
+    # Stepped here once per optimizer step (not through Accelerate, which steps it once per process).
+    # Accelerate also steps on an epoch's last batch when the accumulation has not filled: ceil.
+    steps = cfg.epochs * max(math.ceil(len(loader) / cfg.grad_accumulation), 1)
+    warmup = int(cfg.warmup_epochs / max(cfg.epochs, 1) * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
+                                                  else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0))))
+
+    best_score, best_epoch, history, start = -math.inf, 0, [], 1
+    fingerprint = run_fingerprint(cfg, accelerator.num_processes, sources, indexes)
+    plan = broadcast_from_zero(_decide(out, fingerprint, cfg.resume) if accelerator.is_main_process else None, device)
+    if isinstance(plan, ResumeError):
+        raise plan
+    resumed = load_state(out, plan.tag) if plan.tag else None
+    if plan.mode == "force":
+        log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
+    if resumed is not None:
+        weights, optimizer_state, state = resumed
+        plain.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
+        best_score = state["best_score"] if state["best_score"] is not None else -math.inf
+        best_epoch, history, start = state["best_epoch"], state["history"], state["epoch"] + 1
+        log.info("resumed after epoch %d of %d", state["epoch"], cfg.epochs)
+
+    def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
+        save_config(cfg, out)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+
+    on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
+
+    select_by = cfg.select_by
+    for epoch in range(start, cfg.epochs + 1):
+        started = time.perf_counter()
+        set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
+        order.manual_seed(cfg.seed + epoch)
+        model.train()
+        if cfg.linear:
+            plain.encoder.eval()  # frozen: no dropout, fixed features
+        losses = []
+        for images, grades, _ in loader:
+            with accelerator.accumulate(model):
+                loss = plain.loss(model(images), grades)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.clip_grad)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+        train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
+        val = evaluate(plain, eval_sets["val"], accelerator, cfg)["metrics"]
+        if val[select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
+            select_by = "accuracy" if select_by == "qwk" else "qwk"
+            log.warning("validation %s is undefined (the split has %s); selecting the best epoch by %s",
+                        cfg.select_by, "one grade" if cfg.select_by == "qwk" else "no samples", select_by)
+        score = val[select_by] if val[select_by] is not None else -math.inf
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+               "val_accuracy": val["accuracy"], "val_qwk": val["qwk"], "val_macro_auc": val["macro_auc"],
+               "seconds": round(time.perf_counter() - started, 2)}
+        history.append(row)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch = score, epoch
+
+        def end_epoch() -> None:  # rank 0's files; every rank hears if they failed
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
+            if improved:
+                save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
+            save_state(out, epoch, plain.state_dict(), optimizer.state_dict(),
+                       {"scheduler": scheduler.state_dict(), "best_score": best_score if math.isfinite(best_score) else None,
+                        "best_epoch": best_epoch, "history": history, "fingerprint": fingerprint})
+
+        on_rank_zero(end_epoch, device, f"saving epoch {epoch} under {out}")
+    on_rank_zero(lambda: save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}), device,
+                 f"writing {out / 'final.safetensors'}")
+
+    best, _ = load_grader(out / "best.safetensors")
+    best.to(accelerator.device)
+    results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
+    # The final weights too, as the reference reports both.
+    final_weights = {name: evaluate(plain, dataset, accelerator, cfg)["metrics"] for name, dataset in eval_sets.items()}
+    result = {"best_epoch": best_epoch, "select_by": select_by, "select_by_asked": cfg.select_by,
+              "init": asdict(source), "linear": cfg.linear, "objective": cfg.objective,
+              "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+              **{name: r["metrics"] for name, r in results.items()}, "final": final_weights}
+
+    def write_report() -> None:
+        final = results.get("test", results["val"])
+        dataset = eval_sets["test" if "test" in results else "val"]
+        report.write_predictions(out / "predictions.csv", [dataset.keys[i] for i in final["indices"]],
+                                 final["truth"], final["predicted"], final["scores"])
+        report.confusion_png(out / "confusion.png", np.array(final["metrics"]["confusion_matrix"]),
+                             f"{'test' if 'test' in results else 'val'} split, best epoch {best_epoch}")
+        report.curves_png(out / "curves.png", {
+            "train loss": [(r["epoch"], r["train_loss"]) for r in history],
+            "val qwk": [(r["epoch"], r["val_qwk"]) for r in history],
+            "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history]})
+        tmp = out / "report.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out / "report.json")
+        report.summary_table(f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
+                             {name: r["metrics"] for name, r in results.items()})
+        report.summary_table(f"final weights (epoch {cfg.epochs})", final_weights)
+
+    on_rank_zero(write_report, device, f"writing the report under {out}")
+    accelerator.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/finetune.py: `--config FILE` and `field=value` overrides."""
+    import argparse
+
+    from ssit_dist.config import load_config
+
+    parser = argparse.ArgumentParser(description="DR grading fine-tuning with Accelerate")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        finetune(load_config(args.config, args.overrides, FinetuneConfig))
+    except (ConfigError, ShardIndexError, EncoderInitError, ResumeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        shutdown()  # on success Accelerate's end_training tears the group down
+        return 2
+    except (FloatingPointError, RankFailure) as e:
+        print(f"error: {e}", file=sys.stderr)
+        shutdown()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Resumable state of a fine-tuning run, saved after every epoch.
+
+RUN_DIR/checkpoints/epochNNNN/ holds the model (safetensors), the optimizer state (tensors and numbers
+only, read back with weights_only=True) and state.json (epoch, schedule, best score so far, the
+per-epoch history). The folder is written under a temporary name and renamed, then `latest` is replaced
+atomically, then older epochs are removed: a kill at any moment leaves a complete checkpoint to resume
+from. Only the main process writes; every process reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssit_dist.train.checkpoint import checkpoint_dir, write_latest
+from ssit_dist.train.resume import ResumeError
+
+
+def save_state(run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
+               state: dict[str, Any]) -> str:
+    folder = checkpoint_dir(run_dir)
+    tag = f"epoch{epoch:04d}"
+    tmp = folder / f"{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
+    shutil.rmtree(folder / tag, ignore_errors=True)
+    os.replace(tmp, folder / tag)
+    write_latest(folder, tag)
+    for old in folder.iterdir():
+        if old.is_dir() and old.name.startswith("epoch") and old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+    return tag
+
+
+def read_state(run_dir: Path, tag: str) -> dict[str, Any]:
+    """state.json of checkpoint `tag`; a checkpoint without one is an error naming it."""
+    path = checkpoint_dir(run_dir) / tag / "state.json"
+    if not path.is_file():
+        raise ResumeError(f"checkpoint {path.parent} (named by {checkpoint_dir(run_dir) / 'latest'}) is incomplete: "
+                          "state.json is missing; delete the folder and `latest` to start again")
+    return json.loads(path.read_text())
+
+
+def load_state(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state, state.json) of checkpoint `tag`."""
+    folder = checkpoint_dir(run_dir) / tag
+    optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    return load_file(str(folder / "model.safetensors")), optimizer, read_state(run_dir, tag)

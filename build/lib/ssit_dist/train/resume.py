@@ -1,0 +1,99 @@
+"""Whether a relaunch resumes, and from where: one decision, taken on rank 0, that can never silently
+resume the wrong thing.
+
+A run records a fingerprint of everything a resume depends on (world size, batch layout, schedule
+length, model, shards, DeepSpeed config; for fine-tuning its data, init and optimisation). A relaunch
+compares its own fingerprint with the one stored beside the latest checkpoint:
+- unchanged: resume (mode "resume");
+- changed, with `resume=auto`: refuse, naming every changed field with both values;
+- changed, with `resume=force`: resume anyway. Kept from the checkpoint: weights, optimizer state, the
+  fp32 momentum network, the step count. Re-derived from the new config: the lr / momentum / saliency
+  schedules, and the data position (epoch and batch within it follow from the step and the new
+  steps_per_epoch; the stream is drawn anew from the new shards and batch layout);
+- a changed world size under ZeRO (DeepSpeed's partitions fit one data-parallel size) is refused even
+  with force; `resume=reshard` resumes it through DeepSpeed's universal checkpoint (train/checkpoint.py
+  converts it), keeping what force keeps, optimizer state included, and re-deriving the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FINGERPRINT = "fingerprint.json"
+
+
+class ResumeError(ValueError):
+    """A relaunch that cannot resume as asked; the message names the fields, paths and what to do."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    tag: str | None  # checkpoint to load, None for a fresh start
+    step: int
+    mode: str  # fresh | resume | force | reshard
+    changed: tuple[str, ...] = ()
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def normalised(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as JSON would give it back (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`field: old -> new` for every field that differs (dotted names; lists compared whole)."""
+    a, b = _flat(normalised(old)), _flat(normalised(new))
+    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 160 else text[:150] + f"... ({len(text)} chars)"
+
+
+def write_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (FINGERPRINT + ".tmp")
+    tmp.write_text(json.dumps(normalised(fingerprint), indent=2, sort_keys=True) + "\n")
+    tmp.replace(folder / FINGERPRINT)
+
+
+def read_fingerprint(folder: Path) -> dict[str, Any] | None:
+    path = folder / FINGERPRINT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def decide(tag: str | None, step: int, stored: dict[str, Any] | None, current: dict[str, Any], mode: str,
+           where: Path, zero_stage: int) -> ResumePlan:
+    """The plan for a checkpoint `tag` at `step` (None: nothing to resume) whose fingerprint is
+    `stored`, relaunched with `current` and `resume=mode`. Raises ResumeError to refuse."""
+    if tag is None:
+        return ResumePlan(None, 0, "fresh")
+    changed = changed_fields(stored, current) if stored is not None else ["fingerprint: missing -> recorded"]
+    if not changed:
+        return ResumePlan(tag, step, "resume")
+    world_changed = stored is not None and stored.get("world_size") != current.get("world_size")
+    if mode == "reshard":
+        return ResumePlan(tag, step, "reshard" if world_changed and zero_stage > 0 else "force", tuple(changed))
+    if mode == "force" and not (world_changed and zero_stage > 0):
+        return ResumePlan(tag, step, "force", tuple(changed))
+    lines = "\n  ".join(changed)
+    if world_changed:
+        hint = (f"the world size changed from {stored['world_size']} to {current['world_size']}: DeepSpeed's ZeRO "  # type: ignore[index]
+                f"checkpoints hold one partition per rank; pass resume=reshard to convert the checkpoint to the new "
+                f"world size (DeepSpeed's universal checkpoint), or relaunch on {stored['world_size']} ranks")  # type: ignore[index]
+    else:
+        hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
+    raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")

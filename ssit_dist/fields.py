@@ -1,0 +1,114 @@
+"""Self-checking config dataclasses: every field has a type, a one-line help and (where it matters) a
+range, and a config checks all of them when it is built, in one place (`Checked.__post_init__`).
+
+`option(default, help)` declares a field; a class's `validate()` adds its range and cross-field checks.
+Types come from the annotations: `int` refuses booleans and fractions (an integral float such as
+`1e3` becomes 1000), `float` takes ints, `X | None` takes None, `list[X]` and `dict[str, X]` check
+their items. Errors are ConfigError naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and says what is expected."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,  # noqa: A002
+           alias: str | None = None) -> Any:
+    """A config field with its one-line help (shown by `ssit-dist config`). `alias`: an older name
+    still read, with a deprecation warning."""
+    metadata = {"help": help, "alias": alias}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class Checked:
+    """Base of the config dataclasses: types are checked, then `validate()` runs."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Ranges and relations between fields; raise ConfigError naming the field."""
+
+
+def require(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{name} = {value!r}: {expected}")
+
+
+def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    require(value in allowed, name, value, f"expected one of {', '.join(allowed)}")
+
+
+def describe(tp: Any) -> str:
+    """`int`, `float or null`, `list of float`, ...: a type as a user reads it."""
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin is list:
+        return f"list of {describe(args[0])}"
+    if origin is dict:
+        return f"mapping of {describe(args[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    ok, result = _match(value, tp)
+    if not ok:
+        raise ConfigError(f"{name} = {value!r}: expected {describe(tp)}")
+    return result
+
+
+def _match(value: Any, tp: Any) -> tuple[bool, Any]:
+    if tp is Any:
+        return True, value
+    if tp is type(None):
+        return value is None, value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, result = _match(value, arg)
+            if ok:
+                return True, result
+        return False, value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_match(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        items = {k: _match(v, args[1]) for k, v in value.items()}
+        return all(isinstance(k, str) for k in value) and all(ok for ok, _ in items.values()), \
+            {k: v for k, (_, v) in items.items()}
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
