@@ -6,7 +6,7 @@ CACHE   ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup lint test demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	mkdir -p $(TORCH_EXTENSIONS_DIR)
 	touch $@
 
-test: setup
+# ruff (lint and format) over the code and tests, mypy over the package; `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check ssit_dist tests bench launch
+	$(VENV)/bin/ruff format --check ssit_dist tests bench launch
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/pytest -q
 
 demo: setup

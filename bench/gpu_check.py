@@ -64,17 +64,39 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
     import yaml
 
     run_dir = work / f"zero{stage}"
-    cfg = {"run_dir": str(run_dir), "ds_config": str(ROOT / "ds_configs" / f"zero{stage}_bf16.json"),
-           "global_batch": 32, "epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 4, "seed": 0,
-           "dist_timeout_s": 300,
-           "model": {"arch": "vit_small_patch16_224", "img_size": 64, "proj_hidden": 512, "proj_dim": 128,
-                     "timm_kwargs": {"patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3}},
-           "data": {"shards": [str(shards)], "workers": 2},
-           "optim": {"warmup_epochs": 0.2}}
+    cfg = {
+        "run_dir": str(run_dir),
+        "ds_config": str(ROOT / "ds_configs" / f"zero{stage}_bf16.json"),
+        "global_batch": 32,
+        "epochs": 1,
+        "steps_per_epoch": 12,
+        "checkpoint_every": 4,
+        "seed": 0,
+        "dist_timeout_s": 300,
+        "model": {
+            "arch": "vit_small_patch16_224",
+            "img_size": 64,
+            "proj_hidden": 512,
+            "proj_dim": 128,
+            "timm_kwargs": {"patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3},
+        },
+        "data": {"shards": [str(shards)], "workers": 2},
+        "optim": {"warmup_epochs": 0.2},
+    }
     path = work / f"zero{stage}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_port()),
-           str(ROOT / "launch" / "pretrain.py"), "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(_port()),
+        str(ROOT / "launch" / "pretrain.py"),
+        "--config",
+        str(path),
+    ]
     result: dict = {"ok": False}
     started = time.perf_counter()
     # Run until 5 steps are logged, then SIGTERM (SLURM's warning): it must save and exit 0.
@@ -83,8 +105,11 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 300
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 5) and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not (metrics.is_file() and metrics.read_text().count("\n") >= 5)
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         if proc.poll() is None:
             # To the rank processes, as srun forwards it (torchrun's own agent exits non-zero when
@@ -115,8 +140,11 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
 
     weights, _ = export_encoder(run_dir, work / f"export{stage}" / "encoder")
     result["export_tensors"] = len(load_file(str(weights)))
-    result["ok"] = (result["first_exit"] == 0 and result["steps"] == list(range(1, 13))
-                    and all(map(_finite, result["cl_loss"] + result["ss_loss"])))
+    result["ok"] = (
+        result["first_exit"] == 0
+        and result["steps"] == list(range(1, 13))
+        and all(map(_finite, result["cl_loss"] + result["ss_loss"]))
+    )
     if not result["ok"]:
         result["log"] = _tail(work / f"zero{stage}_first.log")
     return result
@@ -124,16 +152,36 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
 
 def finetune(shards: Path, encoder: Path, work: Path, env: dict) -> dict:
     out = work / "finetune"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_port()),
-           str(ROOT / "launch" / "finetune.py"), f"train={shards}", f"init={encoder}", f"run_dir={out}", "epochs=1",
-           "img_size=64", "mixed_precision=bf16", "global_batch=16", "workers=2", "dist_timeout_s=300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(_port()),
+        str(ROOT / "launch" / "finetune.py"),
+        f"train={shards}",
+        f"init={encoder}",
+        f"run_dir={out}",
+        "epochs=1",
+        "img_size=64",
+        "mixed_precision=bf16",
+        "global_batch=16",
+        "workers=2",
+        "dist_timeout_s=300",
+    ]
     started = time.perf_counter()
     run = _run(cmd, env, 400, work / "finetune.log")
     result: dict = {"exit": run.returncode, "seconds": round(time.perf_counter() - started, 1)}
     if run.returncode == 0:
         report = json.loads((out / "report.json").read_text())
-        result.update(mixed_precision=report["mixed_precision"], processes=report["processes"],
-                      val=_brief(report["val"]), test=_brief(report.get("test", {})))
+        result.update(
+            mixed_precision=report["mixed_precision"],
+            processes=report["processes"],
+            val=_brief(report["val"]),
+            test=_brief(report.get("test", {})),
+        )
     else:
         result["log"] = _tail(work / "finetune.log")
     result["ok"] = run.returncode == 0 and result.get("mixed_precision") == "bf16"
@@ -167,23 +215,50 @@ def main() -> int:
         return 0
     import deepspeed
 
-    report: dict = {"versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
-                                 "nccl": ".".join(map(str, torch.cuda.nccl.version()))},
-                    "device": torch.cuda.get_device_name(0)}
+    report: dict = {
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "deepspeed": deepspeed.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        },
+        "device": torch.cuda.get_device_name(0),
+    }
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(_port()),
-                    __file__, "--collectives"], env, 300, work / "collectives.log")
+        run = _run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "1",
+                "--master_port",
+                str(_port()),
+                __file__,
+                "--collectives",
+            ],
+            env,
+            300,
+            work / "collectives.log",
+        )
         lines = [x for x in (work / "collectives.log").read_text().splitlines() if x.startswith("COLLECTIVES ")]
-        c = json.loads(lines[-1][len("COLLECTIVES "):]) if lines else {"log": _tail(work / "collectives.log")}
-        c["ok"] = (run.returncode == 0 and c.get("any_ranks") == [True, False] and c.get("all_gather_cat") == [0, 1, 2, 3]
-                   and c.get("cpu_tensor_all_reduce") == [1.0, 1.0] and c.get("differentiable_grad") == [2.0] * 3)
+        c = json.loads(lines[-1][len("COLLECTIVES ") :]) if lines else {"log": _tail(work / "collectives.log")}
+        c["ok"] = (
+            run.returncode == 0
+            and c.get("any_ranks") == [True, False]
+            and c.get("all_gather_cat") == [0, 1, 2, 3]
+            and c.get("cpu_tensor_all_reduce") == [1.0, 1.0]
+            and c.get("differentiable_grad") == [2.0] * 3
+        )
         report["collectives"] = c
         report["pretrain"] = {f"zero{stage}_bf16": pretrain_stage(stage, args.shards, work, env) for stage in (2, 3)}
         encoder = work / "export2" / "encoder.safetensors"
-        report["finetune"] = finetune(args.shards, encoder, work, env) if encoder.is_file() else {"ok": False, "skipped": "no export"}
+        report["finetune"] = (
+            finetune(args.shards, encoder, work, env) if encoder.is_file() else {"ok": False, "skipped": "no export"}
+        )
     report["ok"] = all(part["ok"] for part in [report["collectives"], *report["pretrain"].values(), report["finetune"]])
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1

@@ -66,7 +66,7 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             with torch.no_grad():
-                for p_b, p_m in zip(sources, model.momentum.parameters()):
+                for p_b, p_m in zip(sources, model.momentum.parameters(), strict=True):
                     p_m.data = p_m.data * 0.99 + p_b.data * (1.0 - 0.99)
             k1, k2 = model.momentum(x1, s1), model.momentum(x2, s2)
             cl, ss = model.online(x1, x2, s1, s2, k1, k2)
@@ -94,8 +94,12 @@ def measure(arch: str, batch: int, steps: int, reference_style: bool, bf16: bool
     for _ in range(steps):
         step(x1, x2, s1, s2)
     seconds = (time.perf_counter() - start) / steps
-    return {"pairs_per_s": round(batch / seconds, 3), "step_s": round(seconds, 3),
-            "gflop_per_step": round(flops / 1e9, 1), "achieved_gflop_s": round(flops / seconds / 1e9, 1)}
+    return {
+        "pairs_per_s": round(batch / seconds, 3),
+        "step_s": round(seconds, 3),
+        "gflop_per_step": round(flops / 1e9, 1),
+        "achieved_gflop_s": round(flops / seconds / 1e9, 1),
+    }
 
 
 def main() -> None:
@@ -107,14 +111,20 @@ def main() -> None:
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report: dict[str, object] = {"arch": args.arch, "batch": args.batch, "threads": args.threads,
-                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    report: dict[str, object] = {
+        "arch": args.arch,
+        "batch": args.batch,
+        "threads": args.threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
         if bf16 and not (native_bf16() or args.force_bf16):
             # Emulated bf16 runs at a fraction of fp32 here: a step takes minutes and says nothing.
-            report[name] = {"skipped": "no AVX512-BF16/AMX on this CPU (--force-bf16 to measure anyway)",
-                            "matmul_peak_gflop_s": round(peak / 1e9, 1)}
+            report[name] = {
+                "skipped": "no AVX512-BF16/AMX on this CPU (--force-bf16 to measure anyway)",
+                "matmul_peak_gflop_s": round(peak / 1e9, 1),
+            }
             continue
         ours = measure(args.arch, args.batch, args.steps, reference_style=False, bf16=bf16)
         ref = measure(args.arch, args.batch, args.steps, reference_style=True, bf16=bf16)

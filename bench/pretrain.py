@@ -51,8 +51,9 @@ class ReferenceStyle(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _view(self, img: Image.Image, sal: Image.Image, scale: tuple[float, float], blur_p: float,
-              solarize_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _view(
+        self, img: Image.Image, sal: Image.Image, scale: tuple[float, float], blur_p: float, solarize_p: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         i, j, h, w = transforms.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3))
         img, sal = TF.resized_crop(img, i, j, h, w, [224, 224]), TF.resized_crop(sal, i, j, h, w, [224, 224])
         img = self.grey(self.jitter(img))
@@ -98,16 +99,34 @@ def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, s
     import yaml
 
     ds = work / f"zero{stage}.json"
-    ds.write_text(json.dumps({
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "zero_optimization": {"stage": stage}, "steps_per_print": 10**6,
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}))
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": stage},
+                "steps_per_print": 10**6,
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+            }
+        )
+    )
     run = work / f"run_r{ranks}_t{threads}_z{stage}"
     cfg = work / f"{run.name}.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_dir": str(run), "ds_config": str(ds), "global_batch": 8, "epochs": 1, "steps_per_epoch": steps + 1,
-        "checkpoint_every": 10**6, "model": {"arch": "vit_small_patch16_224", "img_size": 224},
-        "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 32}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(run),
+                "ds_config": str(ds),
+                "global_batch": 8,
+                "epochs": 1,
+                "steps_per_epoch": steps + 1,
+                "checkpoint_every": 10**6,
+                "model": {"arch": "vit_small_patch16_224", "img_size": 224},
+                "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 32},
+            }
+        )
+    )
     script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,13 +135,25 @@ def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, s
     if ranks == 1:
         command = [sys.executable, str(script), "--config", str(cfg)]
     else:
-        command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks),
-                   "--master_port", str(port), str(script), "--config", str(cfg)]
+        command = [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(port),
+            str(script),
+            "--config",
+            str(cfg),
+        ]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
     median = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
-    return {"pairs_per_s": round(median("pairs_per_s"), 2), "data_wait_s": round(median("data_wait_s"), 4),
-            "step_s": round(median("step_s"), 3), "peak_rss_mb_rank0": round(max(r["peak_mem_mb"] for r in rows))}
+    return {
+        "pairs_per_s": round(median("pairs_per_s"), 2),
+        "data_wait_s": round(median("data_wait_s"), 4),
+        "step_s": round(median("step_s"), 3),
+        "peak_rss_mb_rank0": round(max(r["peak_mem_mb"] for r in rows)),
+    }
 
 
 def main() -> None:
@@ -164,8 +195,9 @@ def main() -> None:
         # Sampling with replacement: as many batches as measured, whatever the number of images.
         sampler = RandomSampler(ref, replacement=True, num_samples=BATCH * (args.batches + 1))
         ref0 = rate(DataLoader(ref, BATCH, sampler=sampler, num_workers=0), args.batches)
-        ref2 = rate(DataLoader(ref, BATCH, sampler=sampler, num_workers=2, multiprocessing_context="forkserver"),
-                    args.batches)
+        ref2 = rate(
+            DataLoader(ref, BATCH, sampler=sampler, num_workers=2, multiprocessing_context="forkserver"), args.batches
+        )
         e2e = {}
         if args.end_to_end:
             e2e = {
@@ -174,16 +206,31 @@ def main() -> None:
                 "2_ranks_x_1_thread_zero2": end_to_end(work / "shards", work, 2, 1, 2, args.steps),
                 "2_ranks_x_1_thread_zero3": end_to_end(work / "shards", work, 2, 1, 3, args.steps),
             }
-    print(json.dumps({
-        "images": index.num_samples, "batch": BATCH, "view_size": 224, "shard_image_size": 512,
-        "ssit_dist": {"in_process_pairs_per_s": round(ours0, 1), "workers_2_pairs_per_s": round(ours2, 1),
-                      "per_worker_pairs_per_s": round(ours2 / 2, 1)},
-        "reference_style": {"in_process_pairs_per_s": round(ref0, 1), "workers_2_pairs_per_s": round(ref2, 1),
-                            "per_worker_pairs_per_s": round(ref2 / 2, 1)},
-        "reported_reference": {"in_process_pairs_per_s": 81.7, "workers_2_pairs_per_s": 140.5},
-        "speedup_in_process": round(ours0 / ref0, 2), "speedup_2_workers": round(ours2 / ref2, 2),
-        "end_to_end_vit_s_224_fp32_global_batch_8": e2e,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": index.num_samples,
+                "batch": BATCH,
+                "view_size": 224,
+                "shard_image_size": 512,
+                "ssit_dist": {
+                    "in_process_pairs_per_s": round(ours0, 1),
+                    "workers_2_pairs_per_s": round(ours2, 1),
+                    "per_worker_pairs_per_s": round(ours2 / 2, 1),
+                },
+                "reference_style": {
+                    "in_process_pairs_per_s": round(ref0, 1),
+                    "workers_2_pairs_per_s": round(ref2, 1),
+                    "per_worker_pairs_per_s": round(ref2 / 2, 1),
+                },
+                "reported_reference": {"in_process_pairs_per_s": 81.7, "workers_2_pairs_per_s": 140.5},
+                "speedup_in_process": round(ours0 / ref0, 2),
+                "speedup_2_workers": round(ours2 / ref2, 2),
+                "end_to_end_vit_s_224_fp32_global_batch_8": e2e,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

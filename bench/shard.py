@@ -60,12 +60,18 @@ def reference_layout(images: list[Path], work: Path) -> dict[str, float]:
     with get_context("spawn").Pool(2) as pool:
         pool.map(_reference_crop, [(p, crops / (p.stem + ".jpg")) for p in images], chunksize=4)
     with get_context("spawn").Pool(2) as pool:
-        pool.map(_reference_saliency, [(crops / (p.stem + ".jpg"), maps / (p.stem + ".npy")) for p in images], chunksize=4)
+        pool.map(
+            _reference_saliency, [(crops / (p.stem + ".jpg"), maps / (p.stem + ".npy")) for p in images], chunksize=4
+        )
     elapsed = time.perf_counter() - started
     jpg = sum(f.stat().st_size for f in crops.iterdir()) / len(images)
     npy = sum(f.stat().st_size for f in maps.iterdir()) / len(images)
-    return {"images_per_s": round(len(images) / elapsed, 2), "jpg_bytes": round(jpg), "npy_bytes": round(npy),
-            "bytes_per_sample": round(jpg + npy)}
+    return {
+        "images_per_s": round(len(images) / elapsed, 2),
+        "jpg_bytes": round(jpg),
+        "npy_bytes": round(npy),
+        "bytes_per_sample": round(jpg + npy),
+    }
 
 
 def ours(root: Path, labels: Path | None, work: Path, workers: int, limit: int) -> tuple[float, Path]:
@@ -87,9 +93,12 @@ def member_bytes(out: Path) -> dict[str, float]:
                 sizes.setdefault(m.name.split(".", 1)[1], []).append(m.size)
     n = len(sizes["jpg"])
     shard_total = sum(p.stat().st_size for p in out.glob("*.tar"))
-    return {"jpg": round(np.mean(sizes["jpg"])), "sal.png": round(np.mean(sizes["sal.png"])),
-            "jpg_plus_sal": round(np.mean(sizes["jpg"]) + np.mean(sizes["sal.png"])),
-            "shard_bytes_per_sample": round(shard_total / n)}
+    return {
+        "jpg": round(np.mean(sizes["jpg"])),
+        "sal.png": round(np.mean(sizes["sal.png"])),
+        "jpg_plus_sal": round(np.mean(sizes["jpg"]) + np.mean(sizes["sal.png"])),
+        "shard_bytes_per_sample": round(shard_total / n),
+    }
 
 
 def cpu_model() -> str:
@@ -116,17 +125,22 @@ def main() -> None:
         sizes = member_bytes(out2)
         images = [args.images / i.rel for i in discover(args.images, labels).items[: args.limit]]
         baseline = reference_layout(images, work)
-    print(json.dumps({
-        "machine": {"cpu": cpu_model(), "cores": __import__("os").cpu_count(), "opencv": cv2.__version__},
-        "images": len(images),
-        "ours_images_per_s": {"workers_1": round(ips1, 2), "workers_2": round(ips2, 2)},
-        "reference_layout_in_run": baseline,
-        "speedup_2_workers_vs_reference_in_run": round(ips2 / baseline["images_per_s"], 2),
-        "speedup_2_workers_vs_reported_23.8": round(ips2 / REPORTED_REFERENCE_IPS, 2),
-        "bytes_per_sample": sizes,
-        "bytes_vs_reference_in_run": round(sizes["jpg_plus_sal"] / baseline["bytes_per_sample"], 4),
-        "bytes_vs_reported_1270452": round(sizes["jpg_plus_sal"] / REPORTED_REFERENCE_BYTES, 4),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": {"cpu": cpu_model(), "cores": __import__("os").cpu_count(), "opencv": cv2.__version__},
+                "images": len(images),
+                "ours_images_per_s": {"workers_1": round(ips1, 2), "workers_2": round(ips2, 2)},
+                "reference_layout_in_run": baseline,
+                "speedup_2_workers_vs_reference_in_run": round(ips2 / baseline["images_per_s"], 2),
+                "speedup_2_workers_vs_reported_23.8": round(ips2 / REPORTED_REFERENCE_IPS, 2),
+                "bytes_per_sample": sizes,
+                "bytes_vs_reference_in_run": round(sizes["jpg_plus_sal"] / baseline["bytes_per_sample"], 4),
+                "bytes_vs_reported_1270452": round(sizes["jpg_plus_sal"] / REPORTED_REFERENCE_BYTES, 4),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -23,7 +23,7 @@ err = Console(stderr=True)
 
 
 class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
+    def render(self, task: Any) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
 
@@ -62,11 +62,15 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
     table.add_row("opencv", f"{report['opencv']['version']}, saliency module: {report['opencv']['saliency']}")
     if report["cuda"]:
         for d in report["cuda"]:
-            table.add_row(f"cuda:{d['index']}", f"{d['name']}, {d['memory_gib']} GiB, sm {d['capability']}, bf16 {d['bf16']}")
+            table.add_row(
+                f"cuda:{d['index']}", f"{d['name']}, {d['memory_gib']} GiB, sm {d['capability']}, bf16 {d['bf16']}"
+            )
     else:
         table.add_row("cuda", "no CUDA device")
     cpu = report["cpu"]
-    table.add_row("cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']}, {cpu['torch_capability']})")
+    table.add_row(
+        "cpu", f"{cpu['model']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']}, {cpu['torch_capability']})"
+    )
     table.add_row("cpu bf16/fp16", f"bf16 {cpu['bf16']}, fp16 {cpu['fp16']}, amx_bf16 {cpu['flags']['amx_bf16']}")
     ds = report["deepspeed"]
     table.add_row("deepspeed", f"accelerator {ds['accelerator']}, backend {ds['communication_backend']}")
@@ -79,16 +83,22 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
 
 @app.command()
 def shard(
-    input: Path = typer.Argument(..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."),
+    input: Path = typer.Argument(
+        ..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."
+    ),
     output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
-    labels: Optional[Path] = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
-    split: Optional[str] = typer.Option(None, help="Ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15."),
+    labels: Path | None = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
+    split: str | None = typer.Option(None, help="Ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15."),
     seed: int = typer.Option(0, help="Seed for the split and the order inside shards."),
     size: int = typer.Option(512, help="Side of the square crop, in pixels."),
     shard_size: int = typer.Option(512, help="Samples per shard."),
     workers: int = typer.Option(0, help="Worker processes (0: one per available core)."),
     saliency: str = typer.Option("fine_grained", help="fine_grained (the paper's) or spectral_residual."),
-    jpeg_roundtrip: bool = typer.Option(True, "--jpeg-roundtrip/--no-jpeg-roundtrip", help="JPEG round trip of the enhanced image before saliency, as the paper did."),
+    jpeg_roundtrip: bool = typer.Option(
+        True,
+        "--jpeg-roundtrip/--no-jpeg-roundtrip",
+        help="JPEG round trip of the enhanced image before saliency, as the paper did.",
+    ),
     quality: int = typer.Option(95, help="JPEG quality of the packed images."),
     strict: bool = typer.Option(False, help="Stop with a non-zero exit at the first skipped input or bad label row."),
     overwrite: bool = typer.Option(False, help="Replace shards already in OUTPUT."),
@@ -100,9 +110,19 @@ def shard(
     from ssit_dist.data.shard import ShardError, ShardOptions, pack
 
     workers = workers or len(os.sched_getaffinity(0))
-    opts = ShardOptions(size=size, shard_size=shard_size, workers=workers, saliency=saliency,
-                        jpeg_roundtrip=jpeg_roundtrip, quality=quality, seed=seed, split=split,
-                        overwrite=overwrite, preview=preview, strict=strict)
+    opts = ShardOptions(
+        size=size,
+        shard_size=shard_size,
+        workers=workers,
+        saliency=saliency,
+        jpeg_roundtrip=jpeg_roundtrip,
+        quality=quality,
+        seed=seed,
+        split=split,
+        overwrite=overwrite,
+        preview=preview,
+        strict=strict,
+    )
     started = time.perf_counter()
     try:
         opts.check()
@@ -128,8 +148,11 @@ def shard(
     if index.not_in_labels:
         console.print(f"[yellow]left out[/] {index.not_in_labels} images under {input} that {labels} does not name")
     n = index.num_samples
-    console.print(f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
-                  f"{len(index.skipped)} skipped; mean {index.mean} std {index.std}", highlight=False)
+    console.print(
+        f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
+        f"{len(index.skipped)} skipped; mean {index.mean} std {index.std}",
+        highlight=False,
+    )
     if preview:
         console.print(f"preview: {output / 'preview.png'}")
 
@@ -137,15 +160,24 @@ def shard(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def pretrain(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
+    config: Path | None = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
     nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
 ) -> None:
     """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
     port, env = _local_launch(nproc)
     # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`. The trainer is a module of
     # the package, so an installed ssit-dist (a wheel, no source tree) runs the same way.
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(port), "--module", "ssit_dist.train.pretrain"]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(port),
+        "--module",
+        "ssit_dist.train.pretrain",
+    ]
     command += (["--config", str(config)] if config else []) + list(ctx.args)
     raise typer.Exit(subprocess.call(command, env=env))
 
@@ -154,7 +186,7 @@ def pretrain(
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
     output: Path = typer.Option(..., "-o", "--output", help="Output path; .safetensors and .json are written."),
-    tag: Optional[str] = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
+    tag: str | None = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
     overwrite: bool = typer.Option(False, help="Replace OUTPUT.safetensors / OUTPUT.json if they exist."),
 ) -> None:
     """Export the query encoder of a checkpoint as timm-keyed safetensors plus a JSON."""
@@ -170,20 +202,24 @@ def export(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def finetune(
     ctx: typer.Context,
-    train: Optional[str] = typer.Option(None, help="Training shards: FOLDER[:SPLIT] (split default: train)."),
-    val: Optional[str] = typer.Option(None, help="Validation shards for model selection (split default: val)."),
-    test: Optional[str] = typer.Option(None, help="Test shards for the report (split default: test)."),
-    init: Optional[str] = typer.Option(None, help="Encoder: an export .safetensors, a reference checkpoint, "
-                                       "timm weights, or 'random'."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", "--out", help="Run folder (default runs/finetune)."),
+    train: str | None = typer.Option(None, help="Training shards: FOLDER[:SPLIT] (split default: train)."),
+    val: str | None = typer.Option(None, help="Validation shards for model selection (split default: val)."),
+    test: str | None = typer.Option(None, help="Test shards for the report (split default: test)."),
+    init: str | None = typer.Option(
+        None, help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."
+    ),
+    run_dir: Path | None = typer.Option(None, "--run-dir", "--out", help="Run folder (default runs/finetune)."),
     linear: bool = typer.Option(False, "--linear", help="Linear probe: frozen encoder, reference probe settings."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
-    config: Optional[Path] = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
     nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
 ) -> None:
     """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
-    overrides = [f"{name}={value}" for name, value in (("train", train), ("val", val), ("test", test), ("init", init),
-                                                       ("run_dir", run_dir)) if value is not None]
+    overrides = [
+        f"{name}={value}"
+        for name, value in (("train", train), ("val", val), ("test", test), ("init", init), ("run_dir", run_dir))
+        if value is not None
+    ]
     overrides += ["linear=true"] * linear + ["trust_pickle=true"] * trust_pickle + list(ctx.args)
     args = (["--config", str(config)] if config else []) + overrides
     if nproc == 1:
@@ -192,9 +228,25 @@ def finetune(
         raise typer.Exit(main(args))
     port, env = _local_launch(nproc)
     # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "ssit_dist.train.finetune", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "ssit_dist.train.finetune",
+        *args,
+    ]
     raise typer.Exit(subprocess.call(command, env=env))
 
 
@@ -202,14 +254,18 @@ def finetune(
 def knn(
     train: str = typer.Option(..., help="Neighbour shards: FOLDER[:SPLIT] (split default: train)."),
     test: str = typer.Option(..., help="Shards to grade: FOLDER[:SPLIT] (split default: test)."),
-    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."),
+    init: str = typer.Option(
+        ..., help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."
+    ),
     img_size: int = typer.Option(384, help="Input size (positional embeddings are resampled)."),
     k: str = typer.Option("5,10,20", help="Neighbour counts, comma-separated."),
     temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / temperature)."),
-    arch: Optional[str] = typer.Option(None, help="timm architecture (default: the export's)."),
-    timm_kwargs: Optional[str] = typer.Option(None, help='timm overrides as JSON, e.g. \'{"embed_dim": 96, "depth": 4}\'.'),
+    arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
+    timm_kwargs: str | None = typer.Option(
+        None, help='timm overrides as JSON, e.g. \'{"embed_dim": 96, "depth": 4}\'.'
+    ),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
 ) -> None:
     """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
     from ssit_dist.data.index import ShardIndexError
@@ -238,7 +294,9 @@ def knn(
 
 
 @app.command()
-def demo(output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview.")) -> None:
+def demo(
+    output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview."),
+) -> None:
     """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""
     from ssit_dist.demo import run_demo
 
@@ -269,8 +327,9 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
                 add(type(default), f"{prefix}{f.name}.")
                 continue
             alias = f" (was {f.metadata['alias']})" if f.metadata.get("alias") else ""
-            table.add_row(prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias)
+            table.add_row(
+                prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias
+            )
 
     add(PretrainConfig if kind == "pretrain" else FinetuneConfig, "")
     console.print(table)
-

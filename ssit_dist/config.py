@@ -24,9 +24,19 @@ import yaml
 from ssit_dist.fields import Checked, ConfigError, one_of, option, require
 from ssit_dist.models.ssit import ModelConfig
 
-__all__ = ["ConfigError", "DataConfig", "FinetuneConfig", "LossConfig", "ModelConfig", "OptimConfig", "PretrainConfig",
-           "load_config", "save_config", "batch_layout", "deepspeed_config"]
-
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "FinetuneConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "load_config",
+    "save_config",
+    "batch_layout",
+    "deepspeed_config",
+]
 
 
 def _shipped(in_wheel: str, in_source: str) -> Path:
@@ -42,9 +52,13 @@ RUN_CONFIGS = _shipped("configs", "launch/configs")
 
 @dataclass
 class DataConfig(Checked):
-    shards: list[str] = option(factory=lambda: ["shards/pretrain"], help=(
-        "folders from `ssit-dist shard`, or brace patterns of tar URLs (/data/train-{000000..000099}.tar, "
-        "pipe:..., https://...)"))
+    shards: list[str] = option(
+        factory=lambda: ["shards/pretrain"],
+        help=(
+            "folders from `ssit-dist shard`, or brace patterns of tar URLs (/data/train-{000000..000099}.tar, "
+            "pipe:..., https://...)"
+        ),
+    )
     split: str = option("train", "split of the folders to read; patterns name their shards themselves")
     mean: list[float] | None = option(None, "RGB mean in [0, 1]; null: from the shards' _info.json")
     std: list[float] | None = option(None, "RGB std in [0, 1]; null: from the shards' _info.json")
@@ -59,7 +73,9 @@ class DataConfig(Checked):
         require(len(self.shards) > 0, "data.shards", self.shards, "name at least one folder or URL pattern")
         for name in ("mean", "std"):
             value = getattr(self, name)
-            require(value is None or len(value) == 3, f"data.{name}", value, "expected three numbers (R, G, B in [0, 1])")
+            require(
+                value is None or len(value) == 3, f"data.{name}", value, "expected three numbers (R, G, B in [0, 1])"
+            )
         require(self.std is None or all(v > 0 for v in self.std), "data.std", self.std, "must be positive")
         require(self.workers >= 0, "data.workers", self.workers, "must be 0 or more")
         require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be at least 1")
@@ -102,8 +118,10 @@ class PretrainConfig(Checked):
     """SSiT pretraining with DeepSpeed (launch/pretrain.py, ssit-dist pretrain)."""
 
     run_dir: str = option("runs/pretrain", "run folder: config, fingerprint, metrics, checkpoints")
-    ds_config: str = option("zero2_bf16", "DeepSpeed JSON: a shipped name (zero2_bf16, ...) or a path, relative "
-                            "to the config file that names it")
+    ds_config: str = option(
+        "zero2_bf16",
+        "DeepSpeed JSON: a shipped name (zero2_bf16, ...) or a path, relative to the config file that names it",
+    )
     model: ModelConfig = option(factory=ModelConfig, help="the SSiT model")
     data: DataConfig = option(factory=DataConfig, help="shards and loading")
     optim: OptimConfig = option(factory=OptimConfig, help="optimizer and schedule")
@@ -115,17 +133,28 @@ class PretrainConfig(Checked):
     seed: int = option(0, "seeds the model init and the data stream")
     checkpoint_every: int = option(500, "steps between checkpoints (also one at the end and on SIGTERM/SIGUSR1)")
     keep_checkpoints: int = option(3, "checkpoints kept; older ones are deleted")
-    resume: str = option("auto", "auto: resume an unchanged run, refuse a changed one; force: resume anyway; "
-                         "reshard: another world size through DeepSpeed's universal checkpoint")
+    resume: str = option(
+        "auto",
+        "auto: resume an unchanged run, refuse a changed one; force: resume anyway; "
+        "reshard: another world size through DeepSpeed's universal checkpoint",
+    )
     dist_timeout_s: float = option(1800.0, "a collective that waits longer ends the run with an error")
 
     def validate(self) -> None:
         require(self.global_batch >= 2, "global_batch", self.global_batch, "must be at least 2")
-        require(self.micro_batch is None or self.micro_batch >= 2, "micro_batch", self.micro_batch,
-                "must be at least 2 (BatchNorm in the projector), or null")
+        require(
+            self.micro_batch is None or self.micro_batch >= 2,
+            "micro_batch",
+            self.micro_batch,
+            "must be at least 2 (BatchNorm in the projector), or null",
+        )
         require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
-        require(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch", self.steps_per_epoch,
-                "must be at least 1, or null")
+        require(
+            self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "steps_per_epoch",
+            self.steps_per_epoch,
+            "must be at least 1, or null",
+        )
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be at least 1 (steps)")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
         one_of("resume", self.resume, ("auto", "force", "reshard"))
@@ -143,7 +172,9 @@ class FinetuneConfig(Checked):
     train: str = option("shards/graded:train", "labelled shards to train on, FOLDER or FOLDER:SPLIT")
     val: str | None = option(None, "validation split; null: the train folder's val split")
     test: str | None = option(None, "test split; null: the train folder's test split, if it has one")
-    init: str = option("random", "encoder weights: an export .safetensors, a reference checkpoint, timm weights, or random")
+    init: str = option(
+        "random", "encoder weights: an export .safetensors, a reference checkpoint, timm weights, or random"
+    )
     arch: str | None = option(None, "timm architecture; null: the export's, else vit_small_patch16_224")
     timm_kwargs: dict[str, Any] | None = option(None, "timm overrides (patch_size, embed_dim, ...); null: the export's")
     trust_pickle: bool = option(False, "allow unpickling a reference epoch_N.pt module (only for files you trust)")
@@ -172,16 +203,24 @@ class FinetuneConfig(Checked):
         one_of("select_by", self.select_by, ("qwk", "accuracy"))
         one_of("resume", self.resume, ("auto", "force"))
         require(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive (seconds)")
-        require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad,
-                "must be positive, or null for no clipping")
+        require(
+            self.clip_grad is None or self.clip_grad > 0,
+            "clip_grad",
+            self.clip_grad,
+            "must be positive, or null for no clipping",
+        )
         require(self.num_classes >= 2, "num_classes", self.num_classes, "need at least 2 grades")
         require(self.img_size > 0, "img_size", self.img_size, "must be positive")
         require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         require(self.global_batch >= 1, "global_batch", self.global_batch, "must be at least 1")
         require(self.grad_accumulation >= 1, "grad_accumulation", self.grad_accumulation, "must be at least 1")
         require(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive, or null")
-        require(self.weight_decay is None or self.weight_decay >= 0, "weight_decay", self.weight_decay,
-                "must be 0 or more, or null")
+        require(
+            self.weight_decay is None or self.weight_decay >= 0,
+            "weight_decay",
+            self.weight_decay,
+            "must be 0 or more, or null",
+        )
         require(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be 0 or more")
         require(self.workers >= 0, "workers", self.workers, "must be 0 or more")
         require(self.eval_batch >= 1, "eval_batch", self.eval_batch, "must be at least 1")
@@ -202,7 +241,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str) -> Any:
@@ -216,12 +256,17 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key in aliases:
-            warnings.warn(f"config field {where}{key} is now called {where}{aliases[key]}; the old name is read "
-                          "until the next release", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"config field {where}{key} is now called {where}{aliases[key]}; the old name is read "
+                "until the next release",
+                FutureWarning,
+                stacklevel=2,
+            )
             key = aliases[key]
         if key not in fields:
             raise ConfigError(f"unknown field {where}{key} (known: {', '.join(fields)})")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        factory = fields[key].default_factory
+        default = factory() if callable(factory) else None
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a section (a mapping), not {value!r}")
@@ -231,7 +276,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         message = str(e)
-        raise ConfigError(message if message.startswith(where) or message.startswith("unknown") else where + message) from None
+        raise ConfigError(
+            message if message.startswith(where) or message.startswith("unknown") else where + message
+        ) from None
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:
@@ -262,8 +309,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file() and path.parent == Path(".") and shipped.is_file():
             path = shipped  # a bare name: the shipped config (tiny_cpu, ssit_vit_s, ssit_vit_b)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found (shipped: "
-                              f"{', '.join(sorted(p.stem for p in RUN_CONFIGS.glob('*.yaml')))})")
+            raise ConfigError(
+                f"config file {path} not found (shipped: "
+                f"{', '.join(sorted(p.stem for p in RUN_CONFIGS.glob('*.yaml')))})"
+            )
         text = path.read_text()
         try:
             values = (json.loads(text) if path.suffix == ".json" else parse_yaml(text)) or {}
@@ -272,7 +321,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections and fields")
         beside = path.parent / str(values.get("ds_config", ""))
-        if isinstance(values.get("ds_config"), str) and not Path(values["ds_config"]).is_absolute() and beside.is_file():
+        if (
+            isinstance(values.get("ds_config"), str)
+            and not Path(values["ds_config"]).is_absolute()
+            and beside.is_file()
+        ):
             values["ds_config"] = str(beside.resolve())  # relative to the file that names it
     for override in overrides or []:
         apply_override(values, override)
@@ -303,19 +356,41 @@ def batch_layout(global_batch: int, world: int, micro_batch: int | None) -> tupl
     per_rank = global_batch // world
     micro = micro_batch or per_rank
     if per_rank % micro:
-        raise ConfigError(f"micro_batch {micro} does not divide the per-rank batch {per_rank} "
-                          f"(global_batch {global_batch} over {world} ranks)")
+        raise ConfigError(
+            f"micro_batch {micro} does not divide the per-rank batch {per_rank} "
+            f"(global_batch {global_batch} over {world} ranks)"
+        )
     if micro < 2:
         raise ConfigError(f"micro_batch {micro}: BatchNorm in the projector needs at least 2 samples per rank")
     return micro, per_rank // micro
 
 
 DEEPSPEED_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "optimizer", "scheduler", "fp16", "bf16", "zero_optimization", "steps_per_print", "wall_clock_breakdown",
-    "activation_checkpointing", "torch_autocast", "communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "zero_allow_untested_optimizer", "flops_profiler", "compile", "data_types",
-    "checkpoint", "tensorboard", "comms_logger", "seq_parallel_communication_data_type", "dump_state",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "zero_optimization",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "activation_checkpointing",
+    "torch_autocast",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "zero_allow_untested_optimizer",
+    "flops_profiler",
+    "compile",
+    "data_types",
+    "checkpoint",
+    "tensorboard",
+    "comms_logger",
+    "seq_parallel_communication_data_type",
+    "dump_state",
 }
 
 
@@ -344,13 +419,19 @@ def deepspeed_config(path: str | Path, cfg: PretrainConfig, world: int) -> dict[
     if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
         raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled")
     micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
-    fills = {"train_batch_size": cfg.global_batch, "train_micro_batch_size_per_gpu": micro,
-             "gradient_accumulation_steps": accumulation, "gradient_clipping": cfg.optim.clip_grad}
+    fills = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optim.clip_grad,
+    }
     for key, value in fills.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif ds[key] != value:
-            raise ConfigError(f"ds_config {path}: {key} is {ds[key]} but the run config gives {value}; set it to \"auto\"")
+            raise ConfigError(
+                f'ds_config {path}: {key} is {ds[key]} but the run config gives {value}; set it to "auto"'
+            )
     params = ds.get("optimizer", {}).get("params", {})
     for key, value in (("lr", cfg.scaled_lr()), ("weight_decay", cfg.optim.weight_decay)):
         if params.get(key) == "auto":

@@ -20,7 +20,9 @@ def retina_photograph() -> Image.Image:
     try:
         from skimage import data
     except ImportError:
-        raise RuntimeError("the demo needs scikit-image for its CC0 retina photograph: pip install scikit-image") from None
+        raise RuntimeError(
+            "the demo needs scikit-image for its CC0 retina photograph: pip install scikit-image"
+        ) from None
     return Image.fromarray(data.retina())
 
 
@@ -52,7 +54,11 @@ def run_demo(out: Path, log: Callable[[str], None] = print) -> Path:
     write_demo_images(images)
     log(f"wrote {len(list(images.glob('*.jpg')))} fundus photographs to {images}")
     inputs = discover(images)
-    index = pack(images, out / "shards", inputs,
-                 ShardOptions(size=256, shard_size=4, workers=2, overwrite=True, preview=len(inputs.items)))
+    index = pack(
+        images,
+        out / "shards",
+        inputs,
+        ShardOptions(size=256, shard_size=4, workers=2, overwrite=True, preview=len(inputs.items)),
+    )
     log(f"packed {index.num_samples} samples into {out / 'shards'} (mean {index.mean}, std {index.std})")
     return out / "shards" / "preview.png"

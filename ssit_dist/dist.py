@@ -56,8 +56,11 @@ def init_process_group(timeout_s: float) -> torch.device:
     """The process group from the launcher's environment (deepspeed, torchrun, srun, accelerate, or
     none: then one process), with `timeout_s` on every collective. Returns this rank's device."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun: one task per rank
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        )
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -74,8 +77,9 @@ def init_process_group(timeout_s: float) -> torch.device:
         kwargs: dict[str, Any] = {}
         if device.type == "cuda" and int(os.environ["WORLD_SIZE"]) > 1:
             kwargs["device_id"] = device
-        torch_dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                                      timeout=timedelta(seconds=timeout_s), **kwargs)
+        torch_dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs
+        )
     return device
 
 
@@ -147,7 +151,9 @@ def on_rank_zero(work: Callable[[], T], device: torch.device, what: str) -> T | 
         except Exception as e:  # whatever it was, the other ranks must hear of it
             error = e
     if any_rank(error is not None, device):
-        detail = f"{error.strerror or error}: {error.filename}" if isinstance(error, OSError) and error.filename else error
+        detail = (
+            f"{error.strerror or error}: {error.filename}" if isinstance(error, OSError) and error.filename else error
+        )
         raise RankFailure(f"{what} failed on rank 0: {detail or 'see the log of rank 0'}") from error
     return result
 

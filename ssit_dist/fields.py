@@ -19,8 +19,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and says what is expected."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,  # noqa: A002
-           alias: str | None = None) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = dataclasses.MISSING,  # noqa: A002
+    alias: str | None = None,
+) -> Any:
     """A config field with its one-line help (shown by `ssit-dist config`). `alias`: an older name
     still read, with a deprecation warning."""
     metadata = {"help": help, "alias": alias}
@@ -91,14 +96,14 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return False, value
-        items = [_match(v, args[0]) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
+        matched = [_match(v, args[0]) for v in value]
+        return all(ok for ok, _ in matched), [v for _, v in matched]
     if origin is dict:
         if not isinstance(value, dict):
             return False, value
-        items = {k: _match(v, args[1]) for k, v in value.items()}
-        return all(isinstance(k, str) for k in value) and all(ok for ok, _ in items.values()), \
-            {k: v for k, (_, v) in items.items()}
+        entries = {k: _match(v, args[1]) for k, v in value.items()}
+        ok = all(isinstance(k, str) for k in value) and all(good for good, _ in entries.values())
+        return ok, {k: v for k, (_, v) in entries.items()}
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:

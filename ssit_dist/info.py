@@ -11,8 +11,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("ssit-dist", "torch", "torchvision", "deepspeed", "timm", "accelerate", "webdataset",
-            "opencv-contrib-python-headless", "numpy", "safetensors")
+PACKAGES = (
+    "ssit-dist",
+    "torch",
+    "torchvision",
+    "deepspeed",
+    "timm",
+    "accelerate",
+    "webdataset",
+    "opencv-contrib-python-headless",
+    "numpy",
+    "safetensors",
+)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
@@ -56,13 +66,15 @@ def _cuda() -> list[dict[str, Any]]:
     devices = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        devices.append({
-            "index": i,
-            "name": p.name,
-            "memory_gib": round(p.total_memory / 2**30, 1),
-            "capability": f"{p.major}.{p.minor}",
-            "bf16": torch.cuda.is_bf16_supported(),
-        })
+        devices.append(
+            {
+                "index": i,
+                "name": p.name,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}",
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
+        )
     return devices
 
 

@@ -37,12 +37,15 @@ def run_cli(*args: object, timeout: float = 600, check: bool = True) -> subproce
     env["COLUMNS"] = "200"  # keep rich from wrapping file names in the summary
     result = subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"ssit-dist {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"ssit-dist {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
-def pack_real_subset(graded_dir: Path, tmp_factory: pytest.TempPathFactory, count: int, size: int,
-                     shard_size: int) -> Path:
+def pack_real_subset(
+    graded_dir: Path, tmp_factory: pytest.TempPathFactory, count: int, size: int, shard_size: int
+) -> Path:
     """Shards of the first `count` graded photographs (linked, never copied), unlabelled."""
     src = tmp_factory.mktemp("src")
     for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:count]:

@@ -28,8 +28,9 @@ def main() -> None:
     device = init_process_group(cfg.dist_timeout_s)
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     batch_layout(cfg.global_batch, world_size(), cfg.micro_batch)  # the same check pretraining makes
-    engine, momentum = build_and_restore(cfg, deepspeed_config(cfg.ds_config, cfg, world_size()),
-                                         ResumePlan(tag, int(step), mode), device)
+    engine, momentum = build_and_restore(
+        cfg, deepspeed_config(cfg.ds_config, cfg, world_size()), ResumePlan(tag, int(step), mode), device
+    )
     # ZeRO 1/2 link each parameter to its slice of the optimizer state at the first step; read before
     # any step, the link is made here (a read of DeepSpeed's own state, nothing is changed).
     engine.optimizer._lazy_init_hp_params_optimizer_state()

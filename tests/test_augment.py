@@ -60,7 +60,7 @@ def test_pairs_are_normalised_tensors_and_reproducible(sample: tuple[np.ndarray,
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     again = augment(bgr, sal, np.random.default_rng(7))
     other = augment(bgr, sal, np.random.default_rng(8))
-    assert all(torch.equal(a, b) for a, b in zip((x1, x2, s1, s2), again))
+    assert all(torch.equal(a, b) for a, b in zip((x1, x2, s1, s2), again, strict=True))
     assert not torch.equal(x1, other[0])
 
 

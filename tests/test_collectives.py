@@ -10,9 +10,26 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ssit_dist"
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
-    "barrier", "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "scatter",
-    "gather", "gather_object", "scatter_object_list", "send", "recv", "wait_for_everyone", "gather_for_metrics",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "scatter",
+    "gather",
+    "gather_object",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "wait_for_everyone",
+    "gather_for_metrics",
     "pad_across_processes",
 }
 # Receivers whose methods of these names are collectives (a tensor's own .gather is not).
@@ -32,9 +49,15 @@ def _receiver(func: ast.Attribute) -> str:
 def offending_calls(source: str) -> list[str]:
     """Collective calls in `source` (a module that is not dist.py), as `line: call`."""
     tree = ast.parse(source)
-    imported = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module and ("distributed" in node.module or node.module.startswith("accelerate"))
-                for alias in node.names if alias.name in COLLECTIVES}
+    imported = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and ("distributed" in node.module or node.module.startswith("accelerate"))
+        for alias in node.names
+        if alias.name in COLLECTIVES
+    }
     found = []
     for call in _calls(tree):
         func = call.func
@@ -46,16 +69,24 @@ def offending_calls(source: str) -> list[str]:
 
 
 def test_no_module_but_dist_calls_a_collective() -> None:
-    offenders = {str(path.relative_to(PACKAGE)): calls for path in sorted(PACKAGE.rglob("*.py"))
-                 if path.name != "dist.py" and (calls := offending_calls(path.read_text()))}
+    offenders = {
+        str(path.relative_to(PACKAGE)): calls
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "dist.py" and (calls := offending_calls(path.read_text()))
+    }
     assert not offenders, f"collectives outside ssit_dist/dist.py (use its helpers, which take the device): {offenders}"
 
 
 def test_dist_helpers_build_every_tensor_on_a_named_device() -> None:
     tree = ast.parse((PACKAGE / "dist.py").read_text())
-    unplaced = [f"{call.lineno}: {ast.unparse(call)}" for call in _calls(tree)
-                if isinstance(call.func, ast.Attribute) and call.func.attr in TENSOR_FACTORIES
-                and _receiver(call.func) == "torch" and not any(k.arg == "device" for k in call.keywords)]
+    unplaced = [
+        f"{call.lineno}: {ast.unparse(call)}"
+        for call in _calls(tree)
+        if isinstance(call.func, ast.Attribute)
+        and call.func.attr in TENSOR_FACTORIES
+        and _receiver(call.func) == "torch"
+        and not any(k.arg == "device" for k in call.keywords)
+    ]
     assert not unplaced, f"tensors built in dist.py without a device: {unplaced}"
 
 

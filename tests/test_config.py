@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssit_dist.config import (ConfigError, FinetuneConfig, PretrainConfig, batch_layout, deepspeed_config, load_config,
-                               save_config)
+from ssit_dist.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    batch_layout,
+    deepspeed_config,
+    load_config,
+    save_config,
+)
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
 DS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -17,7 +24,9 @@ DS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 def test_yaml_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"global_batch": 64, "optim": {"lr": 5e-4}, "model": {"arch": "vit_base_patch16_224"}}))
+    path.write_text(
+        yaml.safe_dump({"global_batch": 64, "optim": {"lr": 5e-4}, "model": {"arch": "vit_base_patch16_224"}})
+    )
     cfg = load_config(path, ["optim.warmup_epochs=2", "data.shards=[a, b]", "model.timm_kwargs={depth: 2}"])
     assert cfg.global_batch == 64 and cfg.optim.lr == 5e-4 and cfg.optim.warmup_epochs == 2
     assert cfg.data.shards == ["a", "b"] and cfg.model.arch == "vit_base_patch16_224"
@@ -99,30 +108,36 @@ def test_numbers_in_any_form_in_files_and_overrides(tmp_path: Path, text: str, v
     assert fine.lr == pytest.approx(value) and isinstance(fine.lr, float)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("micro_batch=abc", "micro_batch = 'abc': expected int or null"),
-    ("steps_per_epoch=2.5", "steps_per_epoch = 2.5: expected int or null"),
-    ("global_batch=true", "global_batch = True: expected int"),
-    ("checkpoint_every=0", "checkpoint_every = 0: must be at least 1"),
-    ("optim.lr=-1", "optim.lr = -1.0: must be positive"),
-    ("data.workers=-1", "data.workers = -1: must be 0 or more"),
-    ("data.mean=[0.5, 0.5]", r"data.mean = \[0.5, 0.5\]: expected three numbers"),
-    ("data.shards=a", "data.shards = 'a': expected list of str"),
-    ("loss.momentum=1.5", r"loss.momentum = 1.5: must be in \[0, 1\]"),
-    ("model.pool=mean", "model.pool = 'mean': expected one of max, avg"),
-    ("resume=maybe", "resume = 'maybe': expected one of auto, force, reshard"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("micro_batch=abc", "micro_batch = 'abc': expected int or null"),
+        ("steps_per_epoch=2.5", "steps_per_epoch = 2.5: expected int or null"),
+        ("global_batch=true", "global_batch = True: expected int"),
+        ("checkpoint_every=0", "checkpoint_every = 0: must be at least 1"),
+        ("optim.lr=-1", "optim.lr = -1.0: must be positive"),
+        ("data.workers=-1", "data.workers = -1: must be 0 or more"),
+        ("data.mean=[0.5, 0.5]", r"data.mean = \[0.5, 0.5\]: expected three numbers"),
+        ("data.shards=a", "data.shards = 'a': expected list of str"),
+        ("loss.momentum=1.5", r"loss.momentum = 1.5: must be in \[0, 1\]"),
+        ("model.pool=mean", "model.pool = 'mean': expected one of max, avg"),
+        ("resume=maybe", "resume = 'maybe': expected one of auto, force, reshard"),
+    ],
+)
 def test_every_field_is_checked_for_type_and_range(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lr=abc", "lr = 'abc': expected float or null"),
-    ("weight_decay=-0.1", "weight_decay = -0.1: must be 0 or more"),
-    ("linear=1", "linear = 1: expected bool"),
-    ("epochs=0", "epochs = 0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=abc", "lr = 'abc': expected float or null"),
+        ("weight_decay=-0.1", "weight_decay = -0.1: must be 0 or more"),
+        ("linear=1", "linear = 1: expected bool"),
+        ("epochs=0", "epochs = 0: must be at least 1"),
+    ],
+)
 def test_finetune_fields_are_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override], kind=FinetuneConfig)

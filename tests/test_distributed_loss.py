@@ -36,9 +36,18 @@ def _worker(rank: int, port: int, out: str) -> None:
         x = q_all[rank * N : (rank + 1) * N].clone().requires_grad_(True)
         y = bn(x)
         (y * torch.arange(8.0)).sum().backward()
-        torch.save({"loss": loss.detach(), "q_grad": q.grad, "bn_out": y.detach(), "bn_x_grad": x.grad,
-                    "bn_w_grad": bn[0].weight.grad, "running_mean": bn[1].running_mean,
-                    "is_cross_rank": isinstance(bn[1], CrossRankBatchNorm1d)}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "q_grad": q.grad,
+                "bn_out": y.detach(),
+                "bn_x_grad": x.grad,
+                "bn_w_grad": bn[0].weight.grad,
+                "running_mean": bn[1].running_mean,
+                "is_cross_rank": isinstance(bn[1], CrossRankBatchNorm1d),
+            },
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

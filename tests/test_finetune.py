@@ -45,8 +45,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 def graded_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All 300 graded photographs at 64 px, split 210 / 45 / 45 (odd evaluation splits)."""
     out = tmp_path_factory.mktemp("graded") / "graded64"
-    run_cli("shard", graded_dir, out, "--size", 64, "--shard-size", 64, "--labels", graded_dir / "labels.csv",
-            "--split", "train=0.7,val=0.15,test=0.15")
+    run_cli(
+        "shard",
+        graded_dir,
+        out,
+        "--size",
+        64,
+        "--shard-size",
+        64,
+        "--labels",
+        graded_dir / "labels.csv",
+        "--split",
+        "train=0.7,val=0.15,test=0.15",
+    )
     return out
 
 
@@ -55,32 +66,83 @@ def export(graded_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A real `ssit-dist export` of a short pretraining run (one process, 6 steps) of a tiny ViT."""
     tmp = tmp_path_factory.mktemp("pretrain")
     ds = tmp / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                              "gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 0},
-                              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}))
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "zero_optimization": {"stage": 0},
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+            }
+        )
+    )
     cfg = tmp / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "run_dir": str(tmp / "run"), "ds_config": str(ds), "global_batch": 8, "epochs": 1, "steps_per_epoch": 6,
-        "checkpoint_every": 6, "model": {"img_size": 32, "proj_hidden": 64, "proj_dim": 32, "timm_kwargs": TINY},
-        "data": {"shards": [str(graded_shards)], "workers": 0, "shuffle_buffer": 16}, "optim": {"lr": 0.01, "warmup_epochs": 0.1}}))
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)], capture_output=True,
-                            text=True, timeout=300, env=clean_env(MASTER_PORT=str(free_port())))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp / "run"),
+                "ds_config": str(ds),
+                "global_batch": 8,
+                "epochs": 1,
+                "steps_per_epoch": 6,
+                "checkpoint_every": 6,
+                "model": {"img_size": 32, "proj_hidden": 64, "proj_dim": 32, "timm_kwargs": TINY},
+                "data": {"shards": [str(graded_shards)], "workers": 0, "shuffle_buffer": 16},
+                "optim": {"lr": 0.01, "warmup_epochs": 0.1},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(MASTER_PORT=str(free_port())),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_cli("export", tmp / "run", "-o", tmp / "encoder")
     return tmp / "encoder.safetensors"
 
 
 def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: int = 1) -> dict:
-    run_cli("finetune", "--train", shards, "--val", shards, "--test", shards, "--init", init, "--out", out,
-            "--nproc", nproc, "img_size=48", "epochs=4", "workers=0", "lr=0.001", *extra, timeout=600)
+    run_cli(
+        "finetune",
+        "--train",
+        shards,
+        "--val",
+        shards,
+        "--test",
+        shards,
+        "--init",
+        init,
+        "--out",
+        out,
+        "--nproc",
+        nproc,
+        "img_size=48",
+        "epochs=4",
+        "workers=0",
+        "lr=0.001",
+        *extra,
+        timeout=600,
+    )
     return json.loads((out / "report.json").read_text())
 
 
 def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path, export: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
     report = finetune(out, graded_shards, export, "grad_accumulation=2")  # micro batches of 8
-    for name in ("config.yaml", "metrics.jsonl", "best.safetensors", "final.safetensors", "report.json",
-                 "predictions.csv", "confusion.png", "curves.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "best.safetensors",
+        "final.safetensors",
+        "report.json",
+        "predictions.csv",
+        "confusion.png",
+        "curves.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
@@ -92,7 +154,9 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
         rows = list(csv.DictReader(f))
     assert len(rows) == 45 and len({r["key"] for r in rows}) == 45
     truth, predicted = [int(r["grade"]) for r in rows], [int(r["prediction"]) for r in rows]
-    assert report["test"]["qwk"] == pytest.approx(cohen_kappa_score(truth, predicted, weights="quadratic", labels=list(range(5))), abs=1e-9)
+    assert report["test"]["qwk"] == pytest.approx(
+        cohen_kappa_score(truth, predicted, weights="quadratic", labels=list(range(5))), abs=1e-9
+    )
     assert report["test"]["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
 
     # Reloading the best weights reproduces the validation QWK reported for them.
@@ -117,27 +181,53 @@ from ssit_dist.models.grader import Grader
 from ssit_dist.models.vit import create_encoder
 from ssit_dist.train.finetune import evaluate
 torch.manual_seed(0)
-grader = Grader(create_encoder("vit_small_patch16_224", 32, **%r), "classification")
+grader = Grader(create_encoder("vit_small_patch16_224", 32, **TINY_KWARGS), "classification")
 accelerator = Accelerator(cpu=True)
 data = LabelledShards(SplitSource.parse(sys.argv[1], "test"), eval_transform(32, [0.4] * 3, [0.3] * 3))
 result = evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
 if accelerator.is_main_process:
     json.dump({"metrics": result["metrics"], "processes": accelerator.num_processes,
                "indices": result["indices"].tolist(), "scores": result["scores"].tolist()}, open(sys.argv[2], "w"))
-""" % (TINY,)
+""".replace("TINY_KWARGS", repr(TINY))
 
 
 def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, tmp_path: Path) -> None:
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE)
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    result = subprocess.run([sys.executable, str(script), str(graded_shards), str(one)], capture_output=True, text=True,
-                            timeout=300, env=clean_env())
+    result = subprocess.run(
+        [sys.executable, str(script), str(graded_shards), str(one)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "--main_process_port", str(free_port()), str(script), str(graded_shards), str(two)],
-                            capture_output=True, text=True, timeout=300, env=clean_env())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            str(graded_shards),
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["processes"], b["processes"]) == (1, 2)
@@ -148,9 +238,15 @@ def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, t
 
 def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, export: Path, tmp_path: Path) -> None:
     # Two processes through `accelerate launch` (gloo on CPU), bf16 autocast through Accelerate.
-    report = finetune(tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01",
-                      "mixed_precision=bf16", nproc=2)
-    assert report["linear"] and report["processes"] == 2 and report["mixed_precision"] == "bf16" and {"qwk", "accuracy"} <= set(report["test"])
+    report = finetune(
+        tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01", "mixed_precision=bf16", nproc=2
+    )
+    assert (
+        report["linear"]
+        and report["processes"] == 2
+        and report["mixed_precision"] == "bf16"
+        and {"qwk", "accuracy"} <= set(report["test"])
+    )
     assert report["test"]["samples"] == 45
     best, source = load_file(str(tmp_path / "linear" / "best.safetensors")), load_file(str(export))
     for key, value in source.items():  # the encoder stayed frozen (pos_embed: resampled from 32 to 48 px)
@@ -170,9 +266,15 @@ def test_reference_checkpoints_and_exports_give_the_source_features(export: Path
         pytest.skip(f"reference test vectors not found at {FIXTURE} (../shared is absent here)")
     ref = torch.load(FIXTURE, weights_only=True)
     c = ref["config"]
-    kwargs = {"patch_size": c["patch_size"], "embed_dim": c["embed_dim"], "depth": c["depth"], "num_heads": c["num_heads"]}
-    source = SSiT.from_reference(ref["state_dict"], img_size=c["img_size"], proj_hidden=c["mlp_dim"], proj_dim=c["dim"],
-                                 **kwargs).online.encoder.eval()
+    kwargs = {
+        "patch_size": c["patch_size"],
+        "embed_dim": c["embed_dim"],
+        "depth": c["depth"],
+        "num_heads": c["num_heads"],
+    }
+    source = SSiT.from_reference(
+        ref["state_dict"], img_size=c["img_size"], proj_hidden=c["mlp_dim"], proj_dim=c["dim"], **kwargs
+    ).online.encoder.eval()
     checkpoint = tmp_path / "checkpoint.pt"  # the reference's layout: DDP-prefixed keys inside a dict
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in ref["state_dict"].items()}}, checkpoint)
     encoder, origin = load_encoder(str(checkpoint), c["img_size"], "vit_small_patch16_224", kwargs)
@@ -206,10 +308,13 @@ def test_reference_checkpoints_and_exports_give_the_source_features(export: Path
     torch.testing.assert_close(bigger.patch_embed.proj.weight, plain.patch_embed.proj.weight)
 
 
-def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, graded_shards: Path, export: Path,
-                                                               tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_bad_inputs_fail_before_training_naming_what_is_wrong(
+    graded_dir: Path, graded_shards: Path, export: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     def fails(*args: object) -> str:
-        result = run_cli("finetune", "--out", tmp_path / "bad", *args, "img_size=32", "epochs=1", "workers=0", check=False)
+        result = run_cli(
+            "finetune", "--out", tmp_path / "bad", *args, "img_size=32", "epochs=1", "workers=0", check=False
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # nothing trained
         return " ".join(result.stderr.split())
@@ -218,12 +323,16 @@ def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, 
     assert "carry no grades" in fails("--train", unlabelled, "--val", graded_shards, "--init", "random")
     message = fails("--train", graded_shards, "--val", graded_shards, "--init", "random", "num_classes=3")
     assert "grade 3" in message and "0..2" in message
-    assert "no split 'holdout'" in fails("--train", graded_shards, "--val", f"{graded_shards}:holdout", "--init", "random")
+    assert "no split 'holdout'" in fails(
+        "--train", graded_shards, "--val", f"{graded_shards}:holdout", "--init", "random"
+    )
     message = fails("--train", graded_shards, "--val", graded_shards, "--init", export, "arch=vit_base_patch16_224")
     assert "vit_small_patch16_224" in message and "vit_base_patch16_224" in message
     other = tmp_path / "other.pth"  # timm weights of another width
     torch.save(load_encoder("random", 32, "vit_small_patch16_224", {**TINY, "embed_dim": 96})[0].state_dict(), other)
-    message = fails("--train", graded_shards, "--val", graded_shards, "--init", other, f"timm_kwargs={json.dumps(TINY)}")
+    message = fails(
+        "--train", graded_shards, "--val", graded_shards, "--init", other, f"timm_kwargs={json.dumps(TINY)}"
+    )
     assert "(1, 1, 96)" in message and "(1, 1, 48)" in message
 
     # Damaged labelled shards: a truncated copy, a grade that is not a number.
@@ -254,16 +363,30 @@ def test_bad_inputs_fail_before_training_naming_what_is_wrong(graded_dir: Path, 
 
 def test_a_killed_finetune_resumes_to_the_same_weights(graded_shards: Path, tmp_path: Path) -> None:
     def command(out: Path) -> list[str]:
-        return [str(Path(sys.executable).with_name("ssit-dist")), "finetune", "--train", str(graded_shards), "--init",
-                "random", "--out", str(out), "img_size=32", "epochs=4", "workers=0", "lr=0.001",
-                "arch=vit_small_patch16_224", f"timm_kwargs={json.dumps(TINY)}"]
+        return [
+            str(Path(sys.executable).with_name("ssit-dist")),
+            "finetune",
+            "--train",
+            str(graded_shards),
+            "--init",
+            "random",
+            "--out",
+            str(out),
+            "img_size=32",
+            "epochs=4",
+            "workers=0",
+            "lr=0.001",
+            "arch=vit_small_patch16_224",
+            f"timm_kwargs={json.dumps(TINY)}",
+        ]
 
     whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300, env=clean_env())
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True
+    )
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not (latest.is_file() and latest.read_text().strip() >= "epoch0002"):
@@ -276,10 +399,12 @@ def test_a_killed_finetune_resumes_to_the_same_weights(graded_shards: Path, tmp_
     again = subprocess.run(command(killed), capture_output=True, text=True, timeout=300, env=clean_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed after epoch" in again.stderr
-    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            for name in ("whole", "killed")}
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("whole", "killed")
+    }
     assert [r["epoch"] for r in rows["killed"]] == [1, 2, 3, 4]
-    for a, b in zip(rows["whole"], rows["killed"]):
+    for a, b in zip(rows["whole"], rows["killed"], strict=True):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     a, b = (load_file(str(tmp_path / name / "final.safetensors")) for name in ("whole", "killed"))
     for key in a:
@@ -290,11 +415,25 @@ def test_loader_workers_end_with_a_killed_finetune(graded_shards: Path, tmp_path
     # The OOM killer takes the trainer alone; its loader workers and their forkserver must not live on.
     import psutil
 
-    command = [str(Path(sys.executable).with_name("ssit-dist")), "finetune", "--train", str(graded_shards), "--init",
-               "random", "--out", str(tmp_path / "run"), "img_size=32", "epochs=50", "workers=2", "lr=0.001",
-               "arch=vit_small_patch16_224", f"timm_kwargs={json.dumps(TINY)}"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
-                            start_new_session=True)
+    command = [
+        str(Path(sys.executable).with_name("ssit-dist")),
+        "finetune",
+        "--train",
+        str(graded_shards),
+        "--init",
+        "random",
+        "--out",
+        str(tmp_path / "run"),
+        "img_size=32",
+        "epochs=50",
+        "workers=2",
+        "lr=0.001",
+        "arch=vit_small_patch16_224",
+        f"timm_kwargs={json.dumps(TINY)}",
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True
+    )
     try:
         trainer, deadline = psutil.Process(proc.pid), time.monotonic() + 240
         while len(helpers := trainer.children(recursive=True)) < 3:  # the forkserver and two workers, at least

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +31,14 @@ def run(*command: object, cwd: Path | None = None, env: dict[str, str] | None = 
 
 
 def test_a_wheel_pretrains_outside_the_repository(shards: Path, tmp_path: Path) -> None:
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", ROOT)
+    # Built from a copy of what a wheel is made of: setuptools writes build/ into the folder it builds.
+    source = tmp_path / "source"
+    for name in ("ssit_dist", "ds_configs", "launch"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+    run(*pip_wheel, "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("ssit_dist-*.whl"))
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
@@ -43,15 +51,38 @@ def test_a_wheel_pretrains_outside_the_repository(shards: Path, tmp_path: Path) 
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONPATH")}
     env["OMP_NUM_THREADS"] = "1"
-    where = run(python, "-c", "import ssit_dist.config as c; print(c.__file__); print(c.DS_CONFIGS)", cwd=elsewhere, env=env)
+    where = run(
+        python, "-c", "import ssit_dist.config as c; print(c.__file__); print(c.DS_CONFIGS)", cwd=elsewhere, env=env
+    )
     module, ds_configs = where.split()
     assert module.startswith(str(site)) and ds_configs.startswith(str(site))  # the wheel's, not the repo's
-    assert (Path(ds_configs) / "zero0_fp32.json").is_file() and (Path(ds_configs).parent / "configs" / "tiny_cpu.yaml").is_file()
+    assert (Path(ds_configs) / "zero0_fp32.json").is_file() and (
+        Path(ds_configs).parent / "configs" / "tiny_cpu.yaml"
+    ).is_file()
 
-    run(venv / "bin" / "ssit-dist", "pretrain", "--nproc", 2, "--config", ROOT / "launch" / "configs" / "tiny_cpu.yaml",
-        "run_dir=run", f"data.shards=[{shards}]", "global_batch=8", "epochs=1", "steps_per_epoch=2", "model.img_size=32",
-        "model.proj_hidden=32", "model.proj_dim=16", "model.timm_kwargs={patch_size: 8, embed_dim: 24, depth: 1, num_heads: 2}",
-        "data.shuffle_buffer=8", "optim.lr=5e-4", cwd=elsewhere, env=env)
+    run(
+        venv / "bin" / "ssit-dist",
+        "pretrain",
+        "--nproc",
+        2,
+        "--config",
+        ROOT / "launch" / "configs" / "tiny_cpu.yaml",
+        "run_dir=run",
+        f"data.shards=[{shards}]",
+        "global_batch=8",
+        "epochs=1",
+        "steps_per_epoch=2",
+        "model.img_size=32",
+        "model.proj_hidden=32",
+        "model.proj_dim=16",
+        "model.timm_kwargs={patch_size: 8, embed_dim: 24, depth: 1, num_heads: 2}",
+        "data.shuffle_buffer=8",
+        "optim.lr=5e-4",
+        cwd=elsewhere,
+        env=env,
+    )
     rows = [json.loads(line) for line in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert json.loads((elsewhere / "run" / "fingerprint.json").read_text())["ds_config"]["zero_optimization"]["stage"] == 0
+    assert (
+        json.loads((elsewhere / "run" / "fingerprint.json").read_text())["ds_config"]["zero_optimization"]["stage"] == 0
+    )

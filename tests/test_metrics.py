@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import cohen_kappa_score, confusion_matrix as sk_confusion, roc_auc_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.metrics import confusion_matrix as sk_confusion
 
 from ssit_dist.eval.metrics import confusion_matrix, grading_metrics, macro_auc, quadratic_weighted_kappa
 
@@ -25,14 +26,17 @@ def test_qwk_equals_scikit_learn_on_random_grades(seed: int) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn warns about the undefined cases
-@pytest.mark.parametrize("a, b", [
-    ([2, 2, 2, 2], [2, 2, 2, 2]),            # one grade only, perfect: undefined (0 / 0)
-    ([0, 0, 0], [4, 4, 4]),                  # one grade each side
-    ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),      # perfect agreement: 1
-    ([0, 0, 4, 4], [4, 4, 0, 0]),            # total disagreement: -1
-    ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0]),
-    ([1, 1, 3], [1, 3, 3]),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([2, 2, 2, 2], [2, 2, 2, 2]),  # one grade only, perfect: undefined (0 / 0)
+        ([0, 0, 0], [4, 4, 4]),  # one grade each side
+        ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),  # perfect agreement: 1
+        ([0, 0, 4, 4], [4, 4, 0, 0]),  # total disagreement: -1
+        ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0]),
+        ([1, 1, 3], [1, 3, 3]),
+    ],
+)
 def test_qwk_equals_scikit_learn_on_edge_cases(a: list[int], b: list[int]) -> None:
     ours, theirs = quadratic_weighted_kappa(np.array(a), np.array(b), 5), sk_qwk(np.array(a), np.array(b))
     assert (math.isnan(ours) and math.isnan(theirs)) or ours == pytest.approx(theirs, abs=1e-12)
@@ -46,7 +50,9 @@ def test_confusion_and_auc_equal_scikit_learn() -> None:
     scores /= scores.sum(1, keepdims=True)  # scikit-learn wants probabilities
     pred = scores.argmax(1)
     np.testing.assert_array_equal(confusion_matrix(y, pred, 5), sk_confusion(y, pred, labels=range(5)))
-    assert macro_auc(y, scores) == pytest.approx(roc_auc_score(y, scores, multi_class="ovr", average="macro"), abs=1e-12)
+    assert macro_auc(y, scores) == pytest.approx(
+        roc_auc_score(y, scores, multi_class="ovr", average="macro"), abs=1e-12
+    )
 
 
 def test_grades_missing_from_a_split_are_undefined_not_invented() -> None:

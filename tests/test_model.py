@@ -15,8 +15,13 @@ from ssit_dist.train.schedule import momentum as momentum_at
 from ssit_dist.train.step import PlainEngine, train_step
 
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
-TINY = dict(arch="vit_small_patch16_224", img_size=32,
-            timm_kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3), proj_hidden=64, proj_dim=32)
+TINY = dict(
+    arch="vit_small_patch16_224",
+    img_size=32,
+    timm_kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3),
+    proj_hidden=64,
+    proj_dim=32,
+)
 
 
 def tiny(**overrides: object) -> SSiT:
@@ -26,8 +31,12 @@ def tiny(**overrides: object) -> SSiT:
 
 def batch(n: int = 6, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 3, size, size, generator=g),
-            torch.rand(n, 1, size, size, generator=g), torch.rand(n, 1, size, size, generator=g))
+    return (
+        torch.randn(n, 3, size, size, generator=g),
+        torch.randn(n, 3, size, size, generator=g),
+        torch.rand(n, 1, size, size, generator=g),
+        torch.rand(n, 1, size, size, generator=g),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +49,20 @@ def reference() -> dict:
 def _reference_model(ref: dict) -> SSiT:
     c = ref["config"]
     return SSiT.from_reference(
-        ref["state_dict"], arch="vit_small_patch16_224", img_size=c["img_size"], patch_size=c["patch_size"],
-        embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], proj_hidden=c["mlp_dim"],
-        proj_dim=c["dim"], temperature=c["T"], mask_ratio=c["mask_ratio"], pool=c["pool_mode"],
-        saliency_threshold=c["saliency_threshold"])
+        ref["state_dict"],
+        arch="vit_small_patch16_224",
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        embed_dim=c["embed_dim"],
+        depth=c["depth"],
+        num_heads=c["num_heads"],
+        proj_hidden=c["mlp_dim"],
+        proj_dim=c["dim"],
+        temperature=c["T"],
+        mask_ratio=c["mask_ratio"],
+        pool=c["pool_mode"],
+        saliency_threshold=c["saliency_threshold"],
+    )
 
 
 def test_losses_gradients_and_momentum_match_the_reference(reference: dict) -> None:
@@ -56,8 +75,12 @@ def test_losses_gradients_and_momentum_match_the_reference(reference: dict) -> N
     assert losses.contrastive.item() == pytest.approx(reference["cl_loss"], rel=1e-5)
     assert losses.saliency.item() == pytest.approx(reference["ss_loss"], rel=1e-5)
 
-    renames = [(r"^base_encoder\.head\.", "online.projector."), (r"^base_encoder\.", "online.encoder."),
-               (r"^predictor\.", "online.predictor."), (r"^saliency_segmentor\.0\.", "online.saliency_head.proj.")]
+    renames = [
+        (r"^base_encoder\.head\.", "online.projector."),
+        (r"^base_encoder\.", "online.encoder."),
+        (r"^predictor\.", "online.predictor."),
+        (r"^saliency_segmentor\.0\.", "online.saliency_head.proj."),
+    ]
     params = dict(model.named_parameters())
     checked = 0
     for key, expected in reference["grads"].items():
@@ -80,8 +103,16 @@ def test_from_reference_accepts_the_ddp_prefix_and_rejects_strangers(reference: 
     model = _reference_model(reference)
     torch.testing.assert_close(model.online.encoder.cls_token, prefixed["module.base_encoder.cls_token"])
     with pytest.raises(ValueError, match="unexpected key 'decoder.weight'"):
-        SSiT.from_reference({**prefixed, "decoder.weight": torch.zeros(1)}, img_size=32, patch_size=8,
-                            embed_dim=48, depth=2, num_heads=3, proj_hidden=64, proj_dim=32)
+        SSiT.from_reference(
+            {**prefixed, "decoder.weight": torch.zeros(1)},
+            img_size=32,
+            patch_size=8,
+            embed_dim=48,
+            depth=2,
+            num_heads=3,
+            proj_hidden=64,
+            proj_dim=32,
+        )
 
 
 def test_salient_tokens_are_the_top_patches_of_a_hand_built_map() -> None:
@@ -98,7 +129,9 @@ def test_salient_tokens_are_the_top_patches_of_a_hand_built_map() -> None:
     # Ties (the ten empty patches) are broken by the lower index, deterministically.
     keep_ties = salient_token_indices(saliency, patch=2, mask_ratio=0.5)
     assert keep_ties[0, 1:].tolist() == [11, 6, 7, 16, 4, 1, 2, 3]
-    avg = salient_token_indices(saliency * 0 + torch.arange(64.0).view(1, 1, 8, 8), patch=2, mask_ratio=0.75, pool="avg")
+    avg = salient_token_indices(
+        saliency * 0 + torch.arange(64.0).view(1, 1, 8, 8), patch=2, mask_ratio=0.75, pool="avg"
+    )
     assert avg[0, 1:].tolist() == [16, 15, 14, 13]
 
 
@@ -137,7 +170,7 @@ def test_momentum_update_follows_m() -> None:
     before = [p.clone() for p in model.momentum.parameters()]
     sources = [p for m in model.online.ema_source() for p in m.parameters()]
     model.momentum.update(sources, 0.9)
-    for old, new, src in zip(before, model.momentum.parameters(), sources):
+    for old, new, src in zip(before, model.momentum.parameters(), sources, strict=True):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * src)
 
 
@@ -150,7 +183,7 @@ def test_ema_in_fp32_tracks_float64_under_bf16_training() -> None:
     m = 0.999
     for step in range(1000):
         model.momentum.update(sources, m)
-        for e, p in zip(exact, sources):
+        for e, p in zip(exact, sources, strict=True):
             e.mul_(m).add_(p.detach().double(), alpha=1 - m)
         if step % 10 == 0:  # train every 10th step: the EMA must follow moving weights, cheaply
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,8 +192,8 @@ def test_ema_in_fp32_tracks_float64_under_bf16_training() -> None:
             (cl + ss).backward()
             optimizer.step()
     assert all(p.dtype == torch.float32 for p in model.momentum.parameters())
-    drift = max((p.double() - e).abs().max().item() for p, e in zip(model.momentum.parameters(), exact))
-    moved = max((p.double() - e).abs().max().item() for p, e in zip(sources, exact))
+    drift = max((p.double() - e).abs().max().item() for p, e in zip(model.momentum.parameters(), exact, strict=True))
+    moved = max((p.double() - e).abs().max().item() for p, e in zip(sources, exact, strict=True))
     assert drift < 1e-6 and moved > 1e-4, (drift, moved)
 
 
@@ -184,7 +217,8 @@ def test_momentum_schedule_is_a_cosine_ramp() -> None:
 
 def test_full_fp32_parameters_of_plain_modules() -> None:
     layer = torch.nn.Linear(3, 2)
-    assert all(a is b or torch.equal(a, b) for a, b in zip(full_fp32_parameters(layer), layer.parameters()))
+    pairs = zip(full_fp32_parameters(layer), layer.parameters(), strict=True)
+    assert all(a is b or torch.equal(a, b) for a, b in pairs)
     half = torch.nn.Linear(3, 2).to(torch.bfloat16)
     full = list(full_fp32_parameters(half))
     assert all(t.dtype == torch.float32 for t in full)

@@ -32,10 +32,18 @@ def tiny_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def ds_config(tmp: Path, stage: int, bf16: bool = False, eps: float = 1e-8) -> Path:
     path = tmp / f"zero{stage}{'_bf16' if bf16 else ''}_eps{eps:g}.json"
-    body = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0, "steps_per_print": 10**6,
-            "zero_optimization": {"stage": stage},
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True, "eps": eps}}}
+    body = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**6,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True, "eps": eps},
+        },
+    }
     if bf16:
         body["bf16"] = {"enabled": True}
     path.write_text(json.dumps(body))
@@ -43,12 +51,26 @@ def ds_config(tmp: Path, stage: int, bf16: bool = False, eps: float = 1e-8) -> P
 
 
 def config(tmp: Path, shards: Path, name: str, ds: Path, **extra: object) -> Path:
-    body = {"run_dir": str(tmp / name), "ds_config": str(ds), "global_batch": 8, "micro_batch": 2,
-            "epochs": 2, "steps_per_epoch": 4, "checkpoint_every": 2, "keep_checkpoints": 4, "seed": 3,
-            "model": {"arch": "vit_small_patch16_224", "img_size": 32, "proj_hidden": 64, "proj_dim": 32,
-                      "timm_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}},
-            "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 16},
-            "optim": {"warmup_epochs": 0.5, "lr": 0.005}}
+    body = {
+        "run_dir": str(tmp / name),
+        "ds_config": str(ds),
+        "global_batch": 8,
+        "micro_batch": 2,
+        "epochs": 2,
+        "steps_per_epoch": 4,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 4,
+        "seed": 3,
+        "model": {
+            "arch": "vit_small_patch16_224",
+            "img_size": 32,
+            "proj_hidden": 64,
+            "proj_dim": 32,
+            "timm_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3},
+        },
+        "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 16},
+        "optim": {"warmup_epochs": 0.5, "lr": 0.005},
+    }
     for key, value in extra.items():
         section, _, field = key.partition("__")
         (body.setdefault(section, {}) if field else body)[field or section] = value
@@ -58,8 +80,16 @@ def config(tmp: Path, shards: Path, name: str, ds: Path, **extra: object) -> Pat
 
 
 def torchrun(cfg: Path, nproc: int = 2) -> list[str]:
-    return [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)]
+    return [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "launch" / "pretrain.py"),
+        "--config",
+        str(cfg),
+    ]
 
 
 def env() -> dict[str, str]:
@@ -95,8 +125,10 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     # Losses over many steps are chaotic in the rounding and are not compared here (the kill-and-resume
     # and SIGTERM tests train 8 steps on ZeRO 0 and 2 as the multi-step smoke check).
     steps = {"epochs": 1, "steps_per_epoch": 3, "checkpoint_every": 1, "optim": {"lr": 0.005, "warmup_epochs": 0.0}}
-    runs = {stage: train(config(tmp_path, tiny_shards, f"z{stage}", ds_config(tmp_path, stage, eps=1e-3), **steps))
-            for stage in range(4)}
+    runs = {
+        stage: train(config(tmp_path, tiny_shards, f"z{stage}", ds_config(tmp_path, stage, eps=1e-3), **steps))
+        for stage in range(4)
+    }
     lr = runs[0][0]["lr"]
     assert lr == pytest.approx(0.005 * 8 / 512)
     from ssit_dist.models.ssit import ModelConfig, SSiT
@@ -114,15 +146,22 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
             other = _encoder_at(tmp_path / f"z{stage}", tag, exported)
             assert other.keys() == reference.keys()
             for key in reference:
-                torch.testing.assert_close(other[key], reference[key], rtol=0, atol=0.1 * lr * step,
-                                           msg=f"ZeRO {stage} vs 0 after step {step}: {key}")
+                torch.testing.assert_close(
+                    other[key],
+                    reference[key],
+                    rtol=0,
+                    atol=0.1 * lr * step,
+                    msg=f"ZeRO {stage} vs 0 after step {step}: {key}",
+                )
     for stage in range(4):
         assert [r["step"] for r in runs[stage]] == [1, 2, 3]
         # The first loss is computed before any update, from the same weights and data; the later ones
         # after updates of ~lr, which move the loss far less than its own scale.
         assert runs[stage][0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=1e-5)
-        for a, b in zip(runs[0], runs[stage]):
-            assert a["cl_loss"] == pytest.approx(b["cl_loss"], rel=1e-3) and a["ss_loss"] == pytest.approx(b["ss_loss"], rel=1e-3)
+        for a, b in zip(runs[0], runs[stage], strict=True):
+            assert a["cl_loss"] == pytest.approx(b["cl_loss"], rel=1e-3) and a["ss_loss"] == pytest.approx(
+                b["ss_loss"], rel=1e-3
+            )
     bf16 = train(config(tmp_path, tiny_shards, "bf16", ds_config(tmp_path, 2, bf16=True), **steps))
     assert all(torch.isfinite(torch.tensor([r["cl_loss"], r["ss_loss"]])).all() for r in bf16)
     assert bf16[0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=0.1)  # bf16: 8-bit mantissa
@@ -134,7 +173,9 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     out = tmp_path / "export3" / "encoder"
     run_cli("export", tmp_path / "z3", "-o", out, "--tag", "step00000003")
     meta = json.loads(out.with_suffix(".json").read_text())
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"], **meta["timm_kwargs"])
+    model = timm.create_model(
+        meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"], **meta["timm_kwargs"]
+    )
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))), strict=True)
 
 
@@ -147,8 +188,9 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
 
     cfg = config(tmp_path, tiny_shards, "killed", ds)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
-    proc = subprocess.Popen(torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not (latest.is_file() and latest.read_text().strip() >= "step00000004"):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -176,8 +218,13 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
 def _launch_one(cfg: Path) -> subprocess.CompletedProcess[str]:
     e = env()
     e.update(MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=120, env=e)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=e,
+    )
 
 
 def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: Path) -> None:
@@ -190,10 +237,14 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
     bare.mkdir()
     for tar in tiny_shards.glob("train-*.tar"):
         (bare / tar.name).symlink_to(tar)
-    result = _launch_one(config(tmp_path, tiny_shards, "bare", ds, data__shards=[f"{bare}/train-{{000000..000005}}.tar"]))
+    result = _launch_one(
+        config(tmp_path, tiny_shards, "bare", ds, data__shards=[f"{bare}/train-{{000000..000005}}.tar"])
+    )
     assert result.returncode == 2 and "data.mean / data.std" in result.stderr
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}, "bf16": {"enabled": True}}))
+    bad.write_text(
+        json.dumps({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}, "bf16": {"enabled": True}})
+    )
     result = _launch_one(config(tmp_path, tiny_shards, "bad", bad))
     assert result.returncode == 2 and "fp16 and bf16" in result.stderr
     bad.write_text(json.dumps({"zero_optimization": {"stage": 1, "offload_param": {"device": "cpu"}}}))
@@ -205,8 +256,14 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, tmp_path: Path) -> None:
-    cfg = config(tmp_path, tiny_shards, "diverged", ds_config(tmp_path, 0), checkpoint_every=1,
-                 optim={"lr": 1e30, "warmup_epochs": 0.0})
+    cfg = config(
+        tmp_path,
+        tiny_shards,
+        "diverged",
+        ds_config(tmp_path, 0),
+        checkpoint_every=1,
+        optim={"lr": 1e30, "warmup_epochs": 0.0},
+    )
     result = subprocess.run(torchrun(cfg), capture_output=True, text=True, timeout=300, env=env())
     assert result.returncode != 0
     run_dir = tmp_path / "diverged"
@@ -224,8 +281,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_pat
     # What SLURM sends before the time limit: the job must save where it is and stop with exit 0.
     cfg = config(tmp_path, tiny_shards, "preempted", ds_config(tmp_path, 0), checkpoint_every=100)
     metrics = tmp_path / "preempted" / "metrics.jsonl"
-    proc = subprocess.Popen(torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env(), start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"

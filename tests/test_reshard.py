@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from conftest import pack_real_subset
 from test_pretrain import ROOT, TORCHRUN, env, train
 from test_resume_safety import launch, rows, short
+
+from conftest import pack_real_subset
 from ssit_dist.dist import free_port
 
 
@@ -27,8 +27,19 @@ def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def restored(cfg: Path, tag: str, step: int, mode: str, nproc: int, out: Path) -> dict[str, torch.Tensor]:
     """What `pretrain.build_and_restore` restores on `nproc` ranks, gathered whole (tests/restore_probe.py)."""
-    command = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               str(ROOT / "tests" / "restore_probe.py"), str(cfg), tag, str(step), mode, str(out)]
+    command = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "restore_probe.py"),
+        str(cfg),
+        tag,
+        str(step),
+        mode,
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env())
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out)

@@ -5,8 +5,8 @@ destroy other files. Real DeepSpeed runs of a tiny ViT on real photographs."""
 from __future__ import annotations
 
 import io
-import shutil
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from test_pretrain import ROOT, config, ds_config, env, torchrun, train
 
 from conftest import pack_real_subset, run_cli
-from test_pretrain import ROOT, config, ds_config, env, torchrun, train
 from ssit_dist.dist import free_port
 
 
@@ -27,7 +26,9 @@ def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def launch(cfg: Path, *overrides: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(torchrun(cfg, nproc) + list(overrides), capture_output=True, text=True, timeout=timeout, env=env())
+    return subprocess.run(
+        torchrun(cfg, nproc) + list(overrides), capture_output=True, text=True, timeout=timeout, env=env()
+    )
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -48,7 +49,11 @@ def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, tmp_pa
     # torchrun itself exits 1 whatever its ranks' code; theirs is 2 (a config problem) and it says so.
     result = launch(cfg, "global_batch=4", "epochs=2")
     assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
-    assert "global_batch: 8 -> 4" in result.stderr and "epochs: 1 -> 2" in result.stderr and "resume=force" in result.stderr
+    assert (
+        "global_batch: 8 -> 4" in result.stderr
+        and "epochs: 1 -> 2" in result.stderr
+        and "resume=force" in result.stderr
+    )
 
     result = launch(cfg, nproc=1)  # a requeue onto fewer ranks
     assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
@@ -70,7 +75,10 @@ def test_a_dangling_latest_or_a_missing_rank_file_stops_every_rank(shards: Path,
     (folder / "latest").write_text("step00000009")
     result = launch(cfg)
     assert result.returncode != 0
-    assert f"{folder / 'latest'} names checkpoint 'step00000009'" in result.stderr and str(folder / "step00000009") in result.stderr
+    assert (
+        f"{folder / 'latest'} names checkpoint 'step00000009'" in result.stderr
+        and str(folder / "step00000009") in result.stderr
+    )
 
     (folder / "latest").write_text("step00000002")
     rank1 = next((folder / "step00000002").glob("*rank_1*optim_states.pt"))  # one rank's ZeRO partition
@@ -98,8 +106,13 @@ def test_rank_zero_failing_to_write_stops_every_rank(shards: Path, tmp_path: Pat
 def _python(cfg: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     e = env()
     e.update(MASTER_PORT=str(free_port()))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+    )
 
 
 def test_a_source_that_yields_nothing_ends_the_run_naming_it(shards: Path, tmp_path: Path) -> None:
@@ -130,11 +143,17 @@ def test_a_changed_shard_stops_every_rank_naming_it(shards: Path, tmp_path: Path
     shard.write_bytes(bytes(data))
     result = launch(short(tmp_path, copy, "run", data={"shards": [str(copy)], "verify": "sha256", "workers": 1}))
     assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
-    assert "rank 0 on" in result.stderr and "rank 1 on" in result.stderr and f"{shard}: sha256 does not match" in result.stderr
+    assert (
+        "rank 0 on" in result.stderr
+        and "rank 1 on" in result.stderr
+        and f"{shard}: sha256 does not match" in result.stderr
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(graded_dir: Path, shards: Path, tmp_path: Path) -> None:
+def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
+    graded_dir: Path, shards: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:4]:
@@ -158,5 +177,7 @@ def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(graded_dir: 
     run_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", "--overwrite")
     assert (tmp_path / "exp" / "run1.5.safetensors").read_bytes() != before
     (tmp_path / "run" / "checkpoints" / "step00000001" / "ssit_meta.json").unlink()  # as an interrupted save leaves it
-    refused = run_cli("export", tmp_path / "run", "-o", tmp_path / "exp" / "other", "--tag", "step00000001", check=False)
+    refused = run_cli(
+        "export", tmp_path / "run", "-o", tmp_path / "exp" / "other", "--tag", "step00000001", check=False
+    )
     assert refused.returncode != 0 and "incomplete" in refused.stderr

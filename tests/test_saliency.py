@@ -5,9 +5,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from opencv_reference import paper_saliency
 from PIL import Image
 
-from opencv_reference import paper_saliency
 from ssit_dist.data.saliency import saliency_map
 
 

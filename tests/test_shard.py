@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import psutil
 import pytest
+from opencv_reference import paper_saliency
 from PIL import Image
 
 from conftest import CLI, run_cli
-from opencv_reference import paper_saliency
 from ssit_dist.data.index import read_index
 
 SPLIT = "train=0.7,val=0.15,test=0.15"
@@ -58,8 +58,19 @@ def grades(graded_dir: Path) -> dict[str, int]:
 def packed(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The issue's command on all 300 graded photographs, default size, 2 workers, with a preview."""
     out = tmp_path_factory.mktemp("graded") / "OUT"
-    result = run_cli("shard", graded_dir, out, "--labels", graded_dir / "labels.csv", "--split", SPLIT,
-                     "--workers", 2, "--preview", 6)
+    result = run_cli(
+        "shard",
+        graded_dir,
+        out,
+        "--labels",
+        graded_dir / "labels.csv",
+        "--split",
+        SPLIT,
+        "--workers",
+        2,
+        "--preview",
+        6,
+    )
     return out, result.stdout
 
 
@@ -87,7 +98,7 @@ def test_index_fields_and_sha256(packed: tuple[Path, str]) -> None:
     for split in info["splits"].values():
         assert set(split) >= {"name", "num_samples", "filenames", "shard_lengths", "sha256", "label_histogram"}
         assert sum(split["shard_lengths"]) == split["num_samples"]
-        for name, digest, length in zip(split["filenames"], split["sha256"], split["shard_lengths"]):
+        for name, digest, length in zip(split["filenames"], split["sha256"], split["shard_lengths"], strict=True):
             assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
             assert len(samples(out / name)) == length
     assert not list(out.glob("*.tmp"))
@@ -132,8 +143,10 @@ def test_stored_saliency_is_opencv_on_the_stored_image(packed: tuple[Path, str])
 
 def test_mean_std_are_those_of_the_train_images(packed: tuple[Path, str]) -> None:
     out, _ = packed
-    pixels = [np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), np.float64) / 255
-              for m in samples(out / "train-000000.tar").values()]
+    pixels = [
+        np.asarray(Image.open(io.BytesIO(m["jpg"])).convert("RGB"), np.float64) / 255
+        for m in samples(out / "train-000000.tar").values()
+    ]
     stacked = np.stack(pixels).reshape(-1, 3)
     info = json.loads((out / "_info.json").read_text())
     np.testing.assert_allclose(info["mean"], stacked.mean(0), atol=2e-3)
@@ -154,8 +167,21 @@ def test_same_output_whatever_the_worker_count(graded_dir: Path, grades: dict[st
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        run_cli("shard", src, out, "--labels", src / "labels.csv", "--split", SPLIT, "--size", 128,
-                "--shard-size", 8, "--workers", workers)
+        run_cli(
+            "shard",
+            src,
+            out,
+            "--labels",
+            src / "labels.csv",
+            "--split",
+            SPLIT,
+            "--size",
+            128,
+            "--shard-size",
+            8,
+            "--workers",
+            workers,
+        )
         outs.append(out)
     files = sorted(p.name for p in outs[0].iterdir())
     assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 4
@@ -163,7 +189,9 @@ def test_same_output_whatever_the_worker_count(graded_dir: Path, grades: dict[st
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
-def test_bad_images_are_skipped_listed_and_strict_fails(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+def test_bad_images_are_skipped_listed_and_strict_fails(
+    graded_dir: Path, grades: dict[str, int], tmp_path: Path
+) -> None:
     names = sorted(grades)[:6]
     src = link_subset(graded_dir, tmp_path / "in", names)
     whole = (graded_dir / names[0]).read_bytes()
@@ -195,7 +223,7 @@ def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> No
     small.convert("RGBA").save(src / "rgba.png")
     small.convert("P").save(src / "palette.png")
     small.convert("CMYK").save(src / "cmyk.jpg")
-    Image.fromarray((np.asarray(small.convert("L"), np.uint16) * 257)).save(src / "sixteen.png")
+    Image.fromarray(np.asarray(small.convert("L"), np.uint16) * 257).save(src / "sixteen.png")
     run_cli("shard", src, tmp_path / "out", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert info["num_samples"] == 5 and info["skipped"] == []
@@ -203,12 +231,13 @@ def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> No
     assert modes == {"L", "RGBA", "P", "CMYK", "I;16"}
 
 
-def test_label_csv_problems_are_reported_with_line_numbers(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+def test_label_csv_problems_are_reported_with_line_numbers(
+    graded_dir: Path, grades: dict[str, int], tmp_path: Path
+) -> None:
     names = sorted(grades)[:5]
     src = link_subset(graded_dir, tmp_path / "in", names)
     (src / "labels.csv").write_text(
-        "image,grade\n"
-        f"{names[0]},0\n{names[1]},9\nmissing.jpeg,1\n{names[0]},0\n{names[2]},1,extra\n{names[3]},2\n"
+        f"image,grade\n{names[0]},0\n{names[1]},9\nmissing.jpeg,1\n{names[0]},0\n{names[2]},1,extra\n{names[3]},2\n"
     )
     result = run_cli("shard", src, tmp_path / "out", "--labels", src / "labels.csv", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
@@ -241,7 +270,9 @@ def _wait_for(condition, timeout: float = 60) -> None:  # type: ignore[no-untype
         time.sleep(0.1)
 
 
-def test_a_killed_run_never_leaves_an_index_of_incomplete_shards(graded_dir: Path, retina: Image.Image, tmp_path: Path) -> None:
+def test_a_killed_run_never_leaves_an_index_of_incomplete_shards(
+    graded_dir: Path, retina: Image.Image, tmp_path: Path
+) -> None:
     small = tmp_path / "small"
     small.mkdir()
     retina.resize((128, 128)).save(small / "eye.jpg")

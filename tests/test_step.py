@@ -9,14 +9,23 @@ import torch
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import PlainEngine, train_step
 
-TINY = ModelConfig(arch="vit_small_patch16_224", img_size=32, proj_hidden=32, proj_dim=16,
-                   timm_kwargs=dict(patch_size=8, embed_dim=24, depth=1, num_heads=2))
+TINY = ModelConfig(
+    arch="vit_small_patch16_224",
+    img_size=32,
+    proj_hidden=32,
+    proj_dim=16,
+    timm_kwargs=dict(patch_size=8, embed_dim=24, depth=1, num_heads=2),
+)
 
 
 def pairs(n: int, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g),
-            torch.rand(n, 1, 32, 32, generator=g), torch.rand(n, 1, 32, 32, generator=g))
+    return (
+        torch.randn(n, 3, 32, 32, generator=g),
+        torch.randn(n, 3, 32, 32, generator=g),
+        torch.rand(n, 1, 32, 32, generator=g),
+        torch.rand(n, 1, 32, 32, generator=g),
+    )
 
 
 def test_accumulation_steps_once_and_averages_the_losses() -> None:
@@ -28,12 +37,13 @@ def test_accumulation_steps_once_and_averages_the_losses() -> None:
 
     def micro_batches():  # records, before the second micro batch, whether the weights moved yet
         yield pairs(4, 1)
-        seen.append(all(torch.equal(a, b) for a, b in zip(start, model.online.parameters())))
+        seen.append(all(torch.equal(a, b) for a, b in zip(start, model.online.parameters(), strict=True)))
         yield pairs(4, 2)
 
     losses = train_step(engine, model.momentum, micro_batches(), 0.99, 1.0, 10.0)
     assert seen == [True]  # no optimizer step after the first micro batch
-    assert not all(torch.equal(a, b) for a, b in zip(start, model.online.parameters()))  # one after the second
+    # One optimizer step after the second micro batch.
+    assert not all(torch.equal(a, b) for a, b in zip(start, model.online.parameters(), strict=True))
     assert losses.contrastive.dim() == 0 and isinstance(losses.contrastive, torch.Tensor)
 
 
@@ -47,7 +57,8 @@ def test_the_momentum_network_moves_before_the_keys() -> None:
     engine = PlainEngine(model.online, torch.optim.SGD(model.online.parameters(), lr=0.0))
     keys_from: list[list[torch.Tensor]] = []
     hook = model.momentum.register_forward_pre_hook(
-        lambda module, _: keys_from.append([p.detach().clone() for p in module.parameters()]))
+        lambda module, _: keys_from.append([p.detach().clone() for p in module.parameters()])
+    )
     train_step(engine, model.momentum, [pairs(4, 1)], 0.9, 1.0, 1.0)
     hook.remove()
     assert not torch.equal(keys_from[0][0], before[0])  # keys came from the updated momentum network

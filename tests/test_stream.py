@@ -31,8 +31,9 @@ def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_stream(folder: Path, rank: int = 0, seed: int = 0) -> PairStream:
     shard_set = open_shards([folder])
-    return PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), batch_size=4, seed=seed,
-                      shuffle_buffer=8, rank=rank)
+    return PairStream(
+        shard_set, PairAugment(32, shard_set.mean, shard_set.std), batch_size=4, seed=seed, shuffle_buffer=8, rank=rank
+    )
 
 
 def take(stream: PairStream, n: int, workers: int) -> list[tuple[torch.Tensor, ...]]:
@@ -54,8 +55,8 @@ def test_resuming_mid_epoch_replays_the_same_batches(shards: Path, workers: int)
     full = take(stream, 7, workers)
     stream.set_position(epoch=3, skip_batches=4)
     resumed = take(stream, 3, workers)
-    for a, b in zip(full[4:], resumed):
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     stream.set_position(epoch=4)
     assert not torch.equal(take(stream, 1, workers)[0][0], full[0][0])  # a new epoch, new data
 
@@ -117,7 +118,7 @@ def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
     from_file = list(read_shard(local))
     from_pipe = list(read_shard(f"pipe:cat {local}"))
     assert [s["__key__"] for s in from_pipe] == [s["__key__"] for s in from_file] and len(from_file) == 3
-    assert all(a["jpg"] == b["jpg"] and a["sal.png"] == b["sal.png"] for a, b in zip(from_file, from_pipe))
+    assert all(a["jpg"] == b["jpg"] and a["sal.png"] == b["sal.png"] for a, b in zip(from_file, from_pipe, strict=True))
 
 
 def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path) -> None:
@@ -145,8 +146,10 @@ os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanu
     assert loaded == "4 True" and len(helpers.split()) >= 3  # two workers, the forkserver, ...
     # Its loader workers and their forkserver must not outlive it.
     deadline = time.monotonic() + 20
-    while any(psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
-              for pid in helpers.split()):
+    while any(
+        psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+        for pid in helpers.split()
+    ):
         assert time.monotonic() < deadline, f"loader processes {helpers} outlived the trainer"
         time.sleep(0.2)
 

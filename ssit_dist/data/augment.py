@@ -35,8 +35,9 @@ VIEW1 = ViewRecipe(scale=(0.08, 0.8), blur_p=1.0, solarize_p=0.0)
 VIEW2 = ViewRecipe(scale=(0.8, 1.0), blur_p=0.1, solarize_p=0.2)
 
 
-def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop with area fraction in `scale` and aspect ratio in `ratio`
     (log-uniform), with a centre-crop fallback after 10 tries (torchvision's RandomResizedCrop rule)."""
     area = height * width
@@ -101,8 +102,9 @@ def rotate(image: np.ndarray, angle: float) -> np.ndarray:
     return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_NEAREST, borderValue=0)
 
 
-def augment_view(bgr: np.ndarray, saliency: np.ndarray, recipe: ViewRecipe, size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_view(
+    bgr: np.ndarray, saliency: np.ndarray, recipe: ViewRecipe, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One view: (size, size, 3) uint8 BGR image and (size, size) uint8 saliency map."""
     top, left, h, w = crop_box(rng, bgr.shape[0], bgr.shape[1], recipe.scale, recipe.ratio)
     image = _resize(bgr[top : top + h, left : left + w], size)
@@ -134,7 +136,7 @@ class PairAugment:
         self.size = size
         # Normalisation folded into one multiply-add on the uint8 values.
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(3, 1, 1)
 
     def _tensors(self, image: np.ndarray, sal: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rgb = torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))

@@ -86,9 +86,7 @@ def disc_box(img: Image.Image) -> Box:
         return _square_box(width, height)
     blurred = np.asarray(img.filter(ImageFilter.BLUR))
     strip = width // 32
-    background = np.maximum(
-        blurred[:, :strip].max(axis=(0, 1)), blurred[:, -strip:].max(axis=(0, 1))
-    ).astype(np.int32)
+    background = np.maximum(blurred[:, :strip].max(axis=(0, 1)), blurred[:, -strip:].max(axis=(0, 1))).astype(np.int32)
     foreground = (blurred > background + 10).any(axis=2)
     rows, cols = np.flatnonzero(foreground.any(axis=1)), np.flatnonzero(foreground.any(axis=0))
     if rows.size == 0:

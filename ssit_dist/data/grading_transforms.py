@@ -12,21 +12,25 @@ from torchvision.transforms import v2
 
 
 def train_transform(size: int, mean: list[float], std: list[float]) -> v2.Compose:
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.87, 1.15), ratio=(0.7, 1.3), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.1),
-        v2.RandomRotation(180),
-        v2.RandomAffine(degrees=0, translate=(0.1, 0.1)),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.87, 1.15), ratio=(0.7, 1.3), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.1),
+            v2.RandomRotation(180),
+            v2.RandomAffine(degrees=0, translate=(0.1, 0.1)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform(size: int, mean: list[float], std: list[float]) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize((size, size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )

@@ -103,7 +103,7 @@ def read_index(folder: Path, verify: bool = False) -> ShardIndex:
             raise ShardIndexError(f"{path}: split {split.name!r} lists shards, lengths and hashes of unequal count")
         if sum(split.shard_lengths) != split.num_samples:
             raise ShardIndexError(f"{path}: split {split.name!r} num_samples != sum of shard_lengths")
-        for name, expected in zip(split.filenames, split.sha256):
+        for name, expected in zip(split.filenames, split.sha256, strict=True):
             shard = folder / name
             if not shard.is_file():
                 raise ShardIndexError(f"{path} lists {name}, which is missing from {folder}")

@@ -101,9 +101,7 @@ def read_labels(csv_path: Path, root: Path) -> tuple[dict[str, int], list[Proble
     rows = csv.reader(text.splitlines())
     header = [h.strip().lower() for h in next(rows, [])]
     if "image" not in header or "grade" not in header:
-        raise InputError(
-            f"{csv_path}: line 1 must name the columns 'image' and 'grade' (found {header})"
-        )
+        raise InputError(f"{csv_path}: line 1 must name the columns 'image' and 'grade' (found {header})")
     col_image, col_grade = header.index("image"), header.index("grade")
     grades: dict[str, int] = {}
     first_line: dict[str, int] = {}
@@ -152,7 +150,7 @@ def _stratified(items: list[Item], ratios: dict[str, float], seed: int) -> list[
         for k in by_remainder[: len(group) - sum(counts)]:
             counts[k] += 1
         start = 0
-        for name, count in zip(names, counts):
+        for name, count in zip(names, counts, strict=True):
             out += [Item(i.key, i.rel, i.grade, name) for i in group[start : start + count]]
             start += count
     return out
@@ -174,6 +172,7 @@ def discover(root: Path, labels: Path | None = None, split: str | None = None, s
         parts = Path(rel).parts
         item_split = parts[0] if split_dirs and parts[0] in split_dirs else "train"
         in_split = parts[1:] if split_dirs and parts[0] in split_dirs else parts
+        grade: int | None
         if labels:
             if rel not in grades:
                 not_in_labels += 1

@@ -51,8 +51,10 @@ def check_labels(source: SplitSource, num_classes: int) -> ShardIndex:
         raise ShardIndexError(f"{source}: the shards carry no grades; pack them with `ssit-dist shard --labels CSV`")
     outside = sorted(int(g) for g, n in histogram.items() if n and not 0 <= int(g) < num_classes)
     if outside:
-        raise ShardIndexError(f"{source}: grade {outside[0]} ({histogram[str(outside[0])]} samples) is outside "
-                              f"the head's range 0..{num_classes - 1}; set num_classes")
+        raise ShardIndexError(
+            f"{source}: grade {outside[0]} ({histogram[str(outside[0])]} samples) is outside "
+            f"the head's range 0..{num_classes - 1}; set num_classes"
+        )
     return index
 
 
@@ -70,13 +72,17 @@ class LabelledShards(Dataset):
         split = self.index.splits[source.split]
         for i, shard in enumerate(self.index.shard_paths(source.folder, source.split)):
             if split.sizes is not None and shard.stat().st_size != split.sizes[i]:
-                raise ShardIndexError(f"{shard} has {shard.stat().st_size} bytes, {source.folder / '_info.json'} says "
-                                      f"{split.sizes[i]}: a truncated or changed copy; copy the shard again or re-run "
-                                      "`ssit-dist shard`")
+                raise ShardIndexError(
+                    f"{shard} has {shard.stat().st_size} bytes, {source.folder / '_info.json'} says "
+                    f"{split.sizes[i]}: a truncated or changed copy; copy the shard again or re-run "
+                    "`ssit-dist shard`"
+                )
             self._scan(shard)
         if len(self.keys) != self.index.splits[source.split].num_samples:
-            raise ShardIndexError(f"{source}: found {len(self.keys)} labelled samples, the index says "
-                                  f"{self.index.splits[source.split].num_samples}; re-run `ssit-dist shard`")
+            raise ShardIndexError(
+                f"{source}: found {len(self.keys)} labelled samples, the index says "
+                f"{self.index.splits[source.split].num_samples}; re-run `ssit-dist shard`"
+            )
 
     def _scan(self, shard: Path) -> None:
         found: dict[str, dict] = {}
@@ -86,9 +92,11 @@ class LabelledShards(Dataset):
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if member.offset_data + member.size > size:
-                        raise ShardIndexError(f"{shard} is truncated inside sample {key} ({member.name} ends at byte "
-                                              f"{member.offset_data + member.size}, the file has {size}); copy the "
-                                              "shard again or re-run `ssit-dist shard`")
+                        raise ShardIndexError(
+                            f"{shard} is truncated inside sample {key} ({member.name} ends at byte "
+                            f"{member.offset_data + member.size}, the file has {size}); copy the "
+                            "shard again or re-run `ssit-dist shard`"
+                        )
                     entry = found.setdefault(key, {})
                     if ext == "jpg":
                         entry["jpg"] = (member.offset_data, member.size)
@@ -96,11 +104,14 @@ class LabelledShards(Dataset):
                         entry["cls"] = _grade(tar.extractfile(member).read(), shard, key)  # type: ignore[union-attr]
         except (tarfile.TarError, EOFError, OSError) as e:
             after = f"after sample {key}" if key else "at its start"
-            raise ShardIndexError(f"{shard} is damaged {after} ({e}); copy the shard again or re-run "
-                                  "`ssit-dist shard`") from None
+            raise ShardIndexError(
+                f"{shard} is damaged {after} ({e}); copy the shard again or re-run `ssit-dist shard`"
+            ) from None
         for key, entry in found.items():
             if "jpg" not in entry or "cls" not in entry:
-                raise ShardIndexError(f"{shard}: sample {key} lacks its {'jpg' if 'jpg' not in entry else 'cls'} member")
+                raise ShardIndexError(
+                    f"{shard}: sample {key} lacks its {'jpg' if 'jpg' not in entry else 'cls'} member"
+                )
             self.keys.append(key)
             self.grades.append(entry["cls"])
             self._where.append((str(shard), *entry["jpg"]))
@@ -126,14 +137,18 @@ def _grade(raw: bytes, shard: Path, key: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ShardIndexError(f"{shard}: sample {key} has grade {text[:40]!r} in its cls member, not an integer; "
-                              "fix the labels CSV and re-run `ssit-dist shard`") from None
+        raise ShardIndexError(
+            f"{shard}: sample {key} has grade {text[:40]!r} in its cls member, not an integer; "
+            "fix the labels CSV and re-run `ssit-dist shard`"
+        ) from None
 
 
-def collate_labelled(batch: list[tuple[torch.Tensor | None, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_labelled(
+    batch: list[tuple[torch.Tensor | None, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack a batch, leaving out samples that did not decode (they were logged by the dataset)."""
     kept = [b for b in batch if b[0] is not None]
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    images, grades, indices = zip(*kept)
+    images, grades, indices = zip(*kept, strict=True)
     return torch.stack(images), torch.tensor(grades), torch.tensor(indices)

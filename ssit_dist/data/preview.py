@@ -14,6 +14,7 @@ PAIRS_PER_ROW = 3
 def _pair(members: dict[str, bytes]) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
     sal = cv2.imdecode(np.frombuffer(members["sal.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image is not None and sal is not None, "preview tiles come from samples packed a moment ago"
     image = cv2.resize(image, (TILE, TILE), interpolation=cv2.INTER_AREA)
     sal = cv2.applyColorMap(cv2.resize(sal, (TILE, TILE), interpolation=cv2.INTER_AREA), cv2.COLORMAP_INFERNO)
     return np.hstack([image, sal])

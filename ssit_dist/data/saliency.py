@@ -42,9 +42,7 @@ def enhance(bgr: np.ndarray) -> np.ndarray:
     return np.where(_enhance_region(size), weighted, np.uint8(128))
 
 
-def saliency_map(
-    bgr: np.ndarray, method: Method = "fine_grained", jpeg_roundtrip: bool = True
-) -> np.ndarray:
+def saliency_map(bgr: np.ndarray, method: Method | str = "fine_grained", jpeg_roundtrip: bool = True) -> np.ndarray:
     """Saliency of a square uint8 crop in OpenCV's BGR order, as a (size, size) uint8 map.
 
     BGR matters: the detectors convert to grey with BGR weights, as the authors' cv.imread input was.
@@ -55,11 +53,13 @@ def saliency_map(
     enhanced = enhance(bgr)
     if jpeg_roundtrip:
         # OpenCV's default JPEG quality (95), as the authors' script used.
-        enhanced = cv2.imdecode(cv2.imencode(".jpg", enhanced)[1], cv2.IMREAD_COLOR)
+        decoded = cv2.imdecode(cv2.imencode(".jpg", enhanced)[1], cv2.IMREAD_COLOR)
+        assert decoded is not None, "OpenCV decodes the JPEG it just encoded"
+        enhanced = decoded
     if method == "fine_grained":
-        detector = cv2.saliency.StaticSaliencyFineGrained_create()
+        detector = cv2.saliency.StaticSaliencyFineGrained_create()  # type: ignore[attr-defined]  # contrib module, not in the stubs
     elif method == "spectral_residual":
-        detector = cv2.saliency.StaticSaliencySpectralResidual_create()
+        detector = cv2.saliency.StaticSaliencySpectralResidual_create()  # type: ignore[attr-defined]  # contrib module, not in the stubs
     else:
         raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
     ok, raw = detector.computeSaliency(enhanced)
@@ -67,7 +67,7 @@ def saliency_map(
         raise RuntimeError(f"OpenCV {method} saliency failed on a {size}x{size} image")
     if method == "spectral_residual":
         # Its output is not normalised; bring it to [0, 1] like the fine-grained map.
-        raw = cv2.normalize(raw, None, 0.0, 1.0, cv2.NORM_MINMAX)
+        raw = cv2.normalize(raw, None, 0.0, 1.0, cv2.NORM_MINMAX)  # type: ignore[call-overload]  # dst None: a new array
     # float32 arithmetic and truncation, exactly as the reference stored and then loaded the map.
     raw = np.where(_output_mask(size), raw.astype(np.float32), np.float32(0))
     return (raw * np.float32(255)).astype(np.uint8)

@@ -100,6 +100,7 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     # Saliency and statistics from the decoded JPEG: the pixels training will see, decoded the way the
     # loader decodes them.
     seen = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    assert seen is not None, "OpenCV decodes the JPEG Pillow just wrote"
     sal = saliency_map(seen, opts.saliency, opts.jpeg_roundtrip)
     # RLE strategy: as small as the best zlib setting on these maps, five times faster.
     sal_png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, 3])[1]
@@ -222,9 +223,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(p for p in out.iterdir() if p.name == INFO_NAME or p.name.endswith((".tar", ".tar.tmp")))
     if existing and not overwrite:
-        raise ShardError(
-            f"{out} already holds shards ({existing[0].name}, ...); pass --overwrite to replace them"
-        )
+        raise ShardError(f"{out} already holds shards ({existing[0].name}, ...); pass --overwrite to replace them")
     # Only what the old index named, our own temporary files and its preview: other files stay. The
     # index goes first: an interrupted overwrite must not leave an index that names deleted shards.
     named: list[Path] = []
@@ -299,7 +298,7 @@ def pack(
         raise ShardError(f"every input under {root} was skipped; see the reasons above")
     # Normalisation statistics come from the training split, like everything else that is fitted.
     stats_from = [writers["train"]] if "train" in split_infos else list(writers.values())
-    mean, std = _mean_std(sum(w.histogram for w in stats_from))
+    mean, std = _mean_std(np.sum([w.histogram for w in stats_from], axis=0))
     params = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "preview")}
     params["labels"] = labels_file.name if labels_file else None
     index = ShardIndex(

@@ -16,7 +16,7 @@ import os
 import signal
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
@@ -26,8 +26,7 @@ import cv2
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -74,7 +73,7 @@ def is_pattern(source: str) -> bool:
     return source.endswith(".tar") or "{" in source or _is_remote(source)
 
 
-def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
+def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet:
     """The shards named by `sources`: folders written by `ssit-dist shard` (their `split`), or brace
     patterns of tar URLs. A local shard listed in an `_info.json` beside it takes its sample count and
     mean/std from there; other URLs are drawn uniformly and carry no statistics. Mean/std of several
@@ -101,17 +100,18 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
         urls = list(braceexpand(source))
         missing = [u for u in urls if not (_is_remote(u) or Path(u).is_file())]
         if missing:
-            raise ShardIndexError(f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
-                                  f"the first is {missing[0]}; check the pattern in data.shards")
+            raise ShardIndexError(
+                f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
+                f"the first is {missing[0]}; check the pattern in data.shards"
+            )
         found = [_indexed(url, indexes) for url in urls]
         counts = [n for _, n, _, _ in found]
         paths += urls
         lengths += counts
         sizes += [size for _, _, size, _ in found]
         hashes += [digest for _, _, _, digest in found]
-        index = found[0][0]  # the pattern's statistics are those of its first shard's folder
-        known = index is not None and None not in counts
-        stats.append((index.mean, index.std, sum(counts)) if known else None)  # type: ignore[union-attr,arg-type]
+        first = found[0][0]  # the pattern's statistics are those of its first shard's folder
+        stats.append((first.mean, first.std, sum(counts)) if first is not None and None not in counts else None)  # type: ignore[arg-type]
     if any(s is None for s in stats):
         return ShardSet(paths, lengths, None, None, sizes, hashes)
     w = np.array([n for _, _, n in stats], np.float64)  # type: ignore[misc]
@@ -121,7 +121,9 @@ def open_shards(sources: list[str | Path], split: str = "train") -> ShardSet:
     return ShardSet(paths, lengths, mean, std, sizes, hashes)
 
 
-def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, int | None, int | None, str | None]:
+def _indexed(
+    url: str, indexes: dict[Path, ShardIndex | None]
+) -> tuple[ShardIndex | None, int | None, int | None, str | None]:
     """The `_info.json` beside a local shard (read once per folder) and the shard's sample count, size
     and sha256 in it."""
     if _is_remote(url):
@@ -147,24 +149,31 @@ def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> N
     404 stops the run now rather than after hours."""
     if mode == "none":
         return
-    hashed = [i for i, (url, digest) in enumerate(zip(shards.paths, shards.sha256))
-              if mode == "sha256" and digest is not None and not _is_remote(url)]
+    hashed = [
+        i
+        for i, (url, digest) in enumerate(zip(shards.paths, shards.sha256, strict=True))
+        if mode == "sha256" and digest is not None and not _is_remote(url)
+    ]
     total = sum(os.path.getsize(shards.paths[i]) for i in hashed)
     if hashed:
         log.info("verifying the sha256 of %d shards (%.2f GB)", len(hashed), total / 1e9)
     columns = (TextColumn("sha256"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not (show_progress and hashed), transient=True) as progress:
         bar = progress.add_task("sha256", total=total)
-        for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256)):
+        for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256, strict=True)):
             if _is_remote(url):
                 _probe(url)
             elif mode == "size" and size is not None and (actual := os.path.getsize(url)) != size:
-                raise ShardIndexError(f"{url} has {actual} bytes, its _info.json says {size}: the shard "
-                                      "changed or was cut short; re-copy it or re-run `ssit-dist shard`")
+                raise ShardIndexError(
+                    f"{url} has {actual} bytes, its _info.json says {size}: the shard "
+                    "changed or was cut short; re-copy it or re-run `ssit-dist shard`"
+                )
             elif i in hashed:
                 if sha256_file(Path(url)) != digest:
-                    raise ShardIndexError(f"{url}: sha256 does not match its _info.json: the shard changed or is "
-                                          "corrupt; re-copy it or re-run `ssit-dist shard`")
+                    raise ShardIndexError(
+                        f"{url}: sha256 does not match its _info.json: the shard changed or is "
+                        "corrupt; re-copy it or re-run `ssit-dist shard`"
+                    )
                 progress.advance(bar, os.path.getsize(url))
 
 
@@ -186,8 +195,16 @@ class SourceError(RuntimeError):
 class PairStream(IterableDataset):
     """Infinite stream of augmented (x1, x2, s1, s2) pairs for one rank; see the module docstring."""
 
-    def __init__(self, shards: ShardSet, augment: PairAugment, batch_size: int, seed: int = 0,
-                 shuffle_buffer: int = 1000, rank: int | None = None, empty_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        shards: ShardSet,
+        augment: PairAugment,
+        batch_size: int,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        empty_timeout_s: float = 300.0,
+    ):
         super().__init__()
         self.shards, self.augment, self.empty_timeout_s = shards, augment, empty_timeout_s
         self._last_good = time.monotonic()
@@ -214,9 +231,11 @@ class PairStream(IterableDataset):
     def _starving(self, url: str) -> None:
         """Raise SourceError once no usable sample came for `empty_timeout_s` (progress resets it)."""
         if time.monotonic() - self._last_good > self.empty_timeout_s:
-            raise SourceError(f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards "
-                              f"(the last one tried: {url}): every sample was undecodable or lacked jpg/sal.png, "
-                              "or the source yields nothing (see the warnings above); check the shards and URLs")
+            raise SourceError(
+                f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards "
+                f"(the last one tried: {url}): every sample was undecodable or lacked jpg/sal.png, "
+                "or the source yields nothing (see the warnings above); check the shards and URLs"
+            )
 
     def _shuffled(self, rng: np.random.Generator) -> Iterator[dict]:
         buffer: list[dict] = []
@@ -305,8 +324,14 @@ def _ignore_preemption() -> None:
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """Batches of `stream.batch_size` pairs; iterate it (with `start_batches`) for as many steps as an
     epoch has."""
-    return DataLoader(stream, batch_size=stream.batch_size, pin_memory=pin_memory, drop_last=True,
-                      prefetch_factor=prefetch if workers else None, **worker_options(workers, _ignore_preemption))
+    return DataLoader(
+        stream,
+        batch_size=stream.batch_size,
+        pin_memory=pin_memory,
+        drop_last=True,
+        prefetch_factor=prefetch if workers else None,
+        **worker_options(workers, _ignore_preemption),
+    )
 
 
 def start_batches(loader: DataLoader) -> Iterator:

@@ -25,8 +25,11 @@ def worker_options(workers: int, setup: Callable[[], None] | None = None) -> dic
     `setup`, a module-level function, runs first in every worker."""
     if not workers:
         return {"num_workers": 0}
-    return {"num_workers": workers, "multiprocessing_context": "forkserver",
-            "worker_init_fn": partial(_start_worker, trainer=os.getpid(), setup=setup)}
+    return {
+        "num_workers": workers,
+        "multiprocessing_context": "forkserver",
+        "worker_init_fn": partial(_start_worker, trainer=os.getpid(), setup=setup),
+    }
 
 
 def _start_worker(_: int, trainer: int, setup: Callable[[], None] | None) -> None:

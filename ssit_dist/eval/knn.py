@@ -10,8 +10,15 @@ from __future__ import annotations
 import torch
 
 
-def knn_grades(train_features: torch.Tensor, train_grades: torch.Tensor, test_features: torch.Tensor, k: int,
-               num_classes: int = 5, temperature: float = 0.07, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_grades(
+    train_features: torch.Tensor,
+    train_grades: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int,
+    num_classes: int = 5,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted grades, per-grade scores) for every test row."""
     if not 0 < k <= len(train_features):
         raise ValueError(f"k = {k} needs between 1 and {len(train_features)} training samples")
@@ -27,9 +34,19 @@ def knn_grades(train_features: torch.Tensor, train_grades: torch.Tensor, test_fe
     return torch.cat(grades), torch.cat(scores)
 
 
-def knn_evaluate(train: str, test: str, init: str, img_size: int, ks: tuple[int, ...] = (5, 10, 20),
-                 temperature: float = 0.07, arch: str | None = None, timm_kwargs: dict | None = None,
-                 trust_pickle: bool = False, num_classes: int = 5, batch: int = 64) -> dict:
+def knn_evaluate(
+    train: str,
+    test: str,
+    init: str,
+    img_size: int,
+    ks: tuple[int, ...] = (5, 10, 20),
+    temperature: float = 0.07,
+    arch: str | None = None,
+    timm_kwargs: dict | None = None,
+    trust_pickle: bool = False,
+    num_classes: int = 5,
+    batch: int = 64,
+) -> dict:
     """kNN grading of the `test` split by the `train` split's CLS features of the encoder `init`
     (resized to `img_size`, normalised with the train split's mean/std). Returns metrics per k."""
     import numpy as np
@@ -48,17 +65,27 @@ def knn_evaluate(train: str, test: str, init: str, img_size: int, ks: tuple[int,
     encoder.to(accelerator.device).eval()
     transform = eval_transform(img_size, indexes["train"].mean, indexes["train"].std)
     data = {name: LabelledShards(s, transform, num_classes) for name, s in sources.items()}
-    features = {name: run_over_split(lambda x: encoder.forward_features(x)[:, 0], ds, accelerator, batch)
-                for name, ds in data.items()}
+    features = {
+        name: run_over_split(lambda x: encoder.forward_features(x)[:, 0], ds, accelerator, batch)
+        for name, ds in data.items()
+    }
     train_idx, train_feat = features["train"]
     test_idx, test_feat = features["test"]
     train_grades = torch.tensor(np.array(data["train"].grades)[train_idx])
     truth = np.array(data["test"].grades)[test_idx]
-    result: dict = {"init": init, "encoder": origin.kind, "train": str(sources["train"]), "test": str(sources["test"]),
-                    "temperature": temperature, "img_size": img_size,
-                    "missing": missing(data["train"], train_idx) + missing(data["test"], test_idx), "k": {}}
+    result: dict = {
+        "init": init,
+        "encoder": origin.kind,
+        "train": str(sources["train"]),
+        "test": str(sources["test"]),
+        "temperature": temperature,
+        "img_size": img_size,
+        "missing": missing(data["train"], train_idx) + missing(data["test"], test_idx),
+        "k": {},
+    }
     for k in ks:
-        grades, scores = knn_grades(torch.from_numpy(train_feat), train_grades, torch.from_numpy(test_feat), k,
-                                    num_classes, temperature)
+        grades, scores = knn_grades(
+            torch.from_numpy(train_feat), train_grades, torch.from_numpy(test_feat), k, num_classes, temperature
+        )
         result["k"][str(k)] = grading_metrics(truth, grades.numpy(), scores.numpy(), num_classes)
     return result

@@ -8,6 +8,8 @@ of a grade with no positives or no negatives) are NaN, never a made-up number.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -16,7 +18,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
     for name, y in (("true", y_true), ("predicted", y_pred)):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"{name} grade {int(y.max() if y.max() >= num_classes else y.min())} is outside 0..{num_classes - 1}")
+            raise ValueError(
+                f"{name} grade {int(y.max() if y.max() >= num_classes else y.min())} is outside 0..{num_classes - 1}"
+            )
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -76,7 +80,7 @@ def grading_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray, 
     return _nan_to_none(values)
 
 
-def _nan_to_none(value):  # type: ignore[no-untyped-def]
+def _nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and np.isnan(value):
         return None
     if isinstance(value, list):

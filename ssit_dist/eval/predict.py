@@ -19,8 +19,13 @@ from ssit_dist.dist import gather_objects
 
 
 @torch.no_grad()
-def run_over_split(fn: Callable[[torch.Tensor], torch.Tensor], dataset: LabelledShards, accelerator: Accelerator,
-                   batch_size: int = 64, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def run_over_split(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: LabelledShards,
+    accelerator: Accelerator,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(sample indices, outputs of `fn` as float32 rows), over every process, in dataset order. Samples
     that did not decode are absent; callers name them (`missing`)."""
     mine = Subset(dataset, range(accelerator.process_index, len(dataset), accelerator.num_processes))

@@ -10,14 +10,18 @@ import cv2
 import numpy as np
 
 
-def write_predictions(path: Path, keys: list[str], grades: np.ndarray, predictions: np.ndarray, scores: np.ndarray) -> None:
+def write_predictions(
+    path: Path, keys: list[str], grades: np.ndarray, predictions: np.ndarray, scores: np.ndarray
+) -> None:
     """One row per sample: key, true grade, predicted grade, the model's raw score (regression output,
     or the predicted grade's probability) and the per-grade scores."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "grade", "prediction", "score", *[f"score_{g}" for g in range(scores.shape[1])]])
-        for key, grade, prediction, row in zip(keys, grades, predictions, scores):
-            writer.writerow([key, int(grade), int(prediction), f"{row[int(prediction)]:.6f}", *[f"{v:.6f}" for v in row]])
+        for key, grade, prediction, row in zip(keys, grades, predictions, scores, strict=True):
+            writer.writerow(
+                [key, int(grade), int(prediction), f"{row[int(prediction)]:.6f}", *[f"{v:.6f}" for v in row]]
+            )
 
 
 def confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
@@ -33,9 +37,21 @@ def confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
             cv2.rectangle(image, (x, y), (x + cell, y + cell), (160, 160, 160), 1)
             text = str(int(confusion[i, j]))
             colour = (255, 255, 255) if rows[i, j] > 0.6 else (0, 0, 0)
-            cv2.putText(image, text, (x + cell // 2 - 9 * len(text), y + cell // 2 + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.7, colour, 2)
-        cv2.putText(image, str(i), (margin - 25, margin + i * cell + cell // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
-        cv2.putText(image, str(i), (margin + i * cell + cell // 2 - 6, margin - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+            cv2.putText(
+                image,
+                text,
+                (x + cell // 2 - 9 * len(text), y + cell // 2 + 8),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.7,
+                colour,
+                2,
+            )
+        cv2.putText(
+            image, str(i), (margin - 25, margin + i * cell + cell // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1
+        )
+        cv2.putText(
+            image, str(i), (margin + i * cell + cell // 2 - 6, margin - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1
+        )
     cv2.putText(image, title, (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
     cv2.putText(image, "true (rows) vs predicted (columns)", (10, 50), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (80, 80, 80), 1)
     _write_png(path, image)
@@ -81,6 +97,12 @@ def summary_table(title: str, rows: dict[str, dict]) -> None:
         table.add_column(column)
     for split, m in rows.items():
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(split, str(m["samples"]), fmt(m["accuracy"]), fmt(m["qwk"]), fmt(m["macro_auc"]),
-                      " ".join("-" if r is None else f"{r:.2f}" for r in m["per_grade_recall"]))
+        table.add_row(
+            split,
+            str(m["samples"]),
+            fmt(m["accuracy"]),
+            fmt(m["qwk"]),
+            fmt(m["macro_auc"]),
+            " ".join("-" if r is None else f"{r:.2f}" for r in m["per_grade_recall"]),
+        )
     Console().print(table)

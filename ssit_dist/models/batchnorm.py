@@ -29,6 +29,7 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         var = stats[features : 2 * features] / count - mean * mean
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
+                assert self.num_batches_tracked is not None  # tracked statistics come with the counter
                 self.num_batches_tracked += 1
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 unbiased = var * count / (count - 1)
@@ -47,12 +48,11 @@ def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
-            replacement = CrossRankBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                               child.track_running_stats)
+            replacement = CrossRankBatchNorm1d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement.to(next(child.buffers()).device))
         else:
             convert_batchnorm(child, device_type)
     return module
-
-

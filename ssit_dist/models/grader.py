@@ -11,8 +11,13 @@ THRESHOLDS = (-0.5, 0.5, 1.5, 2.5, 3.5)  # grade g <=> THRESHOLDS[g] <= output <
 
 
 class Grader(nn.Module):
-    def __init__(self, encoder: VisionTransformer, objective: str = "regression", num_classes: int = 5,
-                 head_init_std: float | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        objective: str = "regression",
+        num_classes: int = 5,
+        head_init_std: float | None = None,
+    ):
         super().__init__()
         if objective not in ("regression", "classification"):
             raise ValueError(f"objective {objective!r}: expected regression or classification")

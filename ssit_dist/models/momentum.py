@@ -37,7 +37,7 @@ class MomentumNetwork(nn.Module):
     def update(self, source: Iterable[torch.Tensor], m: float) -> None:
         """self <- m * self + (1 - m) * source, for the query encoder's and projector's full fp32
         parameters in `parameters()` order (buffers are not averaged, as in MoCo v3)."""
-        mine = list(self.parameters())
+        mine: list[torch.Tensor] = list(self.parameters())
         theirs = [t.to(p.device, torch.float32) for p, t in zip(mine, source, strict=True)]
         if self._compensation[0].device != mine[0].device:
             self._compensation = [c.to(mine[0].device) for c in self._compensation]
@@ -46,7 +46,7 @@ class MomentumNetwork(nn.Module):
         torch._foreach_add_(step, self._compensation)
         updated = torch._foreach_add(mine, step)
         applied = torch._foreach_sub(updated, mine)
-        self._compensation = torch._foreach_sub(step, applied)
+        self._compensation = list(torch._foreach_sub(step, applied))
         torch._foreach_copy_(mine, updated)
 
     def get_extra_state(self) -> dict[str, list[torch.Tensor]]:

@@ -38,8 +38,13 @@ class EncoderSource:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def load_encoder(init: str, img_size: int, arch: str | None = None, timm_kwargs: dict[str, Any] | None = None,
-                 trust_pickle: bool = False) -> tuple[VisionTransformer, EncoderSource]:
+def load_encoder(
+    init: str,
+    img_size: int,
+    arch: str | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> tuple[VisionTransformer, EncoderSource]:
     """A timm ViT (no classifier) at `img_size`, initialised from `init`: "random", an export's
     `.safetensors` (its `.json` beside it gives arch and timm kwargs), a reference `checkpoint.pt` /
     `epoch_N.pt`, or a state dict with timm key names (`.safetensors`, `.pth`, `.bin`)."""
@@ -54,17 +59,24 @@ def load_encoder(init: str, img_size: int, arch: str | None = None, timm_kwargs:
         meta = json.loads(description.read_text())
         exported = (meta.get("arch"), meta.get("timm_kwargs") or {})
         if (arch is not None and arch != exported[0]) or (timm_kwargs and timm_kwargs != exported[1]):
-            raise EncoderInitError(f"{path} holds a {_describe(*exported)} encoder, but the run asks for "
-                                   f"{_describe(arch or exported[0], timm_kwargs or {})}; leave arch and "
-                                   "timm_kwargs unset to use the file's")
-        source = EncoderSource("export", str(path), exported[0], exported[1],
-                               {"pretrained_img_size": meta.get("img_size"), "checkpoint": meta.get("checkpoint")})
+            raise EncoderInitError(
+                f"{path} holds a {_describe(*exported)} encoder, but the run asks for "
+                f"{_describe(arch or exported[0], timm_kwargs or {})}; leave arch and "
+                "timm_kwargs unset to use the file's"
+            )
+        source = EncoderSource(
+            "export",
+            str(path),
+            exported[0],
+            exported[1],
+            {"pretrained_img_size": meta.get("img_size"), "checkpoint": meta.get("checkpoint")},
+        )
         state = _read_state(path, trust_pickle)
     else:
         state = _read_state(path, trust_pickle)
         kind = "reference" if any(k.startswith("base_encoder.") for k in state) else "timm"
         if kind == "reference":
-            state = {k[len("base_encoder."):]: v for k, v in state.items() if k.startswith("base_encoder.")}
+            state = {k[len("base_encoder.") :]: v for k, v in state.items() if k.startswith("base_encoder.")}
         source = EncoderSource(kind, str(path), arch or "vit_small_patch16_224", timm_kwargs or {})
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}  # projector / classifier
     encoder = _create(source.arch, img_size, source.timm_kwargs)
@@ -93,9 +105,11 @@ def _read_state(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trust_pickle:
-            raise EncoderInitError(f"{path} is a pickled Python object (such as the reference's epoch_N.pt "
-                                   "module), which can run arbitrary code when loaded; pass --trust-pickle "
-                                   "only if you trust where it came from") from None
+            raise EncoderInitError(
+                f"{path} is a pickled Python object (such as the reference's epoch_N.pt "
+                "module), which can run arbitrary code when loaded; pass --trust-pickle "
+                "only if you trust where it came from"
+            ) from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
@@ -112,13 +126,16 @@ def _load_into(encoder: VisionTransformer, state: dict[str, torch.Tensor], path:
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         grid = encoder.patch_embed.grid_size
         if state["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(grid),
-                                                        num_prefix_tokens=1 if encoder.cls_token is not None else 0)
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"], new_size=list(grid), num_prefix_tokens=1 if encoder.cls_token is not None else 0
+            )
     wanted = _describe(source.arch, source.timm_kwargs)
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise EncoderInitError(f"{path} does not fit {wanted}: {key} is {tuple(value.shape)} in the file, "
-                                   f"{tuple(own[key].shape)} in the model (another architecture or size?)")
+            raise EncoderInitError(
+                f"{path} does not fit {wanted}: {key} is {tuple(value.shape)} in the file, "
+                f"{tuple(own[key].shape)} in the model (another architecture or size?)"
+            )
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

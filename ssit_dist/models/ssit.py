@@ -27,11 +27,16 @@ from ssit_dist.models.vit import create_encoder, encode, patch_size
 
 @dataclass
 class ModelConfig(Checked):
-    arch: str = option("vit_small_patch16_224", "timm architecture of the encoder (vit_small_patch16_224, vit_base_patch16_224, ...)")
+    arch: str = option(
+        "vit_small_patch16_224", "timm architecture of the encoder (vit_small_patch16_224, vit_base_patch16_224, ...)"
+    )
     img_size: int = option(224, "input size in pixels (square); a multiple of the patch size")
-    timm_kwargs: dict[str, Any] = option(factory=dict, help="timm overrides: patch_size, embed_dim, depth, num_heads, ...")
-    init: str | None = option(None, "initial encoder weights (an export, a reference checkpoint, timm weights); null: random",
-                              alias="weights")
+    timm_kwargs: dict[str, Any] = option(
+        factory=dict, help="timm overrides: patch_size, embed_dim, depth, num_heads, ..."
+    )
+    init: str | None = option(
+        None, "initial encoder weights (an export, a reference checkpoint, timm weights); null: random", alias="weights"
+    )
     proj_hidden: int = option(4096, "hidden width of the projector and predictor MLPs")
     proj_dim: int = option(256, "output width of the projector and predictor")
     temperature: float = option(0.2, "contrastive temperature T")
@@ -44,8 +49,12 @@ class ModelConfig(Checked):
         one_of("pool", self.pool, ("max", "avg"))
         require(self.temperature > 0, "temperature", self.temperature, "must be positive")
         require(self.img_size > 0, "img_size", self.img_size, "must be positive")
-        require(self.proj_hidden > 0 and self.proj_dim > 0, "proj_hidden / proj_dim", (self.proj_hidden, self.proj_dim),
-                "must be positive")
+        require(
+            self.proj_hidden > 0 and self.proj_dim > 0,
+            "proj_hidden / proj_dim",
+            (self.proj_hidden, self.proj_dim),
+            "must be positive",
+        )
         require(0 < self.saliency_threshold < 1, "saliency_threshold", self.saliency_threshold, "must be in (0, 1)")
 
 
@@ -72,13 +81,16 @@ class OnlineNetwork(nn.Module):
 
     def _check(self, x: torch.Tensor, saliency: torch.Tensor) -> None:
         if x.shape[-2:] != saliency.shape[-2:] or saliency.shape[:2] != (x.shape[0], 1):
-            raise ValueError(f"saliency map shape {tuple(saliency.shape)} does not match images {tuple(x.shape)}; "
-                             "expected (B, 1, H, W) with the images' B, H, W")
+            raise ValueError(
+                f"saliency map shape {tuple(saliency.shape)} does not match images {tuple(x.shape)}; "
+                "expected (B, 1, H, W) with the images' B, H, W"
+            )
         if self.training and x.shape[0] < 2:
             raise ValueError("batch size 1 per rank in training mode: BatchNorm in the projector needs at least 2")
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
-                k1: torch.Tensor, k2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x1: torch.Tensor, x2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(contrastive, saliency) losses of views x1, x2 with saliency maps s1, s2 in [0, 1] and the
         momentum network's keys k1, k2 of the same views."""
         self._check(x1, s1)
@@ -90,8 +102,9 @@ class OnlineNetwork(nn.Module):
         t = self.cfg.temperature
         cl = contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
         thr = self.cfg.saliency_threshold
-        ss = (saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr)
-              + saliency_loss(self.saliency_head(f2[:, prefix:]), s2, thr))
+        ss = saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr) + saliency_loss(
+            self.saliency_head(f2[:, prefix:]), s2, thr
+        )
         return cl, ss
 
 
@@ -105,11 +118,17 @@ class SSiT(nn.Module):
         self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, cfg.mask_ratio, cfg.pool)
 
     @classmethod
-    def from_reference(cls, state_dict: dict[str, torch.Tensor], arch: str = "vit_small_patch16_224",
-                       img_size: int = 224, **kwargs: Any) -> SSiT:
+    def from_reference(
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        arch: str = "vit_small_patch16_224",
+        img_size: int = 224,
+        **kwargs: Any,
+    ) -> SSiT:
         """Build SSiT from a reference-repo training checkpoint's state dict.
 
-        Accepts the reference's `checkpoint.pt` dict or its `state_dict`, with keys `base_encoder.*`, `momentum_encoder.*` (each with its projector as `head.*`), `predictor.*`,
+        Accepts the reference's `checkpoint.pt` dict or its `state_dict`, with keys `base_encoder.*`,
+        `momentum_encoder.*` (each with its projector as `head.*`), `predictor.*`,
         `saliency_segmentor.0.*`, with or without a `module.` prefix. `kwargs` are ModelConfig fields
         (proj_hidden, proj_dim, temperature, mask_ratio, pool, saliency_threshold) or timm kwargs
         (patch_size, embed_dim, depth, num_heads, ...).
@@ -117,9 +136,12 @@ class SSiT(nn.Module):
         if "state_dict" in state_dict:  # the whole checkpoint.pt dict (epoch, state_dict, optimizer, scaler)
             state_dict = state_dict["state_dict"]  # type: ignore[assignment]
         fields = set(ModelConfig.__dataclass_fields__)
-        cfg = ModelConfig(arch=arch, img_size=img_size,
-                          timm_kwargs={k: v for k, v in kwargs.items() if k not in fields},
-                          **{k: v for k, v in kwargs.items() if k in fields})
+        cfg = ModelConfig(
+            arch=arch,
+            img_size=img_size,
+            timm_kwargs={k: v for k, v in kwargs.items() if k not in fields},
+            **{k: v for k, v in kwargs.items() if k in fields},
+        )
         model = cls(cfg)
         state = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
         renames = [
@@ -141,6 +163,8 @@ class SSiT(nn.Module):
         missing, unexpected = model.load_state_dict(mapped, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]  # EMA compensation starts at 0
         if missing or unexpected:
-            raise ValueError(f"reference state dict does not fit {arch} at {img_size}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"reference state dict does not fit {arch} at {img_size}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model

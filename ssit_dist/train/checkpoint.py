@@ -51,16 +51,20 @@ def latest_tag(run_dir: Path) -> str | None:
         return None
     tag = path.read_text().strip()
     if not tag or not (checkpoint_dir(run_dir) / tag).is_dir():
-        raise ResumeError(f"{path} names checkpoint {tag!r}, but {checkpoint_dir(run_dir) / tag} is missing; "
-                          "point it at a complete checkpoint folder beside it, or delete it to start from step 0")
+        raise ResumeError(
+            f"{path} names checkpoint {tag!r}, but {checkpoint_dir(run_dir) / tag} is missing; "
+            "point it at a complete checkpoint folder beside it, or delete it to start from step 0"
+        )
     return tag
 
 
 def read_meta(run_dir: Path, tag: str) -> dict[str, Any]:
     path = checkpoint_dir(run_dir) / tag / META
     if not path.is_file():
-        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / tag} is incomplete: {META} is missing (the save "
-                          f"was interrupted); point {checkpoint_dir(run_dir) / LATEST} at an earlier checkpoint")
+        raise ResumeError(
+            f"checkpoint {checkpoint_dir(run_dir) / tag} is incomplete: {META} is missing (the save "
+            f"was interrupted); point {checkpoint_dir(run_dir) / LATEST} at an earlier checkpoint"
+        )
     return json.loads(path.read_text())
 
 
@@ -82,18 +86,31 @@ def unreadable_files(run_dir: Path, tag: str) -> list[str]:
 
 
 def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != META
+    }
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         keep: int, device: torch.device) -> str:
+def save(
+    engine: Any,
+    run_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    device: torch.device,
+) -> str:
     """Collective: every rank calls it. `meta` (architecture, sizes, normalisation, zero stage,
     fingerprint) is written beside DeepSpeed's files with the list of files. Rank 0's own work (the
     folder, the meta, the `latest` swap, pruning) is agreed on: if it fails, every rank raises
     RankFailure naming the file and the OS error, and the previous checkpoint stays `latest`."""
     tag = f"step{step:08d}"
     folder = checkpoint_dir(run_dir)
-    on_rank_zero(lambda: (folder / tag).mkdir(parents=True, exist_ok=True), device, f"creating checkpoint {folder / tag}")
+    on_rank_zero(
+        lambda: (folder / tag).mkdir(parents=True, exist_ok=True), device, f"creating checkpoint {folder / tag}"
+    )
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     barrier(device)
 
@@ -133,14 +150,16 @@ def export_encoder(run_dir: Path, out: Path, tag: str | None = None, overwrite: 
     meta = read_meta(run_dir, tag)
     meta.pop("files", None)
     state = _full_fp32_state(checkpoint_dir(run_dir), tag, int(meta.get("zero_stage", 0)))
-    encoder = {k[len("encoder."):]: v.float().contiguous() for k, v in state.items() if k.startswith("encoder.")}
+    encoder = {k[len("encoder.") :]: v.float().contiguous() for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError(f"checkpoint {tag} under {run_dir} holds no encoder weights")
     weights.parent.mkdir(parents=True, exist_ok=True)
     # Each file under a temporary name, then renamed; the weights first, then the JSON that describes
     # them: a reader that finds the JSON finds its weights.
     save_file(encoder, f"{weights}.tmp", metadata={"format": "pt"})
-    Path(f"{description}.tmp").write_text(json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n")
+    Path(f"{description}.tmp").write_text(
+        json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n"
+    )
     os.replace(f"{weights}.tmp", weights)
     os.replace(f"{description}.tmp", description)
     return weights, description
@@ -155,10 +174,13 @@ def _full_fp32_state(folder: Path, tag: str, zero_stage: int) -> dict[str, torch
     return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
 
 
-def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stage: int, device: torch.device) -> ResumePlan:
+def plan_resume(
+    run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stage: int, device: torch.device
+) -> ResumePlan:
     """Collective. Rank 0 alone reads `latest` and decides (train/resume.py); every rank gets its plan,
     then checks that it can read every file of that checkpoint itself, and all ranks agree before the
     first step, or all raise ResumeError naming each rank, host and path that failed."""
+
     def decision() -> ResumePlan | ResumeError:
         try:
             tag = latest_tag(run_dir)
@@ -180,8 +202,10 @@ def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stag
     seen = gather_objects((socket.gethostname(), problems), device)
     failed = [f"rank {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
     if failed:
-        raise ResumeError(f"checkpoint {checkpoint_dir(run_dir) / str(plan.tag)} (named by {checkpoint_dir(run_dir) / LATEST}) "
-                          f"cannot be read on every rank:\n  " + "\n  ".join(failed))
+        raise ResumeError(
+            f"checkpoint {checkpoint_dir(run_dir) / str(plan.tag)} (named by {checkpoint_dir(run_dir) / LATEST}) "
+            f"cannot be read on every rank:\n  " + "\n  ".join(failed)
+        )
     return plan
 
 
@@ -202,17 +226,27 @@ def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         # One worker each: the conversion runs inside a training process, where forking a pool is unsafe.
         # The checkpoint read is this run's own (its pickled optimizer state is DeepSpeed's format).
-        ds_to_universal(argparse.Namespace(input_folder=str(checkpoint_dir(run_dir) / tag), output_folder=str(tmp),
-                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                           strict=True, inject_missing_state=True))
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(checkpoint_dir(run_dir) / tag),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+        )
         os.replace(tmp, target)
 
     on_rank_zero(convert, device, f"converting {checkpoint_dir(run_dir) / tag} to a universal checkpoint in {target}")
     seen = gather_objects((socket.gethostname(), target.is_dir()), device)
     missing = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
     if missing:
-        raise ResumeError(f"{target}, written by rank 0, is not visible to {', '.join(missing)}: resume=reshard "
-                          "needs the run folder on a file system every node shares")
+        raise ResumeError(
+            f"{target}, written by rank 0, is not visible to {', '.join(missing)}: resume=reshard "
+            "needs the run folder on a file system every node shares"
+        )
 
 
 def load(engine: Any, run_dir: Path, plan: ResumePlan, device: torch.device) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,10 @@ log = logging.getLogger("ssit_dist.finetune")
 def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
     """train, val and (where there is one) test; val and test default to the train folder's splits."""
     train = SplitSource.parse(cfg.train, "train")
-    sources = {"train": train, "val": SplitSource.parse(cfg.val, "val") if cfg.val else SplitSource(train.folder, "val")}
+    sources = {
+        "train": train,
+        "val": SplitSource.parse(cfg.val, "val") if cfg.val else SplitSource(train.folder, "val"),
+    }
     if cfg.test:
         sources["test"] = SplitSource.parse(cfg.test, "test")
     elif "test" in read_index(train.folder).splits:
@@ -59,8 +63,10 @@ def splits(cfg: FinetuneConfig) -> dict[str, SplitSource]:
 
 def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
     if cfg.global_batch % (processes * cfg.grad_accumulation):
-        raise ConfigError(f"global_batch {cfg.global_batch} is not divisible by {processes} processes x grad_accumulation "
-                          f"{cfg.grad_accumulation}")
+        raise ConfigError(
+            f"global_batch {cfg.global_batch} is not divisible by {processes} processes x grad_accumulation "
+            f"{cfg.grad_accumulation}"
+        )
     return cfg.global_batch // (processes * cfg.grad_accumulation)
 
 
@@ -73,13 +79,27 @@ def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, 
     truth = np.array(dataset.grades)[indices]
     metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), cfg.num_classes)
     metrics["missing"] = missing(dataset, indices)
-    return {"metrics": metrics, "indices": indices, "truth": truth, "predicted": predicted.numpy(), "scores": scores.numpy()}
+    return {
+        "metrics": metrics,
+        "indices": indices,
+        "truth": truth,
+        "predicted": predicted.numpy(),
+        "scores": scores.numpy(),
+    }
 
 
 def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean: list[float], std: list[float]) -> dict:
-    return {"arch": encoder_source["arch"], "timm_kwargs": encoder_source["timm_kwargs"], "img_size": cfg.img_size,
-            "objective": cfg.objective, "num_classes": cfg.num_classes, "embed_dim": grader.encoder.embed_dim,
-            "mean": mean, "std": std, "init": encoder_source}
+    return {
+        "arch": encoder_source["arch"],
+        "timm_kwargs": encoder_source["timm_kwargs"],
+        "img_size": cfg.img_size,
+        "objective": cfg.objective,
+        "num_classes": cfg.num_classes,
+        "embed_dim": grader.encoder.embed_dim,
+        "mean": mean,
+        "std": std,
+        "init": encoder_source,
+    }
 
 
 def save_weights(grader: Grader, path: Path, meta: dict) -> None:
@@ -96,7 +116,9 @@ def load_grader(path: Path) -> tuple[Grader, dict]:
     from ssit_dist.models.vit import create_encoder
 
     meta = json.loads(path.with_suffix(".json").read_text())
-    grader = Grader(create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"]), meta["objective"], meta["num_classes"])
+    grader = Grader(
+        create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"]), meta["objective"], meta["num_classes"]
+    )
     grader.load_state_dict(load_file(str(path)))
     return grader, meta
 
@@ -105,14 +127,33 @@ def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, Spli
     """What resuming a fine-tuning run depends on: its data, the encoder it started from, the
     optimisation (see train/resume.py)."""
     init = Path(cfg.init)
-    fields = ("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs",
-              "grad_accumulation", "warmup_epochs", "mixed_precision", "seed", "clip_grad")
+    fields = (
+        "init",
+        "arch",
+        "timm_kwargs",
+        "img_size",
+        "objective",
+        "num_classes",
+        "linear",
+        "epochs",
+        "grad_accumulation",
+        "warmup_epochs",
+        "mixed_precision",
+        "seed",
+        "clip_grad",
+    )
     # "batch": the key runs of 0.1 recorded, so that they still resume.
-    return {**{name: getattr(cfg, name) for name in fields}, "batch": cfg.global_batch, "processes": processes,
-            "lr": cfg.resolved_lr,
-            "weight_decay": cfg.resolved_weight_decay,
-            "init_sha256": sha256_file(init) if init.is_file() else None,
-            "data": {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}}
+    return {
+        **{name: getattr(cfg, name) for name in fields},
+        "batch": cfg.global_batch,
+        "processes": processes,
+        "lr": cfg.resolved_lr,
+        "weight_decay": cfg.resolved_weight_decay,
+        "init_sha256": sha256_file(init) if init.is_file() else None,
+        "data": {
+            name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()
+        },
+    }
 
 
 def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError:
@@ -129,9 +170,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
     # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment. Every
     # collective of ours goes through dist.py on accelerator.device, with the timeout below.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accumulation,
-                              cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accumulation,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],
+    )
     device = accelerator.device
     set_seed(cfg.seed)
     out = Path(cfg.run_dir)
@@ -145,18 +189,37 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     mean, std = indexes["train"].mean, indexes["train"].std
     train_set = LabelledShards(sources["train"], train_transform(cfg.img_size, mean, std), cfg.num_classes)
-    eval_sets = {name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
-                 for name, s in sources.items() if name != "train"}
+    eval_sets = {
+        name: LabelledShards(s, eval_transform(cfg.img_size, mean, std), cfg.num_classes)
+        for name, s in sources.items()
+        if name != "train"
+    }
     if len(train_set) < micro * accelerator.num_processes:
-        raise ConfigError(f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.global_batch}")
+        raise ConfigError(
+            f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.global_batch}"
+        )
     meta = grader_meta(cfg, grader, asdict(source), mean, std)
-    log.info("encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
-             cfg.init, source.kind, len(train_set), {k: len(v) for k, v in eval_sets.items()}, micro,
-             accelerator.num_processes, cfg.grad_accumulation)
+    log.info(
+        "encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
+        cfg.init,
+        source.kind,
+        len(train_set),
+        {k: len(v) for k, v in eval_sets.items()},
+        micro,
+        accelerator.num_processes,
+        cfg.grad_accumulation,
+    )
 
     order = torch.Generator().manual_seed(cfg.seed)  # reseeded every epoch: the order is f(seed, epoch)
-    loader = DataLoader(train_set, batch_size=micro, shuffle=True, drop_last=True, collate_fn=collate_labelled,
-                        generator=order, **worker_options(cfg.workers))
+    loader = DataLoader(
+        train_set,
+        batch_size=micro,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_labelled,
+        generator=order,
+        **worker_options(cfg.workers),
+    )
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
     model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
@@ -165,14 +228,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # Accelerate also steps on an epoch's last batch when the accumulation has not filled: ceil.
     steps = cfg.epochs * max(math.ceil(len(loader) / cfg.grad_accumulation), 1)
     warmup = int(cfg.warmup_epochs / max(cfg.epochs, 1) * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup
-                                                  else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer,
+        lambda s: (
+            (s + 1) / (warmup + 1)
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0)))
+        ),
+    )
 
     best_score, best_epoch, history, start = -math.inf, 0, [], 1
     fingerprint = run_fingerprint(cfg, accelerator.num_processes, sources, indexes)
     plan = broadcast_from_zero(_decide(out, fingerprint, cfg.resume) if accelerator.is_main_process else None, device)
     if isinstance(plan, ResumeError):
         raise plan
+    assert isinstance(plan, ResumePlan)
     resumed = load_state(out, plan.tag) if plan.tag else None
     if plan.mode == "force":
         log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
@@ -190,6 +260,35 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
 
     on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
+
+    def end_epoch(
+        epoch: int,
+        row: dict,
+        val: dict,
+        train_loss: float,
+        improved: bool,
+        best_score: float,
+        best_epoch: int,
+        select_by: str,
+    ) -> None:  # rank 0's files; every rank hears if they failed
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
+        if improved:
+            save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
+        save_state(
+            out,
+            epoch,
+            plain.state_dict(),
+            optimizer.state_dict(),
+            {
+                "scheduler": scheduler.state_dict(),
+                "best_score": best_score if math.isfinite(best_score) else None,
+                "best_epoch": best_epoch,
+                "history": history,
+                "fingerprint": fingerprint,
+            },
+        )
 
     select_by = cfg.select_by
     for epoch in range(start, cfg.epochs + 1):
@@ -217,57 +316,83 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         val = evaluate(plain, eval_sets["val"], accelerator, cfg)["metrics"]
         if val[select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
             select_by = "accuracy" if select_by == "qwk" else "qwk"
-            log.warning("validation %s is undefined (the split has %s); selecting the best epoch by %s",
-                        cfg.select_by, "one grade" if cfg.select_by == "qwk" else "no samples", select_by)
+            log.warning(
+                "validation %s is undefined (the split has %s); selecting the best epoch by %s",
+                cfg.select_by,
+                "one grade" if cfg.select_by == "qwk" else "no samples",
+                select_by,
+            )
         score = val[select_by] if val[select_by] is not None else -math.inf
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-               "val_accuracy": val["accuracy"], "val_qwk": val["qwk"], "val_macro_auc": val["macro_auc"],
-               "seconds": round(time.perf_counter() - started, 2)}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "val_accuracy": val["accuracy"],
+            "val_qwk": val["qwk"],
+            "val_macro_auc": val["macro_auc"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
         history.append(row)
         improved = score > best_score
         if improved:
             best_score, best_epoch = score, epoch
 
-        def end_epoch() -> None:  # rank 0's files; every rank hears if they failed
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
-            if improved:
-                save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
-            save_state(out, epoch, plain.state_dict(), optimizer.state_dict(),
-                       {"scheduler": scheduler.state_dict(), "best_score": best_score if math.isfinite(best_score) else None,
-                        "best_epoch": best_epoch, "history": history, "fingerprint": fingerprint})
-
-        on_rank_zero(end_epoch, device, f"saving epoch {epoch} under {out}")
-    on_rank_zero(lambda: save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}), device,
-                 f"writing {out / 'final.safetensors'}")
+        record = partial(end_epoch, epoch, row, val, train_loss, improved, best_score, best_epoch, select_by)
+        on_rank_zero(record, device, f"saving epoch {epoch} under {out}")
+    on_rank_zero(
+        lambda: save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}),
+        device,
+        f"writing {out / 'final.safetensors'}",
+    )
 
     best, _ = load_grader(out / "best.safetensors")
     best.to(accelerator.device)
     results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
     # The final weights too, as the reference reports both.
     final_weights = {name: evaluate(plain, dataset, accelerator, cfg)["metrics"] for name, dataset in eval_sets.items()}
-    result = {"best_epoch": best_epoch, "select_by": select_by, "select_by_asked": cfg.select_by,
-              "init": asdict(source), "linear": cfg.linear, "objective": cfg.objective,
-              "processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-              **{name: r["metrics"] for name, r in results.items()}, "final": final_weights}
+    result = {
+        "best_epoch": best_epoch,
+        "select_by": select_by,
+        "select_by_asked": cfg.select_by,
+        "init": asdict(source),
+        "linear": cfg.linear,
+        "objective": cfg.objective,
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        **{name: r["metrics"] for name, r in results.items()},
+        "final": final_weights,
+    }
 
     def write_report() -> None:
         final = results.get("test", results["val"])
         dataset = eval_sets["test" if "test" in results else "val"]
-        report.write_predictions(out / "predictions.csv", [dataset.keys[i] for i in final["indices"]],
-                                 final["truth"], final["predicted"], final["scores"])
-        report.confusion_png(out / "confusion.png", np.array(final["metrics"]["confusion_matrix"]),
-                             f"{'test' if 'test' in results else 'val'} split, best epoch {best_epoch}")
-        report.curves_png(out / "curves.png", {
-            "train loss": [(r["epoch"], r["train_loss"]) for r in history],
-            "val qwk": [(r["epoch"], r["val_qwk"]) for r in history],
-            "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history]})
+        report.write_predictions(
+            out / "predictions.csv",
+            [dataset.keys[i] for i in final["indices"]],
+            final["truth"],
+            final["predicted"],
+            final["scores"],
+        )
+        report.confusion_png(
+            out / "confusion.png",
+            np.array(final["metrics"]["confusion_matrix"]),
+            f"{'test' if 'test' in results else 'val'} split, best epoch {best_epoch}",
+        )
+        report.curves_png(
+            out / "curves.png",
+            {
+                "train loss": [(r["epoch"], r["train_loss"]) for r in history],
+                "val qwk": [(r["epoch"], r["val_qwk"]) for r in history],
+                "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history],
+            },
+        )
         tmp = out / "report.json.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out / "report.json")
-        report.summary_table(f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
-                             {name: r["metrics"] for name, r in results.items()})
+        report.summary_table(
+            f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
+            {name: r["metrics"] for name, r in results.items()},
+        )
         report.summary_table(f"final weights (epoch {cfg.epochs})", final_weights)
 
     on_rank_zero(write_report, device, f"writing the report under {out}")

@@ -22,8 +22,9 @@ from ssit_dist.train.checkpoint import checkpoint_dir, write_latest
 from ssit_dist.train.resume import ResumeError
 
 
-def save_state(run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimizer: dict[str, Any],
-               state: dict[str, Any]) -> str:
+def save_state(
+    run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimizer: dict[str, Any], state: dict[str, Any]
+) -> str:
     folder = checkpoint_dir(run_dir)
     tag = f"epoch{epoch:04d}"
     tmp = folder / f"{tag}.tmp"
@@ -45,8 +46,10 @@ def read_state(run_dir: Path, tag: str) -> dict[str, Any]:
     """state.json of checkpoint `tag`; a checkpoint without one is an error naming it."""
     path = checkpoint_dir(run_dir) / tag / "state.json"
     if not path.is_file():
-        raise ResumeError(f"checkpoint {path.parent} (named by {checkpoint_dir(run_dir) / 'latest'}) is incomplete: "
-                          "state.json is missing; delete the folder and `latest` to start again")
+        raise ResumeError(
+            f"checkpoint {path.parent} (named by {checkpoint_dir(run_dir) / 'latest'}) is incomplete: "
+            "state.json is missing; delete the folder and `latest` to start again"
+        )
     return json.loads(path.read_text())
 
 

@@ -29,10 +29,27 @@ import torch.distributed as torch_dist
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.stream import (PREEMPTION_SIGNALS, PairStream, ShardSet, SourceError, open_shards, pair_loader,
-                                   start_batches, verify_shards)
-from ssit_dist.dist import (RankFailure, any_rank, any_ranks, gather_objects, init_process_group, on_rank_zero, rank,
-                            shutdown, world_size)
+from ssit_dist.data.stream import (
+    PREEMPTION_SIGNALS,
+    PairStream,
+    ShardSet,
+    SourceError,
+    open_shards,
+    pair_loader,
+    start_batches,
+    verify_shards,
+)
+from ssit_dist.dist import (
+    RankFailure,
+    any_rank,
+    any_ranks,
+    gather_objects,
+    init_process_group,
+    on_rank_zero,
+    rank,
+    shutdown,
+    world_size,
+)
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
@@ -53,14 +70,31 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_fingerprint(cfg: PretrainConfig, world: int, micro: int, accumulation: int, steps_per_epoch: int,
-                    shards: ShardSet, ds_config: dict) -> dict:
+def run_fingerprint(
+    cfg: PretrainConfig,
+    world: int,
+    micro: int,
+    accumulation: int,
+    steps_per_epoch: int,
+    shards: ShardSet,
+    ds_config: dict,
+) -> dict:
     """Everything a resume depends on (see train/resume.py)."""
-    return {"world_size": world, "global_batch": cfg.global_batch, "micro_batch": micro,
-            "gradient_accumulation": accumulation, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
-            "seed": cfg.seed, "model": asdict(cfg.model), "ds_config": ds_config,
-            "shards": [{"url": url, "samples": n, "bytes": size, "sha256": digest}
-                       for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256)]}
+    return {
+        "world_size": world,
+        "global_batch": cfg.global_batch,
+        "micro_batch": micro,
+        "gradient_accumulation": accumulation,
+        "steps_per_epoch": steps_per_epoch,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "model": asdict(cfg.model),
+        "ds_config": ds_config,
+        "shards": [
+            {"url": url, "samples": n, "bytes": size, "sha256": digest}
+            for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256, strict=True)
+        ],
+    }
 
 
 def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, device: torch.device) -> tuple[Any, Any]:
@@ -75,15 +109,18 @@ def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, de
     model = SSiT(cfg.model)
     if world_size() > 1 or device.type == "cuda":  # on CUDA always: the same NCCL path at any world size
         convert_batchnorm(model, device.type)
-    engine, _, _, _ = deepspeed.initialize(model=model.online, model_parameters=model.online.parameters(),
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model.online, model_parameters=model.online.parameters(), config=ds_config
+    )
     momentum_net = model.momentum.to(device)
     if plan.tag is not None:
         state = checkpoint.load(engine, Path(cfg.run_dir), plan, device)
         momentum_net.load_state_dict(state["momentum"])
         if int(state["step"]) != plan.step:
-            raise ResumeError(f"checkpoint {plan.tag} in {cfg.run_dir} holds step {state['step']}, its "
-                              f"{checkpoint.META} says {plan.step}; the folder was modified by hand")
+            raise ResumeError(
+                f"checkpoint {plan.tag} in {cfg.run_dir} holds step {state['step']}, its "
+                f"{checkpoint.META} says {plan.step}; the folder was modified by hand"
+            )
     return engine, momentum_net
 
 
@@ -105,11 +142,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     shards = open_shards(cfg.data.shards, cfg.data.split)
     mean, std = cfg.data.mean or shards.mean, cfg.data.std or shards.std
     if mean is None or std is None:
-        raise ConfigError("data.mean / data.std: the shards in data.shards have no _info.json beside them; "
-                          "set both (RGB in [0, 1], as `ssit-dist shard` computed for them)")
+        raise ConfigError(
+            "data.mean / data.std: the shards in data.shards have no _info.json beside them; "
+            "set both (RGB in [0, 1], as `ssit-dist shard` computed for them)"
+        )
     if shards.num_samples is None and cfg.steps_per_epoch is None:
-        raise ConfigError("steps_per_epoch: the sample count of the shards in data.shards is unknown "
-                          "(no _info.json beside them); set steps_per_epoch")
+        raise ConfigError(
+            "steps_per_epoch: the sample count of the shards in data.shards is unknown "
+            "(no _info.json beside them); set steps_per_epoch"
+        )
     _verify_on_every_rank(shards, cfg.data.verify, device)
     steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     total_steps = cfg.epochs * steps_per_epoch
@@ -117,9 +158,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     fingerprint = run_fingerprint(cfg, world, micro, accumulation, steps_per_epoch, shards, ds_config)
     plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
     if plan.mode in ("force", "reshard"):
-        log.warning("resume=%s: resuming %s although the run changed:\n  %s", cfg.resume, plan.tag, "\n  ".join(plan.changed))
-    on_rank_zero(lambda: (save_config(cfg, run_dir), write_fingerprint(run_dir, fingerprint)), device,
-                 f"writing {run_dir / 'config.yaml'}")
+        log.warning(
+            "resume=%s: resuming %s although the run changed:\n  %s", cfg.resume, plan.tag, "\n  ".join(plan.changed)
+        )
+
+    def record_run() -> None:
+        save_config(cfg, run_dir)
+        write_fingerprint(run_dir, fingerprint)
+
+    on_rank_zero(record_run, device, f"writing {run_dir / 'config.yaml'}")
 
     engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
@@ -127,20 +174,39 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if plan.tag is not None:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, start_step, total_steps)
 
-    stream = PairStream(shards, PairAugment(cfg.model.img_size, mean, std), micro, seed=cfg.seed,
-                        shuffle_buffer=cfg.data.shuffle_buffer, empty_timeout_s=cfg.data.empty_timeout_s)
+    stream = PairStream(
+        shards,
+        PairAugment(cfg.model.img_size, mean, std),
+        micro,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        empty_timeout_s=cfg.data.empty_timeout_s,
+    )
     loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
-    meta = {"arch": cfg.model.arch, "img_size": cfg.model.img_size, "timm_kwargs": cfg.model.timm_kwargs,
-            "patch_size": int(engine.module.encoder.patch_embed.patch_size[0]), "mean": mean,
-            "std": std, "zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards,
-            "fingerprint": fingerprint}
+    meta = {
+        "arch": cfg.model.arch,
+        "img_size": cfg.model.img_size,
+        "timm_kwargs": cfg.model.timm_kwargs,
+        "patch_size": int(engine.module.encoder.patch_embed.patch_size[0]),
+        "mean": mean,
+        "std": std,
+        "zero_stage": engine.zero_optimization_stage(),
+        "shards": cfg.data.shards,
+        "fingerprint": fingerprint,
+    }
 
     def save(step: int) -> str:
-        client = {"step": step, "momentum": momentum_net.state_dict(), "config": asdict(cfg),
-                  "torch_rng": torch.get_rng_state()}
+        client = {
+            "step": step,
+            "momentum": momentum_net.state_dict(),
+            "config": asdict(cfg),
+            "torch_rng": torch.get_rng_state(),
+        }
         return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints, device)
 
-    reporter = on_rank_zero(lambda: Reporter(run_dir, total_steps, start_step), device, f"opening {run_dir / 'metrics.jsonl'}")
+    reporter = on_rank_zero(
+        lambda: Reporter(run_dir, total_steps, start_step), device, f"opening {run_dir / 'metrics.jsonl'}"
+    )
     if any_rank(stop["requested"], device):
         raise StopRequested(f"stopped by signal during start-up, before step {start_step + 1}; relaunch to resume")
     batches = None
@@ -152,7 +218,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 stream.set_position(epoch, skip_batches=in_epoch * accumulation)
                 batches = start_batches(loader)
             progress = step / steps_per_epoch
-            lr = schedule.learning_rate(progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr)
+            lr = schedule.learning_rate(
+                progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
+            )
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             m = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
@@ -160,7 +228,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
             started = time.perf_counter()
             waits: list[float] = []  # seconds spent waiting for each micro batch
-            losses = train_step(engine, momentum_net, _micro_batches(batches, accumulation, device, waits), m, cfg.loss.cl_weight, ss_weight, precision)
+            losses = train_step(
+                engine,
+                momentum_net,
+                _micro_batches(batches, accumulation, device, waits),
+                m,
+                cfg.loss.cl_weight,
+                ss_weight,
+                precision,
+            )
             cl_loss, ss_loss = losses.contrastive.item(), losses.saliency.item()
             # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
             # signal on any rank stops all of them after this step's checkpoint.
@@ -170,10 +246,21 @@ def pretrain(cfg: PretrainConfig) -> Path:
             elapsed = time.perf_counter() - started
 
             if reporter is not None:
-                reporter.step({"step": step, "epoch": round(step / steps_per_epoch, 4), "cl_loss": cl_loss,
-                               "ss_loss": ss_loss, "lr": lr, "momentum": m, "ss_weight": ss_weight,
-                               "pairs_per_s": round(cfg.global_batch / elapsed, 2), "step_s": round(elapsed, 4),
-                               "data_wait_s": round(sum(waits), 4), "peak_mem_mb": round(_peak_memory_mb(device), 1)})
+                reporter.step(
+                    {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 4),
+                        "cl_loss": cl_loss,
+                        "ss_loss": ss_loss,
+                        "lr": lr,
+                        "momentum": m,
+                        "ss_weight": ss_weight,
+                        "pairs_per_s": round(cfg.global_batch / elapsed, 2),
+                        "step_s": round(elapsed, 4),
+                        "data_wait_s": round(sum(waits), 4),
+                        "peak_mem_mb": round(_peak_memory_mb(device), 1),
+                    }
+                )
             if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
                 save(step)
             if stopping:
@@ -211,7 +298,7 @@ def _micro_batches(batches: Iterator, count: int, device: torch.device, waits: l
         waits.append(time.perf_counter() - waited)
         if any_rank(failure is not None, device):
             raise failure or SourceError("the data loader failed on another rank; see its log")
-        yield tuple(t.to(device, non_blocking=True) for t in batch)  # type: ignore[misc]
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def _finite(losses: tuple[float, float]) -> bool:
@@ -223,8 +310,9 @@ def _raise_if(diverged: bool, losses: tuple[float, float], step: int, run_dir: P
         return
     where = f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank"
     tag = checkpoint.latest_tag(run_dir)
-    raise FloatingPointError(f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is "
-                             f"{tag or 'none'} in {run_dir}")
+    raise FloatingPointError(
+        f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is {tag or 'none'} in {run_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

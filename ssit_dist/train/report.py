@@ -29,8 +29,14 @@ class Reporter:
         self.total = total_steps
         self.progress: Progress | None = None
         if sys.stdout.isatty():
-            self.progress = Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn())
+            self.progress = Progress(
+                TextColumn("[bold]pretrain"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
             self.task = self.progress.add_task("steps", total=total_steps, completed=start_step, status="")
             self.progress.start()
 
@@ -40,8 +46,10 @@ class Reporter:
         step = record["step"]
         for key in ("cl_loss", "ss_loss", "lr", "momentum", "ss_weight", "pairs_per_s", "data_wait_s", "peak_mem_mb"):
             self.board.add_scalar(key, record[key], step)
-        status = (f"cl {record['cl_loss']:.4f} ss {record['ss_loss']:.4f} lr {record['lr']:.2e} "
-                  f"m {record['momentum']:.5f} {record['pairs_per_s']} pairs/s")
+        status = (
+            f"cl {record['cl_loss']:.4f} ss {record['ss_loss']:.4f} lr {record['lr']:.2e} "
+            f"m {record['momentum']:.5f} {record['pairs_per_s']} pairs/s"
+        )
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)
         else:

@@ -54,8 +54,11 @@ def normalised(fingerprint: dict[str, Any]) -> dict[str, Any]:
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`field: old -> new` for every field that differs (dotted names; lists compared whole)."""
     a, b = _flat(normalised(old)), _flat(normalised(new))
-    return [f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}" for key in sorted(set(a) | set(b))
-            if a.get(key) != b.get(key)]
+    return [
+        f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
 
 
 def _short(value: Any) -> str:
@@ -75,8 +78,15 @@ def read_fingerprint(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def decide(tag: str | None, step: int, stored: dict[str, Any] | None, current: dict[str, Any], mode: str,
-           where: Path, zero_stage: int) -> ResumePlan:
+def decide(
+    tag: str | None,
+    step: int,
+    stored: dict[str, Any] | None,
+    current: dict[str, Any],
+    mode: str,
+    where: Path,
+    zero_stage: int,
+) -> ResumePlan:
     """The plan for a checkpoint `tag` at `step` (None: nothing to resume) whose fingerprint is
     `stored`, relaunched with `current` and `resume=mode`. Raises ResumeError to refuse."""
     if tag is None:
@@ -90,10 +100,12 @@ def decide(tag: str | None, step: int, stored: dict[str, Any] | None, current: d
     if mode == "force" and not (world_changed and zero_stage > 0):
         return ResumePlan(tag, step, "force", tuple(changed))
     lines = "\n  ".join(changed)
-    if world_changed:
-        hint = (f"the world size changed from {stored['world_size']} to {current['world_size']}: DeepSpeed's ZeRO "  # type: ignore[index]
-                f"checkpoints hold one partition per rank; pass resume=reshard to convert the checkpoint to the new "
-                f"world size (DeepSpeed's universal checkpoint), or relaunch on {stored['world_size']} ranks")  # type: ignore[index]
+    if world_changed and stored is not None:
+        hint = (
+            f"the world size changed from {stored['world_size']} to {current['world_size']}: DeepSpeed's ZeRO "
+            f"checkpoints hold one partition per rank; pass resume=reshard to convert the checkpoint to the new "
+            f"world size (DeepSpeed's universal checkpoint), or relaunch on {stored['world_size']} ranks"
+        )
     else:
         hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
     raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def learning_rate(epoch: float, base_lr: float, warmup_epochs: float, total_epochs: float, min_lr: float = 0.0) -> float:
+def learning_rate(
+    epoch: float, base_lr: float, warmup_epochs: float, total_epochs: float, min_lr: float = 0.0
+) -> float:
     """Linear warmup from 0 to base_lr, then half-cycle cosine down to min_lr at total_epochs."""
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs

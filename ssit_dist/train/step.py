@@ -24,12 +24,13 @@ from torch import nn
 
 from ssit_dist.dist import full_fp32_parameters
 from ssit_dist.models.momentum import MomentumNetwork
+from ssit_dist.models.ssit import OnlineNetwork
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x1, x2, saliency 1, saliency 2
 
 
 class Engine(Protocol):
-    module: nn.Module
+    module: OnlineNetwork
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def backward(self, loss: torch.Tensor) -> Any: ...
@@ -41,8 +42,9 @@ class PlainEngine:
     `accumulation`, `step` clips and steps at every `accumulation`-th call. Gradients are cleared at
     the first backward of a step, so after a step they can still be read."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int = 1,
-                 clip_grad: float | None = 1.0):
+    def __init__(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int = 1, clip_grad: float | None = 1.0
+    ):
         self.module, self.optimizer, self.accumulation, self.clip_grad = module, optimizer, accumulation, clip_grad
         self._micro = 0
 
@@ -72,8 +74,15 @@ class StepLosses:
     saliency: torch.Tensor
 
 
-def train_step(engine: Engine, momentum_net: MomentumNetwork, micro_batches: Iterable[Batch], m: float,
-               contrastive_weight: float, saliency_weight: float, precision: torch.dtype | None = None) -> StepLosses:
+def train_step(
+    engine: Engine,
+    momentum_net: MomentumNetwork,
+    micro_batches: Iterable[Batch],
+    m: float,
+    contrastive_weight: float,
+    saliency_weight: float,
+    precision: torch.dtype | None = None,
+) -> StepLosses:
     """One optimizer step over `micro_batches` (as many as the engine accumulates), on the device the
     batches are on. `precision`: autocast dtype (bf16 / fp16) or None for fp32."""
     # Full fp32 weights of the query side, also under ZeRO-3 partitioning and bf16 engines.
@@ -83,8 +92,7 @@ def train_step(engine: Engine, momentum_net: MomentumNetwork, micro_batches: Ite
     count = 0
     for x1, x2, s1, s2 in micro_batches:
         device_type = x1.device.type
-        autocast = (torch.autocast(device_type, dtype=precision) if precision is not None
-                    else contextlib.nullcontext())
+        autocast = torch.autocast(device_type, dtype=precision) if precision is not None else contextlib.nullcontext()
         with autocast:
             if precision is not None:  # the views enter the engine in its precision; saliency stays fp32
                 x1, x2 = x1.to(precision), x2.to(precision)

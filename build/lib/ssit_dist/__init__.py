@@ -1,3 +1,0 @@
-"""ssit-dist: SSiT pretraining for fundus photographs, at scale."""
-
-__version__ = "0.1.0"
