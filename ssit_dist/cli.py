@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from ssit_dist import atomic
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
 console = Console()
 err = Console(stderr=True)
@@ -288,8 +290,7 @@ def knn(
     if result["missing"]:
         console.print(f"[yellow]left out (did not decode):[/] {', '.join(result['missing'])}")
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
+        atomic.write_json(output, result)
         console.print(f"wrote {output}")
 
 

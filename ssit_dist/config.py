@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ssit_dist import atomic
 from ssit_dist.fields import Checked, ConfigError, one_of, option, require
 from ssit_dist.models.ssit import ModelConfig
 
@@ -341,12 +342,7 @@ def shipped_ds_config(name: str) -> Path:
 
 
 def save_config(cfg: Any, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic.write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def batch_layout(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:

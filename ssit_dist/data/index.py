@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ssit_dist import atomic
 
 INFO_NAME = "_info.json"
 FORMAT_VERSION = 1
@@ -49,10 +50,6 @@ class ShardIndex:
     def num_samples(self) -> int:
         return sum(s.num_samples for s in self.splits.values())
 
-    @property
-    def labelled(self) -> bool:
-        return all(s.label_histogram is not None for s in self.splits.values())
-
     def shard_paths(self, folder: Path, split: str) -> list[Path]:
         if split not in self.splits:
             raise ShardIndexError(
@@ -73,11 +70,7 @@ def write_index(folder: Path, index: ShardIndex) -> Path:
     """Write atomically: a reader sees the old index, or the complete new one, never half of one."""
     body = asdict(index)
     body["num_samples"] = index.num_samples
-    path = folder / INFO_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(folder / INFO_NAME, body, sort_keys=True)
 
 
 def read_index(folder: Path, verify: bool = False) -> ShardIndex:

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssit_dist.data.decode import decode_bgr
 from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class LabelledShards(Dataset):
         with open(shard, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        bgr = decode_bgr(data)
         if bgr is None:
             log.warning("sample %s in %s does not decode; left out", self.keys[i], shard)
             return None, self.grades[i], i

@@ -7,13 +7,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ssit_dist.data.decode import decode_bgr, decode_gray
+
 TILE = 256
 PAIRS_PER_ROW = 3
 
 
 def _pair(members: dict[str, bytes]) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
-    sal = cv2.imdecode(np.frombuffer(members["sal.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+    image, sal = decode_bgr(members["jpg"]), decode_gray(members["sal.png"])
     assert image is not None and sal is not None, "preview tiles come from samples packed a moment ago"
     image = cv2.resize(image, (TILE, TILE), interpolation=cv2.INTER_AREA)
     sal = cv2.applyColorMap(cv2.resize(sal, (TILE, TILE), interpolation=cv2.INTER_AREA), cv2.COLORMAP_INFERNO)

@@ -17,6 +17,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from ssit_dist.data.decode import decode_bgr
 from ssit_dist.data.fundus import circle_mask
 
 Method = Literal["fine_grained", "spectral_residual"]
@@ -53,7 +54,7 @@ def saliency_map(bgr: np.ndarray, method: Method | str = "fine_grained", jpeg_ro
     enhanced = enhance(bgr)
     if jpeg_roundtrip:
         # OpenCV's default JPEG quality (95), as the authors' script used.
-        decoded = cv2.imdecode(cv2.imencode(".jpg", enhanced)[1], cv2.IMREAD_COLOR)
+        decoded = decode_bgr(cv2.imencode(".jpg", enhanced)[1].tobytes())
         assert decoded is not None, "OpenCV decodes the JPEG it just encoded"
         enhanced = decoded
     if method == "fine_grained":

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ssit_dist import __version__
+from ssit_dist.data.decode import decode_bgr
 from ssit_dist.data.fundus import BadImage, crop_to_disc
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
 from ssit_dist.data.inputs import IMAGE_SUFFIXES, Inputs, Item
@@ -99,7 +100,7 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     jpg = buf.getvalue()
     # Saliency and statistics from the decoded JPEG: the pixels training will see, decoded the way the
     # loader decodes them.
-    seen = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+    seen = decode_bgr(jpg)
     assert seen is not None, "OpenCV decodes the JPEG Pillow just wrote"
     sal = saliency_map(seen, opts.saliency, opts.jpeg_roundtrip)
     # RLE strategy: as small as the best zlib setting on these maps, five times faster.

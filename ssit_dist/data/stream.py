@@ -32,6 +32,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.decode import decode_bgr, decode_gray
 from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index, sha256_file
 from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import rank as dist_rank
@@ -267,8 +268,7 @@ class PairStream(IterableDataset):
 
     def _decode_and_augment(self, sample: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...] | None:
         try:
-            image = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
-            sal = cv2.imdecode(np.frombuffer(sample["sal.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            image, sal = decode_bgr(sample["jpg"]), decode_gray(sample["sal.png"])
             if image is None or sal is None:
                 raise ValueError("undecodable jpg or sal.png")
             return self.augment(image, sal, rng)

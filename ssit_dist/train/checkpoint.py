@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ssit_dist import atomic
 from ssit_dist.dist import barrier, broadcast_from_zero, gather_objects, on_rank_zero, rank
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
@@ -36,11 +37,17 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def write_latest(folder: Path, tag: str) -> None:
-    """Point `folder/latest` at `tag`, atomically: a reader sees the old name or the new, never half."""
-    tmp = folder / (LATEST + ".tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, folder / LATEST)
+def publish(folder: Path, tag: str, prefix: str, keep: int) -> None:
+    """Point `folder/latest` at the complete checkpoint `tag` (atomically: a reader sees the old name
+    or the new, never half), then delete all but the newest `keep` checkpoints named `prefix*`. Used
+    by pretraining (stepNNNNNNNN) and fine-tuning (epochNNNN) alike."""
+    atomic.write_text(folder / LATEST, tag)
+    tags = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith(prefix) and not p.name.endswith(".tmp")
+    )
+    for old in tags[: max(len(tags) - keep, 0)]:
+        if old != tag:
+            shutil.rmtree(folder / old, ignore_errors=True)
 
 
 def latest_tag(run_dir: Path) -> str | None:
@@ -115,15 +122,8 @@ def save(
     barrier(device)
 
     def finish() -> None:
-        body = {**meta, "files": _files(folder / tag)}
-        tmp = folder / tag / (META + ".tmp")
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
-        os.replace(tmp, folder / tag / META)
-        write_latest(folder, tag)
-        tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[: max(len(tags) - keep, 0)]:
-            if old != tag:
-                shutil.rmtree(folder / old, ignore_errors=True)
+        atomic.write_json(folder / tag / META, {**meta, "files": _files(folder / tag)})
+        publish(folder, tag, "step", keep)
 
     on_rank_zero(finish, device, f"finishing checkpoint {folder / tag}")
     return tag
@@ -154,14 +154,9 @@ def export_encoder(run_dir: Path, out: Path, tag: str | None = None, overwrite: 
     if not encoder:
         raise ValueError(f"checkpoint {tag} under {run_dir} holds no encoder weights")
     weights.parent.mkdir(parents=True, exist_ok=True)
-    # Each file under a temporary name, then renamed; the weights first, then the JSON that describes
-    # them: a reader that finds the JSON finds its weights.
-    save_file(encoder, f"{weights}.tmp", metadata={"format": "pt"})
-    Path(f"{description}.tmp").write_text(
-        json.dumps({**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)}, indent=2) + "\n"
-    )
-    os.replace(f"{weights}.tmp", weights)
-    os.replace(f"{description}.tmp", description)
+    # The weights first, then the JSON that describes them: a reader that finds the JSON finds its weights.
+    atomic.write_with(weights, lambda tmp: save_file(encoder, str(tmp), metadata={"format": "pt"}))
+    atomic.write_json(description, {**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)})
     return weights, description
 
 
@@ -237,7 +232,7 @@ def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:
                 inject_missing_state=True,
             )
         )
-        os.replace(tmp, target)
+        atomic.replace_folder(tmp, target)
 
     on_rank_zero(convert, device, f"converting {checkpoint_dir(run_dir) / tag} to a universal checkpoint in {target}")
     seen = gather_objects((socket.gethostname(), target.is_dir()), device)

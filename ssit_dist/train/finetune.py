@@ -29,6 +29,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from ssit_dist import atomic
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
@@ -43,6 +44,7 @@ from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.train.checkpoint import latest_tag
 from ssit_dist.train.finetune_state import load_state, read_state, save_state
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
+from ssit_dist.train.schedule import learning_rate
 
 log = logging.getLogger("ssit_dist.finetune")
 
@@ -105,10 +107,9 @@ def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean:
 def save_weights(grader: Grader, path: Path, meta: dict) -> None:
     """Weights (encoder.* in timm names, head.*) as safetensors plus the JSON that rebuilds the model;
     written under a temporary name and renamed, so a file is never half-written."""
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}
+    atomic.write_with(path, lambda tmp: save_file(weights, str(tmp)))
+    atomic.write_json(path.with_suffix(".json"), meta)  # after the weights it describes
 
 
 def load_grader(path: Path) -> tuple[Grader, dict]:
@@ -227,15 +228,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # Stepped here once per optimizer step (not through Accelerate, which steps it once per process).
     # Accelerate also steps on an epoch's last batch when the accumulation has not filled: ceil.
     steps = cfg.epochs * max(math.ceil(len(loader) / cfg.grad_accumulation), 1)
-    warmup = int(cfg.warmup_epochs / max(cfg.epochs, 1) * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer,
-        lambda s: (
-            (s + 1) / (warmup + 1)
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * min((s - warmup) / max(steps - warmup, 1), 1.0)))
-        ),
-    )
+    warmup = cfg.warmup_epochs / cfg.epochs * steps
+    # The one warmup-cosine of the project (train/schedule.py), in optimizer steps, as a factor of lr.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: learning_rate(s, 1.0, warmup, steps))
 
     best_score, best_epoch, history, start = -math.inf, 0, [], 1
     fingerprint = run_fingerprint(cfg, accelerator.num_processes, sources, indexes)
@@ -257,7 +252,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
         save_config(cfg, out)
-        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
     on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
 
@@ -386,9 +381,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history],
             },
         )
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out / "report.json")
+        atomic.write_json(out / "report.json", result)
         report.summary_table(
             f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
             {name: r["metrics"] for name, r in results.items()},

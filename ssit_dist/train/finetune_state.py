@@ -10,7 +10,6 @@ from. Only the main process writes; every process reads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssit_dist.train.checkpoint import checkpoint_dir, write_latest
+from ssit_dist import atomic
+from ssit_dist.train.checkpoint import checkpoint_dir, publish
 from ssit_dist.train.resume import ResumeError
 
 
@@ -33,12 +33,8 @@ def save_state(
     save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
-    shutil.rmtree(folder / tag, ignore_errors=True)
-    os.replace(tmp, folder / tag)
-    write_latest(folder, tag)
-    for old in folder.iterdir():
-        if old.is_dir() and old.name.startswith("epoch") and old.name != tag:
-            shutil.rmtree(old, ignore_errors=True)
+    atomic.replace_folder(tmp, folder / tag)
+    publish(folder, tag, "epoch", keep=1)
     return tag
 
 

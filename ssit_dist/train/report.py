@@ -13,6 +13,8 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ssit_dist import atomic
+
 
 class Reporter:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int):
@@ -21,9 +23,7 @@ class Reporter:
         path = run_dir / "metrics.jsonl"
         if path.is_file():  # a resume at start_step: drop the rows a killed run wrote after it
             kept = [line for line in path.read_text().splitlines() if 0 < _step_of(line) <= start_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
         self.metrics = open(path, "a")
         self.board = SummaryWriter(str(run_dir / "tensorboard"))
         self.total = total_steps

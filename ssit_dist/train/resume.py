@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ssit_dist import atomic
+
 FINGERPRINT = "fingerprint.json"
 
 
@@ -67,10 +69,7 @@ def _short(value: Any) -> str:
 
 
 def write_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (FINGERPRINT + ".tmp")
-    tmp.write_text(json.dumps(normalised(fingerprint), indent=2, sort_keys=True) + "\n")
-    tmp.replace(folder / FINGERPRINT)
+    atomic.write_json(folder / FINGERPRINT, normalised(fingerprint), sort_keys=True)
 
 
 def read_fingerprint(folder: Path) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Per-step schedules of pretraining, as functions of the fractional epoch (epoch + step / steps)."""
+"""Schedules, as functions of training progress: pretraining passes the fractional epoch (epoch + step /
+steps), fine-tuning the optimizer step; each is written once here."""
 
 from __future__ import annotations
 
