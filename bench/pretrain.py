@@ -34,7 +34,8 @@ from torchvision.transforms import functional as TF
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.inputs import discover
 from ssit_dist.data.shard import ShardOptions, pack
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader
+from ssit_dist.data.sources import open_shards
+from ssit_dist.data.stream import PairStream, pair_loader
 
 BATCH = 16
 

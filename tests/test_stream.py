@@ -20,7 +20,8 @@ import torch
 from conftest import pack_real_subset
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader, read_shard, verify_shards
+from ssit_dist.data.sources import open_shards, read_shard, verify_shards
+from ssit_dist.data.stream import PairStream, pair_loader
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,9 @@ def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path)
     script = f"""
 import itertools, os, signal
 from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.stream import PairStream, open_shards, pair_loader, start_batches
+from ssit_dist.data.sources import open_shards
+from ssit_dist.data.stream import PairStream, pair_loader
+from ssit_dist.data.workers import start_batches
 shards = open_shards([{str(shards)!r}])
 stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), batch_size=4, shuffle_buffer=8)
 batches = start_batches(pair_loader(stream, workers=2))

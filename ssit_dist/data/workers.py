@@ -1,5 +1,6 @@
-"""Loader worker processes: started by forkserver, one OpenCV and one torch thread each, and ended
-with the process that started them, however that one ends (an OOM kill included).
+"""Loader worker processes and the preemption signals: workers start by forkserver with one OpenCV and
+one torch thread each, end with the process that started them however that one ends (an OOM kill
+included), and, in pretraining, leave SLURM's preemption signals to the trainer.
 
 forkserver, not fork: a worker forked after OpenCV started its thread pool deadlocks in OpenCV. torch's
 own orphan check compares a worker's parent, which under forkserver is the forkserver, and that lives
@@ -11,13 +12,16 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
+from multiprocessing import forkserver, resource_tracker
 from typing import Any
 
 import cv2
 import torch
+from torch.utils.data import DataLoader
 
 
 def worker_options(workers: int, setup: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -47,3 +51,35 @@ def _exit_with(pid: int) -> None:
         os._exit(0)
     select.select([handle], [], [])
     os._exit(0)
+
+
+PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def ignore_preemption() -> None:
+    """SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
+    must not die on the preemption signal before the trainer has saved its checkpoint. The signals
+    were blocked since the worker's birth (start_batches); ignoring them discards any that came."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+
+
+def start_batches(loader: DataLoader) -> Iterator:
+    """`iter(loader)` with the preemption signals blocked while its workers start: they inherit the
+    block from the forkserver, so a signal sent to every process at that moment waits in the worker
+    until `ignore_preemption` ignores it, instead of killing a worker that has not yet installed its
+    handler. The trainer's own pending signal is delivered when the block lifts. The forkserver keeps
+    the mask it was started with, so the first loader of a process must start through here. Drop the
+    iterator before the process exits: that shuts the workers down, whereas multiprocessing's exit
+    hook would SIGTERM them (ignored) and wait forever."""
+    # multiprocessing starts its resource tracker with SIGTERM blocked and then UNblocks it in the
+    # caller, which would lift our block halfway: start the tracker first.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        if loader.num_workers:
+            forkserver.ensure_running()
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -29,16 +29,9 @@ import torch.distributed as torch_dist
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.stream import (
-    PREEMPTION_SIGNALS,
-    PairStream,
-    ShardSet,
-    SourceError,
-    open_shards,
-    pair_loader,
-    start_batches,
-    verify_shards,
-)
+from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
+from ssit_dist.data.stream import PairStream, pair_loader
+from ssit_dist.data.workers import PREEMPTION_SIGNALS, start_batches
 from ssit_dist.dist import (
     RankFailure,
     any_rank,
