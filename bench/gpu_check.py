@@ -129,8 +129,8 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
         return result
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     result["steps"] = [r["step"] for r in rows]
-    result["cl_loss"] = [round(r["cl_loss"], 4) for r in rows]
-    result["ss_loss"] = [round(r["ss_loss"], 4) for r in rows]
+    result["contrastive_loss"] = [round(r["contrastive_loss"], 4) for r in rows]
+    result["saliency_loss"] = [round(r["saliency_loss"], 4) for r in rows]
     result["pairs_per_s_last"] = rows[-1]["pairs_per_s"]
     result["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rows)
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -143,7 +143,7 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
     result["ok"] = (
         result["first_exit"] == 0
         and result["steps"] == list(range(1, 13))
-        and all(map(_finite, result["cl_loss"] + result["ss_loss"]))
+        and all(map(_finite, result["contrastive_loss"] + result["saliency_loss"]))
     )
     if not result["ok"]:
         result["log"] = _tail(work / f"zero{stage}_first.log")

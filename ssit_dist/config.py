@@ -103,14 +103,16 @@ class OptimConfig(Checked):
 
 @dataclass
 class LossConfig(Checked):
-    cl_weight: float = option(1.0, "weight of the contrastive loss")
-    ss_weight: float = option(10.0, "weight of the saliency segmentation loss")
-    ss_cosine_decay: bool = option(False, "decay the saliency weight to 0 along a cosine")
+    contrastive_weight: float = option(1.0, "weight of the contrastive loss", alias="cl_weight")
+    saliency_weight: float = option(10.0, "weight of the saliency segmentation loss", alias="ss_weight")
+    saliency_cosine_decay: bool = option(
+        False, "decay the saliency weight to 0 along a cosine", alias="ss_cosine_decay"
+    )
     momentum: float = option(0.99, "EMA momentum of the key network at the start; cosine ramp to 1")
 
     def validate(self) -> None:
-        require(self.cl_weight >= 0, "loss.cl_weight", self.cl_weight, "must be 0 or more")
-        require(self.ss_weight >= 0, "loss.ss_weight", self.ss_weight, "must be 0 or more")
+        require(self.contrastive_weight >= 0, "loss.contrastive_weight", self.contrastive_weight, "must be 0 or more")
+        require(self.saliency_weight >= 0, "loss.saliency_weight", self.saliency_weight, "must be 0 or more")
         require(0 <= self.momentum <= 1, "loss.momentum", self.momentum, "must be in [0, 1]")
 
 

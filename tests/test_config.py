@@ -156,7 +156,12 @@ def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
     for name in ("ssit_vit_s", "ssit_vit_b"):
         cfg = load_config(name)  # a bare name: the shipped config
         assert (cfg.epochs, cfg.optim.warmup_epochs, cfg.global_batch, cfg.model.img_size) == (300, 40, 512, 224)
-        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.momentum, cfg.loss.ss_weight) == (1e-3, 0.1, 0.99, 10)
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.momentum, cfg.loss.saliency_weight) == (
+            1e-3,
+            0.1,
+            0.99,
+            10,
+        )
         ds = deepspeed_config(cfg.ds_config, cfg, world=8)
         assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
     defaults = PretrainConfig()
@@ -168,3 +173,15 @@ def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "mine" / "run.yaml")
     assert cfg.ds_config == str(tmp_path / "mine" / "ds.json")
     assert deepspeed_config("zero3_bf16", cfg, world=1)["zero_optimization"]["stage"] == 3
+
+
+def test_encoder_meta_round_trips_and_reads_flat_files() -> None:
+    from ssit_dist.models.encoder_meta import EncoderMeta
+
+    meta = EncoderMeta("vit_small_patch16_224", 64, {"patch_size": 8}, 8, [0.4] * 3, [0.3] * 3, {"step": 4})
+    body = meta.to_json()
+    assert body["arch"] == "vit_small_patch16_224" and body["step"] == 4  # flat: readable without the class
+    assert EncoderMeta.from_json(body) == meta
+    assert meta.with_provenance(checkpoint="c").provenance == {"step": 4, "checkpoint": "c"}
+    with pytest.raises(ValueError, match="lacks img_size"):
+        EncoderMeta.from_json({"arch": "vit_small_patch16_224", "timm_kwargs": {}}, "x.json")

@@ -188,6 +188,7 @@ result = evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
 if accelerator.is_main_process:
     json.dump({"metrics": result["metrics"], "processes": accelerator.num_processes,
                "indices": result["indices"].tolist(), "scores": result["scores"].tolist()}, open(sys.argv[2], "w"))
+accelerator.end_training()  # tear the process group down before the interpreter exits, as finetune does
 """.replace("TINY_KWARGS", repr(TINY))
 
 

@@ -157,15 +157,14 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
         assert [r["step"] for r in runs[stage]] == [1, 2, 3]
         # The first loss is computed before any update, from the same weights and data; the later ones
         # after updates of ~lr, which move the loss far less than its own scale.
-        assert runs[stage][0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=1e-5)
+        assert runs[stage][0]["contrastive_loss"] == pytest.approx(runs[0][0]["contrastive_loss"], rel=1e-5)
         for a, b in zip(runs[0], runs[stage], strict=True):
-            assert a["cl_loss"] == pytest.approx(b["cl_loss"], rel=1e-3) and a["ss_loss"] == pytest.approx(
-                b["ss_loss"], rel=1e-3
-            )
+            assert a["contrastive_loss"] == pytest.approx(b["contrastive_loss"], rel=1e-3)
+            assert a["saliency_loss"] == pytest.approx(b["saliency_loss"], rel=1e-3)
     bf16 = train(config(tmp_path, tiny_shards, "bf16", ds_config(tmp_path, 2, bf16=True), **steps))
-    assert all(torch.isfinite(torch.tensor([r["cl_loss"], r["ss_loss"]])).all() for r in bf16)
-    assert bf16[0]["cl_loss"] == pytest.approx(runs[0][0]["cl_loss"], rel=0.1)  # bf16: 8-bit mantissa
-    assert bf16[0]["ss_loss"] == pytest.approx(runs[0][0]["ss_loss"], rel=0.05)
+    assert all(torch.isfinite(torch.tensor([r["contrastive_loss"], r["saliency_loss"]])).all() for r in bf16)
+    assert bf16[0]["contrastive_loss"] == pytest.approx(runs[0][0]["contrastive_loss"], rel=0.1)  # bf16: 8-bit mantissa
+    assert bf16[0]["saliency_loss"] == pytest.approx(runs[0][0]["saliency_loss"], rel=0.05)
     assert list((tmp_path / "z0" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert all({"pairs_per_s", "data_wait_s", "peak_mem_mb", "lr", "momentum"} <= set(r) for r in runs[0])
 
@@ -205,7 +204,7 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     resumed = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["step"] == 8
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert resumed[-1]["cl_loss"] == pytest.approx(whole[-1]["cl_loss"], rel=1e-6)
+    assert resumed[-1]["contrastive_loss"] == pytest.approx(whole[-1]["contrastive_loss"], rel=1e-6)
     for name in ("whole", "killed"):
         run_cli("export", tmp_path / name, "-o", tmp_path / f"{name}_export" / "encoder")
     a = load_file(str(tmp_path / "whole_export" / "encoder.safetensors"))
@@ -270,7 +269,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, t
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     bad_step = len(logged) + 1  # the step whose loss was not finite is not logged
     assert f"non-finite loss at step {bad_step}" in result.stderr and bad_step <= 8
-    assert all(math.isfinite(r["cl_loss"]) and math.isfinite(r["ss_loss"]) for r in logged)
+    assert all(math.isfinite(r["contrastive_loss"]) and math.isfinite(r["saliency_loss"]) for r in logged)
     # The last checkpoint is the last good step's, complete and loadable.
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{len(logged):08d}" and f"last good checkpoint is {latest}" in result.stderr

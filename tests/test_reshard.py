@@ -86,5 +86,5 @@ def test_reshard_continues_a_zero2_run_on_fewer_then_more_ranks(shards: Path, tm
     assert "world_size: 1 -> 2" in result.stderr and "at step 4" in result.stderr
     metrics = rows(run_dir)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
-    assert all(torch.isfinite(torch.tensor([r["cl_loss"], r["ss_loss"]])).all() for r in metrics)
+    assert all(torch.isfinite(torch.tensor([r["contrastive_loss"], r["saliency_loss"]])).all() for r in metrics)
     assert len(list((checkpoints / "step00000006").glob("*optim_states.pt"))) == 2

@@ -20,6 +20,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.vit import create_encoder
 
 
@@ -56,8 +57,11 @@ def load_encoder(
         raise EncoderInitError(f"encoder file {path} not found (or use --init random)")
     description = path.with_suffix(".json")
     if path.suffix == ".safetensors" and description.is_file():
-        meta = json.loads(description.read_text())
-        exported = (meta.get("arch"), meta.get("timm_kwargs") or {})
+        try:
+            meta = EncoderMeta.from_json(json.loads(description.read_text()), str(description))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise EncoderInitError(str(e)) from None
+        exported = (meta.arch, meta.timm_kwargs)
         if (arch is not None and arch != exported[0]) or (timm_kwargs and timm_kwargs != exported[1]):
             raise EncoderInitError(
                 f"{path} holds a {_describe(*exported)} encoder, but the run asks for "
@@ -69,7 +73,7 @@ def load_encoder(
             str(path),
             exported[0],
             exported[1],
-            {"pretrained_img_size": meta.get("img_size"), "checkpoint": meta.get("checkpoint")},
+            {"pretrained_img_size": meta.img_size, "checkpoint": meta.provenance.get("checkpoint")},
         )
         state = _read_state(path, trust_pickle)
     else:

@@ -100,12 +100,12 @@ class OnlineNetwork(nn.Module):
         q1 = self.predictor(self.projector(f1[:, 0]))
         q2 = self.predictor(self.projector(f2[:, 0]))
         t = self.cfg.temperature
-        cl = contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
+        contrastive = contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
         thr = self.cfg.saliency_threshold
-        ss = saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr) + saliency_loss(
+        saliency = saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr) + saliency_loss(
             self.saliency_head(f2[:, prefix:]), s2, thr
         )
-        return cl, ss
+        return contrastive, saliency
 
 
 class SSiT(nn.Module):

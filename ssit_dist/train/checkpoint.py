@@ -26,6 +26,7 @@ import torch
 
 from ssit_dist import atomic
 from ssit_dist.dist import barrier, broadcast_from_zero, gather_objects, on_rank_zero, rank
+from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
 LATEST = "latest"
@@ -105,7 +106,7 @@ def save(
     run_dir: Path,
     step: int,
     client_state: dict[str, Any],
-    meta: dict[str, Any],
+    meta: EncoderMeta,
     keep: int,
     device: torch.device,
 ) -> str:
@@ -122,7 +123,7 @@ def save(
     barrier(device)
 
     def finish() -> None:
-        atomic.write_json(folder / tag / META, {**meta, "files": _files(folder / tag)})
+        atomic.write_json(folder / tag / META, {**meta.to_json(), "files": _files(folder / tag)})
         publish(folder, tag, "step", keep)
 
     on_rank_zero(finish, device, f"finishing checkpoint {folder / tag}")
@@ -147,16 +148,17 @@ def export_encoder(run_dir: Path, out: Path, tag: str | None = None, overwrite: 
     existing = [p for p in (weights, description) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it, or choose another -o")
-    meta = read_meta(run_dir, tag)
-    meta.pop("files", None)
-    state = _full_fp32_state(checkpoint_dir(run_dir), tag, int(meta.get("zero_stage", 0)))
+    body = read_meta(run_dir, tag)
+    body.pop("files", None)
+    meta = EncoderMeta.from_json(body, str(checkpoint_dir(run_dir) / tag / META))
+    state = _full_fp32_state(checkpoint_dir(run_dir), tag, int(meta.provenance.get("zero_stage", 0)))
     encoder = {k[len("encoder.") :]: v.float().contiguous() for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ValueError(f"checkpoint {tag} under {run_dir} holds no encoder weights")
     weights.parent.mkdir(parents=True, exist_ok=True)
     # The weights first, then the JSON that describes them: a reader that finds the JSON finds its weights.
     atomic.write_with(weights, lambda tmp: save_file(encoder, str(tmp), metadata={"format": "pt"}))
-    atomic.write_json(description, {**meta, "checkpoint": str(checkpoint_dir(run_dir) / tag)})
+    atomic.write_json(description, meta.with_provenance(checkpoint=str(checkpoint_dir(run_dir) / tag)).to_json())
     return weights, description
 
 

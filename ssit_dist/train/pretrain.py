@@ -44,6 +44,7 @@ from ssit_dist.dist import (
     world_size,
 )
 from ssit_dist.models.batchnorm import convert_batchnorm
+from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
@@ -176,17 +177,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
         empty_timeout_s=cfg.data.empty_timeout_s,
     )
     loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
-    meta = {
-        "arch": cfg.model.arch,
-        "img_size": cfg.model.img_size,
-        "timm_kwargs": cfg.model.timm_kwargs,
-        "patch_size": int(engine.module.encoder.patch_embed.patch_size[0]),
-        "mean": mean,
-        "std": std,
-        "zero_stage": engine.zero_optimization_stage(),
-        "shards": cfg.data.shards,
-        "fingerprint": fingerprint,
-    }
+    meta = EncoderMeta(
+        cfg.model.arch,
+        cfg.model.img_size,
+        cfg.model.timm_kwargs,
+        int(engine.module.encoder.patch_embed.patch_size[0]),
+        mean,
+        std,
+        {"zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards, "fingerprint": fingerprint},
+    )
 
     def save(step: int) -> str:
         client = {
@@ -195,7 +194,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "config": asdict(cfg),
             "torch_rng": torch.get_rng_state(),
         }
-        return checkpoint.save(engine, run_dir, step, client, {**meta, "step": step}, cfg.keep_checkpoints, device)
+        return checkpoint.save(
+            engine, run_dir, step, client, meta.with_provenance(step=step), cfg.keep_checkpoints, device
+        )
 
     reporter = on_rank_zero(
         lambda: Reporter(run_dir, total_steps, start_step), device, f"opening {run_dir / 'metrics.jsonl'}"
@@ -216,8 +217,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             )
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            m = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
-            ss_weight = schedule.saliency_weight(progress, cfg.epochs, cfg.loss.ss_weight, cfg.loss.ss_cosine_decay)
+            momentum = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
+            saliency_weight = schedule.saliency_weight(
+                progress, cfg.epochs, cfg.loss.saliency_weight, cfg.loss.saliency_cosine_decay
+            )
 
             started = time.perf_counter()
             waits: list[float] = []  # seconds spent waiting for each micro batch
@@ -225,16 +228,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
                 engine,
                 momentum_net,
                 _micro_batches(batches, accumulation, device, waits),
-                m,
-                cfg.loss.cl_weight,
-                ss_weight,
+                momentum,
+                cfg.loss.contrastive_weight,
+                saliency_weight,
                 precision,
             )
-            cl_loss, ss_loss = losses.contrastive.item(), losses.saliency.item()
+            contrastive, saliency = losses.contrastive.item(), losses.saliency.item()
             # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
             # signal on any rank stops all of them after this step's checkpoint.
-            diverged, stopping = any_ranks([not _finite((cl_loss, ss_loss)), stop["requested"]], device)
-            _raise_if(diverged, (cl_loss, ss_loss), step, run_dir)
+            diverged, stopping = any_ranks([not _finite((contrastive, saliency)), stop["requested"]], device)
+            _raise_if(diverged, (contrastive, saliency), step, run_dir)
             step += 1
             elapsed = time.perf_counter() - started
 
@@ -243,11 +246,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
                     {
                         "step": step,
                         "epoch": round(step / steps_per_epoch, 4),
-                        "cl_loss": cl_loss,
-                        "ss_loss": ss_loss,
+                        "contrastive_loss": contrastive,
+                        "saliency_loss": saliency,
                         "lr": lr,
-                        "momentum": m,
-                        "ss_weight": ss_weight,
+                        "momentum": momentum,
+                        "saliency_weight": saliency_weight,
                         "pairs_per_s": round(cfg.global_batch / elapsed, 2),
                         "step_s": round(elapsed, 4),
                         "data_wait_s": round(sum(waits), 4),

@@ -44,11 +44,20 @@ class Reporter:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         step = record["step"]
-        for key in ("cl_loss", "ss_loss", "lr", "momentum", "ss_weight", "pairs_per_s", "data_wait_s", "peak_mem_mb"):
+        for key in (
+            "contrastive_loss",
+            "saliency_loss",
+            "lr",
+            "momentum",
+            "saliency_weight",
+            "pairs_per_s",
+            "data_wait_s",
+            "peak_mem_mb",
+        ):
             self.board.add_scalar(key, record[key], step)
         status = (
-            f"cl {record['cl_loss']:.4f} ss {record['ss_loss']:.4f} lr {record['lr']:.2e} "
-            f"m {record['momentum']:.5f} {record['pairs_per_s']} pairs/s"
+            f"contrastive {record['contrastive_loss']:.4f} saliency {record['saliency_loss']:.4f} "
+            f"lr {record['lr']:.2e} momentum {record['momentum']:.5f} {record['pairs_per_s']} pairs/s"
         )
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)

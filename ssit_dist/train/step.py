@@ -2,7 +2,7 @@
 the reference-parity test all run `train_step`.
 
 The reference's semantics, in order:
-1. move the fp32 momentum network towards the query encoder and projector with m (before the keys:
+1. move the fp32 momentum network towards the query encoder and projector by `momentum` (before the keys:
    the keys come from the updated momentum network);
 2. per micro batch: keys of each view from its most salient patches (no gradient), the symmetric
    contrastive loss and the saliency loss through the trainable side, weighted, backward, step.
@@ -78,7 +78,7 @@ def train_step(
     engine: Engine,
     momentum_net: MomentumNetwork,
     micro_batches: Iterable[Batch],
-    m: float,
+    momentum: float,
     contrastive_weight: float,
     saliency_weight: float,
     precision: torch.dtype | None = None,
@@ -86,7 +86,7 @@ def train_step(
     """One optimizer step over `micro_batches` (as many as the engine accumulates), on the device the
     batches are on. `precision`: autocast dtype (bf16 / fp16) or None for fp32."""
     # Full fp32 weights of the query side, also under ZeRO-3 partitioning and bf16 engines.
-    momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), m)
+    momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), momentum)
     contrastive_sum: torch.Tensor | float = 0.0
     saliency_sum: torch.Tensor | float = 0.0
     count = 0
