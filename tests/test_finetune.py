@@ -451,3 +451,31 @@ def test_loader_workers_end_with_a_killed_finetune(graded_shards: Path, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_checkpoint_a_process_cannot_read_is_named(graded_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = (
+        "--train",
+        graded_shards,
+        "--init",
+        "random",
+        "--run-dir",
+        run_dir,
+        "img_size=32",
+        "epochs=1",
+        "workers=0",
+        "arch=vit_small_patch16_224",
+        f"timm_kwargs={json.dumps(TINY)}",
+    )
+    run_cli("finetune", *args)
+    missing = run_dir / "checkpoints" / "epoch0001" / "optimizer.pt"
+    missing.unlink()
+    result = run_cli("finetune", *args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = " ".join(result.stderr.split())
+    assert (
+        "cannot be read by every process" in message
+        and "process 0 on" in message
+        and f"{missing} is missing" in message
+    )

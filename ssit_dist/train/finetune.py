@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -35,14 +36,14 @@ from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.workers import worker_options
-from ssit_dist.dist import RankFailure, broadcast_from_zero, mean_over_ranks, on_rank_zero, shutdown
+from ssit_dist.dist import RankFailure, broadcast_from_zero, gather_objects, mean_over_ranks, on_rank_zero, shutdown
 from ssit_dist.eval import report
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.eval.predict import missing, run_over_split
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.train.checkpoint import latest_tag
-from ssit_dist.train.finetune_state import load_state, read_state, save_state
+from ssit_dist.train.finetune_state import load_state, read_state, save_state, unreadable
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 from ssit_dist.train.schedule import learning_rate
 
@@ -238,6 +239,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if isinstance(plan, ResumeError):
         raise plan
     assert isinstance(plan, ResumePlan)
+    # Every process checks the checkpoint rank 0 chose, and all agree before any loads it.
+    seen = gather_objects((socket.gethostname(), unreadable(out, plan.tag) if plan.tag else []), device)
+    failed = [f"process {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
+    if failed:
+        raise ResumeError(f"checkpoint {plan.tag} in {out} cannot be read by every process:\n  " + "\n  ".join(failed))
     resumed = load_state(out, plan.tag) if plan.tag else None
     if plan.mode == "force":
         log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))

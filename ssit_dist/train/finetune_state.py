@@ -10,6 +10,7 @@ from. Only the main process writes; every process reads.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from ssit_dist import atomic
 from ssit_dist.train.checkpoint import checkpoint_dir, publish
 from ssit_dist.train.resume import ResumeError
+
+FILES = ("model.safetensors", "optimizer.pt", "state.json")
 
 
 def save_state(
@@ -47,6 +50,17 @@ def read_state(run_dir: Path, tag: str) -> dict[str, Any]:
             "state.json is missing; delete the folder and `latest` to start again"
         )
     return json.loads(path.read_text())
+
+
+def unreadable(run_dir: Path, tag: str) -> list[str]:
+    """The files of checkpoint `tag` this process cannot read (missing, no permission): on node-local
+    disks or a stale NFS view one process may not see what another wrote."""
+    folder = checkpoint_dir(run_dir) / tag
+    return [
+        f"{folder / name} is {'missing' if not (folder / name).is_file() else 'not readable'}"
+        for name in FILES
+        if not ((folder / name).is_file() and os.access(folder / name, os.R_OK))
+    ]
 
 
 def load_state(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
