@@ -27,9 +27,10 @@ from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.grading_transforms import eval_transform
 from ssit_dist.data.labelled import LabelledShards, SplitSource
 from ssit_dist.dist import free_port
+from ssit_dist.eval.predict import evaluate
+from ssit_dist.models.grader import load_grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.models.ssit import SSiT
-from ssit_dist.train.finetune import evaluate, load_grader
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
@@ -164,7 +165,7 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
     val = LabelledShards(SplitSource(graded_shards, "val"), eval_transform(48, meta["mean"], meta["std"]))
     from accelerate import Accelerator
 
-    again = evaluate(grader, val, Accelerator(cpu=True), FinetuneConfig(img_size=48))["metrics"]
+    again = evaluate(grader, val, Accelerator(cpu=True), FinetuneConfig().eval_batch)["metrics"]
     assert again["qwk"] == pytest.approx(report["val"]["qwk"], abs=1e-9)
     assert again["qwk"] == pytest.approx(meta["val"]["qwk"], abs=1e-9)
     best_row = epochs[report["best_epoch"] - 1]
@@ -174,17 +175,16 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
 EVALUATE = """
 import json, sys, torch
 from accelerate import Accelerator
-from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.grading_transforms import eval_transform
 from ssit_dist.data.labelled import LabelledShards, SplitSource
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.vit import create_encoder
-from ssit_dist.train.finetune import evaluate
+from ssit_dist.eval.predict import evaluate
 torch.manual_seed(0)
 grader = Grader(create_encoder("vit_small_patch16_224", 32, **TINY_KWARGS), "classification")
 accelerator = Accelerator(cpu=True)
 data = LabelledShards(SplitSource.parse(sys.argv[1], "test"), eval_transform(32, [0.4] * 3, [0.3] * 3))
-result = evaluate(grader, data, accelerator, FinetuneConfig(eval_batch=4))
+result = evaluate(grader, data, accelerator, 4)
 if accelerator.is_main_process:
     json.dump({"metrics": result["metrics"], "processes": accelerator.num_processes,
                "indices": result["indices"].tolist(), "scores": result["scores"].tolist()}, open(sys.argv[2], "w"))

@@ -7,6 +7,7 @@ twice; the gathered rows are put back in dataset order by their sample index.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from ssit_dist.data.labelled import LabelledShards, collate_labelled
 from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import gather_objects
+from ssit_dist.eval.metrics import grading_metrics
+from ssit_dist.models.grader import Grader
 
 
 @torch.no_grad()
@@ -50,3 +53,21 @@ def missing(dataset: LabelledShards, indices: np.ndarray) -> list[str]:
     present = np.zeros(len(dataset), bool)
     present[indices] = True
     return [dataset.keys[i] for i in np.flatnonzero(~present)]
+
+
+def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, batch_size: int) -> dict[str, Any]:
+    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all)."""
+    grader.eval()
+    with accelerator.autocast():
+        indices, outputs = run_over_split(grader, dataset, accelerator, batch_size)
+    predicted, scores = grader.grades_and_scores(torch.from_numpy(outputs))
+    truth = np.array(dataset.grades)[indices]
+    metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), grader.num_classes)
+    metrics["missing"] = missing(dataset, indices)
+    return {
+        "metrics": metrics,
+        "indices": indices,
+        "truth": truth,
+        "predicted": predicted.numpy(),
+        "scores": scores.numpy(),
+    }

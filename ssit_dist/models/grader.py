@@ -3,9 +3,16 @@ token, trained as a regression with thresholds (default) or a classification."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from ssit_dist import atomic
 
 THRESHOLDS = (-0.5, 0.5, 1.5, 2.5, 3.5)  # grade g <=> THRESHOLDS[g] <= output < THRESHOLDS[g + 1]
 
@@ -52,3 +59,22 @@ class Grader(nn.Module):
         grades = (y[:, None] >= cuts).sum(1)
         distance = (y[:, None] - torch.arange(self.num_classes, device=y.device)) ** 2
         return grades, (-distance).softmax(1)
+
+
+def save_grader(grader: Grader, path: Path, meta: dict[str, Any]) -> None:
+    """Weights (encoder.* in timm names, head.*) as safetensors, then the JSON beside them that rebuilds
+    the model (`meta`: arch, timm_kwargs, img_size, objective, num_classes, ...); each atomically."""
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}
+    atomic.write_with(path, lambda tmp: save_file(weights, str(tmp)))
+    atomic.write_json(path.with_suffix(".json"), meta)  # after the weights it describes
+
+
+def load_grader(path: Path) -> tuple[Grader, dict[str, Any]]:
+    """A Grader saved by `save_grader` (fine-tuning's best.safetensors / final.safetensors) and its JSON."""
+    from ssit_dist.models.vit import create_encoder
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    encoder = create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"])
+    grader = Grader(encoder, meta["objective"], meta["num_classes"])
+    grader.load_state_dict(load_file(str(path)))
+    return grader, meta

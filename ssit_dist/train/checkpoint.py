@@ -15,10 +15,12 @@ DeepSpeed's universal checkpoint (ds_to_universal) into `universal/TAG/` beside 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +169,8 @@ def _full_fp32_state(folder: Path, tag: str, zero_stage: int) -> dict[str, torch
     if zero_stage > 0 and any((folder / tag).glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress; stdout stays the caller's
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
 
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ssit_dist import atomic
@@ -38,9 +37,8 @@ from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, c
 from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import RankFailure, broadcast_from_zero, gather_objects, mean_over_ranks, on_rank_zero, shutdown
 from ssit_dist.eval import report
-from ssit_dist.eval.metrics import grading_metrics
-from ssit_dist.eval.predict import missing, run_over_split
-from ssit_dist.models.grader import Grader
+from ssit_dist.eval.predict import evaluate
+from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.train.checkpoint import latest_tag
 from ssit_dist.train.finetune_state import load_state, read_state, save_state, unreadable
@@ -73,24 +71,6 @@ def micro_batch(cfg: FinetuneConfig, processes: int) -> int:
     return cfg.global_batch // (processes * cfg.grad_accumulation)
 
 
-def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, cfg: FinetuneConfig) -> dict[str, Any]:
-    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all)."""
-    grader.eval()
-    with accelerator.autocast():
-        indices, outputs = run_over_split(grader, dataset, accelerator, cfg.eval_batch)
-    predicted, scores = grader.grades_and_scores(torch.from_numpy(outputs))
-    truth = np.array(dataset.grades)[indices]
-    metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), cfg.num_classes)
-    metrics["missing"] = missing(dataset, indices)
-    return {
-        "metrics": metrics,
-        "indices": indices,
-        "truth": truth,
-        "predicted": predicted.numpy(),
-        "scores": scores.numpy(),
-    }
-
-
 def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean: list[float], std: list[float]) -> dict:
     return {
         "arch": encoder_source["arch"],
@@ -105,24 +85,35 @@ def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, mean:
     }
 
 
-def save_weights(grader: Grader, path: Path, meta: dict) -> None:
-    """Weights (encoder.* in timm names, head.*) as safetensors plus the JSON that rebuilds the model;
-    written under a temporary name and renamed, so a file is never half-written."""
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in grader.state_dict().items()}
-    atomic.write_with(path, lambda tmp: save_file(weights, str(tmp)))
-    atomic.write_json(path.with_suffix(".json"), meta)  # after the weights it describes
-
-
-def load_grader(path: Path) -> tuple[Grader, dict]:
-    """A Grader saved by `save_weights` (best.safetensors / final.safetensors)."""
-    from ssit_dist.models.vit import create_encoder
-
-    meta = json.loads(path.with_suffix(".json").read_text())
-    grader = Grader(
-        create_encoder(meta["arch"], meta["img_size"], **meta["timm_kwargs"]), meta["objective"], meta["num_classes"]
-    )
-    grader.load_state_dict(load_file(str(path)))
-    return grader, meta
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: Any,
+    scheduler: Any,
+    accelerator: Accelerator,
+    clip_grad: float | None,
+    linear: bool,
+) -> list[float]:
+    """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
+    per optimizer step); the loss of each batch."""
+    plain: Grader = accelerator.unwrap_model(model)
+    model.train()
+    if linear:
+        plain.encoder.eval()  # frozen: no dropout, fixed features
+    trainable = [p for p in plain.parameters() if p.requires_grad]
+    losses = []
+    for images, grades, _ in loader:
+        with accelerator.accumulate(model):
+            loss = plain.loss(model(images), grades)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad is not None:
+                accelerator.clip_grad_norm_(trainable, clip_grad)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, SplitSource], indexes: dict) -> dict:
@@ -276,7 +267,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f.write(json.dumps(row) + "\n")
         log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
         if improved:
-            save_weights(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
+            save_grader(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
         save_state(
             out,
             epoch,
@@ -296,25 +287,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         started = time.perf_counter()
         set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
         order.manual_seed(cfg.seed + epoch)
-        model.train()
-        if cfg.linear:
-            plain.encoder.eval()  # frozen: no dropout, fixed features
-        losses = []
-        for images, grades, _ in loader:
-            with accelerator.accumulate(model):
-                loss = plain.loss(model(images), grades)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad is not None:
-                    accelerator.clip_grad_norm_(trainable, cfg.clip_grad)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg.clip_grad, cfg.linear)
         train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
-        val = evaluate(plain, eval_sets["val"], accelerator, cfg)["metrics"]
+        val = evaluate(plain, eval_sets["val"], accelerator, cfg.eval_batch)["metrics"]
         if val[select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
             select_by = "accuracy" if select_by == "qwk" else "qwk"
             log.warning(
@@ -341,16 +318,18 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         record = partial(end_epoch, epoch, row, val, train_loss, improved, best_score, best_epoch, select_by)
         on_rank_zero(record, device, f"saving epoch {epoch} under {out}")
     on_rank_zero(
-        lambda: save_weights(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}),
+        lambda: save_grader(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}),
         device,
         f"writing {out / 'final.safetensors'}",
     )
 
     best, _ = load_grader(out / "best.safetensors")
     best.to(accelerator.device)
-    results = {name: evaluate(best, dataset, accelerator, cfg) for name, dataset in eval_sets.items()}
+    results = {name: evaluate(best, dataset, accelerator, cfg.eval_batch) for name, dataset in eval_sets.items()}
     # The final weights too, as the reference reports both.
-    final_weights = {name: evaluate(plain, dataset, accelerator, cfg)["metrics"] for name, dataset in eval_sets.items()}
+    final_weights = {
+        name: evaluate(plain, dataset, accelerator, cfg.eval_batch)["metrics"] for name, dataset in eval_sets.items()
+    }
     result = {
         "best_epoch": best_epoch,
         "select_by": select_by,

@@ -1,23 +1,19 @@
-"""SSiT pretraining with DeepSpeed: the training loop.
+"""SSiT pretraining with DeepSpeed: setting a run up, as MAE's main_pretrain does.
 
-Per optimizer step: set lr / momentum / saliency weight from the fractional epoch, then run SSiT's
-step (train/step.py: momentum update, keys from the salient patches, both losses, backward and step
-through the DeepSpeed engine) over the step's micro batches. Checkpoints every
-`checkpoint_every` steps, at the end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the
-time limit); a relaunch resumes from the latest complete checkpoint at the same schedule position and
-data position.
+`pretrain(cfg)` creates the process group and installs the stop handlers first, reads and checks the
+shards, takes the resume decision (train/checkpoint.py, train/resume.py), builds the DeepSpeed engine and
+the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
+train/loop.py. Checkpoints come every `checkpoint_every` steps, at the end, and when SIGTERM or SIGUSR1
+arrives (SLURM's warning before the time limit); a relaunch resumes from the latest complete checkpoint
+at the same schedule and data position. `python -m ssit_dist.train.pretrain --config FILE [field=value]`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import resource
 import signal
 import socket
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -31,11 +27,10 @@ from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
 from ssit_dist.data.stream import PairStream, pair_loader
-from ssit_dist.data.workers import PREEMPTION_SIGNALS, start_batches
+from ssit_dist.data.workers import PREEMPTION_SIGNALS
 from ssit_dist.dist import (
     RankFailure,
     any_rank,
-    any_ranks,
     gather_objects,
     init_process_group,
     on_rank_zero,
@@ -46,22 +41,12 @@ from ssit_dist.dist import (
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
-from ssit_dist.train import checkpoint, schedule
+from ssit_dist.train import checkpoint
+from ssit_dist.train.loop import Run, StopRequested, train
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
-from ssit_dist.train.step import Batch, train_step
 
 log = logging.getLogger("ssit_dist.pretrain")
-
-
-class StopRequested(Exception):
-    """SIGTERM / SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_fingerprint(
@@ -164,9 +149,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
-    start_step = plan.step
     if plan.tag is not None:
-        log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, start_step, total_steps)
+        log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
 
     stream = PairStream(
         shards,
@@ -176,7 +160,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         shuffle_buffer=cfg.data.shuffle_buffer,
         empty_timeout_s=cfg.data.empty_timeout_s,
     )
-    loader = pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory)
     meta = EncoderMeta(
         cfg.model.arch,
         cfg.model.img_size,
@@ -186,85 +169,30 @@ def pretrain(cfg: PretrainConfig) -> Path:
         std,
         {"zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards, "fingerprint": fingerprint},
     )
-
-    def save(step: int) -> str:
-        client = {
-            "step": step,
-            "momentum": momentum_net.state_dict(),
-            "config": asdict(cfg),
-            "torch_rng": torch.get_rng_state(),
-        }
-        return checkpoint.save(
-            engine, run_dir, step, client, meta.with_provenance(step=step), cfg.keep_checkpoints, device
-        )
-
     reporter = on_rank_zero(
-        lambda: Reporter(run_dir, total_steps, start_step), device, f"opening {run_dir / 'metrics.jsonl'}"
+        lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
+    )
+    run = Run(
+        cfg,
+        engine,
+        momentum_net,
+        stream,
+        pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory),
+        run_dir,
+        device,
+        precision,
+        accumulation,
+        steps_per_epoch,
+        total_steps,
+        plan.step,
+        meta,
+        reporter,
     )
     if any_rank(stop["requested"], device):
-        raise StopRequested(f"stopped by signal during start-up, before step {start_step + 1}; relaunch to resume")
-    batches = None
-    try:
-        step = start_step
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if batches is None or in_epoch == 0:
-                stream.set_position(epoch, skip_batches=in_epoch * accumulation)
-                batches = start_batches(loader)
-            progress = step / steps_per_epoch
-            lr = schedule.learning_rate(
-                progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
-            )
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            momentum = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
-            saliency_weight = schedule.saliency_weight(
-                progress, cfg.epochs, cfg.loss.saliency_weight, cfg.loss.saliency_cosine_decay
-            )
-
-            started = time.perf_counter()
-            waits: list[float] = []  # seconds spent waiting for each micro batch
-            losses = train_step(
-                engine,
-                momentum_net,
-                _micro_batches(batches, accumulation, device, waits),
-                momentum,
-                cfg.loss.contrastive_weight,
-                saliency_weight,
-                precision,
-            )
-            contrastive, saliency = losses.contrastive.item(), losses.saliency.item()
-            # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
-            # signal on any rank stops all of them after this step's checkpoint.
-            diverged, stopping = any_ranks([not _finite((contrastive, saliency)), stop["requested"]], device)
-            _raise_if(diverged, (contrastive, saliency), step, run_dir)
-            step += 1
-            elapsed = time.perf_counter() - started
-
-            if reporter is not None:
-                reporter.step(
-                    {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 4),
-                        "contrastive_loss": contrastive,
-                        "saliency_loss": saliency,
-                        "lr": lr,
-                        "momentum": momentum,
-                        "saliency_weight": saliency_weight,
-                        "pairs_per_s": round(cfg.global_batch / elapsed, 2),
-                        "step_s": round(elapsed, 4),
-                        "data_wait_s": round(sum(waits), 4),
-                        "peak_mem_mb": round(_peak_memory_mb(device), 1),
-                    }
-                )
-            if step % cfg.checkpoint_every == 0 or step == total_steps or stopping:
-                save(step)
-            if stopping:
-                raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
-    finally:
-        batches = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if reporter is not None:
             reporter.close()
+        raise StopRequested(f"stopped by signal during start-up, before step {plan.step + 1}; relaunch to resume")
+    train(run, stop)
     return run_dir
 
 
@@ -280,35 +208,6 @@ def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> 
     failed = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(seen) if p]
     if failed:
         raise ShardIndexError("the shards do not match their index:\n  " + "\n  ".join(failed))
-
-
-def _micro_batches(batches: Iterator, count: int, device: torch.device, waits: list[float]) -> Iterator[Batch]:
-    """The next `count` batches, on `device`, each agreed on by every rank before it is used: a rank
-    whose loader failed would never join the forward's collectives, so all ranks stop together."""
-    for _ in range(count):
-        waited = time.perf_counter()
-        try:
-            batch, failure = next(batches), None
-        except Exception as e:  # a starved source, a dead worker
-            batch, failure = None, e
-        waits.append(time.perf_counter() - waited)
-        if any_rank(failure is not None, device):
-            raise failure or SourceError("the data loader failed on another rank; see its log")
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
-
-
-def _finite(losses: tuple[float, float]) -> bool:
-    return all(math.isfinite(v) for v in losses)
-
-
-def _raise_if(diverged: bool, losses: tuple[float, float], step: int, run_dir: Path) -> None:
-    if not diverged:
-        return
-    where = f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank"
-    tag = checkpoint.latest_tag(run_dir)
-    raise FloatingPointError(
-        f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is {tag or 'none'} in {run_dir}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

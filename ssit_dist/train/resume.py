@@ -72,11 +72,6 @@ def write_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
     atomic.write_json(folder / FINGERPRINT, normalised(fingerprint), sort_keys=True)
 
 
-def read_fingerprint(folder: Path) -> dict[str, Any] | None:
-    path = folder / FINGERPRINT
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def decide(
     tag: str | None,
     step: int,
