@@ -17,7 +17,7 @@ import math
 import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -39,7 +39,7 @@ from ssit_dist.dist import RankFailure, broadcast_from_zero, gather_objects, mea
 from ssit_dist.eval import report
 from ssit_dist.eval.predict import evaluate
 from ssit_dist.models.grader import Grader, load_grader, save_grader
-from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+from ssit_dist.models.pretrained import EncoderInitError, EncoderSource, load_encoder
 from ssit_dist.train.checkpoint import latest_tag
 from ssit_dist.train.finetune_state import load_state, read_state, save_state, unreadable
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
@@ -159,8 +159,46 @@ def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError
         return e
 
 
+@dataclass
+class Tuning:
+    """A fine-tuning run, set up: what the epochs and the report need."""
+
+    cfg: FinetuneConfig
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module  # prepared by Accelerate
+    plain: Grader  # the same, unwrapped
+    optimizer: Any
+    scheduler: Any
+    loader: DataLoader
+    order: torch.Generator  # the loader's shuffling, reseeded every epoch
+    eval_sets: dict[str, LabelledShards]
+    meta: dict[str, Any]  # written beside best/final weights
+    source: EncoderSource
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """What the epochs carry forward (and a checkpoint restores)."""
+
+    select_by: str
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 1
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, select, test; returns the report (also written to OUT/report.json on the main process)."""
+    """Train, select, test; returns the report (also written to RUN_DIR/report.json on the main process)."""
+    run = set_up(cfg)
+    progress = restore(run)
+    train_epochs(run, progress)
+    return final_report(run, progress)
+
+
+def set_up(cfg: FinetuneConfig) -> Tuning:
+    """Accelerate, the data (checked before anything trains), the encoder and head, optimizer, schedule."""
     # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment. Every
     # collective of ours goes through dist.py on accelerator.device, with the timeout below.
     accelerator = Accelerator(
@@ -169,9 +207,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],
     )
-    device = accelerator.device
     set_seed(cfg.seed)
-    out = Path(cfg.run_dir)
     sources = splits(cfg)
     indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
     micro = micro_batch(cfg, accelerator.num_processes)
@@ -191,7 +227,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ConfigError(
             f"train split {sources['train']} has {len(train_set)} samples, fewer than one batch of {cfg.global_batch}"
         )
-    meta = grader_meta(cfg, grader, asdict(source), mean, std)
     log.info(
         "encoder from %s (%s), %d train / %s samples, micro batch %d x %d processes x %d accumulation",
         cfg.init,
@@ -202,8 +237,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         accelerator.num_processes,
         cfg.grad_accumulation,
     )
-
-    order = torch.Generator().manual_seed(cfg.seed)  # reseeded every epoch: the order is f(seed, epoch)
+    order = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(
         train_set,
         batch_size=micro,
@@ -216,17 +250,35 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
     model, optimizer, loader = accelerator.prepare(grader, optimizer, loader)
-    plain: Grader = accelerator.unwrap_model(model)
     # Stepped here once per optimizer step (not through Accelerate, which steps it once per process).
     # Accelerate also steps on an epoch's last batch when the accumulation has not filled: ceil.
     steps = cfg.epochs * max(math.ceil(len(loader) / cfg.grad_accumulation), 1)
     warmup = cfg.warmup_epochs / cfg.epochs * steps
     # The one warmup-cosine of the project (train/schedule.py), in optimizer steps, as a factor of lr.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: learning_rate(s, 1.0, warmup, steps))
+    return Tuning(
+        cfg,
+        accelerator,
+        Path(cfg.run_dir),
+        model,
+        accelerator.unwrap_model(model),
+        optimizer,
+        scheduler,
+        loader,
+        order,
+        eval_sets,
+        grader_meta(cfg, grader, asdict(source), mean, std),
+        source,
+        run_fingerprint(cfg, accelerator.num_processes, sources, indexes),
+    )
 
-    best_score, best_epoch, history, start = -math.inf, 0, [], 1
-    fingerprint = run_fingerprint(cfg, accelerator.num_processes, sources, indexes)
-    plan = broadcast_from_zero(_decide(out, fingerprint, cfg.resume) if accelerator.is_main_process else None, device)
+
+def restore(run: Tuning) -> Progress:
+    """Rank 0 decides whether to resume (refusing a changed run), every process checks it can read the
+    checkpoint, all load it; then the run folder gets the config and the history up to that epoch."""
+    cfg, out, device = run.cfg, run.out, run.accelerator.device
+    decision = _decide(out, run.fingerprint, cfg.resume) if run.accelerator.is_main_process else None
+    plan = broadcast_from_zero(decision, device)
     if isinstance(plan, ResumeError):
         raise plan
     assert isinstance(plan, ResumePlan)
@@ -235,106 +287,114 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     failed = [f"process {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
     if failed:
         raise ResumeError(f"checkpoint {plan.tag} in {out} cannot be read by every process:\n  " + "\n  ".join(failed))
-    resumed = load_state(out, plan.tag) if plan.tag else None
+    progress = Progress(select_by=cfg.select_by)
     if plan.mode == "force":
         log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
-    if resumed is not None:
-        weights, optimizer_state, state = resumed
-        plain.load_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(state["scheduler"])
-        best_score = state["best_score"] if state["best_score"] is not None else -math.inf
-        best_epoch, history, start = state["best_epoch"], state["history"], state["epoch"] + 1
+    if plan.tag is not None:
+        weights, optimizer_state, state = load_state(out, plan.tag)
+        run.plain.load_state_dict(weights)
+        run.optimizer.load_state_dict(optimizer_state)
+        run.scheduler.load_state_dict(state["scheduler"])
+        progress.best_score = state["best_score"] if state["best_score"] is not None else -math.inf
+        progress.best_epoch, progress.history, progress.start = (
+            state["best_epoch"],
+            state["history"],
+            state["epoch"] + 1,
+        )
         log.info("resumed after epoch %d of %d", state["epoch"], cfg.epochs)
 
     def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
         save_config(cfg, out)
-        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in progress.history))
 
     on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
+    return progress
 
-    def end_epoch(
-        epoch: int,
-        row: dict,
-        val: dict,
-        train_loss: float,
-        improved: bool,
-        best_score: float,
-        best_epoch: int,
-        select_by: str,
-    ) -> None:  # rank 0's files; every rank hears if they failed
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, train_loss, val["qwk"], val["accuracy"])
-        if improved:
-            save_grader(plain, out / "best.safetensors", {**meta, "epoch": epoch, "val": val, "select_by": select_by})
-        save_state(
-            out,
-            epoch,
-            plain.state_dict(),
-            optimizer.state_dict(),
-            {
-                "scheduler": scheduler.state_dict(),
-                "best_score": best_score if math.isfinite(best_score) else None,
-                "best_epoch": best_epoch,
-                "history": history,
-                "fingerprint": fingerprint,
-            },
-        )
 
-    select_by = cfg.select_by
-    for epoch in range(start, cfg.epochs + 1):
+def train_epochs(run: Tuning, progress: Progress) -> None:
+    """From `progress.start` to the last epoch: train, validate, keep the best, checkpoint; then the
+    final weights."""
+    cfg, out, device, plain = run.cfg, run.out, run.accelerator.device, run.plain
+    for epoch in range(progress.start, cfg.epochs + 1):
         started = time.perf_counter()
         set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
-        order.manual_seed(cfg.seed + epoch)
-        losses = train_one_epoch(model, loader, optimizer, scheduler, accelerator, cfg.clip_grad, cfg.linear)
+        run.order.manual_seed(cfg.seed + epoch)
+        losses = train_one_epoch(
+            run.model, run.loader, run.optimizer, run.scheduler, run.accelerator, cfg.clip_grad, cfg.linear
+        )
         train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
-        val = evaluate(plain, eval_sets["val"], accelerator, cfg.eval_batch)["metrics"]
-        if val[select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
-            select_by = "accuracy" if select_by == "qwk" else "qwk"
+        val = evaluate(plain, run.eval_sets["val"], run.accelerator, cfg.eval_batch)["metrics"]
+        if val[progress.select_by] is None:  # QWK is undefined on a split with one grade: select by accuracy
+            progress.select_by = "accuracy" if progress.select_by == "qwk" else "qwk"
             log.warning(
                 "validation %s is undefined (the split has %s); selecting the best epoch by %s",
                 cfg.select_by,
                 "one grade" if cfg.select_by == "qwk" else "no samples",
-                select_by,
+                progress.select_by,
             )
-        score = val[select_by] if val[select_by] is not None else -math.inf
+        score = val[progress.select_by] if val[progress.select_by] is not None else -math.inf
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": run.scheduler.get_last_lr()[0],
             "val_accuracy": val["accuracy"],
             "val_qwk": val["qwk"],
             "val_macro_auc": val["macro_auc"],
             "seconds": round(time.perf_counter() - started, 2),
         }
-        history.append(row)
-        improved = score > best_score
+        progress.history.append(row)
+        improved = score > progress.best_score
         if improved:
-            best_score, best_epoch = score, epoch
-
-        record = partial(end_epoch, epoch, row, val, train_loss, improved, best_score, best_epoch, select_by)
-        on_rank_zero(record, device, f"saving epoch {epoch} under {out}")
+            progress.best_score, progress.best_epoch = score, epoch
+        on_rank_zero(
+            partial(_end_epoch, run, progress, epoch, row, val, improved), device, f"saving epoch {epoch} under {out}"
+        )
     on_rank_zero(
-        lambda: save_grader(plain, out / "final.safetensors", {**meta, "epoch": cfg.epochs}),
+        lambda: save_grader(plain, out / "final.safetensors", {**run.meta, "epoch": cfg.epochs}),
         device,
         f"writing {out / 'final.safetensors'}",
     )
 
+
+def _end_epoch(run: Tuning, progress: Progress, epoch: int, row: dict, val: dict, improved: bool) -> None:
+    """Rank 0's files of an epoch (every rank hears if they failed): the metrics row, the best weights,
+    the checkpoint."""
+    out = run.out
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info(
+        "epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, row["train_loss"], val["qwk"], val["accuracy"]
+    )
+    if improved:
+        meta = {**run.meta, "epoch": epoch, "val": val, "select_by": progress.select_by}
+        save_grader(run.plain, out / "best.safetensors", meta)
+    state = {
+        "scheduler": run.scheduler.state_dict(),
+        "best_score": progress.best_score if math.isfinite(progress.best_score) else None,
+        "best_epoch": progress.best_epoch,
+        "history": progress.history,
+        "fingerprint": run.fingerprint,
+    }
+    save_state(out, epoch, run.plain.state_dict(), run.optimizer.state_dict(), state)
+
+
+def final_report(run: Tuning, progress: Progress) -> dict[str, Any]:
+    """The best weights (and, as the reference reports both, the final ones) on every evaluation split;
+    report.json, predictions.csv, confusion.png, curves.png and a summary table from rank 0."""
+    cfg, out, accelerator = run.cfg, run.out, run.accelerator
     best, _ = load_grader(out / "best.safetensors")
     best.to(accelerator.device)
-    results = {name: evaluate(best, dataset, accelerator, cfg.eval_batch) for name, dataset in eval_sets.items()}
-    # The final weights too, as the reference reports both.
+    results = {name: evaluate(best, data, accelerator, cfg.eval_batch) for name, data in run.eval_sets.items()}
     final_weights = {
-        name: evaluate(plain, dataset, accelerator, cfg.eval_batch)["metrics"] for name, dataset in eval_sets.items()
+        name: evaluate(run.plain, data, accelerator, cfg.eval_batch)["metrics"] for name, data in run.eval_sets.items()
     }
     result = {
-        "best_epoch": best_epoch,
-        "select_by": select_by,
+        "best_epoch": progress.best_epoch,
+        "select_by": progress.select_by,
         "select_by_asked": cfg.select_by,
-        "init": asdict(source),
+        "init": asdict(run.source),
         "linear": cfg.linear,
         "objective": cfg.objective,
         "processes": accelerator.num_processes,
@@ -344,20 +404,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     }
 
     def write_report() -> None:
-        final = results.get("test", results["val"])
-        dataset = eval_sets["test" if "test" in results else "val"]
-        report.write_predictions(
-            out / "predictions.csv",
-            [dataset.keys[i] for i in final["indices"]],
-            final["truth"],
-            final["predicted"],
-            final["scores"],
-        )
-        report.confusion_png(
-            out / "confusion.png",
-            np.array(final["metrics"]["confusion_matrix"]),
-            f"{'test' if 'test' in results else 'val'} split, best epoch {best_epoch}",
-        )
+        split = "test" if "test" in results else "val"
+        shown, dataset = results[split], run.eval_sets[split]
+        keys = [dataset.keys[i] for i in shown["indices"]]
+        report.write_predictions(out / "predictions.csv", keys, shown["truth"], shown["predicted"], shown["scores"])
+        matrix = np.array(shown["metrics"]["confusion_matrix"])
+        report.confusion_png(out / "confusion.png", matrix, f"{split} split, best epoch {progress.best_epoch}")
+        history = progress.history
         report.curves_png(
             out / "curves.png",
             {
@@ -368,12 +421,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
         atomic.write_json(out / "report.json", result)
         report.summary_table(
-            f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {best_epoch}",
+            f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {progress.best_epoch}",
             {name: r["metrics"] for name, r in results.items()},
         )
         report.summary_table(f"final weights (epoch {cfg.epochs})", final_weights)
 
-    on_rank_zero(write_report, device, f"writing the report under {out}")
+    on_rank_zero(write_report, accelerator.device, f"writing the report under {out}")
     accelerator.end_training()
     return result
 
