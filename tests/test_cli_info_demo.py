@@ -39,3 +39,18 @@ def test_demo_packs_real_photographs_and_writes_a_preview(tmp_path: Path) -> Non
     assert image is not None and image.shape == (512, 1536, 3)  # six image|saliency pairs, 3 to a row
     info = json.loads((tmp_path / "demo" / "shards" / "_info.json").read_text())
     assert info["num_samples"] == 6 and info["skipped"] == []
+
+
+def test_config_lists_every_field_with_type_default_and_help() -> None:
+    import dataclasses
+
+    from ssit_dist.config import FinetuneConfig
+
+    shown = run_cli("config", "pretrain").stdout
+    for field, kind in (("optim.lr", "float"), ("micro_batch", "int or null"), ("data.shards", "list of str")):
+        line = next(x for x in shown.splitlines() if x.split() and x.split()[0] == field)
+        assert kind in line
+    assert "peak learning rate" in shown  # the field's help
+    finetune = run_cli("config", "finetune").stdout
+    assert all(f.name in finetune for f in dataclasses.fields(FinetuneConfig))
+    assert run_cli("config", "nonsense", check=False).returncode == 2
