@@ -52,15 +52,21 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
-def init_process_group(timeout_s: float) -> torch.device:
-    """The process group from the launcher's environment (deepspeed, torchrun, srun, accelerate, or
-    none: then one process), with `timeout_s` on every collective. Returns this rank's device."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun: one task per rank
+def adopt_srun_environment() -> None:
+    """Under plain srun (one task per rank, no launcher) rank, world size and local rank come from
+    SLURM's variables: set the names torch, DeepSpeed and Accelerate read. A launcher's own win."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
         os.environ.update(
             RANK=os.environ["SLURM_PROCID"],
             WORLD_SIZE=os.environ["SLURM_NTASKS"],
             LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
         )
+
+
+def init_process_group(timeout_s: float) -> torch.device:
+    """The process group from the launcher's environment (deepspeed, torchrun, srun, accelerate, or
+    none: then one process), with `timeout_s` on every collective. Returns this rank's device."""
+    adopt_srun_environment()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

@@ -54,3 +54,30 @@ def test_config_lists_every_field_with_type_default_and_help() -> None:
     finetune = run_cli("config", "finetune").stdout
     assert all(f.name in finetune for f in dataclasses.fields(FinetuneConfig))
     assert run_cli("config", "nonsense", check=False).returncode == 2
+
+
+def test_slurm_prints_the_exact_sbatch_command() -> None:
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "pretrain.sbatch"
+    shown = run_cli(
+        "slurm",
+        "pretrain",
+        "--nodes",
+        4,
+        "--gpus-per-node",
+        8,
+        "--partition",
+        "gpu",
+        "--time",
+        "24:00:00",
+        "--config",
+        "run.yaml",
+        "optim.lr=5e-4",
+    ).stdout.strip()
+    assert shown == (
+        f"sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu --time=24:00:00 {script} "
+        "--config run.yaml optim.lr=5e-4"
+    )
+    cpu = run_cli("slurm", "finetune", "--ranks-per-node", 2, "train=shards/graded").stdout.strip()
+    assert cpu.startswith("sbatch --nodes=1 --ntasks-per-node=2 ") and cpu.endswith(
+        "finetune.sbatch train=shards/graded"
+    )

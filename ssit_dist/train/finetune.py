@@ -35,7 +35,15 @@ from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.workers import worker_options
-from ssit_dist.dist import RankFailure, broadcast_from_zero, gather_objects, mean_over_ranks, on_rank_zero, shutdown
+from ssit_dist.dist import (
+    RankFailure,
+    adopt_srun_environment,
+    broadcast_from_zero,
+    gather_objects,
+    mean_over_ranks,
+    on_rank_zero,
+    shutdown,
+)
 from ssit_dist.eval import report
 from ssit_dist.eval.predict import evaluate
 from ssit_dist.models.grader import Grader, load_grader, save_grader
@@ -199,8 +207,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def set_up(cfg: FinetuneConfig) -> Tuning:
     """Accelerate, the data (checked before anything trains), the encoder and head, optimizer, schedule."""
-    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment. Every
-    # collective of ours goes through dist.py on accelerator.device, with the timeout below.
+    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment (or
+    # srun's). Every collective of ours goes through dist.py on accelerator.device, with the timeout below.
+    adopt_srun_environment()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accumulation,

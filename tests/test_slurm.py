@@ -1,0 +1,190 @@
+"""launch/slurm/pretrain.sbatch on a real local SLURM (slurmctld, slurmd, munge; tests/slurm.py), unmodified,
+with 2 CPU ranks: a run equals the same run under torchrun, and a preemption signal (as SLURM sends it
+before the time limit) checkpoints, requeues, resumes and ends with the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from slurm import LocalSlurm, unavailable
+from test_pretrain import ROOT, config, ds_config, train
+
+from conftest import pack_real_subset, run_cli
+from ssit_dist.train.checkpoint import export_encoder
+
+SCRIPT = ROOT / "launch" / "slurm" / "pretrain.sbatch"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no local SLURM here: {reason}")
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
+
+
+def job_env() -> dict[str, str]:
+    # sbatch hands the submitting environment to the job, as on any cluster: the venv's Python.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "SSIT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def submit(cluster: LocalSlurm, folder: Path, cfg: Path) -> str:
+    """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one node."""
+    return cluster.submit(
+        "--nodes=1", "--ntasks-per-node=2", f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
+    )
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_encoder(run_dir, out / run_dir.name)[0]))
+
+
+def test_pretrain_sbatch_equals_torchrun_and_survives_preemption(
+    cluster: LocalSlurm, shards: Path, tmp_path: Path
+) -> None:
+    steps = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "dist_timeout_s": 60}
+    reference = config(tmp_path, shards, "torchrun", ds_config(tmp_path, 0), **steps)
+    expected = train(reference)  # 2 ranks under torchrun, uninterrupted
+
+    # The same run as a SLURM job: 2 tasks on one node, the script unmodified.
+    plain = config(tmp_path, shards, "slurm", ds_config(tmp_path, 0), **steps)
+    job_id = cluster.submit(
+        "--nodes=1", "--ntasks-per-node=2", f"--chdir={tmp_path}", str(SCRIPT), "--config", str(plain), env=job_env()
+    )
+    job = cluster.wait(job_id, timeout=240)
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "0: step 12/12" in log and "1: " in log  # both ranks' output, labelled by srun
+    got = rows(tmp_path / "slurm")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["contrastive_loss"] for r in got] == pytest.approx([r["contrastive_loss"] for r in expected], rel=1e-6)
+
+    # Preempted: SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit.
+    preempted = config(tmp_path, shards, "preempted", ds_config(tmp_path, 0), **steps)
+    job_id = cluster.submit(
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        f"--chdir={tmp_path}",
+        str(SCRIPT),
+        "--config",
+        str(preempted),
+        env=job_env(),
+    )
+    metrics, deadline = tmp_path / "preempted" / "metrics.jsonl", time.monotonic() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = cluster.wait(job_id, timeout=300)
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", log[-3000:]
+    assert "stopped by signal after step" in log and "requeueing job" in log and "resumed (resume)" in log
+    assert [r["step"] for r in rows(tmp_path / "preempted")] == list(range(1, 13))  # no step lost or repeated
+    a, b = weights(tmp_path / "torchrun", tmp_path), weights(tmp_path / "preempted", tmp_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, graded_dir: Path, tmp_path: Path) -> None:
+    labelled = tmp_path / "graded32"
+    run_cli(
+        "shard",
+        graded_dir,
+        labelled,
+        "--size",
+        32,
+        "--labels",
+        graded_dir / "labels.csv",
+        "--split",
+        "train=0.7,val=0.15,test=0.15",
+    )
+    tiny = json.dumps({"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2})
+    job_id = cluster.submit(
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        f"--chdir={tmp_path}",
+        str(ROOT / "launch" / "slurm" / "finetune.sbatch"),
+        f"train={labelled}",
+        "init=random",
+        f"run_dir={tmp_path / 'grading'}",
+        "img_size=32",
+        "epochs=1",
+        "workers=0",
+        "arch=vit_small_patch16_224",
+        f"timm_kwargs={tiny}",
+        env=job_env(),
+    )
+    job = cluster.wait(job_id, timeout=240)
+    log = (tmp_path / f"ssit-finetune-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    report = json.loads((tmp_path / "grading" / "report.json").read_text())
+    assert report["processes"] == 2 and report["test"]["samples"] == 45  # every test sample exactly once
+
+
+def _rank_processes(job_id: str) -> dict[int, int]:
+    """pid of every live process of SLURM job `job_id` that is a rank, by SLURM_PROCID."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if (
+            environ.get("SLURM_JOB_ID") == job_id
+            and b"ssit_dist.train.pretrain" in cmdline
+            and "SLURM_PROCID" in environ
+        ):
+            found[int(environ["SLURM_PROCID"])] = int(proc.name)
+    return found
+
+
+def test_a_dead_rank_fails_the_job_naming_it_and_leaves_nothing(
+    cluster: LocalSlurm, shards: Path, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, shards, "dies", ds_config(tmp_path, 0), epochs=1, steps_per_epoch=200, dist_timeout_s=60)
+    job_id = submit(cluster, tmp_path, cfg)
+    metrics, deadline = tmp_path / "dies" / "metrics.jsonl", time.monotonic() + 180
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    ranks = _rank_processes(job_id)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
+    started = time.monotonic()
+    job = cluster.wait(job_id, timeout=120)
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "FAILED" and time.monotonic() - started < 90, log[-3000:]
+    assert "task 1" in log  # srun names the dead rank (task = rank) and its node
+    deadline = time.monotonic() + 30
+    while _rank_processes(job_id):
+        assert time.monotonic() < deadline, f"ranks left behind: {_rank_processes(job_id)}"
+        time.sleep(0.5)
