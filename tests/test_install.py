@@ -56,9 +56,9 @@ def test_a_wheel_pretrains_outside_the_repository(shards: Path, tmp_path: Path) 
     )
     module, ds_configs = where.split()
     assert module.startswith(str(site)) and ds_configs.startswith(str(site))  # the wheel's, not the repo's
-    assert (Path(ds_configs) / "zero0_fp32.json").is_file() and (
-        Path(ds_configs).parent / "configs" / "tiny_cpu.yaml"
-    ).is_file()
+    shipped = Path(ds_configs).parent
+    assert (shipped / "ds_configs" / "zero0_fp32.json").is_file() and (shipped / "configs" / "tiny_cpu.yaml").is_file()
+    assert (shipped / "slurm" / "pretrain.sbatch").is_file() and (shipped / "slurm" / "finetune.sbatch").is_file()
 
     run(
         venv / "bin" / "ssit-dist",
