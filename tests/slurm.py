@@ -114,13 +114,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return dict(f.split("=", 1) for f in fields if "=" in f)
 
     def wait(self, job_id: str, timeout: float) -> dict[str, str]:
-        """Poll until the job has ended (sbatch --wait notices late); a requeued job waiting for its
-        begin time is released at once, as an operator would."""
-        deadline = time.monotonic() + timeout
+        """Poll until the job has ended (sbatch --wait notices late). An ending state counts once it has
+        held for 10 s: a job that requeues itself can show one on its way back to PENDING. A
+        requeued job waiting for its begin time is released at once, as an operator would."""
+        deadline, ended_since = time.monotonic() + timeout, None
         while True:
             job = self.job(job_id)
             if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                return job
+                ended_since = ended_since or time.monotonic()
+                if time.monotonic() - ended_since >= 10:
+                    return job
+            else:
+                ended_since = None
             if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             if time.monotonic() > deadline:
