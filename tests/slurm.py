@@ -52,6 +52,9 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job may start again only once its revoked credential has expired (slurmd refuses it
+# earlier: "Job credential revoked"); 120 s by default, 10 s here to keep the tests short.
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -60,6 +63,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# Scheduling pass every second (default 60 s): it starts a requeued job once its begin time has passed.
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
@@ -115,19 +120,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def wait(self, job_id: str, timeout: float) -> dict[str, str]:
         """Poll until the job has ended (sbatch --wait notices late). An ending state counts once it has
-        held for 10 s: a job that requeues itself can show one on its way back to PENDING. A
-        requeued job waiting for its begin time is released at once, as an operator would."""
-        deadline, ended_since = time.monotonic() + timeout, None
+        held for 10 s: a job that requeues itself can show one on its way back to PENDING."""
+        deadline, ended_since, history = time.monotonic() + timeout, None, []
         while True:
             job = self.job(job_id)
+            state = f"{job.get('JobState')}/{job.get('Reason')}/restarts={job.get('Restarts')}"
+            if not history or history[-1] != state:
+                history.append(state)
+            job["History"] = " -> ".join(history)
             if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 ended_since = ended_since or time.monotonic()
                 if time.monotonic() - ended_since >= 10:
                     return job
             else:
                 ended_since = None
-            if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             if time.monotonic() > deadline:
                 self.run("scancel", job_id)
                 raise TimeoutError(f"job {job_id} still {job.get('JobState')} after {timeout} s")

@@ -1,7 +1,7 @@
 """launch/slurm/*.sbatch on a real local SLURM (slurmctld, slurmd, munge; tests/slurm.py), unmodified, with 2
 CPU ranks: a pretraining job equals the same run under torchrun, a killed rank fails the job naming it and
-leaves nothing behind, and fine-tuning reports. (Preemption with requeue passed here by hand and in the
-local suite, but ended FAILED without its restart in two clean-clone CI runs: not yet in the suite.)"""
+leaves nothing behind, fine-tuning reports, and a preemption signal (as SLURM sends it before the time limit)
+checkpoints, requeues, resumes and ends with the uninterrupted run's weights."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from slurm import LocalSlurm, unavailable
 from test_pretrain import ROOT, config, ds_config, train
 
 from conftest import pack_real_subset, run_cli
+from ssit_dist.train.checkpoint import export_encoder
 
 SCRIPT = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 
@@ -56,16 +58,28 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
-    steps = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "dist_timeout_s": 60}
-    reference = config(tmp_path, shards, "torchrun", ds_config(tmp_path, 0), **steps)
-    expected = train(reference)  # 2 ranks under torchrun, uninterrupted
+STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "dist_timeout_s": 60}
 
+
+@pytest.fixture(scope="module")
+def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run every job here must reproduce: 2 ranks under torchrun, uninterrupted."""
+    folder = tmp_path_factory.mktemp("torchrun")
+    train(config(folder, shards, "run", ds_config(folder, 0), **STEPS))
+    return folder / "run"
+
+
+def weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(export_encoder(run_dir, out / run_dir.name)[0]))
+
+
+def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, reference: Path, tmp_path: Path) -> None:
+    expected = rows(reference)
     # The same run as a SLURM job: 2 tasks on one node, the script unmodified.
-    plain = config(tmp_path, shards, "slurm", ds_config(tmp_path, 0), **steps)
-    job_id = cluster.submit(
-        "--nodes=1", "--ntasks-per-node=2", f"--chdir={tmp_path}", str(SCRIPT), "--config", str(plain), env=job_env()
-    )
+    plain = config(tmp_path, shards, "slurm", ds_config(tmp_path, 0), **STEPS)
+    job_id = submit(cluster, tmp_path, plain)
     job = cluster.wait(job_id, timeout=240)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
@@ -73,6 +87,27 @@ def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, tmp_
     got = rows(tmp_path / "slurm")
     assert [r["step"] for r in got] == list(range(1, 13))
     assert [r["contrastive_loss"] for r in got] == pytest.approx([r["contrastive_loss"] for r in expected], rel=1e-6)
+
+
+def test_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(
+    cluster: LocalSlurm, shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    preempted = config(tmp_path, shards, "preempted", ds_config(tmp_path, 0), **STEPS)
+    job_id = submit(cluster, tmp_path, preempted)
+    metrics, deadline = tmp_path / "preempted" / "metrics.jsonl", time.monotonic() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, "the job did not start training"
+        time.sleep(0.2)
+    # SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit.
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = cluster.wait(job_id, timeout=300)
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", (job, log[-3000:])
+    assert "stopped by signal after step" in log and "requeueing job" in log and "resumed (resume)" in log
+    assert [r["step"] for r in rows(tmp_path / "preempted")] == list(range(1, 13))  # no step lost or repeated
+    a, b = weights(reference, tmp_path), weights(tmp_path / "preempted", tmp_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, graded_dir: Path, tmp_path: Path) -> None:

@@ -124,7 +124,8 @@ def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
 
 def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path) -> None:
     # srun and scancel signal every process of a job step, loader workers included, at any moment;
-    # a worker signalled before its initialisation ran must not die (the trainer saves, then stops).
+    # a worker signalled before its initialisation ran must not die (the trainer saves, then stops),
+    # nor may the forkserver or multiprocessing's resource tracker.
     # A fresh interpreter, as a trainer is: the forkserver starts with the loader.
     script = f"""
 import itertools, os, signal
@@ -135,18 +136,20 @@ from ssit_dist.data.workers import start_batches
 shards = open_shards([{str(shards)!r}])
 stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), batch_size=4, shuffle_buffer=8)
 batches = start_batches(pair_loader(stream, workers=2))
-for worker in batches._workers:
-    os.kill(worker.pid, signal.SIGTERM)
-    os.kill(worker.pid, signal.SIGUSR1)
-print(len(list(itertools.islice(batches, 4))), all(worker.is_alive() for worker in batches._workers), flush=True)
 import psutil
-print(" ".join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+helpers = psutil.Process().children(recursive=True)  # workers, forkserver, resource tracker
+for helper in helpers:
+    helper.send_signal(signal.SIGTERM)
+    helper.send_signal(signal.SIGUSR1)
+loaded = len(list(itertools.islice(batches, 4)))
+print(loaded, all(h.is_running() and h.status() != "zombie" for h in helpers), flush=True)
+print(" ".join(str(p.pid) for p in helpers), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanup
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     loaded, helpers = result.stdout.splitlines()
-    assert loaded == "4 True" and len(helpers.split()) >= 3  # two workers, the forkserver, ...
+    assert loaded == "4 True" and len(helpers.split()) >= 4  # two workers, the forkserver, the tracker
     # Its loader workers and their forkserver must not outlive it.
     deadline = time.monotonic() + 20
     while any(

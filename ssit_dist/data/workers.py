@@ -73,11 +73,12 @@ def start_batches(loader: DataLoader) -> Iterator:
     the mask it was started with, so the first loader of a process must start through here. Drop the
     iterator before the process exits: that shuts the workers down, whereas multiprocessing's exit
     hook would SIGTERM them (ignored) and wait forever."""
-    # multiprocessing starts its resource tracker with SIGTERM blocked and then UNblocks it in the
-    # caller, which would lift our block halfway: start the tracker first.
-    resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
+        # The resource tracker ignores SIGTERM but would die of SIGUSR1: started here, it keeps
+        # SIGUSR1 blocked for life. Starting it unblocks SIGTERM in the caller: block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         if loader.num_workers:
             forkserver.ensure_running()
         return iter(loader)

@@ -436,8 +436,7 @@ def final_report(run: Tuning, progress: Progress) -> dict[str, Any]:
         report.summary_table(f"final weights (epoch {cfg.epochs})", final_weights)
 
     on_rank_zero(write_report, accelerator.device, f"writing the report under {out}")
-    accelerator.end_training()
-    return result
+    return result  # main's shutdown() tears the process group down
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,12 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         finetune(load_config(args.config, args.overrides, FinetuneConfig))
     except (ConfigError, ShardIndexError, EncoderInitError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        shutdown()  # on success Accelerate's end_training tears the group down
         return 2
     except (FloatingPointError, RankFailure) as e:
         print(f"error: {e}", file=sys.stderr)
-        shutdown()
         return 1
+    finally:
+        shutdown()
     return 0
 
 
