@@ -1,7 +1,8 @@
-"""launch/slurm/*.sbatch on a real local SLURM (slurmctld, slurmd, munge; tests/slurm.py), unmodified, with 2
-CPU ranks: a pretraining job equals the same run under torchrun, a killed rank fails the job naming it and
-leaves nothing behind, fine-tuning reports, and a preemption signal (as SLURM sends it before the time limit)
-checkpoints, requeues, resumes and ends with the uninterrupted run's weights."""
+"""launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/slurm.py) with CPU
+ranks. One node: a pretraining job equals the same run under torchrun; a preemption signal (as SLURM sends
+it before the time limit) checkpoints, requeues, resumes and ends with the uninterrupted run's weights;
+fine-tuning reports. Two nodes, one network namespace each: one rank per node trains exactly as the
+single-node run does, and a killed rank fails the job naming rank and node, leaving nothing behind."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm import LocalSlurm, unavailable
+from slurm import LocalSlurm, TwoNodeSlurm, unavailable
 from test_pretrain import ROOT, config, ds_config, train
 
 from conftest import pack_real_subset, run_cli
@@ -37,6 +38,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
 
 
 @pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    reason = unavailable() or TwoNodeSlurm.unavailable()
+    if reason:
+        pytest.skip(f"no two-node SLURM in network namespaces here: {reason}")
+    slurm = TwoNodeSlurm(tmp_path_factory.mktemp("slurm2"))
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(scope="module")
 def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
 
@@ -47,10 +61,11 @@ def job_env() -> dict[str, str]:
     return {**env, "SSIT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
-def submit(cluster: LocalSlurm, folder: Path, cfg: Path) -> str:
-    """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one node."""
+def submit(cluster: LocalSlurm, folder: Path, cfg: Path, nodes: int = 1) -> str:
+    """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one or two nodes."""
+    per_node = f"--ntasks-per-node={2 // nodes}"
     return cluster.submit(
-        "--nodes=1", "--ntasks-per-node=2", f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
+        f"--nodes={nodes}", per_node, f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
     )
 
 
@@ -87,6 +102,25 @@ def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, refe
     got = rows(tmp_path / "slurm")
     assert [r["step"] for r in got] == list(range(1, 13))
     assert [r["contrastive_loss"] for r in got] == pytest.approx([r["contrastive_loss"] for r in expected], rel=1e-6)
+
+
+def test_two_nodes_train_exactly_as_one_node_does(
+    two_nodes: TwoNodeSlurm, shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    # One rank per node; each node reaches the other only through the bridge, by its own hostname.
+    cfg = config(tmp_path, shards, "two_nodes", ds_config(tmp_path, 0), **STEPS)
+    job_id = submit(two_nodes, tmp_path, cfg, nodes=2)
+    job = two_nodes.wait(job_id, timeout=240)
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert f"on ssitn[1-2], rendezvous ssitn1:{20000 + int(job_id) % 20000}" in log
+    assert "2 ranks on 2 hosts (ssitn1: ranks 0; ssitn2: ranks 1)" in log
+    got, expected = rows(tmp_path / "two_nodes"), rows(reference)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["contrastive_loss"] for r in got] == pytest.approx([r["contrastive_loss"] for r in expected], rel=1e-6)
+    a, b = weights(reference, tmp_path), weights(tmp_path / "two_nodes", tmp_path)
+    for key in a:  # same world size, same data order, fp32: the same arithmetic
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(
@@ -146,46 +180,48 @@ def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, gra
     assert report["processes"] == 2 and report["test"]["samples"] == 45  # every test sample exactly once
 
 
-def _rank_processes(job_id: str) -> dict[int, int]:
-    """pid of every live process of SLURM job `job_id` that is a rank, by SLURM_PROCID."""
+def _job_processes(job_id: str) -> dict[int, tuple[bytes, dict[bytes, bytes]]]:
+    """Every live process of SLURM job `job_id` (ranks, their loader workers and forkserver, srun, the
+    batch shell): pid -> (command line, environment). Both namespace nodes share this process table."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
-            environ = dict(
-                item.split("=", 1)
-                for item in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-                if "=" in item
-            )
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError):
+            environ = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+            cmdline, state = (proc / "cmdline").read_bytes(), (proc / "stat").read_text().split()[2]
+        except (OSError, IndexError):
             continue
-        if (
-            environ.get("SLURM_JOB_ID") == job_id
-            and b"ssit_dist.train.pretrain" in cmdline
-            and "SLURM_PROCID" in environ
-        ):
-            found[int(environ["SLURM_PROCID"])] = int(proc.name)
+        if environ.get(b"SLURM_JOB_ID") == job_id.encode() and state != "Z":
+            found[int(proc.name)] = (cmdline, environ)
     return found
 
 
-def test_a_dead_rank_fails_the_job_naming_it_and_leaves_nothing(
-    cluster: LocalSlurm, shards: Path, tmp_path: Path
+def _rank_processes(job_id: str) -> dict[int, int]:
+    """pid of every rank of job `job_id`, by SLURM_PROCID."""
+    return {
+        int(environ[b"SLURM_PROCID"]): pid
+        for pid, (cmdline, environ) in _job_processes(job_id).items()
+        if b"ssit_dist.train.pretrain" in cmdline
+    }
+
+
+def test_a_dead_rank_fails_the_job_naming_it_and_its_node_and_leaves_nothing(
+    two_nodes: TwoNodeSlurm, shards: Path, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path, shards, "dies", ds_config(tmp_path, 0), epochs=1, steps_per_epoch=200, dist_timeout_s=60)
-    job_id = submit(cluster, tmp_path, cfg)
+    job_id = submit(two_nodes, tmp_path, cfg, nodes=2)
     metrics, deadline = tmp_path / "dies" / "metrics.jsonl", time.monotonic() + 180
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.2)
-    ranks = _rank_processes(job_id)
+    ranks = _rank_processes(job_id)  # both nodes' processes are visible from this host
     assert sorted(ranks) == [0, 1]
-    os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
+    os.kill(ranks[1], signal.SIGKILL)  # rank 1, on node 2, as the OOM killer would
     started = time.monotonic()
-    job = cluster.wait(job_id, timeout=120)
+    job = two_nodes.wait(job_id, timeout=120)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "FAILED" and time.monotonic() - started < 90, log[-3000:]
-    assert "task 1" in log  # srun names the dead rank (task = rank) and its node
+    assert "srun: error: ssitn2: task 1: Killed" in log, log[-3000:]  # srun names rank (task) and node
     deadline = time.monotonic() + 30
-    while _rank_processes(job_id):
-        assert time.monotonic() < deadline, f"ranks left behind: {_rank_processes(job_id)}"
+    while _job_processes(job_id):  # rank 0 on node 1 and every loader worker included
+        assert time.monotonic() < deadline, f"processes left behind: {_job_processes(job_id)}"
         time.sleep(0.5)

@@ -103,17 +103,29 @@ def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, de
     return engine, momentum_net
 
 
+def _log_placement(device: torch.device) -> None:
+    """Which ranks run on which host, once, from rank 0: the first thing to read when nodes disagree."""
+    hosts = gather_objects(socket.gethostname(), device)
+    if rank() == 0:
+        by_host: dict[str, list[int]] = {}
+        for r, host in enumerate(hosts):
+            by_host.setdefault(host, []).append(r)
+        placement = "; ".join(f"{host}: ranks {' '.join(map(str, ranks))}" for host, ranks in by_host.items())
+        log.info("%d ranks on %d hosts (%s)", len(hosts), len(by_host), placement)
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as `cfg` says; returns the run folder."""
     import deepspeed
 
-    device = init_process_group(cfg.dist_timeout_s)
-    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
-    # Installed first: a signal during start-up (SLURM preempting a job that is still loading) means
-    # exit cleanly at the first point where every rank can agree, without training.
+    # Installed first: a signal during start-up (SLURM preempting a job that is still waiting for its
+    # peers or loading) means exit cleanly at the first point where every rank can agree, without training.
     stop = {"requested": False}
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, lambda *_: stop.update(requested=True))
+    device = init_process_group(cfg.dist_timeout_s)
+    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
+    _log_placement(device)
     run_dir = Path(cfg.run_dir)
     world = world_size()
     micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
