@@ -337,10 +337,6 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
     console.print(table)
 
 
-slurm_app = typer.Typer(no_args_is_help=True, help="Print (or --submit) the sbatch command of a SLURM job.")
-app.add_typer(slurm_app, name="slurm")
-
-
 def _sbatch_script(name: str) -> Path:
     """launch/slurm/NAME.sbatch: inside the package in a wheel, the top-level folder in a checkout."""
     package = Path(__file__).resolve().parent
@@ -351,34 +347,10 @@ def _sbatch_script(name: str) -> Path:
     raise AssertionError  # unreachable: _fail exits
 
 
-def _slurm(
-    kind: str,
+@app.command("slurm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def slurm(
     ctx: typer.Context,
-    nodes: int,
-    gpus_per_node: int | None,
-    ranks_per_node: int | None,
-    partition: str | None,
-    account: str | None,
-    time_limit: str | None,
-    submit: bool,
-) -> None:
-    ranks = ranks_per_node or gpus_per_node or 1
-    command = ["sbatch", f"--nodes={nodes}", f"--ntasks-per-node={ranks}"]
-    command += [f"--gpus-per-node={gpus_per_node}"] * bool(gpus_per_node)
-    for flag, value in (("--partition", partition), ("--account", account), ("--time", time_limit)):
-        command += [f"{flag}={value}"] * (value is not None)
-    command += [str(_sbatch_script(kind)), *ctx.args]
-    print(shlex.join(command), flush=True)  # plain: a command to copy, not rich markup
-    if submit:
-        raise typer.Exit(subprocess.call(command))
-
-
-_SLURM_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-@slurm_app.command("pretrain", context_settings=_SLURM_OPTIONS)
-def slurm_pretrain(
-    ctx: typer.Context,
+    job: str = typer.Argument(..., help="pretrain or finetune: launch/slurm/JOB.sbatch."),
     nodes: int = typer.Option(1, help="Nodes."),
     gpus_per_node: int | None = typer.Option(None, help="GPUs per node (one rank each)."),
     ranks_per_node: int | None = typer.Option(None, help="Ranks per node (default: GPUs per node, else 1)."),
@@ -387,20 +359,16 @@ def slurm_pretrain(
     time_limit: str | None = typer.Option(None, "--time", help="Time limit, e.g. 24:00:00."),
     submit: bool = typer.Option(False, "--submit", help="Run the sbatch command, not only print it."),
 ) -> None:
-    """launch/slurm/pretrain.sbatch; the rest (--config FILE, field=value) goes to the trainer."""
-    _slurm("pretrain", ctx, nodes, gpus_per_node, ranks_per_node, partition, account, time_limit, submit)
-
-
-@slurm_app.command("finetune", context_settings=_SLURM_OPTIONS)
-def slurm_finetune(
-    ctx: typer.Context,
-    nodes: int = typer.Option(1, help="Nodes."),
-    gpus_per_node: int | None = typer.Option(None, help="GPUs per node (one process each)."),
-    ranks_per_node: int | None = typer.Option(None, help="Processes per node (default: GPUs per node, else 1)."),
-    partition: str | None = typer.Option(None, help="SLURM partition."),
-    account: str | None = typer.Option(None, help="SLURM account."),
-    time_limit: str | None = typer.Option(None, "--time", help="Time limit, e.g. 04:00:00."),
-    submit: bool = typer.Option(False, "--submit", help="Run the sbatch command, not only print it."),
-) -> None:
-    """launch/slurm/finetune.sbatch; the rest (train=..., init=..., run_dir=..., field=value) goes to it."""
-    _slurm("finetune", ctx, nodes, gpus_per_node, ranks_per_node, partition, account, time_limit, submit)
+    """Print (or --submit) the sbatch command of a SLURM job. The rest goes to the trainer: for pretrain
+    --config FILE and field=value, for finetune train=... init=... run_dir=... field=value."""
+    if job not in ("pretrain", "finetune"):
+        _fail(f"job {job!r}: choose pretrain or finetune", 2)
+    ranks = ranks_per_node or gpus_per_node or 1
+    command = ["sbatch", f"--nodes={nodes}", f"--ntasks-per-node={ranks}"]
+    command += [f"--gpus-per-node={gpus_per_node}"] * bool(gpus_per_node)
+    for flag, value in (("--partition", partition), ("--account", account), ("--time", time_limit)):
+        command += [f"{flag}={value}"] * (value is not None)
+    command += [str(_sbatch_script(job)), *ctx.args]
+    print(shlex.join(command), flush=True)  # plain: a command to copy, not rich markup
+    if submit:
+        raise typer.Exit(subprocess.call(command))

@@ -81,3 +81,5 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
     assert cpu.startswith("sbatch --nodes=1 --ntasks-per-node=2 ") and cpu.endswith(
         "finetune.sbatch train=shards/graded"
     )
+    bad = run_cli("slurm", "evaluate", check=False)
+    assert bad.returncode == 2 and "job 'evaluate': choose pretrain or finetune" in bad.stderr
