@@ -321,19 +321,20 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
         _fail(f"config {kind!r}: expected pretrain or finetune", 2)
     table = Table("field", "type", "default", "what it does", box=None, highlight=False)
 
-    def add(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    def add(config: Any, prefix: str) -> None:
+        """The fields of a default config instance: a section's defaults are its own (augment.view2)."""
+        hints = typing.get_type_hints(type(config))
+        for f in dataclasses.fields(config):
+            default = getattr(config, f.name)
             if dataclasses.is_dataclass(default):
-                add(type(default), f"{prefix}{f.name}.")
+                add(default, f"{prefix}{f.name}.")
                 continue
             alias = f" (was {f.metadata['alias']})" if f.metadata.get("alias") else ""
             table.add_row(
                 prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias
             )
 
-    add(PretrainConfig if kind == "pretrain" else FinetuneConfig, "")
+    add(PretrainConfig() if kind == "pretrain" else FinetuneConfig(), "")
     console.print(table)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ssit_dist import atomic
+from ssit_dist.data.augment import VIEW1, VIEW2, ViewRecipe
 from ssit_dist.fields import Checked, ConfigError, one_of, option, require
 from ssit_dist.models.ssit import ModelConfig
 
@@ -86,6 +87,12 @@ class DataConfig(Checked):
 
 
 @dataclass
+class AugmentConfig(Checked):
+    view1: ViewRecipe = option(factory=lambda: dataclasses.replace(VIEW1), help="the first (strongly cropped) view")
+    view2: ViewRecipe = option(factory=lambda: dataclasses.replace(VIEW2), help="the second (nearly whole) view")
+
+
+@dataclass
 class OptimConfig(Checked):
     lr: float = option(1e-3, "peak learning rate at global batch 512, scaled linearly with the global batch")
     weight_decay: float = option(0.1, "AdamW weight decay")
@@ -127,6 +134,7 @@ class PretrainConfig(Checked):
     )
     model: ModelConfig = option(factory=ModelConfig, help="the SSiT model")
     data: DataConfig = option(factory=DataConfig, help="shards and loading")
+    augment: AugmentConfig = option(factory=AugmentConfig, help="the two views' augmentation (reference values)")
     optim: OptimConfig = option(factory=OptimConfig, help="optimizer and schedule")
     loss: LossConfig = option(factory=LossConfig, help="loss weights and momentum")
     global_batch: int = option(512, "pairs per optimizer step over all ranks")
@@ -252,8 +260,9 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Dataclass `cls` from a dict, recursively; every error names the dotted field."""
+def _build(cls: type, values: dict[str, Any], where: str, base: Any = None) -> Any:
+    """Dataclass `cls` from a dict, recursively, over the section's default `base` where it has one (the
+    fields not given keep base's values: augment.view2 is not ViewRecipe()); errors name the dotted field."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     aliases = {f.metadata["alias"]: f.name for f in fields.values() if f.metadata.get("alias")}
     kwargs = {}
@@ -273,10 +282,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a section (a mapping), not {value!r}")
-            value = _build(type(default), value, f"{where}{key}.")
+            value = _build(type(default), value, f"{where}{key}.", base=default)
         kwargs[key] = value
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as e:
         message = str(e)
         raise ConfigError(

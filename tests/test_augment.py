@@ -78,3 +78,20 @@ def test_mismatched_saliency_is_refused(sample: tuple[np.ndarray, np.ndarray]) -
     bgr, sal = sample
     with pytest.raises(ValueError, match="does not match image"):
         PairAugment(64, MEAN, STD)(bgr, sal[:100], np.random.default_rng(0))
+
+
+def test_recipe_fields_change_the_views(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    # Whole image, square, no rotation, no photometric op: only the flips are left to chance.
+    bgr, sal = sample
+    still = dataclasses.replace(geometry_only(VIEW1), scale=[1.0, 1.0], ratio=[1.0, 1.0], rotation=0.0)
+    whole = cv2.resize(bgr, (64, 64), interpolation=cv2.INTER_AREA)
+    flips = [whole, whole[:, ::-1], whole[::-1], whole[::-1, ::-1]]
+    for seed in range(8):
+        view, _ = augment_view(bgr, sal, still, 64, np.random.default_rng(seed))
+        assert any(np.array_equal(view, f) for f in flips)
+    # The reference's rotation (up to 180 degrees, p 0.8) leaves black corners in most views.
+    rotated = [
+        augment_view(bgr, sal, dataclasses.replace(still, rotation=180.0, rotate_p=1.0), 64, rng)[0]
+        for rng in (np.random.default_rng(s) for s in range(8))
+    ]
+    assert sum(not any(np.array_equal(v, f) for f in flips) for v in rotated) >= 7

@@ -51,6 +51,9 @@ def test_config_lists_every_field_with_type_default_and_help() -> None:
         line = next(x for x in shown.splitlines() if x.split() and x.split()[0] == field)
         assert kind in line
     assert "peak learning rate" in shown  # the field's help
+    # A section's own defaults: the second view keeps the reference's blur probability 0.1, not view 1's.
+    blur = {x.split()[0]: x.split()[2] for x in shown.splitlines() if x.split() and "blur_p" in x.split()[0]}
+    assert blur == {"augment.view1.blur_p": "1.0", "augment.view2.blur_p": "0.1"}
     finetune = run_cli("config", "finetune").stdout
     assert all(f.name in finetune for f in dataclasses.fields(FinetuneConfig))
     assert run_cli("config", "nonsense", check=False).returncode == 2

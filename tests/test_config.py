@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ssit_dist.config import (
     load_config,
     save_config,
 )
+from ssit_dist.data.augment import VIEW1, VIEW2
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
 DS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -122,6 +124,12 @@ def test_numbers_in_any_form_in_files_and_overrides(tmp_path: Path, text: str, v
         ("loss.momentum=1.5", r"loss.momentum = 1.5: must be in \[0, 1\]"),
         ("model.pool=mean", "model.pool = 'mean': expected one of max, avg"),
         ("resume=maybe", "resume = 'maybe': expected one of auto, force, reshard"),
+        ("augment.view1.scale=[0.9, 0.5]", r"augment.view1.scale = \[0.9, 0.5\]: expected \(min, max\)"),
+        ("augment.view2.scale=[0.5, 1.5]", "augment.view2.scale = .*: area fractions are at most 1"),
+        ("augment.view1.rotation=270", "augment.view1.rotation = 270.0: expected 0 to 180 degrees"),
+        ("augment.view2.grey_p=2", "augment.view2.grey_p = 2.0: a probability is between 0 and 1"),
+        ("augment.view1.jitter=[0.4, 0.4]", "augment.view1.jitter = .*: expected four strengths"),
+        ("augment.view3.scale=[0.5, 1]", "unknown field augment.view3"),
     ],
 )
 def test_every_field_is_checked_for_type_and_range(override: str, message: str) -> None:
@@ -185,3 +193,10 @@ def test_encoder_meta_round_trips_and_reads_flat_files() -> None:
     assert meta.with_provenance(checkpoint="c").provenance == {"step": 4, "checkpoint": "c"}
     with pytest.raises(ValueError, match="lacks img_size"):
         EncoderMeta.from_json({"arch": "vit_small_patch16_224", "timm_kwargs": {}}, "x.json")
+
+
+def test_an_override_of_one_view_field_keeps_that_views_other_reference_values() -> None:
+    cfg = load_config(None, ["augment.view2.scale=[0.5, 1.0]", "augment.view1.rotation=15"])
+    assert cfg.augment.view2 == dataclasses.replace(VIEW2, scale=[0.5, 1.0])  # blur 0.1, solarize 0.2 kept
+    assert cfg.augment.view1 == dataclasses.replace(VIEW1, rotation=15.0)
+    assert load_config(None, []).augment.view1 == VIEW1 and load_config(None, []).augment.view2 == VIEW2

@@ -1,6 +1,7 @@
 """SSiT's asymmetric pair augmentation, applied jointly to an image and its saliency map.
 
-The two views follow the reference recipe (BYOL-style asymmetry):
+The two views follow the reference recipe (BYOL-style asymmetry) by default; every value is a config
+field (`augment.view1.*`, `augment.view2.*`):
 - view 1: random resized crop, scale (0.08, 0.8); colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8; greyscale
   p 0.2; Gaussian blur (sigma 0.1-2) p 1.0; rotation within +-180 deg p 0.8; horizontal and vertical flips.
 - view 2: crop scale (0.8, 1.0); the same jitter and greyscale; blur p 0.1; solarize p 0.2; rotation; flips.
@@ -12,38 +13,67 @@ a seeded generator gives the same pair every time.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class ViewRecipe:
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grey_p: float = 0.2
-    rotate_p: float = 0.8
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+from ssit_dist.fields import Checked, option, require
 
 
-VIEW1 = ViewRecipe(scale=(0.08, 0.8), blur_p=1.0, solarize_p=0.0)
-VIEW2 = ViewRecipe(scale=(0.8, 1.0), blur_p=0.1, solarize_p=0.2)
+@dataclass
+class ViewRecipe(Checked):
+    """One view's augmentation; the defaults are the reference's view 1 (`VIEW2` holds its view 2)."""
+
+    scale: list[float] = option(factory=lambda: [0.08, 0.8], help="random resized crop: area fraction (min, max)")
+    ratio: list[float] = option(factory=lambda: [3 / 4, 4 / 3], help="random resized crop: aspect ratio (min, max)")
+    rotation: float = option(180.0, "largest rotation either way, degrees")
+    rotate_p: float = option(0.8, "probability of a rotation")
+    jitter: list[float] = option(
+        factory=lambda: [0.4, 0.4, 0.2, 0.1], help="colour jitter strength: brightness, contrast, saturation, hue"
+    )
+    jitter_p: float = option(0.8, "probability of colour jitter")
+    grey_p: float = option(0.2, "probability of greyscale")
+    blur_p: float = option(1.0, "probability of a Gaussian blur (sigma 0.1-2)")
+    solarize_p: float = option(0.0, "probability of solarisation")
+
+    def validate(self) -> None:
+        for name in ("scale", "ratio"):
+            low_high = getattr(self, name)
+            require(
+                len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
+                name,
+                low_high,
+                "expected (min, max), 0 < min <= max",
+            )
+        require(self.scale[1] <= 1, "scale", self.scale, "area fractions are at most 1")
+        require(0 <= self.rotation <= 180, "rotation", self.rotation, "expected 0 to 180 degrees")
+        require(
+            len(self.jitter) == 4 and all(v >= 0 for v in self.jitter) and self.jitter[3] <= 0.5,
+            "jitter",
+            self.jitter,
+            "expected four strengths >= 0 (brightness, contrast, saturation, hue <= 0.5)",
+        )
+        for name in ("rotate_p", "jitter_p", "grey_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, name, value, "a probability is between 0 and 1")
+
+
+VIEW1 = ViewRecipe()
+VIEW2 = ViewRecipe(scale=[0.8, 1.0], blur_p=0.1, solarize_p=0.2)
 
 
 def crop_box(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio: Sequence[float]
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop with area fraction in `scale` and aspect ratio in `ratio`
     (log-uniform), with a centre-crop fallback after 10 tries (torchvision's RandomResizedCrop rule)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
+        target = area * rng.uniform(scale[0], scale[1])
         aspect = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -72,7 +102,7 @@ def _grey(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
 
 
-def color_jitter(bgr: np.ndarray, rng: np.random.Generator, strength: tuple[float, float, float, float]) -> np.ndarray:
+def color_jitter(bgr: np.ndarray, rng: np.random.Generator, strength: Sequence[float]) -> np.ndarray:
     """Brightness, contrast, saturation and hue changes in random order (torchvision's definitions)."""
     b, c, s, h = strength
     out = bgr
@@ -118,7 +148,7 @@ def augment_view(
     if rng.random() < recipe.solarize_p:
         image = np.where(image >= 128, 255 - image, image).astype(np.uint8)
     if rng.random() < recipe.rotate_p:
-        angle = rng.uniform(-180, 180)
+        angle = rng.uniform(-recipe.rotation, recipe.rotation)
         image, sal = rotate(image, angle), rotate(sal, angle)
     if rng.random() < 0.5:
         image, sal = image[:, ::-1], sal[:, ::-1]
@@ -132,8 +162,10 @@ class PairAugment:
     s1, s2 (1, S, S) in [0, 1]. Images come in OpenCV's BGR order, as cv2.imdecode gives them; they stay
     BGR through the augmentation (cheaper than swapping the full-size image) and leave as RGB."""
 
-    def __init__(self, size: int, mean: list[float], std: list[float]):
-        self.size = size
+    def __init__(
+        self, size: int, mean: list[float], std: list[float], view1: ViewRecipe = VIEW1, view2: ViewRecipe = VIEW2
+    ):
+        self.size, self.view1, self.view2 = size, view1, view2
         # Normalisation folded into one multiply-add on the uint8 values.
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(3, 1, 1)
@@ -146,8 +178,8 @@ class PairAugment:
     def __call__(self, bgr: np.ndarray, saliency: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         if bgr.shape[:2] != saliency.shape:
             raise ValueError(f"saliency map {saliency.shape} does not match image {bgr.shape[:2]}")
-        i1, m1 = augment_view(bgr, saliency, VIEW1, self.size, rng)
-        i2, m2 = augment_view(bgr, saliency, VIEW2, self.size, rng)
+        i1, m1 = augment_view(bgr, saliency, self.view1, self.size, rng)
+        i2, m2 = augment_view(bgr, saliency, self.view2, self.size, rng)
         x1, s1 = self._tensors(i1, m1)
         x2, s2 = self._tensors(i2, m2)
         return x1, x2, s1, s2

@@ -166,7 +166,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     stream = PairStream(
         shards,
-        PairAugment(cfg.model.img_size, mean, std),
+        PairAugment(cfg.model.img_size, mean, std, cfg.augment.view1, cfg.augment.view2),
         micro,
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
