@@ -288,6 +288,11 @@ def knn(
     for kk, m in result["k"].items():
         table.add_row(kk, str(m["samples"]), fmt(m["accuracy"]), fmt(m["qwk"]), fmt(m["macro_auc"]))
     console.print(table)
+    retrieval = result["view_retrieval"]
+    console.print(
+        f"view retrieval on {retrieval['samples']} test photographs (top-1 of the partner view): "
+        f"{retrieval['top1']:.4f}, chance {retrieval['chance']:.4f}"
+    )
     if result["missing"]:
         console.print(f"[yellow]left out (did not decode):[/] {', '.join(result['missing'])}")
     if output:

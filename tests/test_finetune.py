@@ -260,6 +260,8 @@ def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, expor
     assert set(result["k"]) == {"5", "10", "20"}
     for metrics in result["k"].values():
         assert metrics["samples"] == 45 and -1 <= metrics["qwk"] <= 1 and 0 <= metrics["accuracy"] <= 1
+    retrieval = result["view_retrieval"]  # two views of each of the 45 test photographs
+    assert retrieval["samples"] == 45 and retrieval["chance"] == 1 / 45 and 0 <= retrieval["top1"] <= 1
 
 
 def test_reference_checkpoints_and_exports_give_the_source_features(export: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -177,7 +177,7 @@ class SourceError(RuntimeError):
     """The shard sources gave no usable sample for `empty_timeout_s`: the run stops naming them."""
 
 
-def read_shard(path: str) -> Iterator[dict]:
+def read_shard(path: str) -> Generator[dict, None, None]:
     """Samples of one WebDataset tar, members grouped by key as webdataset does. The file closes when
     the generator does (webdataset's own reader leaves that to the garbage collector); a damaged tar is
     logged and read up to the damage."""

@@ -95,23 +95,25 @@ class PairStream(IterableDataset):
             if i < skip:
                 self._last_good = time.monotonic()
                 continue
-            pair = self._decode_and_augment(sample, np.random.default_rng([self.seed, self.epoch, stream, i]))
+            pair = decode_and_augment(sample, self.augment, np.random.default_rng([self.seed, self.epoch, stream, i]))
             if pair is None:
                 self._starving(sample.get("__url__", "?"))
                 continue
             self._last_good = time.monotonic()
             yield pair
 
-    def _decode_and_augment(self, sample: dict, rng: np.random.Generator) -> tuple[torch.Tensor, ...] | None:
-        try:
-            image, sal = decode_bgr(sample["jpg"]), decode_gray(sample["sal.png"])
-            if image is None or sal is None:
-                raise ValueError("undecodable jpg or sal.png")
-            return self.augment(image, sal, rng)
-        except (KeyError, ValueError, cv2.error) as e:
-            # One bad sample never stops a long run; it is named in the log, not dropped silently.
-            log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
-            return None
+
+def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple[torch.Tensor, ...] | None:
+    """(x1, x2, s1, s2) of one shard sample, or None for a sample that does not decode."""
+    try:
+        image, sal = decode_bgr(sample["jpg"]), decode_gray(sample["sal.png"])
+        if image is None or sal is None:
+            raise ValueError("undecodable jpg or sal.png")
+        return augment(image, sal, rng)
+    except (KeyError, ValueError, cv2.error) as e:
+        # One bad sample never stops a long run; it is named in the log, not dropped silently.
+        log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+        return None
 
 
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:

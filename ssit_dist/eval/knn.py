@@ -46,16 +46,22 @@ def knn_evaluate(
     trust_pickle: bool = False,
     num_classes: int = 5,
     batch: int = 64,
+    retrieval_samples: int = 256,
 ) -> dict:
     """kNN grading of the `test` split by the `train` split's CLS features of the encoder `init`
-    (resized to `img_size`, normalised with the train split's mean/std). Returns metrics per k."""
+    (resized to `img_size`, normalised with the train split's mean/std). Returns metrics per k, and the
+    view retrieval (ssit_dist.eval.retrieval) of the encoder on up to `retrieval_samples` test
+    photographs, two views each by the reference's recipe."""
     import numpy as np
     from accelerate import Accelerator
 
+    from ssit_dist.data.augment import PairAugment
     from ssit_dist.data.grading_transforms import eval_transform
     from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels
+    from ssit_dist.data.sources import open_shards
     from ssit_dist.eval.metrics import grading_metrics
     from ssit_dist.eval.predict import missing, run_over_split
+    from ssit_dist.eval.retrieval import fixed_pairs, retrieval_top1
     from ssit_dist.models.pretrained import load_encoder
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -83,6 +89,12 @@ def knn_evaluate(
         "missing": missing(data["train"], train_idx) + missing(data["test"], test_idx),
         "k": {},
     }
+    test_shards = open_shards([sources["test"].folder], sources["test"].split)
+    x1, x2 = fixed_pairs(
+        test_shards, PairAugment(img_size, indexes["train"].mean, indexes["train"].std), retrieval_samples
+    )
+    top1 = retrieval_top1(lambda x: encoder.forward_features(x.to(accelerator.device))[:, 0], x1, x2, batch)
+    result["view_retrieval"] = {"samples": len(x1), "top1": top1, "chance": 1 / len(x1)}
     for k in ks:
         grades, scores = knn_grades(
             torch.from_numpy(train_feat), train_grades, torch.from_numpy(test_feat), k, num_classes, temperature
