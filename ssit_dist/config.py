@@ -93,6 +93,19 @@ class AugmentConfig(Checked):
 
 
 @dataclass
+class RetrievalConfig(Checked):
+    shards: str | None = option(
+        None, "held-out shards FOLDER[:SPLIT] (split default: train) for view retrieval; null: not measured"
+    )
+    every: int = option(100, "steps between view-retrieval measurements (and one at the end)")
+    samples: int = option(128, "photographs of the held-out shards used (two fixed views each)")
+
+    def validate(self) -> None:
+        require(self.every >= 1, "every", self.every, "must be at least 1")
+        require(self.samples >= 2, "samples", self.samples, "must be at least 2")
+
+
+@dataclass
 class OptimConfig(Checked):
     lr: float = option(1e-3, "peak learning rate at global batch 512, scaled linearly with the global batch")
     weight_decay: float = option(0.1, "AdamW weight decay")
@@ -135,6 +148,7 @@ class PretrainConfig(Checked):
     model: ModelConfig = option(factory=ModelConfig, help="the SSiT model")
     data: DataConfig = option(factory=DataConfig, help="shards and loading")
     augment: AugmentConfig = option(factory=AugmentConfig, help="the two views' augmentation (reference values)")
+    retrieval: RetrievalConfig = option(factory=RetrievalConfig, help="view retrieval on held-out photographs")
     optim: OptimConfig = option(factory=OptimConfig, help="optimizer and schedule")
     loss: LossConfig = option(factory=LossConfig, help="loss weights and momentum")
     global_batch: int = option(512, "pairs per optimizer step over all ranks")

@@ -125,8 +125,19 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     # Losses over many steps are chaotic in the rounding and are not compared here (the kill-and-resume
     # and SIGTERM tests train 8 steps on ZeRO 0 and 2 as the multi-step smoke check).
     steps = {"epochs": 1, "steps_per_epoch": 3, "checkpoint_every": 1, "optim": {"lr": 0.005, "warmup_epochs": 0.0}}
+    # ZeRO-3 also measures view retrieval (rank 0 alone, by the momentum encoder) at steps 2 and 3.
+    retrieval = {"retrieval": {"shards": str(tiny_shards), "every": 2, "samples": 6}}
     runs = {
-        stage: train(config(tmp_path, tiny_shards, f"z{stage}", ds_config(tmp_path, stage, eps=1e-3), **steps))
+        stage: train(
+            config(
+                tmp_path,
+                tiny_shards,
+                f"z{stage}",
+                ds_config(tmp_path, stage, eps=1e-3),
+                **steps,
+                **(retrieval if stage == 3 else {}),
+            )
+        )
         for stage in range(4)
     }
     lr = runs[0][0]["lr"]
@@ -167,6 +178,8 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     assert bf16[0]["saliency_loss"] == pytest.approx(runs[0][0]["saliency_loss"], rel=0.05)
     assert list((tmp_path / "z0" / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert all({"pairs_per_s", "data_wait_s", "peak_mem_mb", "lr", "momentum"} <= set(r) for r in runs[0])
+    assert ["view_retrieval" in r for r in runs[3]] == [False, True, True]
+    assert all(0 <= r["view_retrieval"] <= 1 and (12 * r["view_retrieval"]).is_integer() for r in runs[3][1:])
 
     # ZeRO-3's weights, reassembled from shards by `ssit-dist export`, load into plain timm.
     out = tmp_path / "export3" / "encoder"
@@ -232,6 +245,8 @@ def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: P
     assert result.returncode == 2 and "global_batch 7" in result.stderr
     result = _launch_one(config(tmp_path, tiny_shards, "missing", ds, data__shards=[str(tmp_path / "nowhere")]))
     assert result.returncode == 2 and "nowhere" in result.stderr
+    result = _launch_one(config(tmp_path, tiny_shards, "held_out", ds, retrieval__shards=str(tmp_path / "elsewhere")))
+    assert result.returncode == 2 and "elsewhere" in result.stderr
     bare = tmp_path / "bare"
     bare.mkdir()
     for tar in tiny_shards.glob("train-*.tar"):

@@ -21,6 +21,7 @@ from ssit_dist.data.sources import SourceError
 from ssit_dist.data.stream import PairStream
 from ssit_dist.data.workers import start_batches
 from ssit_dist.dist import any_rank, any_ranks
+from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.train import checkpoint, schedule
@@ -50,6 +51,7 @@ class Run:
     start_step: int
     meta: EncoderMeta
     reporter: Reporter | None  # rank 0 only
+    retrieval_pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0 only, where configured
 
 
 def train(run: Run, stop: dict[str, bool]) -> None:
@@ -96,21 +98,22 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             elapsed = time.perf_counter() - started
 
             if run.reporter is not None:
-                run.reporter.step(
-                    {
-                        "step": step,
-                        "epoch": round(step / run.steps_per_epoch, 4),
-                        "contrastive_loss": contrastive,
-                        "saliency_loss": saliency,
-                        "lr": lr,
-                        "momentum": momentum,
-                        "saliency_weight": saliency_weight,
-                        "pairs_per_s": round(cfg.global_batch / elapsed, 2),
-                        "step_s": round(elapsed, 4),
-                        "data_wait_s": round(sum(waits), 4),
-                        "peak_mem_mb": round(_peak_memory_mb(run.device), 1),
-                    }
-                )
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": round(step / run.steps_per_epoch, 4),
+                    "contrastive_loss": contrastive,
+                    "saliency_loss": saliency,
+                    "lr": lr,
+                    "momentum": momentum,
+                    "saliency_weight": saliency_weight,
+                    "pairs_per_s": round(cfg.global_batch / elapsed, 2),
+                    "step_s": round(elapsed, 4),
+                    "data_wait_s": round(sum(waits), 4),
+                    "peak_mem_mb": round(_peak_memory_mb(run.device), 1),
+                }
+                if run.retrieval_pairs is not None and (step % cfg.retrieval.every == 0 or step == run.total_steps):
+                    record["view_retrieval"] = _view_retrieval(run)
+                run.reporter.step(record)
             if step % cfg.checkpoint_every == 0 or step == run.total_steps or stopping:
                 save(run, step)
             if stopping:
@@ -119,6 +122,14 @@ def train(run: Run, stop: dict[str, bool]) -> None:
         batches = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if run.reporter is not None:
             run.reporter.close()
+
+
+def _view_retrieval(run: Run) -> float:
+    """On rank 0, by the momentum encoder: a full fp32 copy on every rank whatever the ZeRO stage, so
+    no other rank has to take part (the online encoder's forward is collective under ZeRO-3)."""
+    assert run.retrieval_pairs is not None
+    encoder = run.momentum_net.encoder
+    return retrieval_top1(lambda x: encoder.forward_features(x.to(run.device))[:, 0], *run.retrieval_pairs)
 
 
 def save(run: Run, step: int) -> str:

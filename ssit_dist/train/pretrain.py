@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.index import ShardIndexError
+from ssit_dist.data.labelled import SplitSource
 from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
 from ssit_dist.data.stream import PairStream, pair_loader
 from ssit_dist.data.workers import PREEMPTION_SIGNALS
@@ -38,6 +39,7 @@ from ssit_dist.dist import (
     shutdown,
     world_size,
 )
+from ssit_dist.eval.retrieval import fixed_pairs
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
@@ -184,6 +186,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     reporter = on_rank_zero(
         lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
     )
+    retrieval_pairs = None
+    if cfg.retrieval.shards is not None:
+        held_out = SplitSource.parse(cfg.retrieval.shards, "train")
+        held_out_shards = open_shards([held_out.folder], held_out.split)  # missing: every rank stops, naming it
+        retrieval_pairs = on_rank_zero(
+            lambda: fixed_pairs(held_out_shards, stream.augment, cfg.retrieval.samples, cfg.seed),
+            device,
+            f"reading the view-retrieval photographs of {held_out}",
+        )
     run = Run(
         cfg,
         engine,
@@ -199,6 +210,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         plan.step,
         meta,
         reporter,
+        retrieval_pairs,
     )
     if any_rank(stop["requested"], device):
         if reporter is not None:

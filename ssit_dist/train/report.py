@@ -55,6 +55,8 @@ class Reporter:
             "peak_mem_mb",
         ):
             self.board.add_scalar(key, record[key], step)
+        if "view_retrieval" in record:
+            self.board.add_scalar("view_retrieval", record["view_retrieval"], step)
         status = (
             f"contrastive {record['contrastive_loss']:.4f} saliency {record['saliency_loss']:.4f} "
             f"lr {record['lr']:.2e} momentum {record['momentum']:.5f} {record['pairs_per_s']} pairs/s"
