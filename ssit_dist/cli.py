@@ -301,6 +301,24 @@ def knn(
 
 
 @app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Folder of `ssit-dist pretrain` or `ssit-dist finetune`."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default RUN_DIR/curves.png)."),
+) -> None:
+    """Training curves of a run as one PNG: losses, lr, momentum, pairs/s and view retrieval of a
+    pretraining run; train loss, lr and validation metrics per epoch of a fine-tuning run."""
+    from ssit_dist.eval.report import curves_png, run_curves
+
+    try:
+        x_name, series = run_curves(run_dir)
+    except (OSError, ValueError) as e:
+        _fail(str(e), 2)
+    out = output or run_dir / "curves.png"
+    curves_png(out, {name.replace("_", " "): points for name, points in series.items()}, x_name)
+    console.print(f"{len(series)} curves over {x_name}s: {out}")
+
+
+@app.command()
 def demo(
     output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview."),
 ) -> None:

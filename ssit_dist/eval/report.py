@@ -1,13 +1,17 @@
-"""Fine-tuning outputs a reader looks at: predictions CSV, confusion-matrix and training-curve PNGs
-(drawn with OpenCV, no plotting library), and a rich summary table."""
+"""Outputs a reader looks at: predictions CSV, confusion-matrix and training-curve PNGs (drawn with
+OpenCV, no plotting library) of fine-tuning and pretraining runs, and a rich summary table."""
 
 from __future__ import annotations
 
 import csv
+import json
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger("ssit_dist.report")
 
 
 def write_predictions(
@@ -57,29 +61,74 @@ def confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
     _write_png(path, image)
 
 
-def curves_png(path: Path, series: dict[str, list[tuple[float, float]]]) -> None:
-    """Each named series of (epoch, value) pairs in its own panel, stacked."""
-    width, panel, margin = 640, 200, 50
+def axis_range(values: np.ndarray) -> tuple[float, float]:
+    """Bounds for an axis over `values`: their min and max; for a constant series 10% of its value around
+    it (0.1 around 0), so a flat line reads as flat, not as rounding noise blown up to fill the panel."""
+    low, high = float(values.min()), float(values.max())
+    if high - low <= 1e-6 * max(abs(low), abs(high)):
+        pad = 0.1 * abs(high) or 0.1
+        return low - pad, high + pad
+    return low, high
+
+
+def curves_png(path: Path, series: dict[str, list[tuple[float, float]]], x_name: str = "epoch") -> None:
+    """Each named series of (x, value) pairs in its own panel, stacked, with its value range on the left
+    and the x range (`x_name`) below."""
+    width, panel, margin = 640, 200, 60
     colours = [(200, 80, 30), (30, 140, 30), (30, 30, 200), (150, 30, 150)]
     image = np.full((panel * max(len(series), 1), width, 3), 255, np.uint8)
+    grey, black = (80, 80, 80), (0, 0, 0)
     for p, (name, points) in enumerate(series.items()):
         top = p * panel
         cv2.rectangle(image, (margin, top + 30), (width - 20, top + panel - 30), (180, 180, 180), 1)
         finite = [(x, y) for x, y in points if y is not None and np.isfinite(y)]
-        label = f"{name}" + (f"  last {finite[-1][1]:.4f}" if finite else "")
-        cv2.putText(image, label, (margin, top + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1)
+        label = f"{name}" + (f"  last {finite[-1][1]:.4g}" if finite else "  (no values)")
+        cv2.putText(image, label, (margin, top + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.55, black, 1)
         if len(finite) < 1:
             continue
-        xs, ys = np.array(finite).T
-        x0, x1 = xs.min(), max(xs.max(), xs.min() + 1e-9)
-        y0, y1 = ys.min(), max(ys.max(), ys.min() + 1e-9)
+        xs, ys = np.array(finite, np.float64).T
+        (x0, x1), (y0, y1) = axis_range(xs), axis_range(ys)
         px = margin + (xs - x0) / (x1 - x0) * (width - 20 - margin)
         py = top + panel - 30 - (ys - y0) / (y1 - y0) * (panel - 60)
         pts = np.stack([px, py], 1).round().astype(np.int32)
         cv2.polylines(image, [pts], False, colours[p % len(colours)], 2)
-        cv2.putText(image, f"{y1:.3g}", (2, top + 36), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
-        cv2.putText(image, f"{y0:.3g}", (2, top + panel - 30), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
+        if len(pts) == 1:
+            cv2.circle(image, tuple(int(v) for v in pts[0]), 3, colours[p % len(colours)], -1)
+        cv2.putText(image, f"{y1:.3g}", (2, top + 36), cv2.FONT_HERSHEY_SIMPLEX, 0.4, grey, 1)
+        cv2.putText(image, f"{y0:.3g}", (2, top + panel - 30), cv2.FONT_HERSHEY_SIMPLEX, 0.4, grey, 1)
+        cv2.putText(image, f"{x_name} {x0:.4g}", (margin, top + panel - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, grey, 1)
+        right = f"{x1:.4g}"
+        cv2.putText(
+            image, right, (width - 20 - 8 * len(right), top + panel - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, grey, 1
+        )
     _write_png(path, image)
+
+
+PRETRAINING_CURVES = ("contrastive_loss", "saliency_loss", "lr", "momentum", "pairs_per_s", "view_retrieval")
+
+
+def run_curves(run_dir: Path) -> tuple[str, dict[str, list[tuple[float, float]]]]:
+    """The x axis (step or epoch) and the named series of a pretraining or fine-tuning run folder's
+    metrics.jsonl: a pretraining run's losses, lr, momentum, pairs/s and view retrieval; every number a
+    fine-tuning run logs per epoch."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: RUN_DIR is the folder of `ssit-dist pretrain` or `finetune`")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a killed run can be cut short
+            log.warning("%s line %d is not JSON (a killed run's last line?); left out", path, number)
+    if not rows:
+        raise ValueError(f"{path} has no rows yet")
+    x = "step" if "step" in rows[0] else "epoch"
+    if "contrastive_loss" in rows[0]:
+        names: list[str] = [k for k in PRETRAINING_CURVES if any(k in r for r in rows)]
+    else:
+        numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        names = [k for k in rows[0] if k not in (x, "seconds") and any(numeric(r.get(k)) for r in rows)]
+    return x, {name: [(r[x], r[name]) for r in rows if name in r] for name in names}
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
