@@ -301,6 +301,37 @@ def knn(
 
 
 @app.command()
+def attention(
+    images: list[Path] = typer.Argument(..., help="Photographs (JPEG, PNG, ...) to look at."),
+    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, or 'random'."),
+    output: Path = typer.Option(Path("attention.png"), "-o", "--output", help="PNG to write."),
+    img_size: int | None = typer.Option(None, help="Input size (default: the export's, else 224)."),
+    arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
+    timm_kwargs: str | None = typer.Option(None, help="timm overrides as JSON, for 'random' or a bare state dict."),
+) -> None:
+    """Last-layer CLS attention of an encoder over photographs, as one PNG (photograph | attention).
+    Inputs are normalised with the export's mean/std where its JSON has them, else each photograph's own."""
+    from ssit_dist.eval.attention import attention_png, cls_attention, load_photographs
+    from ssit_dist.models.encoder_meta import EncoderMeta
+    from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+
+    described = Path(init).with_suffix(".json")
+    meta = EncoderMeta.from_json(json.loads(described.read_text()), str(described)) if described.is_file() else None
+    size = img_size or (meta.img_size if meta else 224)
+    try:
+        encoder, _ = load_encoder(init, size, arch, json.loads(timm_kwargs) if timm_kwargs else None)
+    except (EncoderInitError, ValueError) as e:
+        _fail(str(e), 2)
+    try:
+        photos, inputs = load_photographs(images, size, meta.mean if meta else None, meta.std if meta else None)
+    except ValueError as e:
+        _fail(str(e), 2)
+    maps = cls_attention(encoder.eval(), inputs)
+    attention_png(output, photos, maps, [p.name for p in images], f"last-layer attention of {Path(init).name}")
+    console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}")
+
+
+@app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="Folder of `ssit-dist pretrain` or `ssit-dist finetune`."),
     output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default RUN_DIR/curves.png)."),
