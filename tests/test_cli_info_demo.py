@@ -36,7 +36,7 @@ def test_demo_packs_real_photographs_and_writes_a_preview(tmp_path: Path) -> Non
     preview = tmp_path / "demo" / "shards" / "preview.png"
     assert str(preview) in result.stdout.replace("\n", "")
     image = cv2.imread(str(preview))
-    assert image is not None and image.shape == (512, 1536, 3)  # six image|saliency pairs, 3 to a row
+    assert image is not None and image.shape == (40 + 768, 1536, 3)  # a title, six triples, 2 to a row
     info = json.loads((tmp_path / "demo" / "shards" / "_info.json").read_text())
     assert info["num_samples"] == 6 and info["skipped"] == []
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import SHARED
+from ssit_dist.data.salient_patches import salient_token_indices
 from ssit_dist.dist import full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
-from ssit_dist.models.vit import create_encoder, encode, salient_token_indices
+from ssit_dist.models.vit import create_encoder, encode
 from ssit_dist.train.schedule import momentum as momentum_at
 from ssit_dist.train.step import PlainEngine, train_step
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from conftest import CLI, run_cli
 from ssit_dist.data.index import read_index
+from ssit_dist.data.preview import kept_patches
 
 SPLIT = "train=0.7,val=0.15,test=0.15"
 
@@ -153,12 +154,22 @@ def test_mean_std_are_those_of_the_train_images(packed: tuple[Path, str]) -> Non
     np.testing.assert_allclose(info["std"], stacked.std(0), atol=2e-3)
 
 
-def test_preview_shows_images_beside_saliency(packed: tuple[Path, str]) -> None:
+def test_preview_shows_images_beside_saliency_and_kept_patches(packed: tuple[Path, str]) -> None:
     out, _ = packed
     preview = cv2.imread(str(out / "preview.png"))
-    assert preview.shape == (512, 1536, 3)  # two rows of three image|saliency pairs at 256 px
-    saliency_tile = preview[:256, 256:512].astype(float)
-    assert saliency_tile.std() > 10  # a real map, not a blank tile
+    assert preview.shape == (40 + 768, 1536, 3)  # a title, then three rows of two triples at 256 px
+    image, saliency, kept = (preview[40:296, x : x + 256].astype(float) for x in (0, 256, 512))
+    assert saliency.std() > 10  # a real map, not a blank tile
+    dimmed = (kept < image - 1).any(axis=2)  # pixels of dropped patches
+    assert dimmed.any() and not dimmed.all()
+
+
+def test_kept_patches_are_the_most_salient() -> None:
+    saliency = np.zeros((300, 300), np.uint8)
+    saliency[:, :150] = 200  # the left half salient
+    mask = kept_patches(saliency)
+    assert mask.shape == (14, 14) and mask.sum() == int(0.75 * 196)
+    assert mask[:, :7].all()  # every salient patch kept; the rest filled up in patch order
 
 
 def test_same_output_whatever_the_worker_count(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ssit_dist.models.vit import encode, salient_token_indices
+from ssit_dist.data.salient_patches import salient_token_indices
+from ssit_dist.models.vit import encode
 
 
 class MomentumNetwork(nn.Module):

@@ -6,7 +6,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -28,22 +27,6 @@ def create_encoder(arch: str, img_size: int = 224, **timm_kwargs: Any) -> Vision
 
 def patch_size(vit: VisionTransformer) -> int:
     return int(vit.patch_embed.patch_size[0])
-
-
-def salient_token_indices(saliency: torch.Tensor, patch: int, mask_ratio: float, pool: str = "max") -> torch.Tensor:
-    """Token indices a key encoder keeps: CLS (0) plus the top (1 - mask_ratio) patches by pooled saliency.
-
-    saliency: (B, 1, H, W). Returns (B, 1 + n_keep) int64, patches sorted by decreasing saliency, ties
-    broken by the lower patch index so the choice is deterministic.
-    """
-    if not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} must be in [0, 1)")
-    pooled = F.max_pool2d(saliency, patch) if pool == "max" else F.avg_pool2d(saliency, patch)
-    scores = pooled.flatten(1)
-    keep = max(1, int((1 - mask_ratio) * scores.shape[1]))
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :keep]
-    cls = torch.zeros_like(order[:, :1])
-    return torch.cat([cls, order + 1], dim=1)
 
 
 def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
