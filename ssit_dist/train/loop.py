@@ -128,8 +128,12 @@ def _view_retrieval(run: Run) -> float:
     """On rank 0, by the momentum encoder: a full fp32 copy on every rank whatever the ZeRO stage, so
     no other rank has to take part (the online encoder's forward is collective under ZeRO-3)."""
     assert run.retrieval_pairs is not None
-    encoder = run.momentum_net.encoder
-    return retrieval_top1(lambda x: encoder.forward_features(x.to(run.device))[:, 0], *run.retrieval_pairs)
+    encoder, training = run.momentum_net.encoder, run.momentum_net.encoder.training
+    encoder.eval()  # no stochastic depth or dropout: the same weights give the same number
+    try:
+        return retrieval_top1(lambda x: encoder.forward_features(x.to(run.device))[:, 0], *run.retrieval_pairs)
+    finally:
+        encoder.train(training)
 
 
 def save(run: Run, step: int) -> str:

@@ -183,9 +183,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         std,
         {"zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards, "fingerprint": fingerprint},
     )
-    reporter = on_rank_zero(
-        lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
-    )
     retrieval_pairs = None
     if cfg.retrieval.shards is not None:
         held_out = SplitSource.parse(cfg.retrieval.shards, "train")
@@ -195,6 +192,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             device,
             f"reading the view-retrieval photographs of {held_out}",
         )
+    reporter = on_rank_zero(
+        lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
+    )
     run = Run(
         cfg,
         engine,
