@@ -112,6 +112,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 raise RuntimeError(f"the local SLURM did not come up; see {self.folder / 'log'}")
             time.sleep(0.3)
 
+    def __enter__(self) -> LocalSlurm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # whatever came up before the failure goes down again
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Cancel what the tests submitted (their ranks are not the daemons' children), then stop the
         daemons by the PIDs they wrote."""

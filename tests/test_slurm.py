@@ -29,12 +29,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
     reason = unavailable()
     if reason:
         pytest.skip(f"no local SLURM here: {reason}")
-    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        slurm.start()
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as slurm:
         yield slurm
-    finally:
-        slurm.stop()
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +38,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
     reason = unavailable() or TwoNodeSlurm.unavailable()
     if reason:
         pytest.skip(f"no two-node SLURM in network namespaces here: {reason}")
-    slurm = TwoNodeSlurm(tmp_path_factory.mktemp("slurm2"))
-    try:
-        slurm.start()
+    with TwoNodeSlurm(tmp_path_factory.mktemp("slurm2")) as slurm:
         yield slurm
-    finally:
-        slurm.stop()
 
 
 @pytest.fixture(scope="module")
