@@ -7,7 +7,9 @@ measured in the same run (explicit softmax attention instead of SDPA, a per-para
 torch's default AdamW, as the reference implementation does it), the FLOPs of one step counted with
 torch.utils.flop_counter, and utilisation against a matmul peak measured in the same run.
 
-Usage: python bench/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2]
+On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
+
+Usage: python bench/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import PlainEngine, train_step
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
     """FLOP/s of a square matmul through F.linear, the op behind the model's linear layers."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     torch.nn.functional.linear(a, b)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.nn.functional.linear(a, b)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
@@ -63,7 +73,7 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
     sources = [p for m in model.online.ema_source() for p in m.parameters()]
 
     def reference_step(x1, x2, s1, s2) -> float:  # type: ignore[no-untyped-def]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        autocast = torch.autocast(x1.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             with torch.no_grad():
                 for p_b, p_m in zip(sources, model.momentum.parameters(), strict=True):
@@ -80,19 +90,24 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
     return reference_step
 
 
-def measure(arch: str, batch: int, steps: int, reference_style: bool, bf16: bool) -> dict[str, float]:
+def measure(
+    arch: str, batch: int, steps: int, reference_style: bool, bf16: bool, device: torch.device
+) -> dict[str, float]:
     torch.manual_seed(0)
-    model = SSiT(ModelConfig(arch=arch)).train()
+    model = SSiT(ModelConfig(arch=arch)).train().to(device)
     step = make_step(model, reference_style, bf16)
-    x1, x2 = torch.randn(batch, 3, 224, 224), torch.randn(batch, 3, 224, 224)
-    s1, s2 = torch.rand(batch, 1, 224, 224), torch.rand(batch, 1, 224, 224)
-    step(x1, x2, s1, s2)  # warm-up (allocations, kernel selection)
+    x1, x2 = (torch.randn(batch, 3, 224, 224, device=device) for _ in range(2))
+    s1, s2 = (torch.rand(batch, 1, 224, 224, device=device) for _ in range(2))
+    for _ in range(1 if device.type == "cpu" else 3):
+        step(x1, x2, s1, s2)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics)
     with FlopCounterMode(display=False) as counter:
         step(x1, x2, s1, s2)
     flops = counter.get_total_flops()
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step(x1, x2, s1, s2)
+    sync(device)
     seconds = (time.perf_counter() - start) / steps
     return {
         "pairs_per_s": round(batch / seconds, 3),
@@ -109,25 +124,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (threads: CPU only).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     report: dict[str, object] = {
         "arch": args.arch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": args.batch,
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
-        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
-        if bf16 and not (native_bf16() or args.force_bf16):
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, device)
+        if bf16 and device.type == "cpu" and not (native_bf16() or args.force_bf16):
             # Emulated bf16 runs at a fraction of fp32 here: a step takes minutes and says nothing.
             report[name] = {
                 "skipped": "no AVX512-BF16/AMX on this CPU (--force-bf16 to measure anyway)",
                 "matmul_peak_gflop_s": round(peak / 1e9, 1),
             }
             continue
-        ours = measure(args.arch, args.batch, args.steps, reference_style=False, bf16=bf16)
-        ref = measure(args.arch, args.batch, args.steps, reference_style=True, bf16=bf16)
+        ours = measure(args.arch, args.batch, args.steps, reference_style=False, bf16=bf16, device=device)
+        ref = measure(args.arch, args.batch, args.steps, reference_style=True, bf16=bf16, device=device)
         report[name] = {
             "matmul_peak_gflop_s": round(peak / 1e9, 1),
             "ssit_dist": {**ours, "utilisation": round(ours["achieved_gflop_s"] * 1e9 / peak, 3)},
