@@ -240,3 +240,40 @@ def test_clear_errors() -> None:
         tiny(mask_ratio=1.0)
     with pytest.raises(ValueError, match="unknown ViT architecture 'vit_gigantic_patch3'"):
         create_encoder("vit_gigantic_patch3")
+
+
+def test_moco_v3_switch_drops_token_selection_and_saliency_head() -> None:
+    """saliency=false is plain MoCo v3 with everything else shared: same encoder, projector and predictor
+    (same init), no saliency head, a zero saliency loss, and keys from every patch, so the saliency maps
+    no longer change them."""
+    ssit, moco = tiny(), tiny(saliency=False)
+    assert moco.online.saliency_head is None
+    assert not any(name.startswith("saliency_head") for name, _ in moco.online.named_parameters())
+    shared = {k: v for k, v in ssit.online.state_dict().items() if not k.startswith("saliency_head")}
+    assert shared.keys() == moco.online.state_dict().keys()
+    assert all(torch.equal(v, moco.online.state_dict()[k]) for k, v in shared.items())
+
+    x1, x2, s1, s2 = batch()
+    moco.eval(), ssit.eval()
+    k_moco = moco.momentum(x1, s1)
+    assert torch.equal(k_moco, moco.momentum(x1, torch.rand_like(s1)))  # saliency maps play no part
+    assert not torch.equal(ssit.momentum(x1, s1), ssit.momentum(x1, torch.rand_like(s1)))
+    everything = moco.momentum.projector(encode(moco.momentum.encoder, x1)[:, 0])
+    assert torch.equal(k_moco, everything)
+
+    k2 = moco.momentum(x2, s2)
+    c_moco, s_moco = moco.online(x1, x2, s1, s2, k_moco, k2)
+    c_ssit, s_ssit = ssit.online(x1, x2, s1, s2, k_moco, k2)
+    assert torch.equal(c_moco, c_ssit)
+    assert s_moco.item() == 0.0 and s_ssit.item() > 0
+
+
+def test_moco_v3_trains_through_the_same_step() -> None:
+    """The trainer's step runs in MoCo v3 mode: every online parameter gets a gradient and moves."""
+    model = tiny(saliency=False).train()
+    params = list(model.online.parameters())
+    engine = PlainEngine(model.online, torch.optim.AdamW(params, lr=1e-2))
+    before = [p.detach().clone() for p in params]
+    losses = train_step(engine, model.momentum, [batch()], 0.99, 1.0, 10.0, None)
+    assert losses.saliency.item() == 0.0 and losses.contrastive.item() > 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))

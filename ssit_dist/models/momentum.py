@@ -21,7 +21,9 @@ from ssit_dist.models.vit import encode
 class MomentumNetwork(nn.Module):
     """Key encoder + key projector; parameters fp32, never trained by gradient."""
 
-    def __init__(self, encoder: VisionTransformer, projector: nn.Module, mask_ratio: float, pool: str):
+    def __init__(self, encoder: VisionTransformer, projector: nn.Module, mask_ratio: float | None, pool: str):
+        """`mask_ratio`: share of the least salient patches the keys leave out; None: no selection, every
+        patch (MoCo v3)."""
         super().__init__()
         self.encoder = copy.deepcopy(encoder).float()
         self.projector = copy.deepcopy(projector).float()
@@ -58,7 +60,11 @@ class MomentumNetwork(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-        """Keys (B, out_dim) from the most salient patches of each image."""
-        keep = salient_token_indices(saliency, int(self.encoder.patch_embed.patch_size[0]), self.mask_ratio, self.pool)
+        """Keys (B, out_dim) from the most salient patches of each image (every patch without a mask ratio)."""
+        keep = (
+            None
+            if self.mask_ratio is None
+            else salient_token_indices(saliency, int(self.encoder.patch_embed.patch_size[0]), self.mask_ratio, self.pool)
+        )
         # Weights stay fp32; under autocast the matmuls run in the training precision, like the query's.
         return self.projector(encode(self.encoder, x, keep)[:, 0])

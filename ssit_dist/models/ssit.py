@@ -43,6 +43,9 @@ class ModelConfig(Checked):
     mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
     pool: str = option("max", "how pixel saliency is pooled per patch for token selection: max or avg")
     saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
+    saliency: bool = option(
+        True, "false: plain MoCo v3, the ablation: keys from every patch, no saliency head, saliency loss 0"
+    )
 
     def validate(self) -> None:
         require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
@@ -73,7 +76,8 @@ class OnlineNetwork(nn.Module):
         dim = self.encoder.embed_dim
         self.projector = projector(dim, cfg.proj_hidden, cfg.proj_dim)
         self.predictor = predictor(cfg.proj_dim, cfg.proj_hidden)
-        self.saliency_head = SaliencyHead(dim, patch_size(self.encoder))
+        # MoCo v3 mode (saliency off) has no saliency head at all: no parameters that never get a gradient.
+        self.saliency_head = SaliencyHead(dim, patch_size(self.encoder)) if cfg.saliency else None
 
     def ema_source(self) -> list[nn.Module]:
         """The modules the momentum network averages, in its parameter order."""
@@ -101,6 +105,8 @@ class OnlineNetwork(nn.Module):
         q2 = self.predictor(self.projector(f2[:, 0]))
         t = self.cfg.temperature
         contrastive = contrastive_loss(q1, k2, t) + contrastive_loss(q2, k1, t)
+        if self.saliency_head is None:
+            return contrastive, contrastive.new_zeros(())
         thr = self.cfg.saliency_threshold
         saliency = saliency_loss(self.saliency_head(f1[:, prefix:]), s1, thr) + saliency_loss(
             self.saliency_head(f2[:, prefix:]), s2, thr
@@ -115,7 +121,8 @@ class SSiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.online = OnlineNetwork(cfg)
-        self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, cfg.mask_ratio, cfg.pool)
+        mask_ratio = cfg.mask_ratio if cfg.saliency else None  # MoCo v3: the keys see every patch
+        self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, mask_ratio, cfg.pool)
 
     @classmethod
     def from_reference(
