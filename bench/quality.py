@@ -1,0 +1,232 @@
+"""Quality benchmark: does SSiT pretraining give better features than plain MoCo v3 and than random init?
+Prints one JSON object; asserts nothing about the outcome.
+
+On this CPU, within a time budget (default 38 minutes in all):
+1. pack the unlabelled photographs (pretraining) and the graded ones (evaluation: train 0.6, val 0.15,
+   test 0.25, stratified by grade) at 128 px;
+2. pretrain, for each of 3 seeds, SSiT and the same setup with saliency off (`model.saliency=false`: plain
+   MoCo v3, keys from every patch, no saliency head), launch/configs/tiny_cpu.yaml on 2 local ranks, the
+   same number of steps each (fitted to the budget from a short calibration run);
+3. evaluate each export and a random init of the same architecture (per seed) on the graded set:
+   weighted kNN (k = 10) QWK and accuracy, linear-probe QWK and accuracy (`ssit-dist finetune --linear`, 10 epochs,
+   model selected on val, reported on test), and view retrieval (top-1 partner view, chance 1/N) on the
+   test split; means and population standard deviations over the seeds.
+
+    python bench/quality.py [--images DIR] [--eval-data DIR --labels CSV] [--budget MIN] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ssit_dist.config import PretrainConfig, load_config
+from ssit_dist.info import collect
+from ssit_dist.models.ssit import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FUNDUS = ROOT.parent / "shared" / "data" / "fundus"
+CONFIG = ROOT / "launch" / "configs" / "tiny_cpu.yaml"
+PACK_SIZE = 128
+KNN_K = 10
+CALIBRATION_STEPS = 30
+PROBE_EPOCHS = 10
+METHODS = {"ssit": [], "moco_v3": ["model.saliency=false"]}
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run a stage, its output to `log`; a failure ends the benchmark naming the log."""
+    with open(log, "w") as f:
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        tail = log.read_text()[-2000:]
+        raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {code}); log {log}:\n{tail}")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from ssit_dist.cli import app; app()", *args]
+
+
+def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> dict:
+    """A tiny_cpu.yaml run of `steps` steps on 2 ranks, exported; its metrics and wall time."""
+    run_dir = work / "runs" / name
+    # Ten epochs (the loader restarts at each), warmup the config's share of the run (2 of 30 epochs).
+    epochs = min(10, steps)
+    overrides = [
+        f"run_dir={run_dir}",
+        f"data.shards=[{work / 'pretrain'}]",
+        f"seed={seed}",
+        f"epochs={epochs}",
+        f"steps_per_epoch={steps // epochs}",
+        f"optim.warmup_epochs={epochs * 2 / 30:.4f}",
+        f"checkpoint_every={steps}",
+    ]
+    started = time.perf_counter()
+    run(cli("pretrain", "--config", str(CONFIG), "--nproc", "2", *overrides, *extra), work / f"{name}.log")
+    wall = time.perf_counter() - started
+    run(cli("export", str(run_dir), "-o", str(work / "exports" / name)), work / f"{name}.export.log")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "contrastive_loss" in r]
+    contrastive = [r["contrastive_loss"] for r in rows]
+    return {
+        "steps": len(rows),
+        "wall_s": round(wall, 1),
+        "step_s": statistics.median(r["step_s"] for r in rows[1:] or rows),
+        "contrastive_first20": round(statistics.fmean(contrastive[:20]), 4),
+        "contrastive_last20": round(statistics.fmean(contrastive[-20:]), 4),
+        "encoder": str(work / "exports" / f"{name}.safetensors"),
+    }
+
+
+def evaluate(work: Path, name: str, init: str, seed: int, model: ModelConfig) -> dict:
+    """kNN (in this process, seeded so that a random init differs per seed), view retrieval, linear probe.
+    A random init takes `model`'s architecture; an export carries its own."""
+    from ssit_dist.eval.knn import knn_evaluate
+
+    random = init == "random"
+    torch.manual_seed(seed)
+    knn = knn_evaluate(
+        f"{work / 'eval'}:train",
+        f"{work / 'eval'}:test",
+        init,
+        model.img_size,
+        ks=(KNN_K,),
+        arch=model.arch if random else None,
+        timm_kwargs=model.timm_kwargs if random else None,
+    )
+    probe_dir = work / "probes" / name
+    overrides = [
+        f"train={work / 'eval'}:train",
+        f"val={work / 'eval'}:val",
+        f"test={work / 'eval'}:test",
+        f"init={init}",
+        f"run_dir={probe_dir}",
+        "linear=true",
+        f"img_size={model.img_size}",
+        f"seed={seed}",
+        f"epochs={PROBE_EPOCHS}",
+        "workers=0",  # a few hundred small images: decoding in-process beats starting a worker each epoch
+    ]
+    if random:
+        overrides += [f"arch={model.arch}", f"timm_kwargs={json.dumps(model.timm_kwargs)}"]
+    run([sys.executable, "-m", "ssit_dist.train.finetune", *overrides], work / f"{name}.probe.log")
+    probe = json.loads((probe_dir / "report.json").read_text())["test"]
+    k = knn["k"][str(KNN_K)]
+    return {
+        "knn_qwk": k["qwk"],
+        "knn_accuracy": k["accuracy"],
+        "linear_qwk": probe["qwk"],
+        "linear_accuracy": probe["accuracy"],
+        "view_retrieval": knn["view_retrieval"]["top1"],
+        "retrieval_chance": knn["view_retrieval"]["chance"],
+        "test_samples": k["samples"],
+    }
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "std": round(statistics.pstdev(values), 4),
+        "values": [round(v, 4) for v in values],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, default=FUNDUS / "unlabelled", help="Unlabelled pretraining photos.")
+    parser.add_argument("--eval-data", type=Path, default=FUNDUS / "graded", help="Labelled photographs.")
+    parser.add_argument("--labels", type=Path, default=None, help="CSV image,grade (default EVAL_DATA/labels.csv).")
+    parser.add_argument("--budget", type=float, default=38.0, help="Minutes for the whole benchmark.")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="Keep shards, runs and logs here.")
+    args = parser.parse_args()
+    labels = args.labels or args.eval_data / "labels.csv"
+    for folder in (args.images, args.eval_data):
+        if not folder.is_dir():
+            print(json.dumps({"skipped": f"{folder} not found: pass --images / --eval-data (../shared is absent)"}))
+            return
+    if not labels.is_file():
+        raise SystemExit(f"labels {labels} not found: pass --labels CSV (columns image,grade)")
+
+    model = load_config(CONFIG, [], PretrainConfig).model
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        pack = ["shard", "--size", str(PACK_SIZE), "--workers", "2", "--overwrite"]
+        run(cli(*pack, str(args.images), str(work / "pretrain")), work / "pack_pretrain.log")
+        split = "train=0.6,val=0.15,test=0.25"
+        run(
+            cli(*pack, str(args.eval_data), str(work / "eval"), "--labels", str(labels), "--split", split),
+            work / "pack_eval.log",
+        )
+        packed_s = time.perf_counter() - started
+
+        # Calibration: a short SSiT run gives the seconds per step and the fixed cost of a run; one random
+        # init's evaluation gives the cost of evaluating an encoder. The rest of the budget is split evenly.
+        calibration = pretrain(work, "calibration", 0, CALIBRATION_STEPS, [])
+        fixed_s = calibration["wall_s"] - calibration["steps"] * calibration["step_s"]
+        eval_started = time.perf_counter()
+        results: dict[str, list[dict]] = {"random": [evaluate(work, "random0", "random", 0, model)]}
+        eval_s = time.perf_counter() - eval_started
+        runs = len(METHODS) * args.seeds
+        left = args.budget * 60 - (time.perf_counter() - started) - eval_s * (runs + args.seeds - 1)
+        steps = max(CALIBRATION_STEPS, int((left / runs - fixed_s) / calibration["step_s"]))
+
+        pretraining: dict[str, list[dict]] = {name: [] for name in METHODS}
+        for seed in range(args.seeds):
+            if seed:
+                results["random"].append(evaluate(work, f"random{seed}", "random", seed, model))
+            for method, extra in METHODS.items():
+                name = f"{method}{seed}"
+                trained = pretrain(work, name, seed, steps, extra)
+                pretraining[method].append(trained)
+                results.setdefault(method, []).append(evaluate(work, name, trained["encoder"], seed, model))
+
+    metrics = ("knn_qwk", "knn_accuracy", "linear_qwk", "linear_accuracy", "view_retrieval")
+    report = {
+        "machine": collect()["cpu"] | {"torch": torch.__version__},
+        "setup": {
+            "config": str(CONFIG.relative_to(ROOT)),
+            "pretrain_images": str(args.images.resolve()),
+            "eval_data": str(args.eval_data.resolve()),
+            "pack_size": PACK_SIZE,
+            "img_size": model.img_size,
+            "ranks": 2,
+            "seeds": args.seeds,
+            "steps_per_run": steps,
+            "knn_k": KNN_K,
+            "test_samples": results["random"][0]["test_samples"],
+            "retrieval_chance": results["random"][0]["retrieval_chance"],
+            "accuracy_chance_uniform": 0.2,
+        },
+        "results": {name: {m: summary([r[m] for r in rows]) for m in metrics} for name, rows in results.items()},
+        "pretraining": {
+            name: {
+                "contrastive_first20": summary([r["contrastive_first20"] for r in rows]),
+                "contrastive_last20": summary([r["contrastive_last20"] for r in rows]),
+                "step_s": summary([r["step_s"] for r in rows]),
+                "wall_s_per_run": summary([r["wall_s"] for r in rows]),
+            }
+            for name, rows in pretraining.items()
+        },
+        "wall_s": {
+            "packing": round(packed_s, 1),
+            "evaluation_per_encoder": round(eval_s, 1),
+            "total": round(time.perf_counter() - started, 1),
+            "budget": args.budget * 60,
+        },
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
