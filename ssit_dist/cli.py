@@ -308,6 +308,7 @@ def attention(
     img_size: int | None = typer.Option(None, help="Input size (default: the export's, else 224)."),
     arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
     timm_kwargs: str | None = typer.Option(None, help="timm overrides as JSON, for 'random' or a bare state dict."),
+    title: str | None = typer.Option(None, help="Title of the picture (default: names the encoder)."),
 ) -> None:
     """Last-layer CLS attention of an encoder over photographs, as one PNG (photograph | attention).
     Inputs are normalised with the export's mean/std where its JSON has them, else each photograph's own."""
@@ -327,7 +328,8 @@ def attention(
     except ValueError as e:
         _fail(str(e), 2)
     maps = cls_attention(encoder.eval(), inputs)
-    attention_png(output, photos, maps, [p.name for p in images], f"last-layer attention of {Path(init).name}")
+    title = title or f"last-layer attention of {Path(init).name}"
+    attention_png(output, photos, maps, [p.name for p in images], title)
     console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}")
 
 
@@ -335,6 +337,7 @@ def attention(
 def plot(
     run_dir: Path = typer.Argument(..., help="Folder of `ssit-dist pretrain` or `ssit-dist finetune`."),
     output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default RUN_DIR/curves.png)."),
+    title: str | None = typer.Option(None, help="Title above the curves (default: the run folder's name)."),
 ) -> None:
     """Training curves of a run as one PNG: losses, lr, momentum, pairs/s and view retrieval of a
     pretraining run; train loss, lr and validation metrics per epoch of a fine-tuning run."""
@@ -345,22 +348,64 @@ def plot(
     except (OSError, ValueError) as e:
         _fail(str(e), 2)
     out = output or run_dir / "curves.png"
-    curves_png(out, {name.replace("_", " "): points for name, points in series.items()}, x_name)
+    named = {name.replace("_", " "): points for name, points in series.items()}
+    curves_png(out, named, x_name, title if title is not None else f"run {run_dir.resolve().name}")
     console.print(f"{len(series)} curves over {x_name}s: {out}")
 
 
 @app.command()
 def demo(
-    output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards and preview."),
+    output: Path = typer.Argument(Path("demo_out"), help="Folder for the demo's images, shards, runs and pictures."),
+    data: Path | None = typer.Option(None, help="Your own folder of fundus photographs instead of the synthetic set."),
+    labels: Path | None = typer.Option(None, help="With --data: CSV image,grade (paths relative to DATA)."),
+    quick: bool = typer.Option(False, "--quick", help="A minute-long run of every stage: checks the setup only."),
 ) -> None:
-    """Pack a small set of real fundus photographs (scikit-image's CC0 retina, varied) and preview saliency."""
-    from ssit_dist.demo import run_demo
+    """The whole pipeline in minutes: synthetic photographs (or --data), shards, SSiT pretraining with
+    DeepSpeed on 2 ranks, export, fine-tuning and kNN from the export and from random init, pictures."""
+    from ssit_dist.demo import QUICK, DemoPlan, Stage, run_demo
 
-    try:
-        preview = run_demo(output, log=console.print)
-    except (RuntimeError, ValueError) as e:
-        _fail(str(e), 1)
-    console.print(f"[bold green]demo done[/]: saliency preview at {preview}")
+    if (data is None) != (labels is None):
+        _fail("--data and --labels go together: a folder of photographs and its CSV of grades", 2)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+    )
+    tasks: dict[str, Any] = {}
+    notes_shown: dict[str, int] = {}
+    with Progress(*columns, console=console) as progress:
+
+        def report(stage: Stage) -> None:
+            if stage.name not in tasks:
+                tasks[stage.name] = progress.add_task(stage.name, total=stage.total, unit=stage.unit)
+            progress.update(tasks[stage.name], completed=stage.done)
+            for note in stage.notes[notes_shown.get(stage.name, 0) :]:
+                progress.console.print(f"[yellow]{note}[/]", highlight=False)
+            notes_shown[stage.name] = len(stage.notes)
+
+        try:
+            result = run_demo(output, report, data, labels, QUICK if quick else DemoPlan())
+        except (RuntimeError, ValueError, OSError) as e:
+            _fail(str(e), 1)
+    table = Table(title=f"DR grading on the {result['test_samples']} test photographs ({result['data']})")
+    for column in ("encoder", "fine-tuned QWK", "fine-tuned accuracy", "kNN QWK", "kNN accuracy", "view retrieval"):
+        table.add_column(column)
+    for name, row in result["rows"].items():
+        keys = ("finetune_qwk", "finetune_accuracy", "knn_qwk", "knn_accuracy", "view_retrieval")
+        table.add_row(name, *(f"{row[k]:.3f}" for k in keys))
+    console.print(table)
+    chance = result["chance"]
+    console.print(
+        f"contrastive loss: {result['contrastive_first20']:.3f} (first 20 steps) -> "
+        f"{result['contrastive_last20']:.3f} (last 20), chance {chance['contrastive_loss']:.3f}; "
+        f"view retrieval chance {chance['view_retrieval']:.3f}; accuracy of a constant guess 0.2",
+        highlight=False,
+    )
+    for name, path in result["pictures"].items():
+        console.print(f"{name}: {path}", highlight=False)
+    console.print(f"[bold green]demo done[/] in {result['seconds']:.0f} s: {output / 'results.json'}")
 
 
 @app.command("config")

@@ -31,14 +31,32 @@ def test_info_fits_one_screen() -> None:
     assert len(text.splitlines()) <= 40
 
 
-def test_demo_packs_real_photographs_and_writes_a_preview(tmp_path: Path) -> None:
-    result = run_cli("demo", tmp_path / "demo")
-    preview = tmp_path / "demo" / "shards" / "preview.png"
-    assert str(preview) in result.stdout.replace("\n", "")
-    image = cv2.imread(str(preview))
-    assert image is not None and image.shape == (40 + 768, 1536, 3)  # a title, six triples, 2 to a row
-    info = json.loads((tmp_path / "demo" / "shards" / "_info.json").read_text())
-    assert info["num_samples"] == 6 and info["skipped"] == []
+def test_demo_runs_every_stage_and_names_pictures_that_exist(tmp_path: Path) -> None:
+    """`ssit-dist demo --quick`: synthetic photographs, shards, a real 2-rank DeepSpeed pretraining,
+    export, fine-tuning and kNN from the export and from random init; the table and every picture named.
+    (The full demo's numbers, pretrained against random init, are measured by `make demo`, not here.)"""
+    out = tmp_path / "demo"
+    text = run_cli("demo", str(out), "--quick").stdout
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["rows"]) == {"SSiT pretrained", "random init"}
+    for row in result["rows"].values():
+        assert -1 <= row["finetune_qwk"] <= 1 and 0 <= row["knn_accuracy"] <= 1
+        assert 0 <= row["view_retrieval"] <= 1
+    labels = (out / "images" / "synthetic_graded" / "labels.csv").read_text().splitlines()
+    assert labels[0] == "image,grade" and len(labels) == 1 + 12 * 5
+    info = json.loads((out / "shards" / "graded" / "_info.json").read_text())
+    assert info["num_samples"] == 60 and info["skipped"] == []
+    metrics = (out / "runs" / "synthetic_pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len([m for m in metrics if "contrastive_loss" in m]) == (64 + info["splits"]["train"]["num_samples"]) // 16
+    assert (out / "encoder.safetensors").is_file()
+    flat = text.replace("\n", "")
+    assert "SSiT pretrained" in flat and "random init" in flat
+    for name, path in result["pictures"].items():
+        image = cv2.imread(path)
+        assert image is not None and min(image.shape[:2]) >= 200, name
+        assert path in flat, f"{name} not printed"
+    preview = cv2.imread(result["pictures"]["saliency preview"])
+    assert preview.shape == (40 + 768, 1536, 3)  # a title naming the synthetic set, six triples, 2 to a row
 
 
 def test_config_lists_every_field_with_type_default_and_help() -> None:

@@ -76,9 +76,10 @@ def test_plot_writes_one_panel_per_curve_of_a_finetuning_run(tmp_path: Path) -> 
     shown = run_cli("plot", run, "-o", out).stdout
     assert "5 curves over epochs" in shown
     image = cv2.imread(str(out))
-    assert image.shape == (5 * 200, 640, 3)
+    assert image.shape == (36 + 5 * 200, 640, 3)  # a title naming the run, then a panel per curve
+    assert (image[:36] < 100).any() and (image[:36, 300:] > 250).all()  # title text on the left only
     # The constant QWK is drawn mid-panel (range -0.1..0.1), not along an edge.
-    qwk_panel = image[3 * 200 + 30 : 4 * 200 - 30, 100:500]
+    qwk_panel = image[36 + 3 * 200 + 30 : 36 + 4 * 200 - 30, 100:500]
     drawn_rows = np.nonzero((np.abs(qwk_panel.astype(int) - (150, 30, 150)).sum(axis=2) < 60).any(axis=1))[0]
     assert len(drawn_rows) and abs(drawn_rows.mean() - qwk_panel.shape[0] / 2) < 5
     assert run_cli("plot", tmp_path / "nowhere", check=False).returncode == 2

@@ -43,8 +43,9 @@ def _triple(members: dict[str, bytes]) -> np.ndarray:
     return np.hstack([image, heat, kept])
 
 
-def write_preview(path: Path, samples: list[dict[str, bytes]]) -> Path:
-    """Write image | saliency | kept-patches triples, SAMPLES_PER_ROW to a row, under a title, to `path`."""
+def write_preview(path: Path, samples: list[dict[str, bytes]], source: str) -> Path:
+    """Write image | saliency | kept-patches triples, SAMPLES_PER_ROW to a row, under a title that starts
+    with `source` (the packed folder's name), to `path`."""
     if not samples:
         raise ValueError("no samples to preview")
     triples = [_triple(s) for s in samples]
@@ -54,7 +55,7 @@ def write_preview(path: Path, samples: list[dict[str, bytes]]) -> Path:
     grid = np.vstack(rows)
     header = np.full((HEADER, grid.shape[1], 3), 255, np.uint8)
     title = (
-        f"image | saliency (bright: salient) | patches the key encoder keeps "
+        f"{source}: image | saliency (bright: salient) | patches the key encoder keeps "
         f"({GRID}x{GRID} grid, mask ratio {MASK_RATIO}; dropped patches dimmed)"
     )
     cv2.putText(header, title, (10, 26), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)

@@ -312,6 +312,6 @@ def pack(
         not_in_labels=inputs.not_in_labels,
     )
     if previews:
-        write_preview(out / "preview.png", [p.members for p in previews if p.members])
+        write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
     write_index(out, index)
     return index

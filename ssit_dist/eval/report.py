@@ -71,15 +71,19 @@ def axis_range(values: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
-def curves_png(path: Path, series: dict[str, list[tuple[float, float]]], x_name: str = "epoch") -> None:
-    """Each named series of (x, value) pairs in its own panel, stacked, with its value range on the left
-    and the x range (`x_name`) below."""
-    width, panel, margin = 640, 200, 60
+def curves_png(
+    path: Path, series: dict[str, list[tuple[float, float]]], x_name: str = "epoch", title: str = ""
+) -> None:
+    """Each named series of (x, value) pairs in its own panel, stacked under `title`, with its value range
+    on the left and the x range (`x_name`) below."""
+    width, panel, margin, header = 640, 200, 60, 36 if title else 0
     colours = [(200, 80, 30), (30, 140, 30), (30, 30, 200), (150, 30, 150)]
-    image = np.full((panel * max(len(series), 1), width, 3), 255, np.uint8)
+    image = np.full((header + panel * max(len(series), 1), width, 3), 255, np.uint8)
     grey, black = (80, 80, 80), (0, 0, 0)
+    if title:
+        cv2.putText(image, title[:64], (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, black, 1)
     for p, (name, points) in enumerate(series.items()):
-        top = p * panel
+        top = header + p * panel
         cv2.rectangle(image, (margin, top + 30), (width - 20, top + panel - 30), (180, 180, 180), 1)
         finite = [(x, y) for x, y in points if y is not None and np.isfinite(y)]
         label = f"{name}" + (f"  last {finite[-1][1]:.4g}" if finite else "  (no values)")

@@ -61,10 +61,9 @@ class MomentumNetwork(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """Keys (B, out_dim) from the most salient patches of each image (every patch without a mask ratio)."""
-        keep = (
-            None
-            if self.mask_ratio is None
-            else salient_token_indices(saliency, int(self.encoder.patch_embed.patch_size[0]), self.mask_ratio, self.pool)
-        )
+        keep = None
+        if self.mask_ratio is not None:
+            patch = int(self.encoder.patch_embed.patch_size[0])
+            keep = salient_token_indices(saliency, patch, self.mask_ratio, self.pool)
         # Weights stay fp32; under autocast the matmuls run in the training precision, like the query's.
         return self.projector(encode(self.encoder, x, keep)[:, 0])

@@ -418,7 +418,9 @@ def final_report(run: Tuning, progress: Progress) -> dict[str, Any]:
         keys = [dataset.keys[i] for i in shown["indices"]]
         report.write_predictions(out / "predictions.csv", keys, shown["truth"], shown["predicted"], shown["scores"])
         matrix = np.array(shown["metrics"]["confusion_matrix"])
-        report.confusion_png(out / "confusion.png", matrix, f"{split} split, best epoch {progress.best_epoch}")
+        report.confusion_png(
+            out / "confusion.png", matrix, f"{out.resolve().name}: {split} split, best epoch {progress.best_epoch}"
+        )
         history = progress.history
         report.curves_png(
             out / "curves.png",
@@ -427,6 +429,7 @@ def final_report(run: Tuning, progress: Progress) -> dict[str, Any]:
                 "val qwk": [(r["epoch"], r["val_qwk"]) for r in history],
                 "val accuracy": [(r["epoch"], r["val_accuracy"]) for r in history],
             },
+            title=f"fine-tuning {out.resolve().name}",
         )
         atomic.write_json(out / "report.json", result)
         report.summary_table(
