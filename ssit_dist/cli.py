@@ -400,7 +400,8 @@ def demo(
     console.print(
         f"contrastive loss: {result['contrastive_first20']:.3f} (first 20 steps) -> "
         f"{result['contrastive_last20']:.3f} (last 20), chance {chance['contrastive_loss']:.3f}; "
-        f"view retrieval chance {chance['view_retrieval']:.3f}; accuracy of a constant guess 0.2",
+        f"view retrieval chance {chance['view_retrieval']:.3f}; accuracy of always answering the commonest "
+        f"grade {chance['accuracy']:.3f}; QWK of any constant answer 0",
         highlight=False,
     )
     for name, path in result["pictures"].items():

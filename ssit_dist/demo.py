@@ -28,6 +28,7 @@ import cv2
 
 from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
+from ssit_dist.data.index import ShardIndex
 
 SYNTHETIC = "synthetic fundus (generated)"
 
@@ -114,7 +115,7 @@ def write_synthetic_set(folder: Path, per_grade: int, pool: int, size: int, seed
 
 def pack_folder(
     images: Path, out: Path, plan: DemoPlan, report: Report, labels: Path | None = None, preview: int = 0
-) -> dict:
+) -> ShardIndex:
     from ssit_dist.data.inputs import discover
     from ssit_dist.data.shard import ShardOptions, pack
 
@@ -133,7 +134,7 @@ def pack_folder(
     if index.skipped:
         stage.notes += [f"skipped {s['path']}: {s['reason']}" for s in index.skipped]
         report(stage)
-    return {name: s.num_samples for name, s in index.splits.items()}
+    return index
 
 
 def watch(command: list[str], log: Path, stage: Stage, count: Callable[[], int], report: Report) -> None:
@@ -275,14 +276,14 @@ def run_demo(
         data, labels = out / "images" / "synthetic_graded", out / "images" / "synthetic_graded" / "labels.csv"
     assert data is not None and labels is not None
     graded = shards / "graded"
-    counts = pack_folder(data, graded, plan, report, labels, preview=6)
+    index = pack_folder(data, graded, plan, report, labels, preview=6)
     pretrain_shards, split = [str(graded)], "train"  # never the val or test photographs
     if synthetic:
         pool = pack_folder(out / "images" / "synthetic_pretrain", shards / "pretrain", plan, report)
         pretrain_shards = [str(shards / "pretrain"), str(graded)]  # the pool and the graded train split
-        pretraining_images = pool["train"] + counts["train"]
+        pretraining_images = pool.splits["train"].num_samples + index.splits["train"].num_samples
     else:
-        pretraining_images = counts["train"]
+        pretraining_images = index.splits["train"].num_samples
     tiny = load_config(RUN_CONFIGS / "tiny_cpu.yaml", [], PretrainConfig)
     steps_per_epoch = max(1, pretraining_images // tiny.global_batch)
     name = "synthetic_" if synthetic else ""
@@ -327,6 +328,8 @@ def run_demo(
         "rows": rows,
         "chance": {
             "view_retrieval": 1 / max(1, min(test_samples, 256)),
+            # Always answering the test split's commonest grade.
+            "accuracy": max((index.splits["test"].label_histogram or {"": 0}).values()) / test_samples,
             # Keys that say nothing: each side's loss is 2T ln(batch), two sides.
             "contrastive_loss": 2 * 2 * tiny.model.temperature * math.log(tiny.global_batch),
         },

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import cv2
+import pytest
 import torch
 
-from conftest import run_cli
+from conftest import SHARED, run_cli
 
 
 def test_info_json_reports_versions_and_accelerator() -> None:
@@ -57,6 +58,26 @@ def test_demo_runs_every_stage_and_names_pictures_that_exist(tmp_path: Path) -> 
         assert path in flat, f"{name} not printed"
     preview = cv2.imread(result["pictures"]["saliency preview"])
     assert preview.shape == (40 + 768, 1536, 3)  # a title naming the synthetic set, six triples, 2 to a row
+
+
+def test_demo_runs_on_a_folder_and_labels_of_ones_own(tmp_path: Path) -> None:
+    """`--data DIR --labels CSV`: the same flow on real photographs, split and packed by the demo; the
+    pretraining sees the train split only."""
+    graded = SHARED / "data" / "fundus" / "graded"
+    if not graded.is_dir():
+        pytest.skip(f"real graded photographs not found at {graded} (../shared is absent here)")
+    out = tmp_path / "own"
+    run_cli("demo", str(out), "--quick", "--data", graded, "--labels", graded / "labels.csv")
+    result = json.loads((out / "results.json").read_text())
+    info = json.loads((out / "shards" / "graded" / "_info.json").read_text())
+    splits = {name: s["num_samples"] for name, s in info["splits"].items()}
+    assert sum(splits.values()) == 300 and set(splits) == {"train", "val", "test"}
+    assert result["test_samples"] == splits["test"] and result["data"] == str(graded)
+    metrics = (out / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len([m for m in metrics if "contrastive_loss" in m]) == splits["train"] // 16
+    assert not (out / "images").exists() and not (out / "shards" / "pretrain").exists()
+    test_grades = info["splits"]["test"]["label_histogram"]
+    assert result["chance"]["accuracy"] == max(test_grades.values()) / splits["test"]
 
 
 def test_config_lists_every_field_with_type_default_and_help() -> None:
