@@ -54,7 +54,7 @@ class DemoPlan:
     finetune_lr: float = 3e-4
     knn_k: int = 10
     attention_images: int = 4
-    ranks: int = 2
+    ranks: int = 2  # CPU ranks; on a GPU machine one rank per GPU, at most this many
     seed: int = 0
 
 
@@ -186,8 +186,13 @@ def pretrain(
         f"seed={plan.seed}",
     ]
     config = RUN_CONFIGS / "tiny_cpu.yaml"
-    stage = Stage(f"pretrain SSiT (DeepSpeed, {plan.ranks} ranks)", steps_per_epoch * plan.pretrain_epochs, "steps")
-    command = _cli("pretrain", "--config", str(config), "--nproc", str(plan.ranks), *overrides)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ranks = min(plan.ranks, gpus) if gpus else plan.ranks
+    where = f"{ranks} GPU{'s' * (ranks > 1)}" if gpus else f"{ranks} CPU ranks"
+    stage = Stage(f"pretrain SSiT (DeepSpeed, {where})", steps_per_epoch * plan.pretrain_epochs, "steps")
+    command = _cli("pretrain", "--config", str(config), "--nproc", str(ranks), *overrides)
     watch(command, logs / "pretrain.log", stage, lambda: _lines(run_dir / "metrics.jsonl"), report)
 
 
