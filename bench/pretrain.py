@@ -6,7 +6,8 @@ quality-100 JPEG read with PIL per sample plus a float32 .npy saliency map, augm
 PIL transforms as the reference recipe does. Pairs/s per worker is the figure to compare.
 
 End to end (launch/pretrain.py, ViT-S/16 at 224, global batch 8, fp32, a few steps after a warm-up step):
-pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3.
+pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3;
+`loader_keeps_up`: the 2-worker loader's pairs/s against the fastest of those runs.
 `--no-end-to-end` measures the data pipeline only.
 
 Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end]
@@ -157,6 +158,16 @@ def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, s
     }
 
 
+def keeps_up(loader_pairs_s: float, e2e: dict) -> dict:
+    """Whether the 2-worker loader outpaces the model on the same machine: its pairs/s against the
+    fastest end-to-end run's (a ratio above 1 keeps up). Only the CPU augmentation path exists so far."""
+    if not e2e:
+        return {"skipped": "needs the end-to-end runs (drop --no-end-to-end)"}
+    model = max(r["pairs_per_s"] for r in e2e.values())
+    ratio = loader_pairs_s / model
+    return {"cpu_augmentation": {"keeps_up": ratio >= 1, "ratio": round(ratio, 2), "model_pairs_per_s": model}}
+
+
 def main() -> None:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "fundus" / "unlabelled"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -228,6 +239,7 @@ def main() -> None:
                 "speedup_in_process": round(ours0 / ref0, 2),
                 "speedup_2_workers": round(ours2 / ref2, 2),
                 "end_to_end_vit_s_224_fp32_global_batch_8": e2e,
+                "loader_keeps_up": keeps_up(ours2, e2e),
             },
             indent=2,
         )
