@@ -156,6 +156,11 @@ class PretrainConfig(Checked):
     epochs: int = option(300, "training length in epochs")
     steps_per_epoch: int | None = option(None, "null: training samples // global_batch")
     seed: int = option(0, "seeds the model init and the data stream")
+    log_every: int = option(
+        10,
+        "steps between reads of the losses on the host (metrics, progress, and the agreement on a non-finite "
+        "loss, a stop signal or a failed loader); between them a step never waits for the device",
+    )
     checkpoint_every: int = option(500, "steps between checkpoints (also one at the end and on SIGTERM/SIGUSR1)")
     keep_checkpoints: int = option(3, "checkpoints kept; older ones are deleted")
     resume: str = option(
@@ -180,6 +185,7 @@ class PretrainConfig(Checked):
             self.steps_per_epoch,
             "must be at least 1, or null",
         )
+        require(self.log_every >= 1, "log_every", self.log_every, "must be at least 1 (steps)")
         require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be at least 1 (steps)")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
         one_of("resume", self.resume, ("auto", "force", "reshard"))

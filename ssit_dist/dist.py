@@ -118,6 +118,14 @@ def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of `tensor` (on the engine's device) over every rank, without reading it
+    on the host: flags agreed on by every rank at the cost of one all-reduce and no device sync."""
+    if is_distributed():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank."""
     return any_ranks([flag], device)[0]

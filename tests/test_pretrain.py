@@ -59,6 +59,7 @@ def config(tmp: Path, shards: Path, name: str, ds: Path, **extra: object) -> Pat
         "epochs": 2,
         "steps_per_epoch": 4,
         "checkpoint_every": 2,
+        "log_every": 2,  # the losses are read every other step: the sync points are what these tests stop at
         "keep_checkpoints": 4,
         "seed": 3,
         "model": {

@@ -65,7 +65,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "dist_timeout_s": 60}
+STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "log_every": 2, "dist_timeout_s": 60}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from ssit_dist.config import PretrainConfig
 from ssit_dist.data.sources import SourceError
 from ssit_dist.data.stream import PairStream
 from ssit_dist.data.workers import start_batches
-from ssit_dist.dist import any_rank, any_ranks
+from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
@@ -56,16 +56,22 @@ class Run:
 
 def train(run: Run, stop: dict[str, bool]) -> None:
     """Train from `run.start_step` to `run.total_steps`. `stop["requested"]` is set by the signal
-    handlers; once any rank has it, every rank saves and raises StopRequested after the step."""
+    handlers; once any rank has it, every rank saves and raises StopRequested at the next sync point.
+
+    The hot path never waits for the device: each step's losses stay there, and only at a sync point
+    (every `log_every` steps, and before a checkpoint, a view retrieval or the end) does the host read
+    them, with one collective that tells every rank whether any had a non-finite loss, a stop signal or
+    a failed loader. Nothing is reported or saved before that agreement."""
     cfg, engine = run.cfg, run.engine
-    batches = None
+    feed: Feed | None = None
     try:
         step = run.start_step
+        interval = Interval(time.perf_counter())
         while step < run.total_steps:
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if batches is None or in_epoch == 0:
+            if feed is None or in_epoch == 0:
                 run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
-                batches = start_batches(run.loader)
+                feed = Feed(start_batches(run.loader), run.device, feed)
             progress = step / run.steps_per_epoch
             lr = schedule.learning_rate(
                 progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
@@ -76,52 +82,131 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             saliency_weight = schedule.saliency_weight(
                 progress, cfg.epochs, cfg.loss.saliency_weight, cfg.loss.saliency_cosine_decay
             )
-
-            started = time.perf_counter()
             waits: list[float] = []  # seconds spent waiting for each micro batch
-            micro_batches = _micro_batches(batches, run.accumulation, run.device, waits)
             losses = train_step(
                 engine,
                 run.momentum_net,
-                micro_batches,
+                feed.micro_batches(run.accumulation, waits),
                 momentum,
                 cfg.loss.contrastive_weight,
                 saliency_weight,
                 run.precision,
             )
-            contrastive, saliency = losses.contrastive.item(), losses.saliency.item()
-            # Before anything is reported or saved: a non-finite loss anywhere stops every rank, and a
-            # signal on any rank stops all of them after this step's checkpoint.
-            diverged, stopping = any_ranks([not _finite((contrastive, saliency)), stop["requested"]], run.device)
-            _raise_if(diverged, (contrastive, saliency), step, run.run_dir)
             step += 1
-            elapsed = time.perf_counter() - started
-
-            if run.reporter is not None:
-                record: dict[str, Any] = {
+            interval.add(
+                torch.stack([losses.contrastive, losses.saliency]),
+                {
                     "step": step,
                     "epoch": round(step / run.steps_per_epoch, 4),
-                    "contrastive_loss": contrastive,
-                    "saliency_loss": saliency,
                     "lr": lr,
                     "momentum": momentum,
                     "saliency_weight": saliency_weight,
-                    "pairs_per_s": round(cfg.global_batch / elapsed, 2),
-                    "step_s": round(elapsed, 4),
                     "data_wait_s": round(sum(waits), 4),
-                    "peak_mem_mb": round(_peak_memory_mb(run.device), 1),
-                }
-                if run.retrieval_pairs is not None and (step % cfg.retrieval.every == 0 or step == run.total_steps):
-                    record["view_retrieval"] = _view_retrieval(run)
-                run.reporter.step(record)
-            if step % cfg.checkpoint_every == 0 or step == run.total_steps or stopping:
+                },
+            )
+            retrieval_due = run.retrieval_pairs is not None and (
+                step % cfg.retrieval.every == 0 or step == run.total_steps
+            )
+            checkpoint_due = step % cfg.checkpoint_every == 0 or step == run.total_steps
+            if not (step % cfg.log_every == 0 or checkpoint_due or retrieval_due):
+                continue
+
+            # The sync point: one collective, one read of the device.
+            records, diverged, stopping = interval.agree(feed.failure is not None, stop["requested"], run.device)
+            if feed.failure is not None:
+                raise feed.failure
+            _raise_if_diverged(diverged, records, run.run_dir)
+            if run.reporter is not None:
+                elapsed = (time.perf_counter() - interval.started) / len(records)
+                for record in records:
+                    record["pairs_per_s"] = round(cfg.global_batch / elapsed, 2)
+                    record["step_s"] = round(elapsed, 4)
+                    record["peak_mem_mb"] = round(_peak_memory_mb(run.device), 1)
+                if retrieval_due:
+                    records[-1]["view_retrieval"] = _view_retrieval(run)
+                for record in records:
+                    run.reporter.step(record)
+            interval = Interval(time.perf_counter())
+            if checkpoint_due or stopping:
                 save(run, step)
             if stopping:
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
     finally:
-        batches = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
+        feed = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if run.reporter is not None:
             run.reporter.close()
+
+
+class Interval:
+    """The steps since the last sync point: their losses on the device, the rest on the host."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.losses: list[torch.Tensor] = []  # per step: (contrastive, saliency), on the device
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, losses: torch.Tensor, record: dict[str, Any]) -> None:
+        self.losses.append(losses)
+        self.records.append(record)
+
+    def agree(self, loader_failed: bool, stop: bool, device: torch.device) -> tuple[list[dict[str, Any]], bool, bool]:
+        """Collective. The interval's records with their losses, whether any rank had a non-finite loss,
+        and whether any wants to stop. Raises SourceError when another rank's loader failed (this rank's
+        own failure is the caller's to raise)."""
+        losses = torch.stack(self.losses)  # (steps, 2)
+        flags = torch.tensor([0, int(loader_failed), int(stop)], dtype=torch.float32, device=device)
+        flags[0] = (~torch.isfinite(losses)).any()
+        flags = max_over_ranks(flags)
+        values = torch.cat([flags, losses.flatten().float()]).tolist()  # the interval's only host read
+        diverged, failed, stopping = (bool(v) for v in values[:3])
+        if failed and not loader_failed:
+            raise SourceError("the data loader failed on another rank; see its log")
+        for i, record in enumerate(self.records):
+            record["contrastive_loss"], record["saliency_loss"] = values[3 + 2 * i], values[4 + 2 * i]
+        return self.records, diverged, stopping
+
+
+def _raise_if_diverged(diverged: bool, records: list[dict[str, Any]], run_dir: Path) -> None:
+    """A non-finite loss on any rank in the interval: stop before anything is reported or saved."""
+    if not diverged:
+        return
+    bad = [r for r in records if not _finite((r["contrastive_loss"], r["saliency_loss"]))]
+    where = (
+        f"at step {bad[0]['step']} (contrastive {bad[0]['contrastive_loss']}, saliency {bad[0]['saliency_loss']})"
+        if bad
+        else f"on another rank between steps {records[0]['step']} and {records[-1]['step']}"
+    )
+    tag = checkpoint.latest_tag(run_dir)
+    raise FloatingPointError(f"non-finite loss {where}; the last good checkpoint is {tag or 'none'} in {run_dir}")
+
+
+class Feed:
+    """Micro batches from the loader, on the device, without a collective per batch.
+
+    A rank whose loader fails (a starved source, a dead worker) must still join every collective of the
+    steps up to the next sync point, or the others wait forever: it keeps the failure, trains on its last
+    good batch until then, and the sync point stops every rank before anything is saved. Only the very
+    first batch of a run has no batch to fall back on; there every rank agrees on the spot."""
+
+    def __init__(self, batches: Iterator, device: torch.device, previous: Feed | None = None):
+        self.batches, self.device = batches, device
+        self.fallback: Batch | None = previous.fallback if previous is not None else None
+        self.failure: Exception | None = previous.failure if previous is not None else None
+
+    def micro_batches(self, count: int, waits: list[float]) -> Iterator[Batch]:
+        for _ in range(count):
+            waited = time.perf_counter()
+            if self.failure is None:
+                try:
+                    batch = tuple(t.to(self.device, non_blocking=True) for t in next(self.batches))
+                except Exception as e:  # reported at the next sync point, on every rank
+                    self.failure = e
+            waits.append(time.perf_counter() - waited)
+            if self.fallback is None and any_rank(self.failure is not None, self.device):
+                raise self.failure or SourceError("the data loader failed on another rank; see its log")
+            if self.failure is None:
+                self.fallback = batch
+            yield self.fallback  # type: ignore[misc]
 
 
 def _view_retrieval(run: Run) -> float:
@@ -148,33 +233,8 @@ def save(run: Run, step: int) -> str:
     return checkpoint.save(run.engine, run.run_dir, step, client, meta, run.cfg.keep_checkpoints, run.device)
 
 
-def _micro_batches(batches: Iterator, count: int, device: torch.device, waits: list[float]) -> Iterator[Batch]:
-    """The next `count` batches, on `device`, each agreed on by every rank before it is used: a rank
-    whose loader failed would never join the forward's collectives, so all ranks stop together."""
-    for _ in range(count):
-        waited = time.perf_counter()
-        try:
-            batch, failure = next(batches), None
-        except Exception as e:  # a starved source, a dead worker
-            batch, failure = None, e
-        waits.append(time.perf_counter() - waited)
-        if any_rank(failure is not None, device):
-            raise failure or SourceError("the data loader failed on another rank; see its log")
-        yield tuple(t.to(device, non_blocking=True) for t in batch)
-
-
 def _finite(losses: tuple[float, float]) -> bool:
     return all(math.isfinite(v) for v in losses)
-
-
-def _raise_if(diverged: bool, losses: tuple[float, float], step: int, run_dir: Path) -> None:
-    if not diverged:
-        return
-    where = f"contrastive {losses[0]}, saliency {losses[1]}" if not _finite(losses) else "on another rank"
-    tag = checkpoint.latest_tag(run_dir)
-    raise FloatingPointError(
-        f"non-finite loss at step {step + 1} ({where}); the last good checkpoint is {tag or 'none'} in {run_dir}"
-    )
 
 
 def _peak_memory_mb(device: torch.device) -> float:

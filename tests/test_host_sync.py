@@ -1,0 +1,168 @@
+"""The training loop's hot path never waits for the device between sync points.
+
+Two real gloo ranks each run `pretrain` (real DeepSpeed engine, real shards of real photographs) with
+every way a tensor's value can reach the host counted: `item`, `tolist`, `bool`, `float`, `int`,
+`cpu` and `numpy`. On a GPU each of these blocks the host until the device has caught up; on the CPU
+nothing blocks, so the count is what can be tested here, and it is the same code that runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from conftest import pack_real_subset
+from ssit_dist.dist import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TRANSFERS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+OFF_THE_HOT_PATH = {"save", "_view_retrieval"}  # loop.py's checkpoint and view retrieval, at sync points only
+
+
+def _where(frame) -> str | None:  # type: ignore[no-untyped-def]
+    """Who asked for the value: 'ssit_dist', 'deepspeed' or 'torch' (the caller's package), or None
+    where the loop was checkpointing or measuring retrieval, or outside the loop altogether."""
+    caller, in_loop = frame.f_code.co_filename, False
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("ssit_dist", "train", "loop.py")):
+            if frame.f_code.co_name in OFF_THE_HOT_PATH:
+                return None
+            in_loop = in_loop or frame.f_code.co_name == "train"
+        frame = frame.f_back
+    if not in_loop:
+        return None
+    for package in ("ssit_dist", "deepspeed", "torch"):
+        if f"{os.sep}{package}{os.sep}" in caller:
+            return package
+    return "other"
+
+
+def _count_transfers(counts: Counter) -> None:
+    for name in TRANSFERS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            where = _where(sys._getframe(1))
+            if where is not None:
+                counts[f"{where}:{_name}"] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(torch.Tensor, name, counted)
+
+
+def _rank(rank: int, port: int, cfg: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from ssit_dist.config import load_config
+    from ssit_dist.dist import shutdown
+    from ssit_dist.train.pretrain import pretrain
+
+    counts: Counter = Counter()
+    _count_transfers(counts)
+    try:
+        pretrain(load_config(cfg))
+    except Exception as e:  # what this rank raised, for the test to read
+        Path(out, f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
+    finally:
+        shutdown()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(counts))
+
+
+@pytest.fixture(scope="module")
+def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
+
+
+def write_config(tmp_path: Path, shards: Path, name: str, **fields: object) -> Path:
+    body = {
+        "run_dir": str(tmp_path / name),
+        "ds_config": str(ROOT / "ds_configs" / "zero2_bf16.json"),
+        "global_batch": 4,
+        "micro_batch": 2,
+        "epochs": 1,
+        "steps_per_epoch": 8,
+        "checkpoint_every": 8,
+        "seed": 0,
+        "model": {
+            "img_size": 32,
+            "proj_hidden": 32,
+            "proj_dim": 16,
+            "timm_kwargs": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2},
+        },
+        "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 4},
+        **fields,
+    }
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(body))
+    return cfg
+
+
+def start(cfg: Path, out: Path) -> mp.ProcessContext:
+    out.mkdir()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    return mp.start_processes(_rank, args=(free_port(), str(cfg), str(out)), nprocs=2, start_method="spawn", join=False)
+
+
+def run(tmp_path: Path, shards: Path, name: str, **fields: object) -> tuple[dict, list[dict]]:
+    out = tmp_path / f"{name}_counts"
+    start(write_config(tmp_path, shards, name, **fields), out).join()
+    assert not list(out.glob("*.error")), [e.read_text() for e in out.glob("*.error")]
+    metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out / "rank0.json").read_text()), metrics
+
+
+def ours(counts: dict) -> int:
+    return sum(n for key, n in counts.items() if key.startswith("ssit_dist:"))
+
+
+def test_the_loop_reads_the_device_once_per_log_interval(shards: Path, tmp_path: Path) -> None:
+    counts, metrics = run(tmp_path, shards, "every4", log_every=4)
+    # 8 steps, log_every 4: sync points after steps 4 and 8, plus the one agreement on the run's very
+    # first batch (no earlier batch to fall back on): 3 reads of the device, whatever the step count.
+    assert ours(counts) == 3, counts
+    assert [r["step"] for r in metrics] == list(range(1, 9))  # every step still reported, at the sync points
+    assert all(r["contrastive_loss"] > 0 and r["saliency_loss"] > 0 for r in metrics)
+    assert all(r["pairs_per_s"] == metrics[0]["pairs_per_s"] for r in metrics[:4])  # the interval's average
+    # What DeepSpeed's ZeRO-2 optimizer reads itself (its overflow check and gradient-norm test, three
+    # reads per step in 0.19) and the DataLoader's seed draw are not the loop's; they must not change
+    # with the loop's log interval.
+    deepspeed = sum(n for key, n in counts.items() if not key.startswith("ssit_dist:"))
+
+    every_step, _ = run(tmp_path, shards, "every1", log_every=1)
+    assert ours(every_step) == 9, every_step  # the counter sees each read: one per step, plus the first batch
+    assert sum(n for key, n in every_step.items() if not key.startswith("ssit_dist:")) == deepspeed
+
+
+def test_a_rank_whose_loader_dies_stops_every_rank_at_the_next_sync_point(shards: Path, tmp_path: Path) -> None:
+    # Between sync points nothing is agreed, so a rank whose loader died keeps joining the collectives
+    # on its last good batch; the sync point stops every rank before anything more is reported or saved.
+    cfg = write_config(tmp_path, shards, "dies", steps_per_epoch=400, log_every=4, checkpoint_every=4)
+    out = tmp_path / "dies_counts"
+    ranks = start(cfg, out)
+    metrics, deadline = tmp_path / "dies" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 8):
+        assert time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.05)
+    import psutil
+
+    for worker in psutil.Process(ranks.pids()[1]).children(recursive=True):  # rank 1's loader worker
+        worker.kill()
+    while not ranks.join(timeout=120):
+        pass
+    errors = {r: (out / f"rank{r}.error").read_text() for r in range(2)}
+    assert "exited unexpectedly" in errors[1], errors
+    assert "the data loader failed on another rank" in errors[0], errors
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(logged) % 4 == 0 and len(logged) < 400  # reported only at sync points, stopped long before the end
+    latest = (tmp_path / "dies" / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step{len(logged):08d}"  # nothing saved after the last agreed step
