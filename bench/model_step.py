@@ -7,9 +7,15 @@ measured in the same run (explicit softmax attention instead of SDPA, a per-para
 torch's default AdamW, as the reference implementation does it), the FLOPs of one step counted with
 torch.utils.flop_counter, and utilisation against a matmul peak measured in the same run.
 
+ssit-dist's step runs as the trainer runs it on that device: attention per `model.attention=auto`
+(explicit on CPUs, fused on GPUs), both views through each encoder in one pass, the allocation-free
+compensated EMA, fused AdamW. `--compile` adds a measurement with the transformer blocks compiled
+(`model.compile`), `--profile` the top operators of each step by self time (torch.profiler).
+
 On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
 
 Usage: python bench/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2] [--device cpu]
+       [--compile] [--profile]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssit_dist.models.compile import compile_blocks
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import PlainEngine, train_step
 
@@ -90,16 +97,45 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
     return reference_step
 
 
+def top_operators(step, inputs, count: int = 12) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The `count` operators with the most self time over two steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if inputs[0].is_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step(*inputs)
+    key = "self_device_time_total" if inputs[0].is_cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:count]
+    return [
+        {"op": e.key, "ms_per_step": round(getattr(e, key) / 2e3, 1), "calls_per_step": e.count // 2} for e in events
+    ]
+
+
 def measure(
-    arch: str, batch: int, steps: int, reference_style: bool, bf16: bool, device: torch.device
-) -> dict[str, float]:
+    arch: str,
+    batch: int,
+    steps: int,
+    reference_style: bool,
+    bf16: bool,
+    device: torch.device,
+    compiled: bool = False,
+    profile: bool = False,
+) -> dict:
     torch.manual_seed(0)
-    model = SSiT(ModelConfig(arch=arch)).train().to(device)
+    cfg = ModelConfig(arch=arch)
+    model = SSiT(cfg).train().to(device)
+    if not reference_style:
+        model.use_fused_attention(cfg.fused_attention(device.type))
+    if compiled:
+        reason = compile_blocks([model.online.encoder, model.momentum.encoder], device, zero_stage=0)
+        if reason is not None:
+            return {"skipped": reason}
     step = make_step(model, reference_style, bf16)
     x1, x2 = (torch.randn(batch, 3, 224, 224, device=device) for _ in range(2))
     s1, s2 = (torch.rand(batch, 1, 224, 224, device=device) for _ in range(2))
-    for _ in range(1 if device.type == "cpu" else 3):
-        step(x1, x2, s1, s2)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics)
+    for _ in range(1 if device.type == "cpu" and not compiled else 3):
+        step(x1, x2, s1, s2)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics, compilation)
     with FlopCounterMode(display=False) as counter:
         step(x1, x2, s1, s2)
     flops = counter.get_total_flops()
@@ -109,12 +145,15 @@ def measure(
         step(x1, x2, s1, s2)
     sync(device)
     seconds = (time.perf_counter() - start) / steps
-    return {
+    result: dict = {
         "pairs_per_s": round(batch / seconds, 3),
         "step_s": round(seconds, 3),
         "gflop_per_step": round(flops / 1e9, 1),
         "achieved_gflop_s": round(flops / seconds / 1e9, 1),
     }
+    if profile:
+        result["top_operators"] = top_operators(step, (x1, x2, s1, s2))
+    return result
 
 
 def main() -> None:
@@ -125,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (threads: CPU only).")
+    parser.add_argument("--compile", action="store_true", help="Also measure the step with compiled blocks.")
+    parser.add_argument("--profile", action="store_true", help="Add each step's top operators (torch.profiler).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -144,14 +185,23 @@ def main() -> None:
                 "matmul_peak_gflop_s": round(peak / 1e9, 1),
             }
             continue
-        ours = measure(args.arch, args.batch, args.steps, reference_style=False, bf16=bf16, device=device)
-        ref = measure(args.arch, args.batch, args.steps, reference_style=True, bf16=bf16, device=device)
+        ours = measure(args.arch, args.batch, args.steps, False, bf16, device, profile=args.profile)
+        ref = measure(args.arch, args.batch, args.steps, True, bf16, device, profile=args.profile)
         report[name] = {
             "matmul_peak_gflop_s": round(peak / 1e9, 1),
             "ssit_dist": {**ours, "utilisation": round(ours["achieved_gflop_s"] * 1e9 / peak, 3)},
             "reference_style": {**ref, "utilisation": round(ref["achieved_gflop_s"] * 1e9 / peak, 3)},
             "speedup": round(ours["pairs_per_s"] / ref["pairs_per_s"], 3),
+            # The most any step can gain over reference-style by speed alone: all its FLOPs at the matmul peak.
+            "ceiling_speedup_at_peak": round(
+                peak / (ref["achieved_gflop_s"] * 1e9) * ref["gflop_per_step"] / ours["gflop_per_step"], 3
+            ),
         }
+        if args.compile:
+            fast = measure(args.arch, args.batch, args.steps, False, bf16, device, compiled=True)
+            if "pairs_per_s" in fast:
+                fast["speedup"] = round(fast["pairs_per_s"] / ref["pairs_per_s"], 3)
+            report[name]["ssit_dist_compiled"] = fast
     print(json.dumps(report, indent=2))
 
 

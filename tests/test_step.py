@@ -56,8 +56,8 @@ def test_the_momentum_network_moves_before_the_keys() -> None:
     before = [p.detach().clone() for p in model.momentum.parameters()]
     engine = PlainEngine(model.online, torch.optim.SGD(model.online.parameters(), lr=0.0))
     keys_from: list[list[torch.Tensor]] = []
-    hook = model.momentum.register_forward_pre_hook(
-        lambda module, _: keys_from.append([p.detach().clone() for p in module.parameters()])
+    hook = model.momentum.encoder.patch_embed.register_forward_pre_hook(  # the keys' first layer
+        lambda *_: keys_from.append([p.detach().clone() for p in model.momentum.parameters()])
     )
     train_step(engine, model.momentum, [pairs(4, 1)], 0.9, 1.0, 1.0)
     hook.remove()

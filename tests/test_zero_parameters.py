@@ -1,13 +1,17 @@
-"""The momentum network's source of truth under DeepSpeed ZeRO-3: full fp32 parameters from shards.
+"""The momentum network's source of truth under DeepSpeed ZeRO: full fp32 parameters from partitions.
 
-Two real gloo ranks, a real DeepSpeed engine with ZeRO stage 3 partitioning the online network.
+Two real gloo ranks, a real DeepSpeed engine with ZeRO stage 2 (fp32 master fragments) or 3 (parameters
+partitioned too) around the online network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -15,6 +19,7 @@ from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import train_step
 
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor")
 TINY = ModelConfig(
     arch="vit_small_patch16_224",
     img_size=32,
@@ -24,7 +29,29 @@ TINY = ModelConfig(
 )
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+@contextlib.contextmanager
+def counting_collectives() -> Iterator[list[str]]:
+    """The names of the torch.distributed collectives called inside the block, in order."""
+    seen: list[str] = []
+    originals = {name: getattr(torch.distributed, name) for name in COLLECTIVES}
+
+    def counted(name: str, call: Callable) -> Callable:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            seen.append(name)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    for name, call in originals.items():
+        setattr(torch.distributed, name, counted(name, call))
+    try:
+        yield seen
+    finally:
+        for name, call in originals.items():
+            setattr(torch.distributed, name, call)
+
+
+def _worker(rank: int, port: int, out: str, stage: int) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -43,14 +70,16 @@ def _worker(rank: int, port: int, out: str) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
     }
+    if stage < 3:
+        config["zero_optimization"] = {"stage": stage}
     engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=optimizer, config=config)
     sharded = [p for m in engine.module.ema_source() for p in m.parameters()]
     shard_sizes = [p.numel() for p in sharded]  # 0 under ZeRO-3: the module holds no full weights
 
-    full = [t.clone() for t in full_fp32_parameters(engine.module.encoder)]
-    full += [t.clone() for t in full_fp32_parameters(engine.module.projector)]
+    with counting_collectives() as collectives:
+        full = [t.clone() for t in full_fp32_parameters(engine.module.encoder, engine.module.projector)]
 
     g = torch.Generator().manual_seed(rank)
     x1, x2 = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
@@ -64,17 +93,21 @@ def _worker(rank: int, port: int, out: str) -> None:
             "original": original,
             "full": full,
             "shard_sizes": shard_sizes,
+            "collectives": collectives,
             "momentum_after": [p.detach().clone() for p in model.momentum.parameters()],
         },
         f"{out}/rank{rank}.pt",
     )
 
 
-def test_full_fp32_parameters_reassemble_zero3_shards(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: Path, stage: int) -> None:
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path), stage), nprocs=2, start_method="spawn", join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
-        assert sum(r["shard_sizes"]) == 0, "ZeRO-3 did not partition the parameters"
+        # One collective for every parameter tensor of the encoder and projector, not one each.
+        assert r["collectives"] == ["all_gather_into_tensor" if stage == 3 else "all_reduce"], r["collectives"]
+        assert stage < 3 or sum(r["shard_sizes"]) == 0, "ZeRO-3 did not partition the parameters"
         assert len(r["full"]) == len(r["original"])
         for full, original in zip(r["full"], r["original"], strict=True):
             assert full.dtype == torch.float32 and full.shape == original.shape

@@ -35,22 +35,29 @@ class MomentumNetwork(nn.Module):
         # and builds up over ~1/(1 - m) steps (7e-6 after 1000 steps at m = 0.999 in a test, against
         # under 1e-7 with it).
         self._compensation = [torch.zeros_like(p) for p in self.parameters()]
+        self._scratch: list[torch.Tensor] | None = None  # working space of `update`, not state
 
     @torch.no_grad()
     def update(self, source: Iterable[torch.Tensor], m: float) -> None:
         """self <- m * self + (1 - m) * source, for the query encoder's and projector's full fp32
-        parameters in `parameters()` order (buffers are not averaged, as in MoCo v3)."""
+        parameters in `parameters()` order (buffers are not averaged, as in MoCo v3).
+
+        Seven passes of `torch._foreach_*` ops over flat lists and no allocation: a per-step allocation of
+        the network's size costs page faults on a CPU every step (glibc maps large blocks afresh)."""
         mine: list[torch.Tensor] = list(self.parameters())
         theirs = [t.to(p.device, torch.float32) for p, t in zip(mine, source, strict=True)]
         if self._compensation[0].device != mine[0].device:
             self._compensation = [c.to(mine[0].device) for c in self._compensation]
-        step = torch._foreach_sub(theirs, mine)
-        torch._foreach_mul_(step, 1.0 - m)
-        torch._foreach_add_(step, self._compensation)
-        updated = torch._foreach_add(mine, step)
-        applied = torch._foreach_sub(updated, mine)
-        self._compensation = list(torch._foreach_sub(step, applied))
-        torch._foreach_copy_(mine, updated)
+        if self._scratch is None or self._scratch[0].device != mine[0].device:
+            self._scratch = [torch.empty_like(p) for p in mine]
+        increment, before = self._compensation, self._scratch
+        torch._foreach_copy_(before, mine)
+        torch._foreach_sub_(before, theirs)  # mine - theirs
+        torch._foreach_add_(increment, before, alpha=m - 1.0)  # (1 - m)(theirs - mine) + compensation
+        torch._foreach_copy_(before, mine)
+        torch._foreach_add_(mine, increment)
+        torch._foreach_sub_(before, mine)  # -(what the addition really applied)
+        torch._foreach_add_(increment, before)  # the rounding the addition dropped: next step's compensation
 
     def get_extra_state(self) -> dict[str, list[torch.Tensor]]:
         return {"compensation": self._compensation}
@@ -61,9 +68,21 @@ class MomentumNetwork(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """Keys (B, out_dim) from the most salient patches of each image (every patch without a mask ratio)."""
+        return self.projector(self._features(x, saliency))
+
+    @torch.no_grad()
+    def pair_keys(
+        self, x1: torch.Tensor, s1: torch.Tensor, x2: torch.Tensor, s2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of both views, `forward(x1, s1), forward(x2, s2)`, with one encoder pass over the two
+        (half the kernel launches); the projector's BatchNorm still sees each view on its own."""
+        f1, f2 = self._features(torch.cat([x1, x2]), torch.cat([s1, s2])).chunk(2)
+        return self.projector(f1), self.projector(f2)
+
+    def _features(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         keep = None
         if self.mask_ratio is not None:
             patch = int(self.encoder.patch_embed.patch_size[0])
             keep = salient_token_indices(saliency, patch, self.mask_ratio, self.pool)
         # Weights stay fp32; under autocast the matmuls run in the training precision, like the query's.
-        return self.projector(encode(self.encoder, x, keep)[:, 0])
+        return encode(self.encoder, x, keep)[:, 0]

@@ -22,7 +22,7 @@ from ssit_dist.fields import Checked, one_of, option, require
 from ssit_dist.models.heads import SaliencyHead, predictor, projector
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.momentum import MomentumNetwork
-from ssit_dist.models.vit import create_encoder, encode, patch_size
+from ssit_dist.models.vit import create_encoder, encode, patch_size, use_fused_attention
 
 
 @dataclass
@@ -43,6 +43,14 @@ class ModelConfig(Checked):
     mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
     pool: str = option("max", "how pixel saliency is pooled per patch for token selection: max or avg")
     saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
+    attention: str = option(
+        "auto",
+        "attention kernel: fused (scaled_dot_product_attention), explicit (matmul + softmax, as the reference), "
+        "or auto: fused on GPUs, explicit on CPUs (faster there: bench/model_step.py)",
+    )
+    compile: bool = option(
+        False, "torch.compile the encoders' transformer blocks (ZeRO 0-2; pays for ViT-B on GPUs: models/compile.py)"
+    )
     saliency: bool = option(
         True, "false: plain MoCo v3, the ablation: keys from every patch, no saliency head, saliency loss 0"
     )
@@ -50,6 +58,7 @@ class ModelConfig(Checked):
     def validate(self) -> None:
         require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
         one_of("pool", self.pool, ("max", "avg"))
+        one_of("attention", self.attention, ("auto", "fused", "explicit"))
         require(self.temperature > 0, "temperature", self.temperature, "must be positive")
         require(self.img_size > 0, "img_size", self.img_size, "must be positive")
         require(
@@ -59,6 +68,10 @@ class ModelConfig(Checked):
             "must be positive",
         )
         require(0 < self.saliency_threshold < 1, "saliency_threshold", self.saliency_threshold, "must be in (0, 1)")
+
+    def fused_attention(self, device_type: str) -> bool:
+        """Whether the encoders use the fused attention kernel on `device_type` ("cuda", "cpu", ...)."""
+        return self.attention == "fused" or (self.attention == "auto" and device_type == "cuda")
 
 
 class OnlineNetwork(nn.Module):
@@ -100,7 +113,9 @@ class OnlineNetwork(nn.Module):
         self._check(x1, s1)
         self._check(x2, s2)
         prefix = self.encoder.num_prefix_tokens
-        f1, f2 = encode(self.encoder, x1), encode(self.encoder, x2)
+        # Both views through the encoder in one pass (half the kernel launches, larger matmuls); the
+        # projector's BatchNorm still sees each view on its own, as in the reference.
+        f1, f2 = encode(self.encoder, torch.cat([x1, x2])).chunk(2)
         q1 = self.predictor(self.projector(f1[:, 0]))
         q2 = self.predictor(self.projector(f2[:, 0]))
         t = self.cfg.temperature
@@ -123,6 +138,10 @@ class SSiT(nn.Module):
         self.online = OnlineNetwork(cfg)
         mask_ratio = cfg.mask_ratio if cfg.saliency else None  # MoCo v3: the keys see every patch
         self.momentum = MomentumNetwork(self.online.encoder, self.online.projector, mask_ratio, cfg.pool)
+
+    def use_fused_attention(self, fused: bool) -> None:
+        for encoder in (self.online.encoder, self.momentum.encoder):
+            use_fused_attention(encoder, fused)
 
     @classmethod
     def from_reference(

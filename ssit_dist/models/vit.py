@@ -25,6 +25,13 @@ def create_encoder(arch: str, img_size: int = 224, **timm_kwargs: Any) -> Vision
     return model
 
 
+def use_fused_attention(vit: VisionTransformer, fused: bool) -> None:
+    """Switch every block between timm's fused attention (torch's scaled_dot_product_attention) and the
+    explicit matmul + softmax. Same function; which is faster depends on the device and dtype."""
+    for block in vit.blocks:
+        block.attn.fused_attn = fused  # type: ignore[union-attr]
+
+
 def patch_size(vit: VisionTransformer) -> int:
     return int(vit.patch_embed.patch_size[0])
 

@@ -41,6 +41,7 @@ from ssit_dist.dist import (
 )
 from ssit_dist.eval.retrieval import fixed_pairs
 from ssit_dist.models.batchnorm import convert_batchnorm
+from ssit_dist.models.compile import compile_blocks
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint
@@ -88,6 +89,7 @@ def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, de
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     torch.manual_seed(cfg.seed)
     model = SSiT(cfg.model)
+    model.use_fused_attention(cfg.model.fused_attention(device.type))
     if world_size() > 1 or device.type == "cuda":  # on CUDA always: the same NCCL path at any world size
         convert_batchnorm(model, device.type)
     engine, _, _, _ = deepspeed.initialize(
@@ -162,6 +164,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
     on_rank_zero(record_run, device, f"writing {run_dir / 'config.yaml'}")
 
     engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
+    if cfg.model.compile:
+        reason = compile_blocks([engine.module.encoder, momentum_net.encoder], device, engine.zero_optimization_stage())
+        if reason is not None:
+            log.warning("model.compile: left eager: %s", reason)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
     if plan.tag is not None:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)

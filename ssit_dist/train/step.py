@@ -86,7 +86,7 @@ def train_step(
     """One optimizer step over `micro_batches` (as many as the engine accumulates), on the device the
     batches are on. `precision`: autocast dtype (bf16 / fp16) or None for fp32."""
     # Full fp32 weights of the query side, also under ZeRO-3 partitioning and bf16 engines.
-    momentum_net.update((t for module in engine.module.ema_source() for t in full_fp32_parameters(module)), momentum)
+    momentum_net.update(full_fp32_parameters(*engine.module.ema_source()), momentum)
     contrastive_sum: torch.Tensor | float = 0.0
     saliency_sum: torch.Tensor | float = 0.0
     count = 0
@@ -96,7 +96,7 @@ def train_step(
         with autocast:
             if precision is not None:  # the views enter the engine in its precision; saliency stays fp32
                 x1, x2 = x1.to(precision), x2.to(precision)
-            k1, k2 = momentum_net(x1, s1), momentum_net(x2, s2)
+            k1, k2 = momentum_net.pair_keys(x1, s1, x2, s2)
             contrastive, saliency = engine(x1, x2, s1, s2, k1, k2)
             loss = contrastive_weight * contrastive + saliency_weight * saliency
         engine.backward(loss)
