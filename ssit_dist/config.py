@@ -64,6 +64,11 @@ class DataConfig(Checked):
     split: str = option("train", "split of the folders to read; patterns name their shards themselves")
     mean: list[float] | None = option(None, "RGB mean in [0, 1]; null: from the shards' _info.json")
     std: list[float] | None = option(None, "RGB std in [0, 1]; null: from the shards' _info.json")
+    augment_on: str = option(
+        "cpu",
+        "where the pair augmentation runs: cpu (OpenCV in the loader workers) or gpu (workers only read the "
+        "bytes; JPEG decoding and the recipe run batched on the training device, which keeps up with a GPU)",
+    )
     workers: int = option(2, "loader processes per rank (0: load in the training process)")
     prefetch: int = option(2, "batches each loader worker prepares ahead")
     pin_memory: bool = option(False, "pin host batches for faster copies to the GPU")
@@ -79,6 +84,7 @@ class DataConfig(Checked):
                 value is None or len(value) == 3, f"data.{name}", value, "expected three numbers (R, G, B in [0, 1])"
             )
         require(self.std is None or all(v > 0 for v in self.std), "data.std", self.std, "must be positive")
+        one_of("data.augment_on", self.augment_on, ("cpu", "gpu"))
         require(self.workers >= 0, "data.workers", self.workers, "must be 0 or more")
         require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be at least 1")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be at least 1")

@@ -99,8 +99,10 @@ def write_config(tmp_path: Path, shards: Path, name: str, **fields: object) -> P
             "timm_kwargs": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2},
         },
         "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 4},
-        **fields,
     }
+    for key, value in fields.items():  # section__field sets a field of a section
+        section, _, field = key.partition("__")
+        (body[section] if field else body)[field or section] = value  # type: ignore[index]
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(body))
     return cfg
@@ -141,6 +143,15 @@ def test_the_loop_reads_the_device_once_per_log_interval(shards: Path, tmp_path:
     every_step, _ = run(tmp_path, shards, "every1", log_every=1)
     assert ours(every_step) == 9, every_step  # the counter sees each read: one per step, plus the first batch
     assert sum(n for key, n in every_step.items() if not key.startswith("ssit_dist:")) == deepspeed
+
+
+def test_the_device_augmentation_path_trains_without_reading_the_device(shards: Path, tmp_path: Path) -> None:
+    # data.augment_on=gpu: workers hand over JPEG bytes and drawn parameters, the training process decodes
+    # and augments; everything it decides per sample comes from host-side numbers, so the count stays 3.
+    counts, metrics = run(tmp_path, shards, "device_aug", log_every=4, data__augment_on="gpu")
+    assert ours(counts) == 3, counts
+    assert [r["step"] for r in metrics] == list(range(1, 9))
+    assert all(0 < r["contrastive_loss"] < 10 and 0 < r["saliency_loss"] < 10 for r in metrics)
 
 
 def test_a_rank_whose_loader_dies_stops_every_rank_at_the_next_sync_point(shards: Path, tmp_path: Path) -> None:

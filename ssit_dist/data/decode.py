@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not a dependency (yet):
+# until it is, this one warning is silenced where decode_jpegs calls them, and nowhere else.
+_TORCHVISION_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 def decode_bgr(data: bytes) -> np.ndarray | None:
@@ -15,3 +27,44 @@ def decode_bgr(data: bytes) -> np.ndarray | None:
 def decode_gray(data: bytes) -> np.ndarray | None:
     """An encoded single-channel image (a saliency map PNG) as (H, W), or None where it does not decode."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def _decode_rgb(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHVISION_CODEC_DEPRECATION, category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpegs(
+    data: Sequence[torch.Tensor], device: torch.device | str, keys: Sequence[str] | None = None
+) -> torch.Tensor:
+    """JPEGs (1-D uint8 CPU tensors of their bytes) as one (B, 3, H, W) uint8 RGB batch on `device`:
+    one batched nvjpeg call on CUDA, libjpeg on the CPU.
+
+    A batched decode fails whole on one bad image, and the loader workers check no more than the JPEG's
+    start marker, so a failed batch is decoded again image by image with libjpeg; an image that still
+    fails is logged (with its key from `keys`) and comes back black, the batch keeping its size, since
+    every rank must step on equally large batches. Images of different sizes raise ValueError naming
+    them: the shards are packed at one size."""
+    device = torch.device(device)
+    try:
+        images: list[torch.Tensor | None] = list(_decode_rgb(list(data), device))
+    except RuntimeError as e:
+        log.warning("a batch of %d JPEGs did not decode together (%s); decoding them one by one", len(data), e)
+        images = [_decode_one(jpeg, device, keys[i] if keys else f"#{i}") for i, jpeg in enumerate(data)]
+    decoded = [image for image in images if image is not None]
+    if not decoded:
+        raise ValueError(f"none of the {len(data)} JPEGs of the batch decode")
+    sizes = sorted({tuple(image.shape[1:]) for image in decoded})
+    if len(sizes) > 1:
+        raise ValueError(f"JPEGs of different sizes (H, W) in one batch: {sizes}; pack the shards at one size")
+    return torch.stack([torch.zeros_like(decoded[0]) if image is None else image for image in images])
+
+
+def _decode_one(jpeg: torch.Tensor, device: torch.device, key: str) -> torch.Tensor | None:
+    """One JPEG decoded by libjpeg and moved to `device`, or None (logged) where it does not decode."""
+    try:
+        return _decode_rgb([jpeg], torch.device("cpu"))[0].to(device)
+    except RuntimeError as e:
+        log.warning("JPEG %s does not decode (%s); a black image stands in for it", key, e)
+        return None

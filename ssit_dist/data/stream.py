@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.augment import PairAugment, draw_view
 from ssit_dist.data.decode import decode_bgr, decode_gray
+from ssit_dist.data.device_augment import collate_encoded
 from ssit_dist.data.sources import ShardSet, SourceError, read_shard
 from ssit_dist.data.workers import ignore_preemption, worker_options
 from ssit_dist.dist import rank as dist_rank
@@ -41,8 +42,12 @@ class PairStream(IterableDataset):
         shuffle_buffer: int = 1000,
         rank: int | None = None,
         empty_timeout_s: float = 300.0,
+        encoded: bool = False,
     ):
+        """`encoded`: yield what the device-side augmentation takes (data/device_augment.py) instead of
+        augmented pairs: the JPEG bytes, the decoded saliency map and both views' drawn parameters."""
         super().__init__()
+        self.encoded = encoded
         self.shards, self.augment, self.empty_timeout_s = shards, augment, empty_timeout_s
         self._last_good = time.monotonic()
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
@@ -95,7 +100,8 @@ class PairStream(IterableDataset):
             if i < skip:
                 self._last_good = time.monotonic()
                 continue
-            pair = decode_and_augment(sample, self.augment, np.random.default_rng([self.seed, self.epoch, stream, i]))
+            rng = np.random.default_rng([self.seed, self.epoch, stream, i])
+            pair = encode(sample, self.augment, rng) if self.encoded else decode_and_augment(sample, self.augment, rng)
             if pair is None:
                 self._starving(sample.get("__url__", "?"))
                 continue
@@ -116,6 +122,29 @@ def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Genera
         return None
 
 
+def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple | None:
+    """(JPEG bytes, saliency map (1, H, W) uint8, view 1's and view 2's parameters, name) of one shard
+    sample, the parameters drawn as the CPU path draws them; None for a sample that cannot be used. The
+    JPEG itself is decoded on the training device; one that fails there is replaced in its batch."""
+    name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    try:
+        jpeg, sal = sample["jpg"], decode_gray(sample["sal.png"])
+        if sal is None or not jpeg.startswith(b"\xff\xd8"):
+            raise ValueError("undecodable sal.png or a jpg that is not a JPEG")
+    except (KeyError, ValueError, cv2.error) as e:
+        log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
+        return None
+    view1 = draw_view(rng, augment.view1, *sal.shape)
+    view2 = draw_view(rng, augment.view2, *sal.shape)
+    return (
+        torch.frombuffer(bytearray(jpeg), dtype=torch.uint8),
+        torch.from_numpy(sal).unsqueeze(0),
+        np.array(view1.row()),
+        np.array(view2.row()),
+        name,
+    )
+
+
 def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """Batches of `stream.batch_size` pairs; iterate it (with `start_batches`) for as many steps as an
     epoch has."""
@@ -124,6 +153,7 @@ def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_mem
         batch_size=stream.batch_size,
         pin_memory=pin_memory,
         drop_last=True,
+        collate_fn=collate_encoded if stream.encoded else None,
         prefetch_factor=prefetch if workers else None,
         **worker_options(workers, ignore_preemption),
     )

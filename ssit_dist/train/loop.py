@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.step import Batch, train_step
+
+Views = tuple[torch.Tensor, ...]  # x1, x2, s1, s2 on the device
 
 
 class StopRequested(Exception):
@@ -51,6 +53,7 @@ class Run:
     start_step: int
     meta: EncoderMeta
     reporter: Reporter | None  # rank 0 only
+    to_device: Callable[[Any], Views]  # loader batch -> the step's tensors on the device (data.augment_on)
     retrieval_pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0 only, where configured
 
 
@@ -71,7 +74,7 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
             if feed is None or in_epoch == 0:
                 run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
-                feed = Feed(start_batches(run.loader), run.device, feed)
+                feed = Feed(start_batches(run.loader), run.to_device, run.device, feed)
             progress = step / run.steps_per_epoch
             lr = schedule.learning_rate(
                 progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
@@ -188,9 +191,11 @@ class Feed:
     good batch until then, and the sync point stops every rank before anything is saved. Only the very
     first batch of a run has no batch to fall back on; there every rank agrees on the spot."""
 
-    def __init__(self, batches: Iterator, device: torch.device, previous: Feed | None = None):
-        self.batches, self.device = batches, device
-        self.fallback: Batch | None = previous.fallback if previous is not None else None
+    def __init__(
+        self, batches: Iterator, to_device: Callable[[Any], Views], device: torch.device, previous: Feed | None = None
+    ):
+        self.batches, self.to_device, self.device = batches, to_device, device
+        self.fallback: Views | None = previous.fallback if previous is not None else None
         self.failure: Exception | None = previous.failure if previous is not None else None
 
     def micro_batches(self, count: int, waits: list[float]) -> Iterator[Batch]:
@@ -198,7 +203,7 @@ class Feed:
             waited = time.perf_counter()
             if self.failure is None:
                 try:
-                    batch = tuple(t.to(self.device, non_blocking=True) for t in next(self.batches))
+                    batch = self.to_device(next(self.batches))
                 except Exception as e:  # reported at the next sync point, on every rank
                     self.failure = e
             waits.append(time.perf_counter() - waited)

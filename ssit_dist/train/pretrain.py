@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.distributed as torch_dist
 
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.device_augment import DevicePairAugment
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.labelled import SplitSource
 from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
@@ -45,7 +47,7 @@ from ssit_dist.models.compile import compile_blocks
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint
-from ssit_dist.train.loop import Run, StopRequested, train
+from ssit_dist.train.loop import Run, StopRequested, Views, train
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
 
@@ -179,7 +181,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         empty_timeout_s=cfg.data.empty_timeout_s,
+        encoded=cfg.data.augment_on == "gpu",
     )
+    if cfg.data.augment_on == "gpu":
+        on_device = DevicePairAugment(cfg.model.img_size, mean, std)
+        to_device: Callable[[Any], Views] = lambda batch: on_device(batch, device)  # noqa: E731
+    else:
+        to_device = lambda batch: tuple(t.to(device, non_blocking=True) for t in batch)  # noqa: E731
     meta = EncoderMeta(
         cfg.model.arch,
         cfg.model.img_size,
@@ -216,6 +224,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         plan.step,
         meta,
         reporter,
+        to_device,
         retrieval_pairs,
     )
     if any_rank(stop["requested"], device):

@@ -1,0 +1,191 @@
+"""The device-side pair augmentation (data.augment_on: gpu), run on CPU tensors: the same recipe as the
+OpenCV path, on real shards of real photographs and on scikit-image's CC0 retina."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import pack_real_subset
+from ssit_dist.data.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
+from ssit_dist.data.device_augment import (
+    DevicePairAugment,
+    EncodedBatch,
+    _hue,
+    decode_batch,
+    gaussian_blur,
+    warp,
+)
+from ssit_dist.data.saliency import saliency_map
+from ssit_dist.data.sources import open_shards
+from ssit_dist.data.stream import PairStream, pair_loader
+
+MEAN, STD = [0.45, 0.3, 0.2], [0.28, 0.2, 0.17]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return pack_real_subset(graded_dir, tmp_path_factory, 16, size=128, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def photo(retina: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    rgb = np.array(retina.resize((128, 128)))
+    return rgb, saliency_map(np.ascontiguousarray(rgb[..., ::-1]))
+
+
+def batch_of(params: list[ViewParams]) -> np.ndarray:
+    return np.array([p.row() for p in params])
+
+
+def still(**fields: object) -> ViewParams:
+    """A view of the whole 128 px photograph at 128 px with nothing random, `fields` aside."""
+    return dataclasses.replace(ViewParams(0, 0, 128, 128, ()), **fields)
+
+
+def test_the_device_path_makes_the_cpu_paths_views_on_real_shards(shards: Path) -> None:
+    # Same seeds, same samples, same drawn parameters: the two paths differ only in interpolation (one
+    # bilinear warp against a resize and a nearest-neighbour rotation) and in rounding to integers
+    # between ops, which moves pixels at edges by a few grey levels. So each device view must be far
+    # closer to its own CPU view than to any other sample's (a wrong crop, angle, flip or op order is as
+    # far as another photograph), and correlate with it.
+    index = open_shards([shards])
+    augment = PairAugment(64, index.mean, index.std)
+    cpu = next(iter(pair_loader(PairStream(index, augment, 8, shuffle_buffer=4), workers=0)))
+    encoded = next(iter(pair_loader(PairStream(index, augment, 8, shuffle_buffer=4, encoded=True), workers=1)))
+    assert isinstance(encoded, EncodedBatch) and len(encoded.jpegs) == 8 and encoded.saliency.dtype == torch.uint8
+    device = DevicePairAugment(64, index.mean, index.std)(encoded, CPU)
+    for ours, theirs in zip(device, cpu, strict=True):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.float32
+        distance = torch.cdist(ours.flatten(1), theirs.flatten(1), p=1)  # (device sample, CPU sample)
+        others = distance + torch.diag(torch.full((8,), float("inf")))
+        assert (distance.diagonal() < 0.5 * others.min(1).values).all(), distance
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.85
+    s1 = device[2]
+    assert s1.min() >= 0 and s1.max() <= 1 and s1.max() > 0.3
+
+
+def test_geometry_moves_image_and_map_alike(photo: tuple[np.ndarray, np.ndarray]) -> None:
+    _, sal = photo
+    rng = np.random.default_rng(0)
+    params = batch_of([draw_view(rng, VIEW1, 128, 128) for _ in range(16)])
+    same = torch.from_numpy(sal).expand(16, 4, -1, -1).contiguous()  # every channel the map
+    warped, visible = warp(same, params, 48)
+    for channel in range(1, 4):
+        assert torch.equal(warped[:, channel], warped[:, 0])  # one warp, one grid for image and map
+    assert warped.std() > 5 and 0.3 < visible.mean() < 1  # rotations hide corners, not everything
+
+
+def test_a_right_angle_and_flips_are_exact(photo: tuple[np.ndarray, np.ndarray]) -> None:
+    # A whole-photograph view at its own size samples pixel centres: bilinear weights are 0 or 1 up to
+    # float32 rounding of the grid (under 1e-3 of a level).
+    rgb, _ = photo
+    image = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+    for fields, expected in (
+        ({"angle": 90.0}, rotate(rgb, 90)),
+        ({"hflip": True}, rgb[:, ::-1]),
+        ({"vflip": True}, rgb[::-1]),
+        ({"angle": 90.0, "hflip": True}, rotate(rgb, 90)[:, ::-1]),
+    ):
+        warped, _ = warp(image, batch_of([still(**fields)]), 128)
+        np.testing.assert_allclose(warped[0].permute(1, 2, 0).numpy(), expected, atol=1e-3, err_msg=str(fields))
+
+
+def test_each_op_touches_only_the_samples_that_drew_it(photo: tuple[np.ndarray, np.ndarray]) -> None:
+    rgb, sal = photo
+    images = torch.from_numpy(rgb).permute(2, 0, 1).expand(4, -1, -1, -1).contiguous()
+    maps = torch.from_numpy(sal).expand(4, 1, -1, -1).contiguous()
+    augment = DevicePairAugment(128, MEAN, STD)
+    plain_x, plain_s = augment.view(images, maps, batch_of([still()] * 4))
+    for fields in (
+        {"solarize": True},
+        {"grey": True},
+        {"blur_sigma": 1.5},
+        {"jitter_order": (3, 0), "hue": 0.25, "brightness": 1.3},
+        {"jitter_order": (1, 2), "contrast": 0.5, "saturation": 0.2},
+    ):
+        x, s = augment.view(images, maps, batch_of([still(**fields), still(), still(**fields), still()]))
+        assert torch.equal(x[[1, 3]], plain_x[[1, 3]]) and torch.equal(s, plain_s), fields
+        assert (x[[0, 2]] - plain_x[[0, 2]]).abs().mean() > 0.05, fields
+
+
+def test_photometric_ops_follow_opencv(photo: tuple[np.ndarray, np.ndarray]) -> None:
+    rgb, sal = photo
+    images = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
+    maps = torch.from_numpy(sal)[None, None]
+    augment = DevicePairAugment(128, [0.0] * 3, [1.0] * 3)  # views come out as value / 255
+    rng = np.random.default_rng(3)
+    for seed in range(6):
+        # Jitter, greyscale, blur and solarize without geometry, against apply_view on the same numbers:
+        # OpenCV rounds to integers after each op and quantises hue to 1/256 turn, a few levels at most.
+        drawn = draw_view(rng, dataclasses.replace(VIEW2, jitter_p=1.0, blur_p=0.5, solarize_p=0.5), 128, 128)
+        params = dataclasses.replace(drawn, top=0, left=0, height=128, width=128, angle=None, hflip=False, vflip=False)
+        ours, _ = augment.view(images, maps, batch_of([params]))
+        theirs, _ = apply_view(np.ascontiguousarray(rgb[..., ::-1]), sal, params, 128)
+        difference = np.abs(ours[0].permute(1, 2, 0).numpy() * 255 - theirs[..., ::-1])
+        assert difference.mean() < 2.0 and np.percentile(difference, 99) < 12, (seed, params)
+
+
+def test_hue_greyscale_solarize_blur_on_known_values() -> None:
+    red = torch.tensor([255.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    green = _hue(red, torch.tensor(1 / 3).view(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    torch.testing.assert_close(green.flatten(), torch.tensor([0.0, 255.0, 0.0]), atol=1e-3, rtol=0)
+    colours = torch.rand(2, 3, 8, 8) * 255
+    torch.testing.assert_close(
+        _hue(colours, torch.zeros(2, 1, 1, 1), torch.ones(2, 1, 8, 8)), colours, atol=1e-3, rtol=0
+    )
+    augment = DevicePairAugment(4, [0.0] * 3, [1.0] * 3)
+    levels = torch.tensor([0, 127, 128, 255], dtype=torch.uint8).view(1, 1, 1, 4).expand(1, 3, 4, 4).contiguous()
+    x, _ = augment.view(
+        levels, torch.zeros(1, 1, 4, 4, dtype=torch.uint8), batch_of([still(height=4, width=4, solarize=True)])
+    )
+    torch.testing.assert_close(x[0, :, 0, :] * 255, torch.tensor([0.0, 127, 127, 0]).expand(3, 4), atol=1e-3, rtol=0)
+    flat = torch.full((2, 3, 16, 16), 77.0)
+    torch.testing.assert_close(gaussian_blur(flat, np.array([0.3, 2.0])), flat, atol=1e-3, rtol=0)
+    noise = torch.rand(1, 3, 32, 32) * 255
+    blurred = gaussian_blur(noise, np.array([1.2]))
+    reference = cv2.GaussianBlur(noise[0].permute(1, 2, 0).numpy(), (9, 9), 1.2, borderType=cv2.BORDER_REFLECT_101)
+    torch.testing.assert_close(blurred[0].permute(1, 2, 0), torch.from_numpy(reference), atol=1e-2, rtol=0)
+
+
+def test_recipe_statistics_of_the_shared_draw() -> None:
+    # Both paths apply draw_view's parameters; their distribution is the recipe's. Binomial bounds at
+    # 5 standard deviations over 4,000 draws: a wrong probability by 0.05 fails, chance never does.
+    rng, n = np.random.default_rng(11), 4000
+    for recipe in (VIEW1, VIEW2):
+        views = [draw_view(rng, recipe, 512, 512) for _ in range(n)]
+        for rate, p in (
+            (np.mean([len(v.jitter_order) > 0 for v in views]), recipe.jitter_p),
+            (np.mean([v.grey for v in views]), recipe.grey_p),
+            (np.mean([v.blur_sigma > 0 for v in views]), recipe.blur_p),
+            (np.mean([v.solarize for v in views]), recipe.solarize_p),
+            (np.mean([v.angle is not None for v in views]), recipe.rotate_p),
+            (np.mean([v.hflip for v in views]), 0.5),
+            (np.mean([v.vflip for v in views]), 0.5),
+        ):
+            assert abs(rate - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9, (recipe, rate, p)
+        areas = np.array([v.height * v.width / 512**2 for v in views])
+        assert areas.min() >= recipe.scale[0] - 0.01 and areas.max() <= recipe.scale[1] + 0.01
+        sigmas = [v.blur_sigma for v in views if v.blur_sigma > 0]
+        assert min(sigmas) >= 0.1 and max(sigmas) <= 2.0
+
+
+def test_a_bad_jpeg_is_named_and_replaced_in_its_batch(photo: tuple[np.ndarray, np.ndarray], caplog) -> None:  # type: ignore[no-untyped-def]
+    rgb, _ = photo
+    good = torch.from_numpy(cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]))[1].copy())
+    broken = good[: len(good) // 3].clone()
+    with caplog.at_level(logging.WARNING):
+        images = decode_batch([good, broken, good], (128, 128), ["a:0", "b:1", "c:2"], CPU)
+    assert images.shape == (3, 3, 128, 128) and torch.equal(images[1], images[0])
+    assert "b:1" in caplog.text and "a:0" not in caplog.text
+    with pytest.raises(ValueError, match="decodes to its saliency map's size"):
+        decode_batch([good], (64, 64), ["a:0"], CPU)
