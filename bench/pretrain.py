@@ -5,12 +5,19 @@ in-process and with 2 loader workers, against a reference-style loader on the sa
 quality-100 JPEG read with PIL per sample plus a float32 .npy saliency map, augmented with torchvision's
 PIL transforms as the reference recipe does. Pairs/s per worker is the figure to compare.
 
+Both augmentation paths: `cpu` (OpenCV in the workers) and `gpu` (workers read the bytes, decode the
+saliency PNG and draw parameters; the training device decodes the JPEGs and augments the batch), the
+device-side part measured on the training device (here whatever `--device` is).
+
 End to end (launch/pretrain.py, ViT-S/16 at 224, global batch 8, fp32, a few steps after a warm-up step):
-pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3;
-`loader_keeps_up`: the 2-worker loader's pairs/s against the fastest of those runs.
+pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3,
+and 1 rank x 2 threads with the gpu path; `loader_keeps_up`, per path: the 2-worker loader's pairs/s
+against the fastest end-to-end run's. With CUDA (`--cuda`): ViT-S/16 and ViT-B/16 at 224, bf16 ZeRO-2,
+compile off/on, cpu vs gpu augmentation, one rank on one GPU: pairs/s, MFU (FLOPs counted by
+torch.utils.flop_counter over the GPU's dense bf16 peak) and peak memory.
 `--no-end-to-end` measures the data pipeline only.
 
-Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end]
+Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end] [--cuda]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.device_augment import DevicePairAugment
 from ssit_dist.data.inputs import discover
 from ssit_dist.data.shard import ShardOptions, pack
 from ssit_dist.data.sources import open_shards
@@ -91,7 +99,35 @@ def rate(loader, batches: int) -> float:  # type: ignore[no-untyped-def]
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, steps: int) -> dict[str, float]:
+def device_rate(stream: PairStream, augment: DevicePairAugment, device: torch.device, batches: int) -> float:
+    """Pairs/s of the device-side half of the gpu path (batched JPEG decode and augmentation) alone, on
+    batches the workers prepared beforehand."""
+    loader = iter(pair_loader(stream, workers=2))
+    ready = [next(loader) for _ in range(batches + 1)]
+    augment(ready[0], device)  # warm-up (kernel selection, allocations)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for batch in ready[1:]:
+        augment(batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batches * BATCH / (time.perf_counter() - start)
+
+
+def end_to_end(
+    shards: Path,
+    work: Path,
+    ranks: int,
+    threads: int,
+    stage: int,
+    steps: int,
+    augment_on: str = "cpu",
+    arch: str = "vit_small_patch16_224",
+    global_batch: int = 8,
+    bf16: bool = False,
+    compile_blocks: bool = False,
+) -> dict[str, float]:
     """One short pretraining run through launch/pretrain.py; medians over the steps after the first."""
     import os
     import socket
@@ -108,24 +144,31 @@ def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, s
                 "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
                 "zero_optimization": {"stage": stage},
+                "bf16": {"enabled": bf16},
                 "steps_per_print": 10**6,
                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
             }
         )
     )
-    run = work / f"run_r{ranks}_t{threads}_z{stage}"
+    run = work / f"run_r{ranks}_t{threads}_z{stage}_{augment_on}_{arch}_{global_batch}_{bf16}_{compile_blocks}"
     cfg = work / f"{run.name}.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {
                 "run_dir": str(run),
                 "ds_config": str(ds),
-                "global_batch": 8,
+                "global_batch": global_batch,
                 "epochs": 1,
                 "steps_per_epoch": steps + 1,
                 "checkpoint_every": 10**6,
-                "model": {"arch": "vit_small_patch16_224", "img_size": 224},
-                "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 32},
+                "log_every": 1,  # per-step times: the first step (start-up) is left out of the medians
+                "model": {"arch": arch, "img_size": 224, "compile": compile_blocks},
+                "data": {
+                    "shards": [str(shards)],
+                    "workers": 1,
+                    "shuffle_buffer": 32,
+                    "augment_on": augment_on,
+                },
             }
         )
     )
@@ -154,18 +197,59 @@ def end_to_end(shards: Path, work: Path, ranks: int, threads: int, stage: int, s
         "pairs_per_s": round(median("pairs_per_s"), 2),
         "data_wait_s": round(median("data_wait_s"), 4),
         "step_s": round(median("step_s"), 3),
-        "peak_rss_mb_rank0": round(max(r["peak_mem_mb"] for r in rows)),
+        "peak_mem_mb_rank0": round(max(r["peak_mem_mb"] for r in rows)),
     }
 
 
-def keeps_up(loader_pairs_s: float, e2e: dict) -> dict:
-    """Whether the 2-worker loader outpaces the model on the same machine: its pairs/s against the
-    fastest end-to-end run's (a ratio above 1 keeps up). Only the CPU augmentation path exists so far."""
+def keeps_up(loader_pairs_s: dict[str, float], e2e: dict) -> dict:
+    """Per augmentation path, whether the 2-worker loader outpaces the model on the same machine: its
+    pairs/s against the fastest end-to-end run's (a ratio above 1 keeps up)."""
     if not e2e:
         return {"skipped": "needs the end-to-end runs (drop --no-end-to-end)"}
     model = max(r["pairs_per_s"] for r in e2e.values())
-    ratio = loader_pairs_s / model
-    return {"cpu_augmentation": {"keeps_up": ratio >= 1, "ratio": round(ratio, 2), "model_pairs_per_s": model}}
+    out = {}
+    for path, rate in loader_pairs_s.items():
+        ratio = rate / model
+        out[f"{path}_augmentation"] = {"keeps_up": ratio >= 1, "ratio": round(ratio, 2), "model_pairs_per_s": model}
+    return out
+
+
+# Dense bf16 peaks from the vendors' data sheets (TFLOP/s, without sparsity), for MFU.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
+    """ViT-S/16 and ViT-B/16 at 224, bf16 ZeRO-2, one rank on GPU 0: compile off/on x cpu/gpu augmentation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssit_dist.models.ssit import ModelConfig, SSiT
+    from ssit_dist.train.step import PlainEngine, train_step
+
+    device = torch.device("cuda", 0)
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    out: dict = {"device": name, "bf16_peak_tflops": peak}
+    for arch, batch in (("vit_small_patch16_224", 256), ("vit_base_patch16_224", 128)):
+        model = SSiT(ModelConfig(arch=arch)).train().to(device)  # FLOPs of one pair, counted once
+        engine = PlainEngine(model.online, torch.optim.AdamW(model.online.parameters()))
+        views = (torch.randn(4, 3, 224, 224, device=device),) * 2 + (torch.rand(4, 1, 224, 224, device=device),) * 2
+        with FlopCounterMode(display=False) as counter:
+            train_step(engine, model.momentum, [views], 0.99, 1.0, 10.0, torch.bfloat16)
+        flops_per_pair = counter.get_total_flops() / 4
+        del model, engine
+        torch.cuda.empty_cache()
+        for compiled in (False, True):
+            for augment_on in ("cpu", "gpu"):
+                key = f"{arch}_b{batch}_{'compiled' if compiled else 'eager'}_{augment_on}_augmentation"
+                try:
+                    run = end_to_end(shards, work, 1, 8, 2, steps, augment_on, arch, batch, True, compiled)
+                except Exception as e:  # one configuration that fails (memory) does not end the others
+                    out[key] = {"failed": str(e)[-300:]}
+                    continue
+                if peak:
+                    run["mfu"] = round(run["pairs_per_s"] * flops_per_pair / (peak * 1e12), 3)
+                out[key] = run
+    return out
 
 
 def main() -> None:
@@ -176,6 +260,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false")
+    parser.add_argument("--cuda", action="store_true", help="Also the GPU runs (ViT-S/B, bf16 ZeRO-2, compile, paths).")
     args = parser.parse_args()
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} not found: pass --images DIR with fundus photographs")
@@ -189,6 +274,12 @@ def main() -> None:
         stream = PairStream(shards, PairAugment(224, shards.mean, shards.std), BATCH, shuffle_buffer=64)
         ours0 = rate(pair_loader(stream, workers=0), args.batches)
         ours2 = rate(pair_loader(stream, workers=2), args.batches)
+        encoded = PairStream(shards, stream.augment, BATCH, shuffle_buffer=64, encoded=True)
+        encoded2 = rate(pair_loader(encoded, workers=2), args.batches)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(2)  # the training process's share of this machine, as in the 1-rank run
+        on_device = device_rate(encoded, DevicePairAugment(224, shards.mean, shards.std), device, args.batches)
+        torch.set_num_threads(1)
 
         # The reference layout of the same samples: the packed JPEG re-saved at quality 100, float .npy map.
         pairs = []
@@ -217,7 +308,13 @@ def main() -> None:
                 "2_ranks_x_1_thread_zero0": end_to_end(work / "shards", work, 2, 1, 0, args.steps),
                 "2_ranks_x_1_thread_zero2": end_to_end(work / "shards", work, 2, 1, 2, args.steps),
                 "2_ranks_x_1_thread_zero3": end_to_end(work / "shards", work, 2, 1, 3, args.steps),
+                "1_rank_x_2_threads_zero0_gpu_augmentation": end_to_end(
+                    work / "shards", work, 1, 2, 0, args.steps, augment_on="gpu"
+                ),
             }
+        cuda = None
+        if args.cuda and torch.cuda.is_available():
+            cuda = cuda_runs(work / "shards", work, args.steps)
     print(
         json.dumps(
             {
@@ -235,11 +332,18 @@ def main() -> None:
                     "workers_2_pairs_per_s": round(ref2, 1),
                     "per_worker_pairs_per_s": round(ref2 / 2, 1),
                 },
+                "gpu_augmentation_path": {
+                    "workers_2_pairs_per_s": round(encoded2, 1),
+                    "per_worker_pairs_per_s": round(encoded2 / 2, 1),
+                    "device": str(device),
+                    "device_decode_and_augment_pairs_per_s": round(on_device, 1),
+                },
                 "reported_reference": {"in_process_pairs_per_s": 81.7, "workers_2_pairs_per_s": 140.5},
                 "speedup_in_process": round(ours0 / ref0, 2),
                 "speedup_2_workers": round(ours2 / ref2, 2),
                 "end_to_end_vit_s_224_fp32_global_batch_8": e2e,
-                "loader_keeps_up": keeps_up(ours2, e2e),
+                "loader_keeps_up": keeps_up({"cpu": ours2, "gpu": encoded2}, e2e),
+                "cuda": cuda if cuda is not None else "skipped: no CUDA device (or no --cuda)",
             },
             indent=2,
         )

@@ -136,7 +136,7 @@ class ViewParams:
     def row(self) -> list[float]:
         """The parameters as ROW floats, for a float64 tensor that a DataLoader collates (float64 holds
         each exactly): crop (4), jitter order padded with -1 (4), the four jitter factors, grey, blur
-        sigma, solarize, angle (NaN for none), hflip, vflip; `unpack_rows` reads a batch of them."""
+        sigma, solarize, angle (NaN for none), hflip, vflip."""
         order = [*self.jitter_order, *[-1] * (4 - len(self.jitter_order))]
         angle = math.nan if self.angle is None else self.angle
         return [
@@ -144,46 +144,6 @@ class ViewParams:
             *(self.brightness, self.contrast, self.saturation, self.hue),
             *map(float, (self.grey, self.blur_sigma, self.solarize, angle, self.hflip, self.vflip)),
         ]
-
-
-@dataclass(frozen=True)
-class ViewRows:
-    """A batch of `ViewParams.row()` rows as named tensors, on the rows' device and dtype."""
-
-    top: torch.Tensor
-    left: torch.Tensor
-    height: torch.Tensor
-    width: torch.Tensor
-    jitter_order: torch.Tensor  # (B, 4) int64, -1 past the ops drawn
-    jitter: torch.Tensor  # (B, 4) factors by op: brightness, contrast, saturation, hue
-    grey: torch.Tensor  # bool, as solarize, hflip and vflip
-    blur_sigma: torch.Tensor  # 0 where no blur
-    solarize: torch.Tensor
-    angle: torch.Tensor  # NaN where no rotation
-    hflip: torch.Tensor
-    vflip: torch.Tensor
-
-
-def unpack_rows(rows: torch.Tensor) -> ViewRows:
-    """(B, ViewParams.ROW) rows -> named tensors."""
-    if rows.ndim != 2 or rows.shape[1] != ViewParams.ROW:
-        raise ValueError(f"expected view parameter rows of shape (B, {ViewParams.ROW}), got {tuple(rows.shape)}")
-    top, left, height, width = rows[:, :4].unbind(1)
-    grey, blur_sigma, solarize, angle, hflip, vflip = rows[:, 12:].unbind(1)
-    return ViewRows(
-        top=top,
-        left=left,
-        height=height,
-        width=width,
-        jitter_order=rows[:, 4:8].long(),
-        jitter=rows[:, 8:12],
-        grey=grey > 0,
-        blur_sigma=blur_sigma,
-        solarize=solarize > 0,
-        angle=angle,
-        hflip=hflip > 0,
-        vflip=vflip > 0,
-    )
 
 
 def draw_jitter(rng: np.random.Generator, strength: Sequence[float]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -32,7 +33,25 @@ def decode_gray(data: bytes) -> np.ndarray | None:
 def _decode_rgb(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_TORCHVISION_CODEC_DEPRECATION, category=DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        if device.type != "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        # torchvision allocates the images on the current stream but nvjpeg writes them from a stream of
+        # its own, not ordered after the work queued before: memory that queued kernels still use (freed
+        # by Python, handed out again by the caching allocator) would be overwritten under them (seen on
+        # an H200 as garbage indices in the next augmentation). Decoded under a stream of its own, the
+        # images come from memory only ever used by the decoder and, recorded, by the current stream.
+        current = torch.cuda.current_stream(device)
+        with torch.cuda.stream(_decode_stream(device)):
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        current.wait_stream(_decode_stream(device))
+        for image in images:
+            image.record_stream(current)
+        return images
+
+
+@functools.cache
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def decode_jpegs(
@@ -41,11 +60,12 @@ def decode_jpegs(
     """JPEGs (1-D uint8 CPU tensors of their bytes) as one (B, 3, H, W) uint8 RGB batch on `device`:
     one batched nvjpeg call on CUDA, libjpeg on the CPU.
 
-    A batched decode fails whole on one bad image, and the loader workers check no more than the JPEG's
-    start marker, so a failed batch is decoded again image by image with libjpeg; an image that still
-    fails is logged (with its key from `keys`) and comes back black, the batch keeping its size, since
-    every rank must step on equally large batches. Images of different sizes raise ValueError naming
-    them: the shards are packed at one size."""
+    The loader workers check only each JPEG's start and end markers (a truncated file, which nvjpeg would
+    decode to garbage without a word, fails there), and a batched decode fails whole on one bad image: a
+    failed batch is decoded again image by image with libjpeg, and an image that still fails is logged
+    (with its key from `keys`) and comes back black, the batch keeping its size, since every rank must
+    step on equally large batches. Images of different sizes raise ValueError naming them: the shards
+    are packed at one size."""
     device = torch.device(device)
     try:
         images: list[torch.Tensor | None] = list(_decode_rgb(list(data), device))

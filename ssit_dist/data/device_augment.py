@@ -20,16 +20,13 @@ parameters on the host, so nothing here waits for the device.
 
 from __future__ import annotations
 
-import logging
-import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
-log = logging.getLogger(__name__)
+from ssit_dist.data.decode import decode_jpegs
 
 LUMA = (0.299, 0.587, 0.114)  # R, G, B weights of OpenCV's (and torchvision's) greyscale
 BLUR_TAPS = 13  # OpenCV's 8-bit kernel size at the largest sigma, 2: round(2 * 6 + 1) | 1
@@ -65,7 +62,12 @@ class DevicePairAugment:
 
     def __call__(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, ...]:
         maps = batch.saliency.to(device, non_blocking=True)
-        images = decode_batch(batch.jpegs, tuple(maps.shape[-2:]), batch.names, device)
+        images = decode_jpegs(batch.jpegs, device, batch.names)
+        if images.shape[-2:] != maps.shape[-2:]:
+            raise ValueError(
+                f"JPEGs of {tuple(images.shape[-2:])} px with saliency maps of {tuple(maps.shape[-2:])} px "
+                f"({batch.names[0]}, ...): the shards were not written by `ssit-dist shard`; repack them"
+            )
         x1, s1 = self.view(images, maps, batch.view1)
         x2, s2 = self.view(images, maps, batch.view2)
         return x1, x2, s1, s2
@@ -90,42 +92,6 @@ class DevicePairAugment:
             x[rows] = torch.where(x[rows] >= 128, 255 - x[rows], x[rows])
         x, s = x * visible, s * visible
         return x * self.scale.to(device) + self.shift.to(device), s / 255
-
-
-def decode_batch(
-    jpegs: list[torch.Tensor], size: tuple[int, ...], names: list[str], device: torch.device
-) -> torch.Tensor:
-    """(B, 3, H, W) uint8 RGB on `device`, decoded as one batch (nvjpeg on CUDA). A sample that does not
-    decode, or whose size is not its saliency map's, is named in the log and replaced by a good sample
-    of the same batch: one bad photograph never stops a run, and the batch keeps its size."""
-    try:
-        images = _decode(jpegs, device)
-    except RuntimeError:  # find the bad ones
-        images = [_decode_one(j, device) for j in jpegs]
-    bad = [i for i, image in enumerate(images) if image is None or tuple(image.shape[-2:]) != size]
-    for i in bad:
-        log.warning(
-            "replacing sample %s in its batch: its JPEG does not decode to the saliency map's size %s", names[i], size
-        )
-    good = [image for image in images if image is not None and tuple(image.shape[-2:]) == size]
-    if not good:
-        raise ValueError(f"no JPEG of the batch ({', '.join(names[:3])}, ...) decodes to its saliency map's size")
-    return torch.stack([good[i % len(good)] if i in bad else image for i, image in enumerate(images)])
-
-
-def _decode_one(jpeg: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    try:
-        return _decode(jpeg, device)
-    except RuntimeError:
-        return None
-
-
-def _decode(jpegs: torch.Tensor | list[torch.Tensor], device: torch.device) -> Any:
-    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec, which has no batched
-    # nvjpeg decode of JPEG stills yet; until it does, this is the fast path, and the notice is noise.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
-        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
 
 def _rows(mask: np.ndarray, device: torch.device) -> torch.Tensor | None:
@@ -164,7 +130,8 @@ def warp(pixels: torch.Tensor, params: np.ndarray, size: int) -> tuple[torch.Ten
         height, width = source.shape[-2:]
         theta = _pixels_to_normalised(width, height) @ crop_to_source @ to_crop[picked] @ _normalised_to_pixels(size)
         grid = F.affine_grid(_to(theta[:, :2], device), [len(picked), 1, size, size], align_corners=False)
-        out[rows] = F.grid_sample(source, grid, "bilinear", "zeros", align_corners=False)
+        # Border padding: at the photograph's edge a crop's last pixels repeat, as OpenCV's resize does.
+        out[rows] = F.grid_sample(source, grid, "bilinear", "border", align_corners=False)
     # Visible: the rotated pixel's source lies in the crop, [-0.5, size - 0.5) in both coordinates.
     view_to_crop = (to_crop @ _normalised_to_pixels(size))[:, :2]
     in_crop = F.affine_grid(_to(view_to_crop, device), [len(params), 1, size, size], align_corners=False)

@@ -129,8 +129,9 @@ def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tupl
     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
     try:
         jpeg, sal = sample["jpg"], decode_gray(sample["sal.png"])
-        if sal is None or not jpeg.startswith(b"\xff\xd8"):
-            raise ValueError("undecodable sal.png or a jpg that is not a JPEG")
+        # A truncated JPEG lacks the end marker: OpenCV refuses it, nvjpeg decodes garbage without a word.
+        if sal is None or not (jpeg.startswith(b"\xff\xd8") and jpeg.endswith(b"\xff\xd9")):
+            raise ValueError("undecodable sal.png, or a jpg that is not a whole JPEG")
     except (KeyError, ValueError, cv2.error) as e:
         log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
         return None
