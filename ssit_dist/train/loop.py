@@ -129,11 +129,11 @@ def train(run: Run, stop: dict[str, bool]) -> None:
                     records[-1]["view_retrieval"] = _view_retrieval(run)
                 for record in records:
                     run.reporter.step(record)
-            interval = Interval(time.perf_counter())
             if checkpoint_due or stopping:
                 save(run, step)
             if stopping:
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
+            interval = Interval(time.perf_counter())  # checkpoints and retrieval are not the steps' time
     finally:
         feed = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
         if run.reporter is not None:
