@@ -99,9 +99,9 @@ def test_a_right_angle_and_flips_are_exact(photo: tuple[np.ndarray, np.ndarray])
 def test_each_op_touches_only_the_samples_that_drew_it(photo: tuple[np.ndarray, np.ndarray]) -> None:
     rgb, sal = photo
     images = torch.from_numpy(rgb).permute(2, 0, 1).expand(4, -1, -1, -1).contiguous()
-    maps = torch.from_numpy(sal).expand(4, 1, -1, -1).contiguous()
+    pixels = torch.cat([images, torch.from_numpy(sal).expand(4, 1, -1, -1)], 1)
     augment = DevicePairAugment(128, MEAN, STD)
-    plain_x, plain_s = augment.view(images, maps, batch_of([still()] * 4))
+    plain_x, plain_s = augment.view(pixels, batch_of([still()] * 4))
     for fields in (
         {"solarize": True},
         {"grey": True},
@@ -109,15 +109,14 @@ def test_each_op_touches_only_the_samples_that_drew_it(photo: tuple[np.ndarray, 
         {"jitter_order": (3, 0), "hue": 0.25, "brightness": 1.3},
         {"jitter_order": (1, 2), "contrast": 0.5, "saturation": 0.2},
     ):
-        x, s = augment.view(images, maps, batch_of([still(**fields), still(), still(**fields), still()]))
+        x, s = augment.view(pixels, batch_of([still(**fields), still(), still(**fields), still()]))
         assert torch.equal(x[[1, 3]], plain_x[[1, 3]]) and torch.equal(s, plain_s), fields
         assert (x[[0, 2]] - plain_x[[0, 2]]).abs().mean() > 0.05, fields
 
 
 def test_photometric_ops_follow_opencv(photo: tuple[np.ndarray, np.ndarray]) -> None:
     rgb, sal = photo
-    images = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
-    maps = torch.from_numpy(sal)[None, None]
+    pixels = torch.cat([torch.from_numpy(rgb).permute(2, 0, 1), torch.from_numpy(sal)[None]]).unsqueeze(0)
     augment = DevicePairAugment(128, [0.0] * 3, [1.0] * 3)  # views come out as value / 255
     rng = np.random.default_rng(3)
     for seed in range(6):
@@ -125,7 +124,7 @@ def test_photometric_ops_follow_opencv(photo: tuple[np.ndarray, np.ndarray]) -> 
         # OpenCV rounds to integers after each op and quantises hue to 1/256 turn, a few levels at most.
         drawn = draw_view(rng, dataclasses.replace(VIEW2, jitter_p=1.0, blur_p=0.5, solarize_p=0.5), 128, 128)
         params = dataclasses.replace(drawn, top=0, left=0, height=128, width=128, angle=None, hflip=False, vflip=False)
-        ours, _ = augment.view(images, maps, batch_of([params]))
+        ours, _ = augment.view(pixels, batch_of([params]))
         theirs, _ = apply_view(np.ascontiguousarray(rgb[..., ::-1]), sal, params, 128)
         difference = np.abs(ours[0].permute(1, 2, 0).numpy() * 255 - theirs[..., ::-1])
         assert difference.mean() < 2.0 and np.percentile(difference, 99) < 12, (seed, params)
@@ -140,10 +139,9 @@ def test_hue_greyscale_solarize_blur_on_known_values() -> None:
         _hue(colours, torch.zeros(2, 1, 1, 1), torch.ones(2, 1, 8, 8)), colours, atol=1e-3, rtol=0
     )
     augment = DevicePairAugment(4, [0.0] * 3, [1.0] * 3)
-    levels = torch.tensor([0, 127, 128, 255], dtype=torch.uint8).view(1, 1, 1, 4).expand(1, 3, 4, 4).contiguous()
-    x, _ = augment.view(
-        levels, torch.zeros(1, 1, 4, 4, dtype=torch.uint8), batch_of([still(height=4, width=4, solarize=True)])
-    )
+    levels = torch.tensor([0, 127, 128, 255], dtype=torch.uint8).view(1, 1, 1, 4).expand(1, 3, 4, 4)
+    pixels = torch.cat([levels, torch.zeros(1, 1, 4, 4, dtype=torch.uint8)], 1)  # RGB and an empty map
+    x, _ = augment.view(pixels, batch_of([still(height=4, width=4, solarize=True)]))
     torch.testing.assert_close(x[0, :, 0, :] * 255, torch.tensor([0.0, 127, 127, 0]).expand(3, 4), atol=1e-3, rtol=0)
     flat = torch.full((2, 3, 16, 16), 77.0)
     torch.testing.assert_close(gaussian_blur(flat, np.array([0.3, 2.0])), flat, atol=1e-3, rtol=0)

@@ -134,7 +134,7 @@ class ViewParams:
     ROW: ClassVar[int] = 18  # length of `row()`
 
     def row(self) -> list[float]:
-        """The parameters as ROW floats, for a float64 tensor that a DataLoader collates (float64 holds
+        """The parameters as ROW floats, for a float64 array that a DataLoader collates (float64 holds
         each exactly): crop (4), jitter order padded with -1 (4), the four jitter factors, grey, blur
         sigma, solarize, angle (NaN for none), hflip, vflip."""
         order = [*self.jitter_order, *[-1] * (4 - len(self.jitter_order))]

@@ -68,26 +68,27 @@ class DevicePairAugment:
                 f"JPEGs of {tuple(images.shape[-2:])} px with saliency maps of {tuple(maps.shape[-2:])} px "
                 f"({batch.names[0]}, ...): the shards were not written by `ssit-dist shard`; repack them"
             )
-        x1, s1 = self.view(images, maps, batch.view1)
-        x2, s2 = self.view(images, maps, batch.view2)
+        pixels = torch.cat([images, maps], 1)  # image and map travel through one warp
+        x1, s1 = self.view(pixels, batch.view1)
+        x2, s2 = self.view(pixels, batch.view2)
         return x1, x2, s1, s2
 
-    def view(self, images: torch.Tensor, maps: torch.Tensor, params: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """One view of each sample: `images` (B, 3, H, W) uint8 RGB, `maps` (B, 1, H, W) uint8, `params`
-        (B, ROW) float64."""
-        warped, visible = warp(torch.cat([images, maps], 1), params, self.size)
+    def view(self, pixels: torch.Tensor, params: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """One view of each sample: `pixels` (B, 4, H, W) uint8, RGB and saliency map, `params` (B, ROW)
+        float64."""
+        warped, visible = warp(pixels, params, self.size)
         x, s = warped[:, :3], warped[:, 3:]
         device = x.device
         for slot in range(4):  # colour jitter, each sample in its own order
             for op, column in enumerate((BRIGHTNESS, CONTRAST, SATURATION, HUE)):
-                rows = _rows(params[:, ORDER + slot] == op, device)
-                if rows is not None:
-                    factor = _to(params[:, column][params[:, ORDER + slot] == op], device)
+                drew = params[:, ORDER + slot] == op
+                if (rows := _rows(drew, device)) is not None:
+                    factor = _to(params[drew, column], device)
                     x[rows] = JITTER[op](x[rows], factor.view(-1, 1, 1, 1), visible[rows])
         if (rows := _rows(params[:, GREY] > 0, device)) is not None:
             x[rows] = _grey(x[rows]).expand(-1, 3, -1, -1)
         if (rows := _rows(params[:, SIGMA] > 0, device)) is not None:
-            x[rows] = gaussian_blur(x[rows], params[:, SIGMA][params[:, SIGMA] > 0])
+            x[rows] = gaussian_blur(x[rows], params[params[:, SIGMA] > 0, SIGMA])
         if (rows := _rows(params[:, SOLARIZE] > 0, device)) is not None:
             x[rows] = torch.where(x[rows] >= 128, 255 - x[rows], x[rows])
         x, s = x * visible, s * visible

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssit_dist.data.augment import PairAugment, draw_view
+from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.decode import decode_bgr, decode_gray
 from ssit_dist.data.device_augment import collate_encoded
 from ssit_dist.data.sources import ShardSet, SourceError, read_shard
@@ -125,7 +125,7 @@ def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Genera
 def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple | None:
     """(JPEG bytes, saliency map (1, H, W) uint8, view 1's and view 2's parameters, name) of one shard
     sample, the parameters drawn as the CPU path draws them; None for a sample that cannot be used. The
-    JPEG itself is decoded on the training device; one that fails there is replaced in its batch."""
+    JPEG itself is decoded on the training device (decode.decode_jpegs says what happens where it fails)."""
     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
     try:
         jpeg, sal = sample["jpg"], decode_gray(sample["sal.png"])
@@ -135,8 +135,7 @@ def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tupl
     except (KeyError, ValueError, cv2.error) as e:
         log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
         return None
-    view1 = draw_view(rng, augment.view1, *sal.shape)
-    view2 = draw_view(rng, augment.view2, *sal.shape)
+    view1, view2 = augment.draw(rng, *sal.shape)
     return (
         torch.frombuffer(bytearray(jpeg), dtype=torch.uint8),
         torch.from_numpy(sal).unsqueeze(0),
