@@ -191,7 +191,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 def sum_over_ranks_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` (on its module's device) over every rank, with the gradient summed back."""
-    if not is_distributed():
+    if not is_distributed() or world_size() == 1:
         return tensor
     return dist_fn.all_reduce(tensor)
 

@@ -79,3 +79,27 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path: Path) -> N
     torch.testing.assert_close(torch.cat([r["bn_x_grad"] for r in ranks]), x.grad)
     torch.testing.assert_close(ranks[0]["bn_w_grad"] + ranks[1]["bn_w_grad"], bn[0].weight.grad)
     torch.testing.assert_close(ranks[0]["running_mean"], bn[1].running_mean)
+
+
+def test_batchnorm_on_one_process_matches_torch_and_takes_bf16_weights() -> None:
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm1d(C)
+    torch.nn.init.normal_(reference.weight)
+    torch.nn.init.normal_(reference.bias)
+    converted = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(C)), "cpu")[0]
+    converted.load_state_dict(reference.state_dict())
+    x = features()[0] * 3 + 1
+    for _ in range(2):  # training: batch statistics, running statistics updated
+        torch.testing.assert_close(converted(x), reference(x))
+    torch.testing.assert_close(converted.running_var, reference.running_var)
+    converted.eval(), reference.eval()
+    torch.testing.assert_close(converted(x), reference(x))  # evaluation: the running statistics
+
+    # What DeepSpeed's bf16 engine makes of it: bf16 weights, fp32 running statistics, bf16 input from
+    # autocast. torch's CPU kernel refuses that mix; ours computes in fp32 and rounds the output to
+    # bf16 once (relative error at most 2^-8, inside bf16's default tolerance on any CPU).
+    converted.train().weight.data, converted.bias.data = converted.weight.bfloat16(), converted.bias.bfloat16()
+    reference.train().weight.data, reference.bias.data = converted.weight.float(), converted.bias.float()
+    out = converted(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and converted.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out, reference(x.bfloat16().float()).bfloat16())

@@ -240,6 +240,46 @@ def _launch_one(cfg: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_one_process_trains_in_bf16_on_cpu(tiny_shards: Path, tmp_path: Path) -> None:
+    # `python launch/pretrain.py` on a workstation with a bf16 DeepSpeed config (the default one): the
+    # engine gives the projector's BatchNorm bf16 weights beside fp32 running statistics.
+    cfg = config(tmp_path, tiny_shards, "one_bf16", ds_config(tmp_path, 2, bf16=True), epochs=1)
+    result = _launch_one(cfg)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "one_bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["contrastive_loss"]) and math.isfinite(r["saliency_loss"]) for r in rows)
+
+
+# The real trainer with a fault injected into the online network's forward at its third call, when the
+# loader's workers are running.
+FAILING_STEP = """
+import sys
+from ssit_dist.models.ssit import OnlineNetwork
+from ssit_dist.train.pretrain import main
+forward, calls = OnlineNetwork.forward, []
+def failing(self, *inputs):
+    calls.append(None)
+    if len(calls) == 3:
+        raise RuntimeError("injected failure in the training step")
+    return forward(self, *inputs)
+OnlineNetwork.forward = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_error_in_the_training_step_ends_the_process(tiny_shards: Path, tmp_path: Path) -> None:
+    # A bug or an out-of-memory error in the step must end the job with its traceback, not leave the
+    # process waiting for its loader workers (which ignore SIGTERM) until the SLURM time limit.
+    cfg = config(tmp_path, tiny_shards, "crash", ds_config(tmp_path, 0), data__workers=2)
+    e = env()
+    e.update(MASTER_PORT=str(free_port()))
+    result = subprocess.run(
+        [sys.executable, "-c", FAILING_STEP, "--config", str(cfg)], capture_output=True, text=True, timeout=150, env=e
+    )
+    assert result.returncode == 1 and "RuntimeError: injected failure in the training step" in result.stderr
+
+
 def test_wrong_configs_fail_fast_naming_the_field(tiny_shards: Path, tmp_path: Path) -> None:
     ds = ds_config(tmp_path, 0)
     result = _launch_one(config(tmp_path, tiny_shards, "odd", ds, global_batch=7))

@@ -70,9 +70,8 @@ def start_batches(loader: DataLoader) -> Iterator:
     block from the forkserver, so a signal sent to every process at that moment waits in the worker
     until `ignore_preemption` ignores it, instead of killing a worker that has not yet installed its
     handler. The trainer's own pending signal is delivered when the block lifts. The forkserver keeps
-    the mask it was started with, so the first loader of a process must start through here. Drop the
-    iterator before the process exits: that shuts the workers down, whereas multiprocessing's exit
-    hook would SIGTERM them (ignored) and wait forever."""
+    the mask it was started with, so the first loader of a process must start through here. End the
+    iterator with `stop_batches` before the process exits."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
         # The resource tracker ignores SIGTERM but would die of SIGUSR1: started here, it keeps
@@ -84,3 +83,13 @@ def start_batches(loader: DataLoader) -> Iterator:
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_batches(batches: Iterator) -> None:
+    """Shut down the workers of an iterator from `start_batches` now. Dropping the iterator does it too,
+    but not while a traceback still holds it (an exception raised in the training step): the process
+    would then reach multiprocessing's exit hook, which SIGTERMs the workers (ignored, see
+    `ignore_preemption`) and waits for them forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # what the DataLoader iterator's __del__ calls
+    if shutdown is not None:
+        shutdown()

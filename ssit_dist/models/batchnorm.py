@@ -1,9 +1,11 @@
-"""BatchNorm over the global batch on every backend.
+"""BatchNorm over the global batch on every backend, in fp32 whatever the training precision.
 
 MoCo v3 normalises projector and predictor activations with statistics of the whole global batch.
 torch's SyncBatchNorm does that on CUDA only (on CPU it raises "expected input tensor to be on GPU"), so
-CPU runs with several ranks use CrossRankBatchNorm1d: the same arithmetic, with the per-feature sums
-all-reduced (differentiably) over gloo. On one process both reduce to nn.BatchNorm1d.
+CPU runs use CrossRankBatchNorm1d: the same arithmetic, with the per-feature sums all-reduced
+(differentiably) over gloo, a no-op on one process. It also takes what DeepSpeed's bf16 engine makes
+of a BatchNorm, bf16 weights beside fp32 running statistics, which torch's CPU kernel refuses
+("expected scalar type BFloat16 but found Float").
 """
 
 from __future__ import annotations
@@ -11,34 +13,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssit_dist.dist import sum_over_ranks_differentiable, world_size
+from ssit_dist.dist import sum_over_ranks_differentiable
 
 
 class CrossRankBatchNorm1d(nn.BatchNorm1d):
-    """nn.BatchNorm1d whose training statistics are those of the batch concatenated across ranks."""
+    """nn.BatchNorm1d whose training statistics are those of the batch concatenated across ranks,
+    computed in fp32 and returned in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1:
-            return super().forward(x)
-        x32 = x.float()  # statistics in fp32 whatever the autocast dtype
-        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x.shape[0]])])
-        stats = sum_over_ranks_differentiable(stats)
-        features = x.shape[1]
-        count = stats[-1]
-        mean = stats[:features] / count
-        var = stats[features : 2 * features] / count - mean * mean
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            with torch.no_grad():
-                assert self.num_batches_tracked is not None  # tracked statistics come with the counter
-                self.num_batches_tracked += 1
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * count / (count - 1)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        x32 = x.float()
+        if self.training or self.running_mean is None or self.running_var is None:
+            stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x.shape[0]])])
+            stats = sum_over_ranks_differentiable(stats)
+            features = x.shape[1]
+            count = stats[-1]
+            mean = stats[:features] / count
+            var = stats[features : 2 * features] / count - mean * mean
+            if self.training and self.running_mean is not None and self.running_var is not None:
+                self._track(mean.detach(), var.detach() * count / (count - 1))
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
         out = (x32 - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
-            out = out * self.weight + self.bias
+            out = out * self.weight.float() + self.bias.float()
         return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
+        self.num_batches_tracked += 1
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
 
 def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from ssit_dist.config import PretrainConfig
 from ssit_dist.data.sources import SourceError
 from ssit_dist.data.stream import PairStream
-from ssit_dist.data.workers import start_batches
+from ssit_dist.data.workers import start_batches, stop_batches
 from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
@@ -74,6 +74,8 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
             if feed is None or in_epoch == 0:
                 run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
+                if feed is not None:
+                    feed.close()
                 feed = Feed(start_batches(run.loader), run.to_device, run.device, feed)
             progress = step / run.steps_per_epoch
             lr = schedule.learning_rate(
@@ -135,7 +137,8 @@ def train(run: Run, stop: dict[str, bool]) -> None:
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
             interval = Interval(time.perf_counter())  # checkpoints and retrieval are not the steps' time
     finally:
-        feed = None  # shuts the loader workers down now (they ignore the exit-time SIGTERM)
+        if feed is not None:  # now, even while an exception's traceback still holds the loader
+            feed.close()
         if run.reporter is not None:
             run.reporter.close()
 
@@ -197,6 +200,10 @@ class Feed:
         self.batches, self.to_device, self.device = batches, to_device, device
         self.fallback: Views | None = previous.fallback if previous is not None else None
         self.failure: Exception | None = previous.failure if previous is not None else None
+
+    def close(self) -> None:
+        """Shut the loader's workers down."""
+        stop_batches(self.batches)
 
     def micro_batches(self, count: int, waits: list[float]) -> Iterator[Batch]:
         for _ in range(count):
