@@ -28,6 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.compile import compile_blocks
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import PlainEngine, train_step
@@ -49,15 +50,6 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
         torch.nn.functional.linear(a, b)
     sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); elsewhere torch emulates bf16."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[no-untyped-def]
@@ -178,7 +170,7 @@ def main() -> None:
     }
     for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, device)
-        if bf16 and device.type == "cpu" and not (native_bf16() or args.force_bf16):
+        if bf16 and device.type == "cpu" and not (cpu_runs_natively(torch.bfloat16) or args.force_bf16):
             # Emulated bf16 runs at a fraction of fp32 here: a step takes minutes and says nothing.
             report[name] = {
                 "skipped": "no AVX512-BF16/AMX on this CPU (--force-bf16 to measure anyway)",

@@ -58,6 +58,17 @@ def _cpu() -> dict[str, Any]:
     }
 
 
+def cpu_runs_natively(dtype: Any) -> bool:
+    """Whether this CPU has instructions for `dtype` (torch.bfloat16 / torch.float16) matmuls; without
+    them torch emulates the type, several times slower than fp32."""
+    import torch
+
+    if dtype is torch.float32:
+        return True
+    cpu = _cpu()
+    return bool(cpu["bf16"] if dtype is torch.bfloat16 else cpu["fp16"] if dtype is torch.float16 else False)
+
+
 def _cuda() -> list[dict[str, Any]]:
     import torch
 

@@ -249,6 +249,9 @@ def test_one_process_trains_in_bf16_on_cpu(tiny_shards: Path, tmp_path: Path) ->
     rows = [json.loads(x) for x in (tmp_path / "one_bf16" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(math.isfinite(r["contrastive_loss"]) and math.isfinite(r["saliency_loss"]) for r in rows)
+    flags = Path("/proc/cpuinfo").read_text()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert ("bfloat16 is emulated on this CPU" in result.stderr) == (not native)  # and says what to use instead
 
 
 # The real trainer with a fault injected into the online network's forward at its third call, when the

@@ -42,6 +42,7 @@ from ssit_dist.dist import (
     world_size,
 )
 from ssit_dist.eval.retrieval import fixed_pairs
+from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.compile import compile_blocks
 from ssit_dist.models.encoder_meta import EncoderMeta
@@ -172,6 +173,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if reason is not None:
             log.warning("model.compile: left eager: %s", reason)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    if device.type == "cpu" and precision is not None and not cpu_runs_natively(precision):
+        log.warning(
+            "%s is emulated on this CPU (no AVX512-BF16/AMX or AVX512-FP16): a step takes several times as long "
+            "as in fp32; ds_config=zero0_fp32 (or a copy of %s without %s) trains faster here",
+            precision,
+            cfg.ds_config,
+            "bf16" if precision is torch.bfloat16 else "fp16",
+        )
     if plan.tag is not None:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
 
