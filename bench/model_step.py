@@ -3,9 +3,10 @@
 A step = momentum update, keys from the salient patches of both views, online forward and backward,
 grad clip 1.0, AdamW. ViT-S/16 at 224, batch 8 pairs, one process, 2 threads by default, in fp32 and
 under bf16 autocast. Reported per precision: pairs/s of ssit-dist's step and of a reference-style step
-measured in the same run (explicit softmax attention instead of SDPA, a per-parameter Python EMA loop,
-torch's default AdamW, as the reference implementation does it), the FLOPs of one step counted with
-torch.utils.flop_counter, and utilisation against a matmul peak measured in the same run.
+measured in the same run (each view through each encoder on its own, explicit softmax attention, a
+per-parameter Python EMA loop, torch's default AdamW, as the reference implementation does it), the
+FLOPs of one step counted with torch.utils.flop_counter, and utilisation against a matmul peak measured
+in the same run.
 
 ssit-dist's step runs as the trainer runs it on that device: attention per `model.attention=auto`
 (explicit on CPUs, fused on GPUs), both views through each encoder in one pass, the allocation-free
@@ -30,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.compile import compile_blocks
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.losses import contrastive_loss, saliency_loss
+from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
+from ssit_dist.models.vit import encode
 from ssit_dist.train.step import PlainEngine, train_step
 
 
@@ -50,6 +53,28 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
         torch.nn.functional.linear(a, b)
     sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def reference_online_forward(
+    online: OnlineNetwork,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query side as the reference runs it (MoCo v3's forward): each view through the encoder and
+    heads on its own, the same losses as `OnlineNetwork.forward`, which sends both views in one pass."""
+    cfg, prefix = online.cfg, online.encoder.num_prefix_tokens
+    assert online.saliency_head is not None
+    queries, saliency = [], []
+    for x, s in ((x1, s1), (x2, s2)):
+        tokens = encode(online.encoder, x)
+        queries.append(online.predictor(online.projector(tokens[:, 0])))
+        saliency.append(saliency_loss(online.saliency_head(tokens[:, prefix:]), s, cfg.saliency_threshold))
+    t = cfg.temperature
+    return contrastive_loss(queries[0], k2, t) + contrastive_loss(queries[1], k1, t), saliency[0] + saliency[1]
 
 
 def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[no-untyped-def]
@@ -78,7 +103,7 @@ def make_step(model: SSiT, reference_style: bool, bf16: bool):  # type: ignore[n
                 for p_b, p_m in zip(sources, model.momentum.parameters(), strict=True):
                     p_m.data = p_m.data * 0.99 + p_b.data * (1.0 - 0.99)
             k1, k2 = model.momentum(x1, s1), model.momentum(x2, s2)
-            cl, ss = model.online(x1, x2, s1, s2, k1, k2)
+            cl, ss = reference_online_forward(model.online, x1, x2, s1, s2, k1, k2)
             loss = cl + 10 * ss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
