@@ -10,8 +10,8 @@ in the same run.
 
 ssit-dist's step runs as the trainer runs it on that device: attention per `model.attention=auto`
 (explicit on CPUs, fused on GPUs), both views through each encoder in one pass, the allocation-free
-compensated EMA, fused AdamW. `--compile` adds a measurement with the transformer blocks compiled
-(`model.compile`), `--profile` the top operators of each step by self time (torch.profiler).
+compensated EMA, fused AdamW. `--compile` adds a measurement with the transformer blocks and the
+momentum update compiled (`model.compile`), `--profile` the top operators of each step by self time (torch.profiler).
 
 On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
 
@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssit_dist.info import cpu_runs_natively
-from ssit_dist.models.compile import compile_blocks
+from ssit_dist.models.compile import compile_model
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
 from ssit_dist.models.vit import encode
@@ -145,7 +145,7 @@ def measure(
     if not reference_style:
         model.use_fused_attention(cfg.fused_attention(device.type))
     if compiled:
-        reason = compile_blocks([model.online.encoder, model.momentum.encoder], device, zero_stage=0)
+        reason = compile_model(model.online.encoder, model.momentum, device, zero_stage=0)
         if reason is not None:
             return {"skipped": reason}
     step = make_step(model, reference_style, bf16)
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (threads: CPU only).")
-    parser.add_argument("--compile", action="store_true", help="Also measure the step with compiled blocks.")
+    parser.add_argument("--compile", action="store_true", help="Also measure the step with model.compile on.")
     parser.add_argument("--profile", action="store_true", help="Add each step's top operators (torch.profiler).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import torch
-
 from test_model import batch, tiny
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "model_step.py"

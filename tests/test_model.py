@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -315,25 +317,61 @@ def test_attention_kernels_compute_the_same_function(attention: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # dynamo's own probing
-def test_compiled_blocks_train_like_eager_blocks() -> None:
+def test_compiled_model_trains_like_the_eager_one() -> None:
     from torch._dynamo.utils import counters
 
-    from ssit_dist.models.compile import compile_blocks
+    from ssit_dist.models.compile import compile_model
 
+    torch._dynamo.reset()
+    counters.clear()
     eager, compiled = tiny().train(), tiny().train()
-    reason = compile_blocks([compiled.online.encoder, compiled.momentum.encoder], torch.device("cpu"), 0)
+    reason = compile_model(compiled.online.encoder, compiled.momentum, torch.device("cpu"), 0)
     if reason is not None and "C++ compiler" in reason:
         pytest.skip(reason)
     assert reason is None
-    assert compile_blocks([compiled.online.encoder], torch.device("cpu"), 3) is not None  # ZeRO-3: says why not
+    assert compile_model(eager.online.encoder, eager.momentum, torch.device("cpu"), 3) is not None  # ZeRO-3: why not
     losses = []
+    momenta = (0.9, 0.93, 0.97)  # a new m every step, as the schedule ramps it
     for model in (eager, compiled):
         engine = PlainEngine(model.online, torch.optim.SGD(model.online.parameters(), lr=0.1))
-        steps = [train_step(engine, model.momentum, [batch(seed=s)], 0.9, 1.0, 1.0) for s in range(2)]
+        steps = [train_step(engine, model.momentum, [batch(seed=s)], m, 1.0, 1.0) for s, m in enumerate(momenta)]
         losses.append([v for s in steps for v in (s.contrastive.item(), s.saliency.item())])
-    # Really compiled, not fallen back to eager: dynamo captured graphs and none of its frames failed.
+    # Really compiled, not fallen back to eager: dynamo captured graphs and none of its frames failed;
+    # the momentum update once for all three m (one graph each for the two encoders' blocks and it).
     frames = counters["frames"]
-    assert counters["stats"]["unique_graphs"] >= 2 and frames["ok"] == frames["total"], dict(counters)
-    # Inductor fuses and reorders fp32 arithmetic (rounding ~1e-7 relative per op); after a step at lr
-    # 0.1 the second losses still agree to 1e-4, while any change of function would move them by far more.
+    assert counters["stats"]["unique_graphs"] == 3 and frames["ok"] == frames["total"], dict(counters)
+    # Inductor fuses and reorders fp32 arithmetic (rounding ~1e-7 relative per op); after two steps at lr
+    # 0.1 the losses still agree to 1e-4, while any change of function would move them by far more.
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-4)
+    for a, b in zip(compiled.momentum.parameters(), eager.momentum.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_momentum_update_is_the_eager_one() -> None:
+    # The compiled update fed the same online weights at changing m: fused into one pass per tensor,
+    # inductor does the same fp32 operations in the same order (it does not reassociate), except that a
+    # compiler may contract a multiply and an add into one rounding. That changes the compensation in
+    # its last bit, which can move a parameter's rounding by one unit in the last place (at most 2^-23
+    # of its magnitude) and no more; a wrong weight or a lost compensation moves them by ~1e-4.
+    from torch._dynamo.utils import counters
+
+    if not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++"):
+        pytest.skip("inductor needs a C++ compiler on CPU and none was found")
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = tiny().momentum, tiny().momentum
+    compiled.compile_update()
+    online = tiny().online.requires_grad_(False)
+    source = [p + 0.01 * torch.randn_like(p) for p in online.encoder.parameters()] + [
+        p.clone() for p in online.projector.parameters()
+    ]
+    for m in (0.99, 0.995, 0.999):
+        eager.update(source, m)
+        compiled.update(source, m)
+    start = tiny().momentum.parameters()
+    moved = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), start, strict=True))
+    assert moved > 1e-4
+    frames = counters["frames"]  # one graph for the three m, really compiled
+    assert counters["stats"]["unique_graphs"] == 1 and frames["ok"] == frames["total"], dict(counters)
+    for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-23, atol=0)

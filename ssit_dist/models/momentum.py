@@ -8,7 +8,7 @@ movement). It is updated from the full fp32 parameters, see `ssit_dist.dist.full
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -36,28 +36,31 @@ class MomentumNetwork(nn.Module):
         # under 1e-7 with it).
         self._compensation = [torch.zeros_like(p) for p in self.parameters()]
         self._scratch: list[torch.Tensor] | None = None  # working space of `update`, not state
+        self._compiled: Callable[..., None] | None = None
+        self._weight = torch.zeros(())  # m - 1 for the compiled update
 
     @torch.no_grad()
     def update(self, source: Iterable[torch.Tensor], m: float) -> None:
         """self <- m * self + (1 - m) * source, for the query encoder's and projector's full fp32
-        parameters in `parameters()` order (buffers are not averaged, as in MoCo v3).
-
-        Seven passes of `torch._foreach_*` ops over flat lists and no allocation: a per-step allocation of
-        the network's size costs page faults on a CPU every step (glibc maps large blocks afresh)."""
+        parameters in `parameters()` order (buffers are not averaged, as in MoCo v3)."""
         mine: list[torch.Tensor] = list(self.parameters())
         theirs = [t.to(p.device, torch.float32) for p, t in zip(mine, source, strict=True)]
         if self._compensation[0].device != mine[0].device:
             self._compensation = [c.to(mine[0].device) for c in self._compensation]
         if self._scratch is None or self._scratch[0].device != mine[0].device:
             self._scratch = [torch.empty_like(p) for p in mine]
-        increment, before = self._compensation, self._scratch
-        torch._foreach_copy_(before, mine)
-        torch._foreach_sub_(before, theirs)  # mine - theirs
-        torch._foreach_add_(increment, before, alpha=m - 1.0)  # (1 - m)(theirs - mine) + compensation
-        torch._foreach_copy_(before, mine)
-        torch._foreach_add_(mine, increment)
-        torch._foreach_sub_(before, mine)  # -(what the addition really applied)
-        torch._foreach_add_(increment, before)  # the rounding the addition dropped: next step's compensation
+        if self._compiled is None:
+            compensated_update(mine, theirs, self._compensation, self._scratch, m - 1.0)
+        else:  # the weight as a tensor on the device: a new m every step must not recompile (or sync)
+            if self._weight.device != mine[0].device:
+                self._weight = self._weight.to(mine[0].device)
+            self._compiled(mine, theirs, self._compensation, self._scratch, self._weight.fill_(m - 1.0))
+
+    def compile_update(self) -> None:
+        """Fuse `update`'s seven passes into one per tensor (inductor): for ViT-S's 41 M averaged
+        parameters 74 -> 23 ms on 2 CPU cores, the same parameters (to the last bit, where a compiler
+        contracts a multiply-add)."""
+        self._compiled = torch.compile(compensated_update)
 
     def get_extra_state(self) -> dict[str, list[torch.Tensor]]:
         return {"compensation": self._compensation}
@@ -86,3 +89,28 @@ class MomentumNetwork(nn.Module):
             keep = salient_token_indices(saliency, patch, self.mask_ratio, self.pool)
         # Weights stay fp32; under autocast the matmuls run in the training precision, like the query's.
         return encode(self.encoder, x, keep)[:, 0]
+
+
+def compensated_update(
+    mine: list[torch.Tensor],
+    theirs: list[torch.Tensor],
+    increment: list[torch.Tensor],
+    scratch: list[torch.Tensor],
+    weight: float | torch.Tensor,
+) -> None:
+    """mine <- mine + (1 - m)(theirs - mine) with Kahan compensation, `weight` = m - 1 (a 0-dim tensor
+    when compiled). `increment` holds the compensation between calls, `scratch` is working space.
+
+    Seven passes of `torch._foreach_*` ops over flat lists and no allocation: a per-step allocation of
+    the network's size costs page faults on a CPU every step (glibc maps large blocks afresh)."""
+    torch._foreach_copy_(scratch, mine)
+    torch._foreach_sub_(scratch, theirs)  # mine - theirs
+    if isinstance(weight, torch.Tensor):
+        torch._foreach_mul_(scratch, weight)
+        torch._foreach_add_(increment, scratch)
+    else:
+        torch._foreach_add_(increment, scratch, alpha=weight)  # (1 - m)(theirs - mine) + compensation
+    torch._foreach_copy_(scratch, mine)
+    torch._foreach_add_(mine, increment)
+    torch._foreach_sub_(scratch, mine)  # -(what the addition really applied)
+    torch._foreach_add_(increment, scratch)  # the rounding the addition dropped: next step's compensation

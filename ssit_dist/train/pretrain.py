@@ -44,7 +44,7 @@ from ssit_dist.dist import (
 from ssit_dist.eval.retrieval import fixed_pairs
 from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.batchnorm import convert_batchnorm
-from ssit_dist.models.compile import compile_blocks
+from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint
@@ -169,7 +169,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
     if cfg.model.compile:
-        reason = compile_blocks([engine.module.encoder, momentum_net.encoder], device, engine.zero_optimization_stage())
+        reason = compile_model(engine.module.encoder, momentum_net, device, engine.zero_optimization_stage())
         if reason is not None:
             log.warning("model.compile: left eager: %s", reason)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
