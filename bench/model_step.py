@@ -3,15 +3,16 @@
 A step = momentum update, keys from the salient patches of both views, online forward and backward,
 grad clip 1.0, AdamW. ViT-S/16 at 224, batch 8 pairs, one process, 2 threads by default, in fp32 and
 under bf16 autocast. Reported per precision: pairs/s of ssit-dist's step and of a reference-style step
-measured in the same run (each view through each encoder on its own, explicit softmax attention, a
-per-parameter Python EMA loop, torch's default AdamW, as the reference implementation does it), the
-FLOPs of one step counted with torch.utils.flop_counter, and utilisation against a matmul peak measured
-in the same run.
+measured in the same run, one step of each in turn, medians (the reference-style step sends each view
+through each encoder on its own, uses explicit softmax attention, a per-parameter Python EMA loop and
+torch's default AdamW, as the reference implementation does), the FLOPs of one step counted with
+torch.utils.flop_counter, and utilisation against a matmul peak measured in the same run.
 
 ssit-dist's step runs as the trainer runs it on that device: attention per `model.attention=auto`
 (explicit on CPUs, fused on GPUs), both views through each encoder in one pass, the allocation-free
-compensated EMA, fused AdamW. `--compile` adds a measurement with the transformer blocks and the
-momentum update compiled (`model.compile`), `--profile` the top operators of each step by self time (torch.profiler).
+compensated EMA, fused AdamW. `--compile` adds a third step, with the transformer blocks and the
+momentum update compiled (`model.compile`); `--profile` the top operators of each step by self time
+(torch.profiler).
 
 On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
 
@@ -24,7 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -129,16 +133,41 @@ def top_operators(step, inputs, count: int = 12) -> list[dict]:  # type: ignore[
     ]
 
 
-def measure(
-    arch: str,
-    batch: int,
-    steps: int,
-    reference_style: bool,
-    bf16: bool,
-    device: torch.device,
-    compiled: bool = False,
-    profile: bool = False,
-) -> dict:
+@dataclass
+class Variant:
+    """One way of taking the step, ready to run on its inputs."""
+
+    step: Callable[..., float]
+    inputs: tuple[torch.Tensor, ...]
+    flops: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def run(self, device: torch.device) -> float:
+        sync(device)
+        start = time.perf_counter()
+        self.step(*self.inputs)
+        sync(device)
+        return time.perf_counter() - start
+
+    def result(self, batch: int, peak: float, profile: bool) -> dict:
+        seconds = statistics.median(self.seconds)
+        result: dict = {
+            "pairs_per_s": round(batch / seconds, 3),
+            "step_s": round(seconds, 3),
+            "step_s_min_max": [round(min(self.seconds), 3), round(max(self.seconds), 3)],
+            "gflop_per_step": round(self.flops / 1e9, 1),
+            "achieved_gflop_s": round(self.flops / seconds / 1e9, 1),
+            "utilisation": round(self.flops / seconds / peak, 3),
+        }
+        if profile:
+            result["top_operators"] = top_operators(self.step, self.inputs)
+        return result
+
+
+def prepare(
+    arch: str, batch: int, reference_style: bool, bf16: bool, device: torch.device, compiled: bool = False
+) -> Variant | str:
+    """The step warmed up and its FLOPs counted, or why it cannot run."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch)
     model = SSiT(cfg).train().to(device)
@@ -147,37 +176,23 @@ def measure(
     if compiled:
         reason = compile_model(model.online.encoder, model.momentum, device, zero_stage=0)
         if reason is not None:
-            return {"skipped": reason}
-    step = make_step(model, reference_style, bf16)
+            return reason
     x1, x2 = (torch.randn(batch, 3, 224, 224, device=device) for _ in range(2))
     s1, s2 = (torch.rand(batch, 1, 224, 224, device=device) for _ in range(2))
+    variant = Variant(make_step(model, reference_style, bf16), (x1, x2, s1, s2))
     for _ in range(1 if device.type == "cpu" and not compiled else 3):
-        step(x1, x2, s1, s2)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics, compilation)
+        variant.run(device)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics, compilation)
     with FlopCounterMode(display=False) as counter:
-        step(x1, x2, s1, s2)
-    flops = counter.get_total_flops()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(x1, x2, s1, s2)
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    result: dict = {
-        "pairs_per_s": round(batch / seconds, 3),
-        "step_s": round(seconds, 3),
-        "gflop_per_step": round(flops / 1e9, 1),
-        "achieved_gflop_s": round(flops / seconds / 1e9, 1),
-    }
-    if profile:
-        result["top_operators"] = top_operators(step, (x1, x2, s1, s2))
-    return result
+        variant.run(device)
+    variant.flops = counter.get_total_flops()
+    return variant
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant (median reported).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (threads: CPU only).")
@@ -202,23 +217,34 @@ def main() -> None:
                 "matmul_peak_gflop_s": round(peak / 1e9, 1),
             }
             continue
-        ours = measure(args.arch, args.batch, args.steps, False, bf16, device, profile=args.profile)
-        ref = measure(args.arch, args.batch, args.steps, True, bf16, device, profile=args.profile)
-        report[name] = {
+        variants = {
+            "ssit_dist": prepare(args.arch, args.batch, False, bf16, device),
+            "reference_style": prepare(args.arch, args.batch, True, bf16, device),
+        }
+        if args.compile:
+            variants["ssit_dist_compiled"] = prepare(args.arch, args.batch, False, bf16, device, compiled=True)
+        ready = {k: v for k, v in variants.items() if isinstance(v, Variant)}
+        # Interleaved, one step of each in turn, medians: a drift of the machine's speed during the run
+        # (a neighbour, the clock) falls on every variant alike instead of on whichever ran then.
+        for _ in range(args.steps):
+            for variant in ready.values():
+                variant.seconds.append(variant.run(device))
+        results = {k: v.result(args.batch, peak, args.profile) for k, v in ready.items()}
+        ours, ref = results["ssit_dist"], results["reference_style"]
+        section: dict = {
             "matmul_peak_gflop_s": round(peak / 1e9, 1),
-            "ssit_dist": {**ours, "utilisation": round(ours["achieved_gflop_s"] * 1e9 / peak, 3)},
-            "reference_style": {**ref, "utilisation": round(ref["achieved_gflop_s"] * 1e9 / peak, 3)},
+            **results,
             "speedup": round(ours["pairs_per_s"] / ref["pairs_per_s"], 3),
             # The most any step can gain over reference-style by speed alone: all its FLOPs at the matmul peak.
             "ceiling_speedup_at_peak": round(
                 peak / (ref["achieved_gflop_s"] * 1e9) * ref["gflop_per_step"] / ours["gflop_per_step"], 3
             ),
         }
-        if args.compile:
-            fast = measure(args.arch, args.batch, args.steps, False, bf16, device, compiled=True)
-            if "pairs_per_s" in fast:
-                fast["speedup"] = round(fast["pairs_per_s"] / ref["pairs_per_s"], 3)
-            report[name]["ssit_dist_compiled"] = fast
+        if "ssit_dist_compiled" in results:
+            section["compiled_speedup"] = round(results["ssit_dist_compiled"]["pairs_per_s"] / ref["pairs_per_s"], 3)
+        elif args.compile:
+            section["ssit_dist_compiled"] = {"skipped": variants["ssit_dist_compiled"]}
+        report[name] = section
     print(json.dumps(report, indent=2))
 
 
