@@ -49,7 +49,9 @@ class ModelConfig(Checked):
         "or auto: fused on GPUs, explicit on CPUs (faster there: bench/model_step.py)",
     )
     compile: bool = option(
-        False, "torch.compile the encoders' transformer blocks (ZeRO 0-2; pays for ViT-B on GPUs: models/compile.py)"
+        False,
+        "torch.compile the encoders' transformer blocks and the momentum update (ZeRO 0-2; pays for ViT-B on GPUs: "
+        "models/compile.py)",
     )
     saliency: bool = option(
         True, "false: plain MoCo v3, the ablation: keys from every patch, no saliency head, saliency loss 0"
