@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -355,8 +353,11 @@ def test_compiled_momentum_update_is_the_eager_one() -> None:
     # of its magnitude) and no more; a wrong weight or a lost compensation moves them by ~1e-4.
     from torch._dynamo.utils import counters
 
-    if not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++"):
-        pytest.skip("inductor needs a C++ compiler on CPU and none was found")
+    from ssit_dist.models.compile import why_not_compiled
+
+    reason = why_not_compiled(torch.device("cpu"), zero_stage=0)
+    if reason is not None:
+        pytest.skip(reason)
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = tiny().momentum, tiny().momentum

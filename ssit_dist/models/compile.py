@@ -28,6 +28,19 @@ def compile_model(
 ) -> str | None:
     """Compile both encoders' blocks and the momentum update (inductor) in place. Returns None, or why
     everything was left eager."""
+    reason = why_not_compiled(device, zero_stage)
+    if reason is not None:
+        return reason
+    # A graph that still fails at its first call runs eagerly instead of ending the run; dynamo logs why.
+    torch._dynamo.config.suppress_errors = True
+    for encoder in (online_encoder, momentum.encoder):
+        encoder.blocks.compile()
+    momentum.compile_update()
+    return None
+
+
+def why_not_compiled(device: torch.device, zero_stage: int) -> str | None:
+    """Why inductor cannot compile the model for `device` under `zero_stage`, or None where it can."""
     if zero_stage >= 3:
         return (
             "ZeRO-3 gathers every parameter in module hooks that torch.compile does not trace; "
@@ -40,9 +53,4 @@ def compile_model(
 
         if not has_triton():
             return "inductor needs Triton on GPUs and it is not installed (pip install triton)"
-    # A graph that still fails at its first call runs eagerly instead of ending the run; dynamo logs why.
-    torch._dynamo.config.suppress_errors = True
-    for encoder in (online_encoder, momentum.encoder):
-        encoder.blocks.compile()
-    momentum.compile_update()
     return None
