@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 T = TypeVar("T")
@@ -189,11 +188,29 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Every rank's output is the sum of every rank's input, so the gradient of an input is the sum of
+    every rank's gradient of that output: an all-reduce both ways. (torch's own differentiable
+    `torch.distributed.nn.functional.all_reduce` is deprecated and warns at every call.)"""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        torch_dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        torch_dist.all_reduce(total)
+        return total
+
+
 def sum_over_ranks_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` (on its module's device) over every rank, with the gradient summed back."""
     if not is_distributed() or world_size() == 1:
         return tensor
-    return dist_fn.all_reduce(tensor)
+    return _SumOverRanks.apply(tensor)
 
 
 def full_fp32_parameters(*modules: nn.Module) -> list[torch.Tensor]:

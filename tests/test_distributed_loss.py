@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    warnings.simplefilter("error", FutureWarning)  # no deprecated torch API in the cross-rank path
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
