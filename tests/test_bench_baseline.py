@@ -13,12 +13,17 @@ from test_model import batch, tiny
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "model_step.py"
 
 
-def test_reference_style_query_side_computes_our_losses_view_by_view(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def model_step(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("model_step", BENCH)
     assert spec is not None and spec.loader is not None
-    model_step = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "model_step", model_step)  # where its dataclasses look themselves up
-    spec.loader.exec_module(model_step)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "model_step", module)  # where its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reference_style_query_side_computes_our_losses_view_by_view(model_step) -> None:  # type: ignore[no-untyped-def]
     model = tiny().train()
     x1, x2, s1, s2 = batch()
     k1, k2 = model.momentum(x1, s1), model.momentum(x2, s2)
@@ -31,3 +36,18 @@ def test_reference_style_query_side_computes_our_losses_view_by_view(monkeypatch
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     swapped = model_step.reference_online_forward(model.online, x1, x2, s1, s2, k2, k1)
     assert (swapped[0] - ours[0]).abs() > 1e-2
+
+
+def test_profile_counts_the_matrix_products_of_this_torch(model_step) -> None:  # type: ignore[no-untyped-def]
+    # The matmul-bound ceiling divides by this time: if torch renamed its matmul operators it would be 0.
+    linear, conv = torch.nn.Linear(256, 256), torch.nn.Conv2d(3, 16, 4, stride=4)
+    x, image = torch.randn(512, 256), torch.randn(8, 3, 64, 64)
+
+    def step(x: torch.Tensor, image: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(linear(x).sum() + (x @ x.T).sum() + torch.bmm(x[None], x.T[None]).sum() + conv(image).sum())
+
+    summary = model_step.profile_step(step, (x, image))
+    ops = {row["op"] for row in summary["top_operators"]}
+    assert set(model_step.MATMUL_OPERATORS) - {"aten::baddbmm"} <= ops
+    assert summary["matmul_s_per_step"] > 0
