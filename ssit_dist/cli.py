@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -45,7 +46,7 @@ def _local_launch(nproc: int) -> tuple[int, dict[str, str]]:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -147,9 +148,12 @@ def shard(
     console.print(table)
     for skip in index.skipped:
         where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
-        console.print(f"[yellow]skipped[/] {where}: {skip['reason']}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(str(where))}: {escape(skip['reason'])}", highlight=False)
     if index.not_in_labels:
-        console.print(f"[yellow]left out[/] {index.not_in_labels} images under {input} that {labels} does not name")
+        console.print(
+            f"[yellow]left out[/] {index.not_in_labels} images under {escape(str(input))} "
+            f"that {escape(str(labels))} does not name"
+        )
     n = index.num_samples
     console.print(
         f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
@@ -157,7 +161,7 @@ def shard(
         highlight=False,
     )
     if preview:
-        console.print(f"preview: {output / 'preview.png'}")
+        console.print(f"preview: {output / 'preview.png'}", markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -199,7 +203,7 @@ def export(
         weights, description = export_encoder(run_dir, output, tag, overwrite)
     except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
         _fail(str(e), 1)
-    console.print(f"wrote {weights} and {description}")
+    console.print(f"wrote {weights} and {description}", markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -294,10 +298,10 @@ def knn(
         f"{retrieval['top1']:.4f}, chance {retrieval['chance']:.4f}"
     )
     if result["missing"]:
-        console.print(f"[yellow]left out (did not decode):[/] {', '.join(result['missing'])}")
+        console.print(f"[yellow]left out (did not decode):[/] {escape(', '.join(result['missing']))}")
     if output:
         atomic.write_json(output, result)
-        console.print(f"wrote {output}")
+        console.print(f"wrote {output}", markup=False)
 
 
 @app.command()
@@ -330,7 +334,7 @@ def attention(
     maps = cls_attention(encoder.eval(), inputs)
     title = title or f"last-layer attention of {Path(init).name}"
     attention_png(output, photos, maps, [p.name for p in images], title)
-    console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}")
+    console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}", markup=False)
 
 
 @app.command()
@@ -350,7 +354,7 @@ def plot(
     out = output or run_dir / "curves.png"
     named = {name.replace("_", " "): points for name, points in series.items()}
     curves_png(out, named, x_name, title if title is not None else f"run {run_dir.resolve().name}")
-    console.print(f"{len(series)} curves over {x_name}s: {out}")
+    console.print(f"{len(series)} curves over {x_name}s: {out}", markup=False)
 
 
 @app.command()
@@ -382,7 +386,7 @@ def demo(
                 tasks[stage.name] = progress.add_task(stage.name, total=stage.total, unit=stage.unit)
             progress.update(tasks[stage.name], completed=stage.done)
             for note in stage.notes[notes_shown.get(stage.name, 0) :]:
-                progress.console.print(f"[yellow]{note}[/]", highlight=False)
+                progress.console.print(f"[yellow]{escape(note)}[/]", highlight=False)
             notes_shown[stage.name] = len(stage.notes)
 
         try:
@@ -405,8 +409,8 @@ def demo(
         highlight=False,
     )
     for name, path in result["pictures"].items():
-        console.print(f"{name}: {path}", highlight=False)
-    console.print(f"[bold green]demo done[/] in {result['seconds']:.0f} s: {output / 'results.json'}")
+        console.print(f"{name}: {path}", highlight=False, markup=False)
+    console.print(f"[bold green]demo done[/] in {result['seconds']:.0f} s: {escape(str(output / 'results.json'))}")
 
 
 @app.command("config")

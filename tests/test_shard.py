@@ -210,10 +210,11 @@ def test_bad_images_are_skipped_listed_and_strict_fails(
     (src / "notes.jpg").write_text("this is a text file with an image name\n")
     (src / "empty.jpg").write_bytes(b"")
     (src / "gone.jpg").symlink_to(tmp_path / "no-such-file.jpg")  # unreadable
+    (src / "[red]scan.jpg").write_bytes(b"")  # a name that is also console markup is printed as it is
     result = run_cli("shard", src, tmp_path / "out", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     reasons = {s["path"]: s["reason"] for s in info["skipped"]}
-    assert set(reasons) == {"truncated.jpeg", "notes.jpg", "empty.jpg", "gone.jpg"}
+    assert set(reasons) == {"truncated.jpeg", "notes.jpg", "empty.jpg", "gone.jpg", "[red]scan.jpg"}
     assert "cannot decode" in reasons["truncated.jpeg"] and "not an image" in reasons["notes.jpg"]
     assert "empty" in reasons["empty.jpg"] and "cannot read" in reasons["gone.jpg"]
     assert info["num_samples"] == 6
@@ -224,6 +225,13 @@ def test_bad_images_are_skipped_listed_and_strict_fails(
     assert strict.returncode != 0 and "--strict" in strict.stderr
     assert not (tmp_path / "strict" / "_info.json").exists()
     assert not list((tmp_path / "strict").glob("*.tar*"))
+
+
+def test_an_error_naming_a_path_that_looks_like_markup_is_printed_as_it_is(tmp_path: Path) -> None:
+    missing = tmp_path / "[bold]photographs"
+    result = run_cli("shard", missing, tmp_path / "out", check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and f"input folder {missing} does not exist" in result.stderr
 
 
 def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> None:
