@@ -192,6 +192,26 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))), strict=True)
 
 
+def test_view_retrieval_between_log_intervals_keeps_the_ranks_in_step(tiny_shards: Path, tmp_path: Path) -> None:
+    # Rank 0 alone measures view retrieval, but every rank must stop at that step's sync point: a rank
+    # that did not would meet rank 0's agreement collective with its next step's and the job would die.
+    cfg = config(
+        tmp_path,
+        tiny_shards,
+        "retrieval",
+        ds_config(tmp_path, 0),
+        epochs=1,
+        steps_per_epoch=5,
+        checkpoint_every=100,
+        log_every=2,
+        dist_timeout_s=60,
+        retrieval={"shards": str(tiny_shards), "every": 3, "samples": 6},
+    )
+    records = train(cfg)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert ["view_retrieval" in r for r in records] == [False, False, True, False, True]  # every 3, and the end
+
+
 def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Path) -> None:
     ds = ds_config(tmp_path, 2)
     # The uninterrupted run names its shards by a brace pattern: the same shards, counts and mean/std

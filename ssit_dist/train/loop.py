@@ -109,7 +109,9 @@ def train(run: Run, stop: dict[str, bool]) -> None:
                     "data_wait_s": round(sum(waits), 4),
                 },
             )
-            retrieval_due = run.retrieval_pairs is not None and (
+            # From the config, not from `retrieval_pairs` (rank 0's alone): every rank must stop at the same
+            # sync points, or rank 0's extra collective meets another rank's next step.
+            retrieval_due = cfg.retrieval.shards is not None and (
                 step % cfg.retrieval.every == 0 or step == run.total_steps
             )
             checkpoint_due = step % cfg.checkpoint_every == 0 or step == run.total_steps
