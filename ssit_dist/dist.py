@@ -195,13 +195,13 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
+        total = tensor.clone(memory_format=torch.contiguous_format)  # collectives need dense, row-major memory
         torch_dist.all_reduce(total)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.contiguous().clone()
+        total = grad.clone(memory_format=torch.contiguous_format)
         torch_dist.all_reduce(total)
         return total
 
