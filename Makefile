@@ -6,25 +6,59 @@ CACHE   ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup lint test demo bench gpu-check clean
+# The installer and the lock tool are pinned here; everything else is pinned in requirements.lock.
+PIP_VERSION       := 26.3
+PIP_TOOLS_VERSION := 7.7.0
+LOCK_TOOLS        := $(CACHE)/lock-tools
+# A machine may cap packages through pip's own config (the machines of this project cap torch and
+# torchvision to the releases on their disk); the lock is resolved under the same cap.
+PIP_CONSTRAINT_FILE ?= $(shell python3 -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
+
+.PHONY: setup lock lint test test-fast demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the lock: pinned installer, every package at its pinned version without resolving anything
+# (--no-deps), a check that the lock still matches pyproject.toml, the project itself without a build environment of fresh downloads (--no-build-isolation
+# uses the locked setuptools), then whatever the lock does not name is removed.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) tests/lockfile.py check
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) tests/lockfile.py venv
+	$(PY) -m pip check
 	mkdir -p $(TORCH_EXTENSIONS_DIR)
 	touch $@
 
-# ruff (lint and format) over the code and tests, mypy over the package; `make test` runs it first.
+# After changing a dependency in pyproject.toml: `make lock` resolves what changed and keeps every other
+# pin; `make lock UPGRADE=1` moves every package to its newest release the ranges allow. Run `make test`
+# and commit requirements.lock with pyproject.toml either way.
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || \
+		(python3 -m venv $(LOCK_TOOLS) && \
+		 $(LOCK_TOOLS)/bin/pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION))
+	$(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) --extra test --build-deps-for editable \
+		--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		$(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE)) -o requirements.lock pyproject.toml
+	$(LOCK_TOOLS)/bin/python tests/lockfile.py stamp
+
+# The lock against pyproject.toml, then ruff (lint and format) over the code and tests, mypy over the
+# package; `make test` runs it first.
 lint: setup
+	$(PY) tests/lockfile.py check
 	$(VENV)/bin/ruff check ssit_dist tests bench launch
 	$(VENV)/bin/ruff format --check ssit_dist tests bench launch
 	$(VENV)/bin/mypy
 
+# The gate (what .ci/run calls): lint and every test.
 test: lint
 	$(VENV)/bin/pytest -q
+
+# Unit tests only (no process launches, no SLURM, no wheel build): after every change.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not (slow or multiprocess or slurm)"
 
 demo: setup
 	$(VENV)/bin/ssit-dist demo

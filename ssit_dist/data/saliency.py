@@ -68,7 +68,7 @@ def saliency_map(bgr: np.ndarray, method: Method | str = "fine_grained", jpeg_ro
         raise RuntimeError(f"OpenCV {method} saliency failed on a {size}x{size} image")
     if method == "spectral_residual":
         # Its output is not normalised; bring it to [0, 1] like the fine-grained map.
-        raw = cv2.normalize(raw, None, 0.0, 1.0, cv2.NORM_MINMAX)  # type: ignore[call-overload]  # dst None: a new array
+        raw = cv2.normalize(raw, None, 0.0, 1.0, cv2.NORM_MINMAX)  # dst None: a new array
     # float32 arithmetic and truncation, exactly as the reference stored and then loaded the map.
     raw = np.where(_output_mask(size), raw.astype(np.float32), np.float32(0))
     return (raw * np.float32(255)).astype(np.uint8)
