@@ -37,7 +37,6 @@ from ssit_dist.data.decode import decode_bgr
 from ssit_dist.data.fundus import BadImage, crop_to_disc
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
 from ssit_dist.data.inputs import IMAGE_SUFFIXES, Inputs, Item
-from ssit_dist.data.preview import write_preview
 from ssit_dist.data.saliency import METHODS, saliency_map
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
@@ -312,6 +311,8 @@ def pack(
         not_in_labels=inputs.not_in_labels,
     )
     if previews:
+        from ssit_dist.data.preview import write_preview  # needs torch: imported only when a preview is asked for
+
         write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
     write_index(out, index)
     return index
