@@ -1,5 +1,7 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Everything else is set up here.
 VENV    ?= .venv
+# requirements.lock is resolved for CPython 3.11 (`make PYTHON=python3.11 ...` where python3 is another).
+PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 CACHE   ?= $(CURDIR)/.cache
 # DeepSpeed compiles its C++ ops on first use (about a minute each); keep them between runs.
@@ -12,7 +14,7 @@ PIP_TOOLS_VERSION := 7.7.0
 LOCK_TOOLS        := $(CACHE)/lock-tools
 # A machine may cap packages through pip's own config (the machines of this project cap torch and
 # torchvision to the releases on their disk); the lock is resolved under the same cap.
-PIP_CONSTRAINT_FILE ?= $(shell python3 -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
+PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
 .PHONY: setup lock lint test test-fast demo bench gpu-check clean
 
@@ -22,7 +24,7 @@ setup: $(VENV)/.installed
 # (--no-deps), a check that the lock still matches pyproject.toml, the project itself without a build environment of fresh downloads (--no-build-isolation
 # uses the locked setuptools), then whatever the lock does not name is removed.
 $(VENV)/.installed: requirements.lock pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
 	$(PY) tests/lockfile.py check
@@ -37,7 +39,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # and commit requirements.lock with pyproject.toml either way.
 lock:
 	test -x $(LOCK_TOOLS)/bin/pip-compile || \
-		(python3 -m venv $(LOCK_TOOLS) && \
+		($(PYTHON) -m venv $(LOCK_TOOLS) && \
 		 $(LOCK_TOOLS)/bin/pip install --quiet pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION))
 	$(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) --extra test --build-deps-for editable \
 		--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
@@ -52,9 +54,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check ssit_dist tests bench launch
 	$(VENV)/bin/mypy
 
-# The gate (what .ci/run calls): lint and every test.
+# The gate (what .ci/run calls): lint and every test, in two pytest-xdist workers. Most tests wait on
+# processes they launched (ranks, SLURM jobs) and leave a core idle; a module's tests stay on one worker
+# (--dist loadscope) so that its fixtures (packed shards, a trained run, a cluster) are made once.
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadscope
 
 # Unit tests only (no process launches, no SLURM, no wheel build): after every change.
 test-fast: setup

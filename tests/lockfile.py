@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -153,7 +154,10 @@ def _needed(pins: dict[str, Pin]) -> set[str]:
 def venv_mismatches(lock: Path = LOCK) -> tuple[list[str], list[str]]:
     """(packages installed at another version or missing, packages installed that the lock does not name)."""
     pins = read_pins(lock)
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The environment's own site-packages only: a process that imported setuptools also sees the packages
+    # vendored inside it on sys.path, and those are not installed.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     wrong = [
         f"{name}=={pin.version} (installed: {installed.get(name, 'nothing')})"
         for name, pin in sorted(pins.items())

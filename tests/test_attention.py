@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -39,6 +40,7 @@ def test_cls_attention_is_timms_own_attention() -> None:
     assert (ours.flatten(2).sum(-1) < 1).all()  # the CLS token's attention to itself is left out
 
 
+@pytest.mark.multiprocess
 def test_attention_png_of_photographs(retina: Image.Image, tmp_path: Path) -> None:
     photo = tmp_path / "retina.png"
     retina.save(photo)

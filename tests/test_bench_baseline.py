@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import batch, tiny
+
+from tiny_model import batch, tiny
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "model_step.py"
 

@@ -47,6 +47,7 @@ def still(**fields: object) -> ViewParams:
     return dataclasses.replace(ViewParams(0, 0, 128, 128, ()), **fields)
 
 
+@pytest.mark.multiprocess
 def test_the_device_path_makes_the_cpu_paths_views_on_real_shards(shards: Path) -> None:
     # Same seeds, same samples, same drawn parameters: the two paths differ only in interpolation (one
     # bilinear warp against a resize and a nearest-neighbour rotation) and in rounding to integers

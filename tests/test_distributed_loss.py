@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,6 +55,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path: Path) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)

@@ -34,6 +34,8 @@ from ssit_dist.models.ssit import SSiT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
+pytestmark = pytest.mark.multiprocess
+
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
 
 

@@ -20,8 +20,9 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import pack_real_subset
 from ssit_dist.dist import free_port
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFERS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
@@ -75,11 +76,6 @@ def _rank(rank: int, port: int, cfg: str, out: str) -> None:
     finally:
         shutdown()
     Path(out, f"rank{rank}.json").write_text(json.dumps(counts))
-
-
-@pytest.fixture(scope="module")
-def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
 
 
 def write_config(tmp_path: Path, shards: Path, name: str, **fields: object) -> Path:

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pack_real_subset
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # builds a wheel and a venv
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_real_subset(graded_dir, tmp_path_factory, 16, size=32, shard_size=8)
 
 
 def run(*command: object, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:

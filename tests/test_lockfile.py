@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lockfile
 import pytest
+
+import lockfile
 from lockfile import LOCK, PYPROJECT, LockError, check, read_pins, venv_mismatches
 
 HERE = Path(__file__).resolve().parent

@@ -14,30 +14,9 @@ from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.models.vit import create_encoder, encode
 from ssit_dist.train.schedule import momentum as momentum_at
 from ssit_dist.train.step import PlainEngine, train_step
+from tiny_model import batch, tiny
 
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"
-TINY = dict(
-    arch="vit_small_patch16_224",
-    img_size=32,
-    timm_kwargs=dict(patch_size=8, embed_dim=48, depth=2, num_heads=3),
-    proj_hidden=64,
-    proj_dim=32,
-)
-
-
-def tiny(**overrides: object) -> SSiT:
-    torch.manual_seed(0)
-    return SSiT(ModelConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
-
-
-def batch(n: int = 6, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, 3, size, size, generator=g),
-        torch.randn(n, 3, size, size, generator=g),
-        torch.rand(n, 1, size, size, generator=g),
-        torch.rand(n, 1, size, size, generator=g),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +293,7 @@ def test_attention_kernels_compute_the_same_function(attention: str) -> None:
     )
 
 
+@pytest.mark.slow  # inductor compiles C++ in worker processes
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # dynamo's own probing
 def test_compiled_model_trains_like_the_eager_one() -> None:
     from torch._dynamo.utils import counters
@@ -345,6 +325,7 @@ def test_compiled_model_trains_like_the_eager_one() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # inductor compiles C++ in worker processes
 def test_compiled_momentum_update_is_the_eager_one() -> None:
     # The compiled update fed the same online weights at changing m: fused into one pass per tensor,
     # inductor does the same fp32 operations in the same order (it does not reassociate), except that a

@@ -56,6 +56,7 @@ def test_a_pretraining_run_gives_its_curves_over_steps(tmp_path: Path) -> None:
     assert series["view_retrieval"] == [(2, 0.25), (4, 0.25)] and len(series["contrastive_loss"]) == 4
 
 
+@pytest.mark.multiprocess
 def test_plot_writes_one_panel_per_curve_of_a_finetuning_run(tmp_path: Path) -> None:
     rows = [
         {

@@ -14,35 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pretrain import ROOT, config, ds_config, env, torchrun, train
 
-from conftest import pack_real_subset, run_cli
+from conftest import run_cli
 from ssit_dist.dist import free_port
+from tiny_runs import ROOT, env, launch, rows, short
+
+pytestmark = pytest.mark.multiprocess
 
 
-@pytest.fixture(scope="module")
-def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
-
-
-def launch(cfg: Path, *overrides: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        torchrun(cfg, nproc) + list(overrides), capture_output=True, text=True, timeout=timeout, env=env()
-    )
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def short(tmp: Path, shards: Path, name: str, **extra: object) -> Path:
-    body = {"epochs": 1, "steps_per_epoch": 2, "checkpoint_every": 1, "dist_timeout_s": 60, **extra}
-    return config(tmp, shards, name, ds_config(tmp, 2), **body)
-
-
-def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, tmp_path: Path) -> None:
+def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, short_run: Path, tmp_path: Path) -> None:
     cfg = short(tmp_path, shards, "run")
-    train(cfg)
+    shutil.copytree(short_run, tmp_path / "run")
     run_dir = tmp_path / "run"
     assert (run_dir / "fingerprint.json").is_file()
 
@@ -67,9 +49,11 @@ def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, tmp_pa
     assert json.loads((run_dir / "fingerprint.json").read_text())["global_batch"] == 4
 
 
-def test_a_dangling_latest_or_a_missing_rank_file_stops_every_rank(shards: Path, tmp_path: Path) -> None:
+def test_a_dangling_latest_or_a_missing_rank_file_stops_every_rank(
+    shards: Path, short_run: Path, tmp_path: Path
+) -> None:
     cfg = short(tmp_path, shards, "run")
-    train(cfg)
+    shutil.copytree(short_run, tmp_path / "run")
     folder = tmp_path / "run" / "checkpoints"
     assert (folder / "latest").read_text() == "step00000002"
     (folder / "latest").write_text("step00000009")
@@ -152,7 +136,7 @@ def test_a_changed_shard_stops_every_rank_naming_it(shards: Path, tmp_path: Path
 
 
 def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
-    graded_dir: Path, shards: Path, tmp_path: Path
+    graded_dir: Path, short_run: Path, tmp_path: Path
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -166,7 +150,7 @@ def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
     assert (out / "mine.tar").read_bytes() == b"not ours" and (out / "notes.txt").read_text() == "mine"
     assert (out / "train-000000.tar").is_file() and (out / "_info.json").is_file()
 
-    train(short(tmp_path, shards, "run"))
+    shutil.copytree(short_run, tmp_path / "run")
     target = tmp_path / "exp" / "run1.5"
     run_cli("export", tmp_path / "run", "-o", target)
     assert (tmp_path / "exp" / "run1.5.safetensors").is_file() and (tmp_path / "exp" / "run1.5.json").is_file()

@@ -25,6 +25,8 @@ from conftest import CLI, run_cli
 from ssit_dist.data.index import read_index
 from ssit_dist.data.preview import kept_patches
 
+pytestmark = pytest.mark.multiprocess
+
 SPLIT = "train=0.7,val=0.15,test=0.15"
 
 

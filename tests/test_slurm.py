@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm import LocalSlurm, TwoNodeSlurm, unavailable
-from test_pretrain import ROOT, config, ds_config, train
 
-from conftest import pack_real_subset, run_cli
+from conftest import run_cli
+from slurm import LocalSlurm, TwoNodeSlurm, unavailable
 from ssit_dist.train.checkpoint import export_encoder
+from tiny_runs import ROOT, config, ds_config, rows, train
+
+pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 
@@ -42,11 +44,6 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
         yield slurm
 
 
-@pytest.fixture(scope="module")
-def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
-
-
 def job_env() -> dict[str, str]:
     # sbatch hands the submitting environment to the job, as on any cluster: the venv's Python.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -59,10 +56,6 @@ def submit(cluster: LocalSlurm, folder: Path, cfg: Path, nodes: int = 1) -> str:
     return cluster.submit(
         f"--nodes={nodes}", per_node, f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
     )
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "log_every": 2, "dist_timeout_s": 60}

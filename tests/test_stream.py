@@ -49,6 +49,7 @@ def test_batches_have_the_right_shapes(shards: Path) -> None:
     assert s1.max() <= 1 and s1.min() >= 0 and s1.max() > 0
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_mid_epoch_replays_the_same_batches(shards: Path, workers: int) -> None:
     stream = make_stream(shards)
@@ -62,6 +63,7 @@ def test_resuming_mid_epoch_replays_the_same_batches(shards: Path, workers: int)
     assert not torch.equal(take(stream, 1, workers)[0][0], full[0][0])  # a new epoch, new data
 
 
+@pytest.mark.multiprocess
 def test_ranks_see_different_data_and_never_run_dry(shards: Path) -> None:
     # 2 ranks x 2 workers = 4 streams over 5 uneven shards: each stream resamples, none runs out.
     a = take(make_stream(shards, rank=0), 12, workers=2)
@@ -114,6 +116,7 @@ def test_shards_without_an_index_stream_with_given_statistics(shards: Path, tmp_
         open_shards([f"{tmp_path}/train-{{000000..000009}}.tar"])
 
 
+@pytest.mark.multiprocess
 def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
     local = str(shards / "train-000004.tar")
     from_file = list(read_shard(local))
@@ -122,6 +125,7 @@ def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
     assert all(a["jpg"] == b["jpg"] and a["sal.png"] == b["sal.png"] for a, b in zip(from_file, from_pipe, strict=True))
 
 
+@pytest.mark.multiprocess
 def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path) -> None:
     # srun and scancel signal every process of a job step, loader workers included, at any moment;
     # a worker signalled before its initialisation ran must not die (the trainer saves, then stops),

@@ -19,6 +19,8 @@ from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import train_step
 
+pytestmark = pytest.mark.multiprocess
+
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor")
 TINY = ModelConfig(
     arch="vit_small_patch16_224",

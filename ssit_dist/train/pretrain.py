@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -122,20 +122,23 @@ def _log_placement(device: torch.device) -> None:
         log.info("%d ranks on %d hosts (%s)", len(hosts), len(by_host), placement)
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Run (or resume) pretraining as `cfg` says; returns the run folder."""
-    import deepspeed
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run reads, checked: the batch layout, the filled DeepSpeed config, the shards, their mean/std."""
 
-    # Installed first: a signal during start-up (SLURM preempting a job that is still waiting for its
-    # peers or loading) means exit cleanly at the first point where every rank can agree, without training.
-    stop = {"requested": False}
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, lambda *_: stop.update(requested=True))
-    device = init_process_group(cfg.dist_timeout_s)
-    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
-    _log_placement(device)
-    run_dir = Path(cfg.run_dir)
-    world = world_size()
+    micro: int
+    accumulation: int
+    ds_config: dict
+    shards: ShardSet
+    mean: list[float]
+    std: list[float]
+    held_out: ShardSet | None  # the view-retrieval photographs, where retrieval.shards names them
+
+
+def check_inputs(cfg: PretrainConfig, world: int) -> RunInputs:
+    """Everything a run reads that a wrong field breaks, checked before any engine is built, so that a
+    mistake stops the run at once with a ConfigError or ShardIndexError naming the field, file or value.
+    Needs no process group: every rank runs it on its own (and the tests, in one process)."""
     micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
     ds_config = deepspeed_config(cfg.ds_config, cfg, world)
     shards = open_shards(cfg.data.shards, cfg.data.split)
@@ -150,6 +153,30 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "steps_per_epoch: the sample count of the shards in data.shards is unknown "
             "(no _info.json beside them); set steps_per_epoch"
         )
+    held_out = None
+    if cfg.retrieval.shards is not None:
+        source = SplitSource.parse(cfg.retrieval.shards, "train")
+        held_out = open_shards([source.folder], source.split)
+    return RunInputs(micro, accumulation, ds_config, shards, list(mean), list(std), held_out)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Run (or resume) pretraining as `cfg` says; returns the run folder."""
+    import deepspeed
+
+    # Installed first: a signal during start-up (SLURM preempting a job that is still waiting for its
+    # peers or loading) means exit cleanly at the first point where every rank can agree, without training.
+    stop = {"requested": False}
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, lambda *_: stop.update(requested=True))
+    device = init_process_group(cfg.dist_timeout_s)
+    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
+    _log_placement(device)
+    run_dir = Path(cfg.run_dir)
+    world = world_size()
+    inputs = check_inputs(cfg, world)
+    micro, accumulation, ds_config, shards = inputs.micro, inputs.accumulation, inputs.ds_config, inputs.shards
+    mean, std = inputs.mean, inputs.std
     _verify_on_every_rank(shards, cfg.data.verify, device)
     steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     total_steps = cfg.epochs * steps_per_epoch
@@ -208,13 +235,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         {"zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards, "fingerprint": fingerprint},
     )
     retrieval_pairs = None
-    if cfg.retrieval.shards is not None:
-        held_out = SplitSource.parse(cfg.retrieval.shards, "train")
-        held_out_shards = open_shards([held_out.folder], held_out.split)  # missing: every rank stops, naming it
+    if inputs.held_out is not None:
+        held_out_shards = inputs.held_out
         retrieval_pairs = on_rank_zero(
             lambda: fixed_pairs(held_out_shards, stream.augment, cfg.retrieval.samples, cfg.seed),
             device,
-            f"reading the view-retrieval photographs of {held_out}",
+            f"reading the view-retrieval photographs of {cfg.retrieval.shards}",
         )
     reporter = on_rank_zero(
         lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
