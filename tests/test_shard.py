@@ -317,9 +317,26 @@ def test_a_crashed_worker_fails_the_run_loudly(graded_dir: Path, tmp_path: Path)
     out = tmp_path / "out"
     proc = _start("shard", graded_dir, out, "--workers", 2)
     parent = psutil.Process(proc.pid)
-    _wait_for(lambda: len(parent.children(recursive=True)) >= 2 and list(out.glob("*.tmp")))
-    os.kill(parent.children(recursive=True)[-1].pid, signal.SIGKILL)  # as the OOM killer would
-    _, stderr = proc.communicate(timeout=120)
+
+    def workers() -> list[psutil.Process]:
+        # The pool's processes by what they run: multiprocessing's resource tracker is a child too, and
+        # process ids wrap around on a busy machine, so the last pid need not be a worker.
+        found = []
+        for child in parent.children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:  # ended in between
+                pass
+        return found
+
+    try:
+        _wait_for(lambda: len(workers()) == 2 and list(out.glob("*.tmp")))
+        os.kill(workers()[0].pid, signal.SIGKILL)  # as the OOM killer would
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.communicate()
     assert proc.returncode != 0
     assert "worker process died" in stderr
     assert not (out / "_info.json").exists() and not list(out.glob("*.tar*"))
