@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import pytest
 import timm
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import invoke_cli
 from ssit_dist.eval.attention import cls_attention
 
 
@@ -40,15 +39,16 @@ def test_cls_attention_is_timms_own_attention() -> None:
     assert (ours.flatten(2).sum(-1) < 1).all()  # the CLS token's attention to itself is left out
 
 
-@pytest.mark.multiprocess
 def test_attention_png_of_photographs(retina: Image.Image, tmp_path: Path) -> None:
     photo = tmp_path / "retina.png"
     retina.save(photo)
     out = tmp_path / "attention.png"
     tiny = '{"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}'
-    shown = run_cli("attention", photo, photo, "--init", "random", "--img-size", 64, "--timm-kwargs", tiny, "-o", out)
+    shown = invoke_cli(
+        "attention", photo, photo, "--init", "random", "--img-size", 64, "--timm-kwargs", tiny, "-o", out
+    )
     assert "attention of 2 photographs (3 heads, 64 px)" in shown.stdout
     image = cv2.imread(str(out))
     assert image.shape == (60 + 2 * (224 + 30), 2 * 224 + 30, 3)  # small inputs drawn at 224 px
-    bad = run_cli("attention", tmp_path / "missing.jpg", "--init", "random", "-o", out, check=False)
-    assert bad.returncode == 2 and "missing.jpg: not a readable image" in bad.stderr
+    bad = invoke_cli("attention", tmp_path / "missing.jpg", "--init", "random", "-o", out, check=False)
+    assert bad.exit_code == 2 and "missing.jpg: not a readable image" in bad.stderr

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, cohen_kappa_score
 
-from conftest import SHARED, pack_real_subset, run_cli
+from conftest import SHARED, invoke_cli, pack_real_subset, run_cli
 from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.grading_transforms import eval_transform
 from ssit_dist.data.labelled import LabelledShards, SplitSource
@@ -104,7 +104,7 @@ def export(graded_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         env=clean_env(MASTER_PORT=str(free_port())),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run_cli("export", tmp / "run", "-o", tmp / "encoder")
+    invoke_cli("export", tmp / "run", "-o", tmp / "encoder")
     return tmp / "encoder.safetensors"
 
 
@@ -317,10 +317,12 @@ def test_bad_inputs_fail_before_training_naming_what_is_wrong(
     graded_dir: Path, graded_shards: Path, export: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     def fails(*args: object) -> str:
-        result = run_cli(
+        # In this process (the command with --nproc 1 trains in its own process, it launches nothing):
+        # every refusal comes before Accelerate would start a process group or anything trains.
+        result = invoke_cli(
             "finetune", "--out", tmp_path / "bad", *args, "img_size=32", "epochs=1", "workers=0", check=False
         )
-        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.exit_code == 2, result.output + str(result.exception)
         assert not (tmp_path / "bad" / "metrics.jsonl").exists()  # nothing trained
         return " ".join(result.stderr.split())
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import pack_real_subset, run_cli
+from conftest import invoke_cli, pack_real_subset, run_cli
 from ssit_dist.dist import free_port
 from tiny_runs import ROOT, config, ds_config, env, torchrun, train
 
@@ -108,7 +108,7 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
 
     # ZeRO-3's weights, reassembled from shards by `ssit-dist export`, load into plain timm.
     out = tmp_path / "export3" / "encoder"
-    run_cli("export", tmp_path / "z3", "-o", out, "--tag", "step00000003")
+    invoke_cli("export", tmp_path / "z3", "-o", out, "--tag", "step00000003")
     meta = json.loads(out.with_suffix(".json").read_text())
     model = timm.create_model(
         meta["arch"], pretrained=False, num_classes=0, img_size=meta["img_size"], **meta["timm_kwargs"]
@@ -164,7 +164,7 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["contrastive_loss"] == pytest.approx(whole[-1]["contrastive_loss"], rel=1e-6)
     for name in ("whole", "killed"):
-        run_cli("export", tmp_path / name, "-o", tmp_path / f"{name}_export" / "encoder")
+        invoke_cli("export", tmp_path / name, "-o", tmp_path / f"{name}_export" / "encoder")
     a = load_file(str(tmp_path / "whole_export" / "encoder.safetensors"))
     b = load_file(str(tmp_path / "killed_export" / "encoder.safetensors"))
     assert a.keys() == b.keys()
@@ -254,7 +254,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, t
     # The last checkpoint is the last good step's, complete and loadable.
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{len(logged):08d}" and f"last good checkpoint is {latest}" in result.stderr
-    run_cli("export", run_dir, "-o", tmp_path / "diverged_export" / "encoder")
+    invoke_cli("export", run_dir, "-o", tmp_path / "diverged_export" / "encoder")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from ssit_dist.eval.report import axis_range, run_curves
 
 
@@ -56,7 +56,6 @@ def test_a_pretraining_run_gives_its_curves_over_steps(tmp_path: Path) -> None:
     assert series["view_retrieval"] == [(2, 0.25), (4, 0.25)] and len(series["contrastive_loss"]) == 4
 
 
-@pytest.mark.multiprocess
 def test_plot_writes_one_panel_per_curve_of_a_finetuning_run(tmp_path: Path) -> None:
     rows = [
         {
@@ -74,7 +73,7 @@ def test_plot_writes_one_panel_per_curve_of_a_finetuning_run(tmp_path: Path) -> 
     x, series = run_curves(run)
     assert x == "epoch" and list(series) == ["train_loss", "lr", "val_accuracy", "val_qwk", "val_macro_auc"]
     out = tmp_path / "curves.png"
-    shown = run_cli("plot", run, "-o", out).stdout
+    shown = invoke_cli("plot", run, "-o", out).stdout
     assert "5 curves over epochs" in shown
     image = cv2.imread(str(out))
     assert image.shape == (36 + 5 * 200, 640, 3)  # a title naming the run, then a panel per curve
@@ -83,4 +82,4 @@ def test_plot_writes_one_panel_per_curve_of_a_finetuning_run(tmp_path: Path) -> 
     qwk_panel = image[36 + 3 * 200 + 30 : 36 + 4 * 200 - 30, 100:500]
     drawn_rows = np.nonzero((np.abs(qwk_panel.astype(int) - (150, 30, 150)).sum(axis=2) < 60).any(axis=1))[0]
     assert len(drawn_rows) and abs(drawn_rows.mean() - qwk_panel.shape[0] / 2) < 5
-    assert run_cli("plot", tmp_path / "nowhere", check=False).returncode == 2
+    assert invoke_cli("plot", tmp_path / "nowhere", check=False).exit_code == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from ssit_dist.dist import free_port
 from tiny_runs import ROOT, env, launch, rows, short
 
@@ -143,25 +143,25 @@ def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
     for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:4]:
         (src / name).symlink_to(graded_dir / name)
     out = tmp_path / "out"
-    run_cli("shard", src, out, "--size", 32)
+    invoke_cli("shard", src, out, "--size", 32)
     (out / "mine.tar").write_bytes(b"not ours")
     (out / "notes.txt").write_text("mine")
-    run_cli("shard", src, out, "--size", 32, "--overwrite")
+    invoke_cli("shard", src, out, "--size", 32, "--overwrite")
     assert (out / "mine.tar").read_bytes() == b"not ours" and (out / "notes.txt").read_text() == "mine"
     assert (out / "train-000000.tar").is_file() and (out / "_info.json").is_file()
 
     shutil.copytree(short_run, tmp_path / "run")
     target = tmp_path / "exp" / "run1.5"
-    run_cli("export", tmp_path / "run", "-o", target)
+    invoke_cli("export", tmp_path / "run", "-o", target)
     assert (tmp_path / "exp" / "run1.5.safetensors").is_file() and (tmp_path / "exp" / "run1.5.json").is_file()
     before = (tmp_path / "exp" / "run1.5.safetensors").read_bytes()
-    refused = run_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", check=False)
-    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+    refused = invoke_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", check=False)
+    assert refused.exit_code != 0 and "--overwrite" in refused.stderr
     assert (tmp_path / "exp" / "run1.5.safetensors").read_bytes() == before
-    run_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", "--overwrite")
+    invoke_cli("export", tmp_path / "run", "-o", target, "--tag", "step00000001", "--overwrite")
     assert (tmp_path / "exp" / "run1.5.safetensors").read_bytes() != before
     (tmp_path / "run" / "checkpoints" / "step00000001" / "ssit_meta.json").unlink()  # as an interrupted save leaves it
-    refused = run_cli(
+    refused = invoke_cli(
         "export", tmp_path / "run", "-o", tmp_path / "exp" / "other", "--tag", "step00000001", check=False
     )
-    assert refused.returncode != 0 and "incomplete" in refused.stderr
+    assert refused.exit_code != 0 and "incomplete" in refused.stderr
