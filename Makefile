@@ -16,7 +16,7 @@ LOCK_TOOLS        := $(CACHE)/lock-tools
 # torchvision to the releases on their disk); the lock is resolved under the same cap.
 PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
-.PHONY: setup lock lint test test-fast demo bench gpu-check clean
+.PHONY: setup lock ops lint test test-fast demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -54,10 +54,19 @@ lint: setup
 	$(VENV)/bin/ruff format --check ssit_dist tests bench launch
 	$(VENV)/bin/mypy
 
+# DeepSpeed compiles its C++ ops on first use (about 75 s of CPU here, once per TORCH_EXTENSIONS_DIR).
+# The CPU ones the tests use are built here: `make test` runs this beside lint, on the core lint leaves
+# idle, instead of inside the first tests that need them (on a GPU machine they build on first use).
+ops: setup
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; acc = get_accelerator(); \
+		[acc.create_op_builder(op).load() for op in ('FusedAdamBuilder', 'ShareMemCommBuilder') \
+		 if acc.device_name() == 'cpu']"
+
 # The gate (what .ci/run calls): lint and every test, in two pytest-xdist workers. Most tests wait on
 # processes they launched (ranks, SLURM jobs) and leave a core idle; a module's tests stay on one worker
 # (--dist loadscope) so that its fixtures (packed shards, a trained run, a cluster) are made once.
-test: lint
+test: setup
+	$(MAKE) --no-print-directory -j2 lint ops
 	$(VENV)/bin/pytest -q -n 2 --dist loadscope
 
 # Unit tests only (no process launches, no SLURM, no wheel build): after every change.
