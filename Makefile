@@ -20,10 +20,11 @@ PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n
 
 setup: $(VENV)/.installed
 
-# Exactly the lock: pinned installer, every package at its pinned version without resolving anything
-# (--no-deps; --no-compile: Python compiles what is imported on first use, not all of torch's 5.8 GB
-# up front, 60 -> 40 s here), a check that the lock still matches pyproject.toml, the project itself without a build environment of fresh downloads (--no-build-isolation
-# uses the locked setuptools), then whatever the lock does not name is removed.
+# Exactly the lock: a pinned installer; every package at its pinned version without resolving anything
+# (--no-deps; --no-compile: Python compiles what is imported on first use, not all of torch up front,
+# 60 -> 40 s here); a check that the lock still matches pyproject.toml; the project itself without a
+# build environment of fresh downloads (--no-build-isolation uses the locked setuptools); then whatever
+# the lock does not name is removed.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
