@@ -21,14 +21,14 @@ PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n
 setup: $(VENV)/.installed
 
 # Exactly the lock: a pinned installer; every package at its pinned version without resolving anything
-# (--no-deps; --no-compile: Python compiles what is imported on first use, not all of torch up front,
-# 60 -> 40 s here); a check that the lock still matches pyproject.toml; the project itself without a
-# build environment of fresh downloads (--no-build-isolation uses the locked setuptools); then whatever
-# the lock does not name is removed.
+# (--no-deps; compiled to bytecode at install, which matters where PYTHONDONTWRITEBYTECODE is set: there
+# every process would compile torch from source again); a check that the lock still matches
+# pyproject.toml; the project itself without a build environment of fresh downloads
+# (--no-build-isolation uses the locked setuptools); then whatever the lock does not name is removed.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
-	$(PY) -m pip install --quiet --no-deps --no-compile -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
 	$(PY) tests/lockfile.py check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) tests/lockfile.py venv
