@@ -41,9 +41,10 @@ from torchvision.transforms import functional as TF
 
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.device_augment import DevicePairAugment
+from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.inputs import discover
 from ssit_dist.data.shard import ShardOptions, pack
-from ssit_dist.data.sources import open_shards
+from ssit_dist.data.sources import ShardSet, open_shards
 from ssit_dist.data.stream import PairStream, pair_loader
 
 BATCH = 16
@@ -99,10 +100,17 @@ def rate(loader, batches: int) -> float:  # type: ignore[no-untyped-def]
     return batches * BATCH / (time.perf_counter() - start)
 
 
+def one_rank_stream(shards: ShardSet, augment: PairAugment, workers: int, encoded: bool = False) -> PairStream:
+    """One rank's stream with `workers` loader processes, epochs of BATCH-sized batches."""
+    batches = max((shards.num_samples or 0) // BATCH, 1)
+    plan = EpochPlan(tuple(shards.lengths), 1, workers, BATCH, batches, shuffle_buffer=64)  # type: ignore[arg-type]
+    return PairStream(shards, augment, plan, rank=0, encoded=encoded)
+
+
 def device_rate(stream: PairStream, augment: DevicePairAugment, device: torch.device, batches: int) -> float:
     """Pairs/s of the device-side half of the gpu path (batched JPEG decode and augmentation) alone, on
     batches the workers prepared beforehand."""
-    loader = iter(pair_loader(stream, workers=2))
+    loader = iter(pair_loader(stream))
     ready = [next(loader) for _ in range(batches + 1)]
     augment(ready[0], device)  # warm-up (kernel selection, allocations)
     if device.type == "cuda":
@@ -271,11 +279,11 @@ def main() -> None:
         inputs.items = inputs.items[: args.limit]
         index = pack(args.images, work / "shards", inputs, ShardOptions(workers=2, shard_size=32))
         shards = open_shards([work / "shards"])
-        stream = PairStream(shards, PairAugment(224, shards.mean, shards.std), BATCH, shuffle_buffer=64)
-        ours0 = rate(pair_loader(stream, workers=0), args.batches)
-        ours2 = rate(pair_loader(stream, workers=2), args.batches)
-        encoded = PairStream(shards, stream.augment, BATCH, shuffle_buffer=64, encoded=True)
-        encoded2 = rate(pair_loader(encoded, workers=2), args.batches)
+        augment = PairAugment(224, shards.mean, shards.std)
+        ours0 = rate(pair_loader(one_rank_stream(shards, augment, workers=0)), args.batches)
+        ours2 = rate(pair_loader(one_rank_stream(shards, augment, workers=2)), args.batches)
+        encoded = one_rank_stream(shards, augment, workers=2, encoded=True)
+        encoded2 = rate(pair_loader(encoded), args.batches)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.set_num_threads(2)  # the training process's share of this machine, as in the 1-rank run
         on_device = device_rate(encoded, DevicePairAugment(224, shards.mean, shards.std), device, args.batches)

@@ -257,6 +257,45 @@ def finetune(
     raise typer.Exit(subprocess.call(command, env=env))
 
 
+@app.command("data-plan")
+def data_plan(
+    shards: list[str] = typer.Argument(..., help="Shard folders or brace patterns, as data.shards takes them."),
+    world: int = typer.Option(..., help="Ranks (GPUs) of the run."),
+    workers: int = typer.Option(..., help="Loader workers per rank (data.workers)."),
+    global_batch: int = typer.Option(..., help="Pairs per optimizer step over all ranks."),
+    epochs: int = typer.Option(1, help="Epochs to plan."),
+    micro_batch: int | None = typer.Option(None, help="Pairs per rank and forward (default: no accumulation)."),
+    steps_per_epoch: int | None = typer.Option(None, help="As the run's steps_per_epoch (default: samples // batch)."),
+    split: str = typer.Option("train", help="Split of the folders (data.split)."),
+    seed: int = typer.Option(0, help="The run's seed."),
+    piece_size: int = typer.Option(64, help="data.piece_size."),
+    shuffle_buffer: int = typer.Option(1000, help="data.shuffle_buffer."),
+) -> None:
+    """What a pretraining run will read, without training: per epoch the distinct samples, the samples read
+    twice and the bytes read per byte used, from the stream's own code on tar headers only. Prints JSON."""
+    from ssit_dist.config import ConfigError
+    from ssit_dist.data.dry_run import dry_run
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.data.sources import open_shards
+
+    try:
+        report = dry_run(
+            open_shards(shards, split),
+            world,
+            workers,
+            global_batch,
+            epochs,
+            micro_batch,
+            steps_per_epoch,
+            seed,
+            piece_size,
+            shuffle_buffer,
+        )
+    except (ShardIndexError, ConfigError, ValueError) as e:
+        _fail(str(e))
+    print(json.dumps(report, indent=2))
+
+
 @app.command()
 def knn(
     train: str = typer.Option(..., help="Neighbour shards: FOLDER[:SPLIT] (split default: train)."),

@@ -73,6 +73,11 @@ class DataConfig(Checked):
     prefetch: int = option(2, "batches each loader worker prepares ahead")
     pin_memory: bool = option(False, "pin host batches for faster copies to the GPU")
     shuffle_buffer: int = option(1000, "samples held for shuffling, per loader worker")
+    piece_size: int = option(
+        64,
+        "consecutive samples of a shard read together: each epoch shuffles these pieces over all loader "
+        "workers of all ranks (every sample once per epoch), then each worker's buffer shuffles samples",
+    )
     verify: str = option("size", "before training check each local shard against _info.json: size, sha256 or none")
     empty_timeout_s: float = option(300.0, "a source with no usable sample for this long ends the run, naming it")
 
@@ -88,6 +93,7 @@ class DataConfig(Checked):
         require(self.workers >= 0, "data.workers", self.workers, "must be 0 or more")
         require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be at least 1")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be at least 1")
+        require(self.piece_size >= 1, "data.piece_size", self.piece_size, "must be at least 1 (samples)")
         one_of("data.verify", self.verify, ("size", "sha256", "none"))
         require(self.empty_timeout_s > 0, "data.empty_timeout_s", self.empty_timeout_s, "must be positive (seconds)")
 

@@ -19,6 +19,7 @@ from conftest import pack_real_subset
 from ssit_dist.data.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
 from ssit_dist.data.decode import decode_bgr, decode_jpegs
 from ssit_dist.data.device_augment import DevicePairAugment, EncodedBatch, _hue, gaussian_blur, warp
+from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.saliency import saliency_map
 from ssit_dist.data.sources import open_shards
 from ssit_dist.data.stream import PairStream, pair_loader
@@ -56,8 +57,10 @@ def test_the_device_path_makes_the_cpu_paths_views_on_real_shards(shards: Path) 
     # far as another photograph), and correlate with it.
     index = open_shards([shards])
     augment = PairAugment(64, index.mean, index.std)
-    cpu = next(iter(pair_loader(PairStream(index, augment, 8, shuffle_buffer=4), workers=0)))
-    encoded = next(iter(pair_loader(PairStream(index, augment, 8, shuffle_buffer=4, encoded=True), workers=1)))
+    plan = EpochPlan(tuple(index.lengths), 1, 0, 8, 2, shuffle_buffer=4)  # type: ignore[arg-type]
+    cpu = next(iter(pair_loader(PairStream(index, augment, plan, rank=0))))
+    plan = dataclasses.replace(plan, workers=1)  # the same samples in the same order from one worker process
+    encoded = next(iter(pair_loader(PairStream(index, augment, plan, rank=0, encoded=True))))
     assert isinstance(encoded, EncodedBatch) and len(encoded.jpegs) == 8 and encoded.saliency.dtype == torch.uint8
     device = DevicePairAugment(64, index.mean, index.std)(encoded, CPU)
     for ours, theirs in zip(device, cpu, strict=True):
@@ -209,10 +212,11 @@ def test_the_encoded_stream_skips_and_names_a_truncated_jpeg(
             info.size = len(data)
             bad.addfile(info, io.BytesIO(data))
     index = open_shards([shards])
-    one_shard = type(index)([str(bad_path)], [8], index.mean, index.std, [None], [None])
-    stream = PairStream(one_shard, PairAugment(48, index.mean, index.std), 3, shuffle_buffer=1, encoded=True)
+    one_shard = type(index)([str(bad_path)], [8], index.mean, index.std, [None], [None], [None])
+    plan = EpochPlan((8,), 1, 0, 3, 2, shuffle_buffer=1)
+    stream = PairStream(one_shard, PairAugment(48, index.mean, index.std), plan, rank=0, encoded=True)
     with caplog.at_level(logging.WARNING):
-        batch = next(iter(pair_loader(stream, workers=0)))
+        batch = next(iter(pair_loader(stream)))
     assert f"skipping sample {truncated} from {bad_path}" in caplog.text and "not a whole JPEG" in caplog.text
     assert len(batch.jpegs) == 3 and all(bytes(j[-2:].tolist()) == b"\xff\xd9" for j in batch.jpegs)
 

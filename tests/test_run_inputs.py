@@ -48,8 +48,11 @@ def test_wrong_batch_shards_and_retrieval_fields_are_named(shards: Path, tmp_pat
     pattern = f"{bare}/train-{{000000..000002}}.tar"
     assert "data.mean / data.std" in refused(config(tmp_path, shards, "bare", ds, data__shards=[pattern]))
     stats = {"data__mean": [0.5] * 3, "data__std": [0.25] * 3}
-    message = refused(config(tmp_path, shards, "uncounted", ds, data__shards=[pattern], steps_per_epoch=None, **stats))
-    assert "steps_per_epoch" in message
+    counted = check_inputs(load_config(config(tmp_path, shards, "counted", ds, data__shards=[pattern], **stats)), 2)
+    assert counted.shards.lengths == [8, 8, 8]  # local tars are counted from their headers
+    remote = [f"pipe:cat {pattern}"]
+    message = refused(config(tmp_path, shards, "uncounted", ds, data__shards=remote, **stats), ShardIndexError)
+    assert "pipe:cat" in message and "sample count" in message
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,11 @@ import torch
 
 from conftest import pack_real_subset
 from ssit_dist.data.augment import PairAugment
+from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.sources import open_shards, read_shard, verify_shards
+from ssit_dist.data.sources import ShardSet, open_shards, verify_shards
 from ssit_dist.data.stream import PairStream, pair_loader
+from ssit_dist.data.tar_reader import read_shard
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +32,24 @@ def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_real_subset(graded_dir, tmp_path_factory, 23, size=64, shard_size=5)
 
 
-def make_stream(folder: Path, rank: int = 0, seed: int = 0) -> PairStream:
+def make_stream(
+    folder: Path, rank: int = 0, workers: int = 0, world: int = 2, micro: int = 4, encoded: bool = False
+) -> PairStream:
+    """Rank `rank` of `world`, epochs of as many batches of `micro` as the 23 samples fill."""
     shard_set = open_shards([folder])
-    return PairStream(
-        shard_set, PairAugment(32, shard_set.mean, shard_set.std), batch_size=4, seed=seed, shuffle_buffer=8, rank=rank
-    )
+    batches = 23 // (world * micro)
+    plan = EpochPlan(tuple(shard_set.lengths), world, workers, micro, batches, piece_size=2, shuffle_buffer=8)  # type: ignore[arg-type]
+    return PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), plan, rank=rank, encoded=encoded)
 
 
-def take(stream: PairStream, n: int, workers: int) -> list[tuple[torch.Tensor, ...]]:
-    return list(itertools.islice(iter(pair_loader(stream, workers=workers)), n))
+def take(stream: PairStream, n: int) -> list:
+    return list(itertools.islice(iter(pair_loader(stream)), n))
 
 
 def test_batches_have_the_right_shapes(shards: Path) -> None:
     shard_set = open_shards([shards])
     assert shard_set.num_samples == 23 and shard_set.lengths == [5, 5, 5, 5, 3]
-    x1, x2, s1, s2 = take(make_stream(shards), 1, workers=0)[0]
+    x1, x2, s1, s2 = take(make_stream(shards), 1)[0]
     assert x1.shape == x2.shape == (4, 3, 32, 32) and s1.shape == s2.shape == (4, 1, 32, 32)
     assert s1.max() <= 1 and s1.min() >= 0 and s1.max() > 0
 
@@ -52,22 +57,40 @@ def test_batches_have_the_right_shapes(shards: Path) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_mid_epoch_replays_the_same_batches(shards: Path, workers: int) -> None:
-    stream = make_stream(shards)
+    # One rank of one, batches of 2: an epoch of 11 batches, resumed at its 4th.
+    stream = make_stream(shards, workers=workers, world=1, micro=2)
     stream.set_position(epoch=3)
-    full = take(stream, 7, workers)
+    full = take(stream, 7)
     stream.set_position(epoch=3, skip_batches=4)
-    resumed = take(stream, 3, workers)
+    resumed = take(stream, 3)
     for a, b in zip(full[4:], resumed, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     stream.set_position(epoch=4)
-    assert not torch.equal(take(stream, 1, workers)[0][0], full[0][0])  # a new epoch, new data
+    assert not torch.equal(take(stream, 1)[0][0], full[0][0])  # a new epoch, new data
+
+
+@pytest.mark.multiprocess
+def test_an_epoch_through_real_loader_workers_reads_every_sample_once(shards: Path) -> None:
+    # 2 ranks x 2 workers, batches of 2 over 23 samples in 5 uneven shards: 5 batches per rank, 20
+    # samples per epoch, counted by the names the workers read; then a rank resumed at its 3rd batch.
+    def epoch(epoch: int, rank: int, skip: int = 0) -> list[list[str]]:
+        stream = make_stream(shards, rank=rank, workers=2, micro=2, encoded=True)
+        stream.set_position(epoch, skip)
+        return [batch.names for batch in take(stream, 5 - skip)]
+
+    first = [epoch(0, rank) for rank in (0, 1)]
+    names = [name for rank in first for batch in rank for name in batch]
+    assert len(names) == len(set(names)) == 20 and all(len(b) == 2 for rank in first for b in rank)
+    assert epoch(0, 1, skip=3) == first[1][3:]
+    second = [name for rank in (0, 1) for batch in epoch(1, rank) for name in batch]
+    assert len(set(second)) == 20 and second != names  # each epoch a pass, in another order
 
 
 @pytest.mark.multiprocess
 def test_ranks_see_different_data_and_never_run_dry(shards: Path) -> None:
-    # 2 ranks x 2 workers = 4 streams over 5 uneven shards: each stream resamples, none runs out.
-    a = take(make_stream(shards, rank=0), 12, workers=2)
-    b = take(make_stream(shards, rank=1), 12, workers=2)
+    # 2 ranks x 2 workers = 4 streams over 5 uneven shards: past the epoch's 2 batches a rank reads on.
+    a = take(make_stream(shards, rank=0, workers=2), 12)
+    b = take(make_stream(shards, rank=1, workers=2), 12)
     assert len(a) == len(b) == 12
     assert not torch.equal(a[0][0], b[0][0])
 
@@ -83,10 +106,11 @@ def test_a_bad_sample_is_logged_and_skipped(shards: Path, tmp_path: Path, caplog
             info.size = len(data)
             bad.addfile(info, io.BytesIO(data))
     shard_set = open_shards([shards])
-    shard_set = type(shard_set)([str(bad_path)], [5], shard_set.mean, shard_set.std, [None], [None])
-    stream = PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), batch_size=4, shuffle_buffer=1)
+    shard_set = type(shard_set)([str(bad_path)], [5], shard_set.mean, shard_set.std, [None], [None], [None])
+    plan = EpochPlan((5,), 1, 0, 4, 1, shuffle_buffer=1)
+    stream = PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), plan, rank=0)
     with caplog.at_level(logging.WARNING):
-        batches = take(stream, 3, workers=0)
+        batches = take(stream, 3)
     assert len(batches) == 3
     assert "skipping sample" in caplog.text and "undecodable" in caplog.text
 
@@ -108,10 +132,12 @@ def test_shards_without_an_index_stream_with_given_statistics(shards: Path, tmp_
     for tar in shards.glob("train-*.tar"):
         (tmp_path / tar.name).symlink_to(tar)
     bare = open_shards([f"{tmp_path}/train-{{000000..000004}}.tar"])
-    assert bare.lengths == [None] * 5 and bare.num_samples is None and bare.mean is None
-    assert bare.weights().tolist() == [0.2] * 5
-    stream = PairStream(bare, PairAugment(32, [0.5] * 3, [0.25] * 3), batch_size=4, shuffle_buffer=8)
-    assert len(take(stream, 3, workers=0)) == 3
+    indexed = open_shards([shards])
+    # Counted from their headers: the counts and sample offsets `ssit-dist shard` wrote into the index.
+    assert bare.lengths == [5, 5, 5, 5, 3] and bare.offsets == indexed.offsets and bare.mean is None
+    plan = EpochPlan(tuple(bare.lengths), 1, 0, 4, 5, shuffle_buffer=8)  # type: ignore[arg-type]
+    stream = PairStream(bare, PairAugment(32, [0.5] * 3, [0.25] * 3), plan, rank=0)
+    assert len(take(stream, 3)) == 3
     with pytest.raises(ShardIndexError, match=r"5 of the 10 shards .* missing, the first is .*train-000005\.tar"):
         open_shards([f"{tmp_path}/train-{{000000..000009}}.tar"])
 
@@ -123,6 +149,15 @@ def test_pipe_urls_read_the_same_samples_as_files(shards: Path) -> None:
     from_pipe = list(read_shard(f"pipe:cat {local}"))
     assert [s["__key__"] for s in from_pipe] == [s["__key__"] for s in from_file] and len(from_file) == 3
     assert all(a["jpg"] == b["jpg"] and a["sal.png"] == b["sal.png"] for a, b in zip(from_file, from_pipe, strict=True))
+    # By index, in any order: a remote source reads on, and reopens to go back.
+    indexed = open_shards([shards])
+    remote = ShardSet([f"pipe:cat {p}" for p in indexed.paths], indexed.lengths, None, None, *[[None] * 5] * 3)
+    local_reader, pipe_reader = indexed.reader(), remote.reader()
+    for global_id in (22, 3, 4, 9, 0, 21, 22):
+        a, b = local_reader.read(global_id), pipe_reader.read(global_id)
+        assert a is not None and b is not None and a["__key__"] == b["__key__"] and a["jpg"] == b["jpg"]
+    local_reader.close()
+    pipe_reader.close()
 
 
 @pytest.mark.multiprocess
@@ -135,11 +170,13 @@ def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path)
 import itertools, os, signal
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.sources import open_shards
+from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.stream import PairStream, pair_loader
 from ssit_dist.data.workers import start_batches
 shards = open_shards([{str(shards)!r}])
-stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), batch_size=4, shuffle_buffer=8)
-batches = start_batches(pair_loader(stream, workers=2))
+plan = EpochPlan(tuple(shards.lengths), 1, 2, 4, 5, shuffle_buffer=8)
+stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), plan, rank=0)
+batches = start_batches(pair_loader(stream))
 import psutil
 helpers = psutil.Process().children(recursive=True)  # workers, forkserver, resource tracker
 for helper in helpers:

@@ -33,6 +33,7 @@ class SplitInfo:
     sha256: list[str]
     label_histogram: dict[str, int] | None = None  # grade (as a string key) -> count
     sizes: list[int] | None = None  # bytes per shard (absent in indexes of ssit-dist 0.1.0 before sizes)
+    offsets: list[list[int]] | None = None  # per shard, each sample's byte offset (absent in older indexes)
 
 
 @dataclass
@@ -96,6 +97,8 @@ def read_index(folder: Path, verify: bool = False) -> ShardIndex:
             raise ShardIndexError(f"{path}: split {split.name!r} lists shards, lengths and hashes of unequal count")
         if sum(split.shard_lengths) != split.num_samples:
             raise ShardIndexError(f"{path}: split {split.name!r} num_samples != sum of shard_lengths")
+        if split.offsets is not None and [len(o) for o in split.offsets] != split.shard_lengths:
+            raise ShardIndexError(f"{path}: split {split.name!r} has sample offsets that disagree with shard_lengths")
         for name, expected in zip(split.filenames, split.sha256, strict=True):
             shard = folder / name
             if not shard.is_file():

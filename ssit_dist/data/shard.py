@@ -171,6 +171,7 @@ class _SplitWriter:
     def __init__(self, out: Path, split: str, shard_size: int):
         self.out, self.split, self.shard_size = out, split, shard_size
         self.lengths: list[int] = []
+        self.offsets: list[list[int]] = []  # each sample's byte offset in its shard: readers seek there
         self.grades: Counter[int] = Counter()
         self.histogram = np.zeros((3, 256), np.int64)
         self._tar: tarfile.TarFile | None = None
@@ -185,6 +186,8 @@ class _SplitWriter:
             tmp = self.out / (self._name(len(self.lengths)) + ".tmp")
             self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
             self.lengths.append(0)
+            self.offsets.append([])
+        self.offsets[-1].append(self._tar.fileobj.tell())
         for ext, data in packed.members.items():
             _tar_member(self._tar, f"{packed.item.key}.{ext}", data)
         self.lengths[-1] += 1
@@ -216,6 +219,7 @@ class _SplitWriter:
             sha256=[sha256_file(self.out / n) for n in names],
             label_histogram=histogram,
             sizes=[(self.out / n).stat().st_size for n in names],
+            offsets=self.offsets,
         )
 
 

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tarfile
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from braceexpand import braceexpand
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
 
-from ssit_dist.data.index import ShardIndex, ShardIndexError, read_index, sha256_file
+from ssit_dist.data.index import ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file
+from ssit_dist.data.tar_reader import ShardReader, is_remote, open_url, scan
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +32,54 @@ class ShardSet:
     std: list[float] | None
     sizes: list[int | None]  # bytes, as the index recorded them
     sha256: list[str | None]
+    offsets: list[list[int] | None]  # byte offset of each sample in its local shard, where known
 
     @property
     def num_samples(self) -> int | None:
         return None if None in self.lengths else sum(self.lengths)  # type: ignore[arg-type]
 
-    def weights(self) -> np.ndarray:
-        """Draw probability per shard: by sample count, uniform when any count is unknown."""
-        if None in self.lengths:
-            return np.full(len(self.lengths), 1.0 / len(self.lengths))
-        p = np.array(self.lengths, np.float64)
-        return p / p.sum()
+    def reader(self, keys_only: bool = False) -> ShardReader:
+        """Reads samples by global id; see data/tar_reader.py."""
+        self.check_counted()
+        return ShardReader(self.paths, self.lengths, self.offsets, keys_only)  # type: ignore[arg-type]
 
-
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+    def check_counted(self) -> None:
+        """Raise ShardIndexError where a shard's sample count is unknown."""
+        if self.num_samples is None:
+            unknown = self.paths[self.lengths.index(None)]
+            raise ShardIndexError(
+                f"the sample count of {unknown} is unknown (a remote shard without an _info.json beside it): "
+                "an epoch reads every sample once and must know how many there are; copy the shards locally "
+                "or pack them with `ssit-dist shard`, which writes the index"
+            )
 
 
 def is_pattern(source: str) -> bool:
     """A shard URL or brace pattern (`/data/train-{000000..000099}.tar`, `pipe:...`, `https://...`)
     rather than a folder written by `ssit-dist shard`."""
-    return source.endswith(".tar") or "{" in source or _is_remote(source)
+    return source.endswith(".tar") or "{" in source or is_remote(source)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What is known about one shard."""
+
+    length: int | None
+    size: int | None = None
+    sha256: str | None = None
+    offsets: list[int] | None = None
 
 
 def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet:
     """The shards named by `sources`: folders written by `ssit-dist shard` (their `split`), or brace
     patterns of tar URLs. A local shard listed in an `_info.json` beside it takes its sample count and
-    mean/std from there; other URLs are drawn uniformly and carry no statistics. Mean/std of several
-    sources are the sample-weighted average."""
+    mean/std from there; another local tar is counted from its headers; a remote one without an index
+    has no count (`ShardSet.reader` refuses it) and no statistics. Mean/std of several sources are the
+    sample-weighted average."""
     if not sources:
         raise ShardIndexError("no shard sources given")
     paths: list[str] = []
-    lengths: list[int | None] = []
-    sizes: list[int | None] = []
-    hashes: list[str | None] = []
+    entries: list[_Entry] = []
     stats: list[tuple[list[float], list[float], int] | None] = []
     indexes: dict[Path, ShardIndex | None] = {}
     for source in map(str, sources):
@@ -76,43 +87,47 @@ def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet
             folder = Path(source)
             index = read_index(folder)
             paths += [str(p) for p in index.shard_paths(folder, split)]
-            info = index.splits[split]
-            lengths += info.shard_lengths
-            sizes += info.sizes or [None] * len(info.filenames)
-            hashes += info.sha256
+            entries += [_entry(index.splits[split], i) for i in range(len(index.splits[split].filenames))]
             stats.append((index.mean, index.std, index.splits[split].num_samples))
             continue
         urls = list(braceexpand(source))
-        missing = [u for u in urls if not (_is_remote(u) or Path(u).is_file())]
+        missing = [u for u in urls if not (is_remote(u) or Path(u).is_file())]
         if missing:
             raise ShardIndexError(
                 f"{len(missing)} of the {len(urls)} shards of {source} are missing, "
                 f"the first is {missing[0]}; check the pattern in data.shards"
             )
         found = [_indexed(url, indexes) for url in urls]
-        counts = [n for _, n, _, _ in found]
         paths += urls
-        lengths += counts
-        sizes += [size for _, _, size, _ in found]
-        hashes += [digest for _, _, _, digest in found]
+        entries += [entry for _, entry in found]
         first = found[0][0]  # the pattern's statistics are those of its first shard's folder
-        stats.append((first.mean, first.std, sum(counts)) if first is not None and None not in counts else None)  # type: ignore[arg-type]
+        indexed = first is not None and all(entry.sha256 is not None for _, entry in found)
+        stats.append((first.mean, first.std, sum(e.length for _, e in found)) if indexed else None)  # type: ignore[union-attr, misc]
+    lengths = [e.length for e in entries]
+    sizes, hashes, offsets = [e.size for e in entries], [e.sha256 for e in entries], [e.offsets for e in entries]
     if any(s is None for s in stats):
-        return ShardSet(paths, lengths, None, None, sizes, hashes)
+        return ShardSet(paths, lengths, None, None, sizes, hashes, offsets)
     w = np.array([n for _, _, n in stats], np.float64)  # type: ignore[misc]
     w /= w.sum()
     mean = (w[:, None] * np.array([m for m, _, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
     std = (w[:, None] * np.array([s for _, s, _ in stats])).sum(0).round(6).tolist()  # type: ignore[misc]
-    return ShardSet(paths, lengths, mean, std, sizes, hashes)
+    return ShardSet(paths, lengths, mean, std, sizes, hashes, offsets)
 
 
-def _indexed(
-    url: str, indexes: dict[Path, ShardIndex | None]
-) -> tuple[ShardIndex | None, int | None, int | None, str | None]:
-    """The `_info.json` beside a local shard (read once per folder) and the shard's sample count, size
-    and sha256 in it."""
-    if _is_remote(url):
-        return None, None, None, None
+def _entry(split: SplitInfo, i: int) -> _Entry:
+    return _Entry(
+        split.shard_lengths[i],
+        split.sizes[i] if split.sizes else None,
+        split.sha256[i],
+        split.offsets[i] if split.offsets else None,
+    )
+
+
+def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, _Entry]:
+    """The `_info.json` beside a local shard (read once per folder) and what it says of the shard; a
+    local tar it does not list is counted from its headers."""
+    if is_remote(url):
+        return None, _Entry(None)
     path = Path(url)
     if path.parent not in indexes:
         try:
@@ -122,9 +137,9 @@ def _indexed(
     index = indexes[path.parent]
     for split in index.splits.values() if index else []:
         if path.name in split.filenames:
-            i = split.filenames.index(path.name)
-            return index, split.shard_lengths[i], split.sizes[i] if split.sizes else None, split.sha256[i]
-    return index, None, None, None
+            return index, _entry(split, split.filenames.index(path.name))
+    offsets = scan(url)
+    return index, _Entry(len(offsets), offsets=offsets)
 
 
 def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> None:
@@ -137,7 +152,7 @@ def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> N
     hashed = [
         i
         for i, (url, digest) in enumerate(zip(shards.paths, shards.sha256, strict=True))
-        if mode == "sha256" and digest is not None and not _is_remote(url)
+        if mode == "sha256" and digest is not None and not is_remote(url)
     ]
     total = sum(os.path.getsize(shards.paths[i]) for i in hashed)
     if hashed:
@@ -146,7 +161,7 @@ def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> N
     with Progress(*columns, disable=not (show_progress and hashed), transient=True) as progress:
         bar = progress.add_task("sha256", total=total)
         for i, (url, size, digest) in enumerate(zip(shards.paths, shards.sizes, shards.sha256, strict=True)):
-            if _is_remote(url):
+            if is_remote(url):
                 _probe(url)
             elif mode == "size" and size is not None and (actual := os.path.getsize(url)) != size:
                 raise ShardIndexError(
@@ -165,7 +180,7 @@ def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> N
 def _probe(url: str) -> None:
     """Read the first tar header of a remote shard, or fail naming it."""
     try:
-        with _open_url(url) as stream:
+        with open_url(url) as stream:
             head = stream.read(512)
     except Exception as e:  # gopen raises whatever its transport raises (IOError, HTTP errors, ...)
         raise ShardIndexError(f"shard source {url} cannot be read: {e}") from None
@@ -175,34 +190,3 @@ def _probe(url: str) -> None:
 
 class SourceError(RuntimeError):
     """The shard sources gave no usable sample for `empty_timeout_s`: the run stops naming them."""
-
-
-def read_shard(path: str) -> Generator[dict, None, None]:
-    """Samples of one WebDataset tar, members grouped by key as webdataset does. The file closes when
-    the generator does (webdataset's own reader leaves that to the garbage collector); a damaged tar is
-    logged and read up to the damage."""
-    sample: dict = {}
-    try:
-        with _open_url(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                split = base_plus_ext(member.name) if member.isfile() else None
-                if split is None or split[0] is None:
-                    continue
-                key, ext = split
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample.setdefault("__key__", key)
-                sample["__url__"] = path
-                sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError) as e:
-        log.warning("shard %s is damaged, reading stopped there: %s", path, e)
-    if sample:
-        yield sample
-
-
-def _open_url(url: str) -> BinaryIO:
-    """A local path opens directly; `pipe:`, `http(s)://`, `s3://` ... through webdataset's gopen."""
-    if _is_remote(url):
-        return gopen(url, "rb")
-    return open(url, "rb")

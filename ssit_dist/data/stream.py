@@ -1,16 +1,15 @@
-"""Streaming pretraining pairs from WebDataset shards, with an exactly resumable order.
+"""Streaming pretraining pairs from WebDataset shards: each epoch a pass over the data, exactly resumable.
 
-Every (rank, loader worker) pair is one stream. A stream draws shards at random with replacement
-(weighted by their sample counts), so any number of ranks and workers works with any number of shards,
-uneven ones included, and every rank yields as many batches as it is asked for. Everything random is a
-pure function of (seed, epoch, stream, sample index): the shard draws and the shuffle buffer use one
-generator per (seed, epoch, stream), each sample's augmentation its own. Resuming at batch k of an epoch
-therefore replays the same data: each stream skips the raw samples its first batches used, without
-decoding them.
+Every (rank, loader worker) pair is one stream; data/epoch.py says which samples each stream reads in an
+epoch (every sample once over all streams, for any number of shards against any number of streams) and in
+which order. Everything random is a pure function of (seed, epoch, stream, position): the epoch's order,
+the shuffle buffer, and each sample's augmentation (its own generator). Resuming at batch k of an epoch
+therefore replays the same data: each stream drops the positions its first batches used, unread.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -23,7 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.decode import decode_bgr, decode_gray
 from ssit_dist.data.device_augment import collate_encoded
-from ssit_dist.data.sources import ShardSet, SourceError, read_shard
+from ssit_dist.data.epoch import EpochPlan
+from ssit_dist.data.sources import ShardSet, SourceError
+from ssit_dist.data.tar_reader import ShardReader
 from ssit_dist.data.workers import ignore_preemption, worker_options
 from ssit_dist.dist import rank as dist_rank
 
@@ -37,20 +38,20 @@ class PairStream(IterableDataset):
         self,
         shards: ShardSet,
         augment: PairAugment,
-        batch_size: int,
-        seed: int = 0,
-        shuffle_buffer: int = 1000,
+        plan: EpochPlan,
         rank: int | None = None,
         empty_timeout_s: float = 300.0,
         encoded: bool = False,
     ):
-        """`encoded`: yield what the device-side augmentation takes (data/device_augment.py) instead of
-        augmented pairs: the JPEG bytes, the decoded saliency map and both views' drawn parameters."""
+        """`plan` must count the loader's workers (`plan.workers`). `encoded`: yield what the device-side
+        augmentation takes (data/device_augment.py) instead of augmented pairs: the JPEG bytes, the
+        decoded saliency map and both views' drawn parameters."""
         super().__init__()
-        self.encoded = encoded
-        self.shards, self.augment, self.empty_timeout_s = shards, augment, empty_timeout_s
-        self._last_good = time.monotonic()
-        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        if list(plan.lengths) != shards.lengths:
+            raise ValueError("the epoch plan was made for other shards")
+        self.shards, self.augment, self.plan, self.encoded = shards, augment, plan, encoded
+        self.empty_timeout_s = empty_timeout_s
+        self.batch_size = plan.micro_batch
         self.epoch, self.skip_batches = 0, 0
         self.rank = dist_rank() if rank is None else rank
 
@@ -58,55 +59,67 @@ class PairStream(IterableDataset):
         """Start the next iteration at batch `skip_batches` of `epoch` (call before iterating)."""
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _raw_samples(self, rng: np.random.Generator) -> Iterator[dict]:
-        p = self.shards.weights()
-        while True:
-            url = self.shards.paths[int(rng.choice(len(p), p=p))]
-            empty = True
-            for sample in read_shard(url):
-                empty = False
-                yield sample
-            if empty:
-                self._starving(url)
-                time.sleep(0.5)  # a source that yields nothing: do not spin on it
-
-    def _starving(self, url: str) -> None:
-        """Raise SourceError once no usable sample came for `empty_timeout_s` (progress resets it)."""
-        if time.monotonic() - self._last_good > self.empty_timeout_s:
-            raise SourceError(
-                f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards "
-                f"(the last one tried: {url}): every sample was undecodable or lacked jpg/sal.png, "
-                "or the source yields nothing (see the warnings above); check the shards and URLs"
-            )
-
-    def _shuffled(self, rng: np.random.Generator) -> Iterator[dict]:
-        buffer: list[dict] = []
-        for sample in self._raw_samples(rng):
-            buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
-                k = int(rng.integers(len(buffer)))
-                buffer[k], buffer[-1] = buffer[-1], buffer[k]
-                yield buffer.pop()
+    def _worker(self) -> int:
+        """The stream this loader worker plays. Loader batch j comes from worker j % workers; a loader
+        resumed at batch k must give batch k first, so its worker w plays stream (w + k) % workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (0, 0)
+        if workers != self.plan.workers:
+            raise ValueError(f"the loader has {workers} workers, its epoch plan {self.plan.workers}")
+        return (worker + self.skip_batches) % self.plan.streams_per_rank
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        stream = self.rank * workers + worker
-        rng = np.random.default_rng([self.seed, self.epoch, stream])
-        # Loader batch j comes from worker j % workers: this worker's share of the skipped batches.
-        skip = (self.skip_batches - worker + workers - 1) // workers * self.batch_size
-        self._last_good = time.monotonic()
-        for i, sample in enumerate(self._shuffled(rng)):
-            if i < skip:
-                self._last_good = time.monotonic()
-                continue
-            rng = np.random.default_rng([self.seed, self.epoch, stream, i])
-            pair = encode(sample, self.augment, rng) if self.encoded else decode_and_augment(sample, self.augment, rng)
-            if pair is None:
-                self._starving(sample.get("__url__", "?"))
-                continue
-            self._last_good = time.monotonic()
-            yield pair
+        worker = self._worker()
+        stream = self.rank * self.plan.streams_per_rank + worker
+        reader = self.shards.reader()
+        last_good = time.monotonic()
+        try:
+            samples = read_stream(self.plan, self.epoch, self.rank, worker, self.skip_batches, reader)
+            for position, sample in samples:
+                rng = np.random.default_rng([self.plan.seed, self.epoch, stream, position])
+                pair = None
+                if sample is not None:
+                    pair = (
+                        encode(sample, self.augment, rng)
+                        if self.encoded
+                        else decode_and_augment(sample, self.augment, rng)
+                    )
+                if pair is not None:
+                    last_good = time.monotonic()
+                    yield pair
+                elif time.monotonic() - last_good > self.empty_timeout_s:
+                    raise SourceError(
+                        f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards (the last "
+                        f"one tried: {sample.get('__url__') if sample else '?'}): every sample was undecodable or "
+                        "lacked jpg/sal.png, or the shards end early (see the warnings above); check the shards"
+                    )
+        finally:
+            reader.close()
+
+
+def read_stream(
+    plan: EpochPlan, epoch: int, rank: int, worker: int, skip_batches: int, reader: ShardReader
+) -> Iterator[tuple[int, dict | None]]:
+    """(position, sample) in the order stream (rank, worker) yields them from batch `skip_batches` of the
+    rank on: read in the plan's reading order, held until the shuffle buffer lets them out, those before
+    `skip_batches` never read. None where the reader found no sample (it logs why)."""
+    per_rank = plan.streams_per_rank
+    # Batch j of an epoch comes from stream j % workers: this stream's share of the skipped batches.
+    skip = (skip_batches - worker + per_rank - 1) // per_rank * plan.micro_batch
+    order = plan.emitted(epoch, rank, worker)
+    skipped = set(itertools.islice(order, skip))
+    sequence = plan.sequence(epoch, rank, worker)
+    held: dict[int, dict | None] = {}
+    read = 0  # positions of `sequence` read (or passed over) so far
+    for position in order:
+        while read <= position:
+            global_id = next(sequence)
+            if read in skipped:
+                skipped.discard(read)
+            else:
+                held[read] = reader.read(global_id)
+            read += 1
+        yield position, held.pop(position)
 
 
 def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple[torch.Tensor, ...] | None:
@@ -145,9 +158,10 @@ def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tupl
     )
 
 
-def pair_loader(stream: PairStream, workers: int = 2, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
-    """Batches of `stream.batch_size` pairs; iterate it (with `start_batches`) for as many steps as an
-    epoch has."""
+def pair_loader(stream: PairStream, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
+    """Batches of `stream.batch_size` pairs from `stream.plan.workers` processes; iterate it (with
+    `start_batches`) for as many batches as an epoch has."""
+    workers = stream.plan.workers
     return DataLoader(
         stream,
         batch_size=stream.batch_size,

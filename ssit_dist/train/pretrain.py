@@ -26,6 +26,7 @@ import torch.distributed as torch_dist
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.device_augment import DevicePairAugment
+from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.labelled import SplitSource
 from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
@@ -73,6 +74,12 @@ def run_fingerprint(
         "steps_per_epoch": steps_per_epoch,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
+        # The epoch's order and each stream's share (data/epoch.py): a resume replays them exactly.
+        "data_order": {
+            "workers": cfg.data.workers,
+            "piece_size": cfg.data.piece_size,
+            "shuffle_buffer": cfg.data.shuffle_buffer,
+        },
         "model": asdict(cfg.model),
         "ds_config": ds_config,
         "shards": [
@@ -80,6 +87,20 @@ def run_fingerprint(
             for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256, strict=True)
         ],
     }
+
+
+def epoch_plan(cfg: PretrainConfig, shards: ShardSet, world: int, micro: int, batches_per_rank: int) -> EpochPlan:
+    """Which samples each rank's loader workers read, epoch by epoch (data/epoch.py)."""
+    return EpochPlan(
+        tuple(shards.lengths),  # type: ignore[arg-type]  # check_inputs made sure every count is known
+        world,
+        cfg.data.workers,
+        micro,
+        batches_per_rank,
+        cfg.seed,
+        cfg.data.piece_size,
+        cfg.data.shuffle_buffer,
+    )
 
 
 def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, device: torch.device) -> tuple[Any, Any]:
@@ -148,11 +169,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> RunInputs:
             "data.mean / data.std: the shards in data.shards have no _info.json beside them; "
             "set both (RGB in [0, 1], as `ssit-dist shard` computed for them)"
         )
-    if shards.num_samples is None and cfg.steps_per_epoch is None:
-        raise ConfigError(
-            "steps_per_epoch: the sample count of the shards in data.shards is unknown "
-            "(no _info.json beside them); set steps_per_epoch"
-        )
+    shards.check_counted()
     held_out = None
     if cfg.retrieval.shards is not None:
         source = SplitSource.parse(cfg.retrieval.shards, "train")
@@ -214,9 +231,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     stream = PairStream(
         shards,
         PairAugment(cfg.model.img_size, mean, std, cfg.augment.view1, cfg.augment.view2),
-        micro,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
+        epoch_plan(cfg, shards, world, micro, steps_per_epoch * accumulation),
         empty_timeout_s=cfg.data.empty_timeout_s,
         encoded=cfg.data.augment_on == "gpu",
     )
@@ -250,7 +265,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         engine,
         momentum_net,
         stream,
-        pair_loader(stream, cfg.data.workers, cfg.data.prefetch, cfg.data.pin_memory),
+        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory),
         run_dir,
         device,
         precision,
