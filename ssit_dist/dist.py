@@ -14,6 +14,7 @@ a test can run, and it must make the same NCCL calls as eight GPUs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RankFailure(RuntimeError):
@@ -52,15 +54,59 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
+class PlacementError(RuntimeError):
+    """This process cannot be given a device or a place in the job as launched; the message says how to
+    launch it instead."""
+
+
 def adopt_srun_environment() -> None:
-    """Under plain srun (one task per rank, no launcher) rank, world size and local rank come from
-    SLURM's variables: set the names torch, DeepSpeed and Accelerate read. A launcher's own win."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ.update(
-            RANK=os.environ["SLURM_PROCID"],
-            WORLD_SIZE=os.environ["SLURM_NTASKS"],
-            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+    """Under plain srun (one task per rank, no launcher) rank, world size and local rank come from the
+    job step's SLURM variables: set the names torch, DeepSpeed and Accelerate read. A launcher's own win.
+
+    A process the batch script starts outside srun is no step task: it sees SLURM_PROCID=0 and the
+    job's SLURM_NTASKS, but no SLURM_STEP_NUM_TASKS (measured on SLURM 22.05), and no peer will ever
+    come. It runs as one process rather than waiting dist_timeout_s for SLURM_NTASKS - 1 of them."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if "SLURM_STEP_NUM_TASKS" not in os.environ:
+        log.warning(
+            "started inside a SLURM job (%s tasks) but outside srun: running as one process; "
+            "start it with srun (one task per rank) to train on every task",
+            os.environ.get("SLURM_NTASKS", "?"),
         )
+        return
+    os.environ.update(
+        RANK=os.environ["SLURM_PROCID"],
+        WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
+        LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+    )
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """Which of the `visible` GPUs the rank with this local rank trains on. A task that sees one GPU
+    (`--gpus-per-task=1`, a site's GPU binding) trains on that one whatever its local rank; a task that
+    sees several takes the local rank's, and a local rank beyond them is refused, naming the fix."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise PlacementError(
+            f"local rank {local_rank} on {socket.gethostname()}, but this process sees {visible} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} "
+            "ranks per node (--ntasks-per-node, --nproc_per_node), or give each task its own GPU (--gpus-per-task=1)"
+        )
+    return local_rank
+
+
+def bind_gpu() -> torch.device:
+    """This rank's device: the GPU `gpu_index` picks (set current), or the CPU where there is none.
+    LOCAL_RANK becomes that GPU's index, because DeepSpeed's engine and Accelerate both train on
+    cuda:LOCAL_RANK, an invalid ordinal for every rank but the first where each task sees one GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = gpu_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+    os.environ["LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_process_group(timeout_s: float) -> torch.device:
@@ -72,10 +118,7 @@ def init_process_group(timeout_s: float) -> torch.device:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = bind_gpu()
     if not is_distributed():
         # NCCL for CUDA tensors, gloo for any CPU tensor. device_id binds the NCCL communicator to this
         # rank's GPU up front (torch then knows the device of object collectives and barriers); DeepSpeed
@@ -157,6 +200,23 @@ def gather_objects(obj: T, device: torch.device) -> list[T]:
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         torch_dist.all_gather_object(out, obj)
     return out
+
+
+def join_skipped_barrier() -> None:
+    """torch.distributed.barrier(), for one case: a rank whose DeepSpeed `save_checkpoint` raised in its
+    writes skipped the barrier that call ends with, where the other ranks wait; it joins them there,
+    so that every rank's next collective is the same one. (On CUDA the group was made with device_id,
+    so the barrier knows its device.)"""
+    if is_distributed():
+        torch_dist.barrier()
+
+
+def problems_on_ranks(problem: str | None, device: torch.device) -> list[str]:
+    """Collective. Every rank's problem (None: none), each as "rank R on HOST: problem": where ranks see
+    different files (node-local disks, a stale NFS view, a full disk on one node), the message must say
+    which rank and which host. Empty when no rank had one."""
+    seen = gather_objects((socket.gethostname(), problem), device)
+    return [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(seen) if p]
 
 
 def on_rank_zero(work: Callable[[], T], device: torch.device, what: str) -> T | None:

@@ -485,3 +485,28 @@ def test_a_checkpoint_a_process_cannot_read_is_named(graded_shards: Path, tmp_pa
         and "process 0 on" in message
         and f"{missing} is missing" in message
     )
+
+
+def test_loader_workers_of_different_ranks_draw_different_augmentations(graded_shards: Path) -> None:
+    # Fine-tuning's loader, as set_up builds it: one shuffling generator seeded alike on every rank (the
+    # distributed sampler must permute alike), the real training transform, worker_options with the rank.
+    from torch.utils.data import DataLoader
+
+    from ssit_dist.data.grading_transforms import train_transform
+    from ssit_dist.data.labelled import collate_labelled
+    from ssit_dist.data.workers import worker_options
+
+    def first_batch(rank: int) -> torch.Tensor:
+        source = SplitSource(graded_shards, "train")
+        index = json.loads((graded_shards / "_info.json").read_text())
+        data = LabelledShards(source, train_transform(32, index["mean"], index["std"]))
+        order = torch.Generator().manual_seed(7)
+        loader = DataLoader(
+            data, batch_size=4, generator=order, collate_fn=collate_labelled, **worker_options(1, rank=rank)
+        )
+        images = next(iter(loader))[0]
+        return images
+
+    rank0, rank1 = first_batch(0), first_batch(1)
+    assert not torch.equal(rank0, rank1)  # the same samples (no sampler here), other crops and flips
+    assert torch.equal(first_batch(1), rank1)  # and still a function of (seed, rank)

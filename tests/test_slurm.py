@@ -24,6 +24,7 @@ from tiny_runs import ROOT, config, ds_config, rows, train
 pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "launch" / "slurm" / "pretrain.sbatch"
+CORES = ("--cpus-per-task=1", "--mem-per-cpu=2G")
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,11 @@ def job_env() -> dict[str, str]:
 
 
 def submit(cluster: LocalSlurm, folder: Path, cfg: Path, nodes: int = 1) -> str:
-    """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one or two nodes."""
+    """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one or two nodes, one core
+    each (the script asks for 8, more than these nodes have)."""
     per_node = f"--ntasks-per-node={2 // nodes}"
     return cluster.submit(
-        f"--nodes={nodes}", per_node, f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
+        f"--nodes={nodes}", per_node, *CORES, f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
     )
 
 
@@ -146,6 +148,7 @@ def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, gra
     job_id = cluster.submit(
         "--nodes=1",
         "--ntasks-per-node=2",
+        *CORES,
         f"--chdir={tmp_path}",
         str(ROOT / "launch" / "slurm" / "finetune.sbatch"),
         f"train={labelled}",
@@ -210,3 +213,25 @@ def test_a_dead_rank_fails_the_job_naming_it_and_its_node_and_leaves_nothing(
     while _job_processes(job_id):  # rank 0 on node 1 and every loader worker included
         assert time.monotonic() < deadline, f"processes left behind: {_job_processes(job_id)}"
         time.sleep(0.5)
+
+
+def test_a_process_outside_srun_runs_as_one_instead_of_waiting_for_the_jobs_tasks(
+    cluster: LocalSlurm, tmp_path: Path
+) -> None:
+    # A 2-task job whose batch script starts the trainer's process-group set-up itself, not through srun:
+    # it must not wait (here 60 s, 30 minutes by default) for a second task that never comes.
+    script = tmp_path / "outside.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        '"$SSIT_PYTHON" -c "import logging; logging.basicConfig()\n'
+        "from ssit_dist.dist import init_process_group, world_size\n"
+        "init_process_group(60)\n"
+        "print('world', world_size())\"\n"
+    )
+    job_id = cluster.submit(
+        "--ntasks=2", f"--chdir={tmp_path}", f"--output={tmp_path}/out.txt", str(script), env=job_env()
+    )
+    job = cluster.wait(job_id, timeout=50)
+    log = (tmp_path / "out.txt").read_text()
+    assert job["JobState"] == "COMPLETED" and "world 1" in log, log[-2000:]
+    assert "outside srun" in log and "2 tasks" in log

@@ -11,6 +11,7 @@ watches its trainer's pid (a pidfd) and exits when it ends.
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import threading
@@ -20,23 +21,32 @@ from multiprocessing import forkserver, resource_tracker
 from typing import Any
 
 import cv2
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 
-def worker_options(workers: int, setup: Callable[[], None] | None = None) -> dict[str, Any]:
+def worker_options(workers: int, setup: Callable[[], None] | None = None, rank: int = 0) -> dict[str, Any]:
     """DataLoader keyword arguments for `workers` processes (none: load in the calling process).
-    `setup`, a module-level function, runs first in every worker."""
+    `setup`, a module-level function, runs first in every worker. `rank` is mixed into each worker's
+    seeds (torch, random, numpy): torch seeds worker w from the loader's generator, which a distributed
+    sampler keeps identical on every rank, so without it worker w of every rank would draw the same
+    augmentation for its j-th sample."""
     if not workers:
         return {"num_workers": 0}
     return {
         "num_workers": workers,
         "multiprocessing_context": "forkserver",
-        "worker_init_fn": partial(_start_worker, trainer=os.getpid(), setup=setup),
+        "worker_init_fn": partial(_start_worker, trainer=os.getpid(), setup=setup, rank=rank),
     }
 
 
-def _start_worker(_: int, trainer: int, setup: Callable[[], None] | None) -> None:
+def _start_worker(_: int, trainer: int, setup: Callable[[], None] | None, rank: int) -> None:
+    if rank:
+        seed = (torch.initial_seed() + rank * 0x9E3779B97F4A7C15) % 2**63  # torch's own: base seed + worker id
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
     if setup is not None:
         setup()
     cv2.setNumThreads(1)

@@ -36,8 +36,10 @@ from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import (
+    PlacementError,
     RankFailure,
     adopt_srun_environment,
+    bind_gpu,
     broadcast_from_zero,
     gather_objects,
     mean_over_ranks,
@@ -210,6 +212,7 @@ def set_up(cfg: FinetuneConfig) -> Tuning:
     # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment (or
     # srun's). Every collective of ours goes through dist.py on accelerator.device, with the timeout below.
     adopt_srun_environment()
+    bind_gpu()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accumulation,
@@ -253,8 +256,8 @@ def set_up(cfg: FinetuneConfig) -> Tuning:
         shuffle=True,
         drop_last=True,
         collate_fn=collate_labelled,
-        generator=order,
-        **worker_options(cfg.workers),
+        generator=order,  # the same on every rank: the distributed sampler permutes alike, then splits
+        **worker_options(cfg.workers, rank=accelerator.process_index),
     )
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
@@ -326,7 +329,9 @@ def train_epochs(run: Tuning, progress: Progress) -> None:
     cfg, out, device, plain = run.cfg, run.out, run.accelerator.device, run.plain
     for epoch in range(progress.start, cfg.epochs + 1):
         started = time.perf_counter()
-        set_seed(cfg.seed + epoch)  # augmentation and loader workers: a function of (seed, epoch)
+        # Augmentation in this process and dropout: a function of (seed, epoch, rank), other on every rank.
+        rank = run.accelerator.process_index
+        set_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
         run.order.manual_seed(cfg.seed + epoch)
         losses = train_one_epoch(
             run.model, run.loader, run.optimizer, run.scheduler, run.accelerator, cfg.clip_grad, cfg.linear
@@ -455,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         finetune(load_config(args.config, args.overrides, FinetuneConfig))
-    except (ConfigError, ShardIndexError, EncoderInitError, ResumeError) as e:
+    except (ConfigError, ShardIndexError, EncoderInitError, ResumeError, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, RankFailure) as e:

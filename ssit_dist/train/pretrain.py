@@ -33,11 +33,13 @@ from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_sh
 from ssit_dist.data.stream import PairStream, pair_loader
 from ssit_dist.data.workers import PREEMPTION_SIGNALS
 from ssit_dist.dist import (
+    PlacementError,
     RankFailure,
     any_rank,
     gather_objects,
     init_process_group,
     on_rank_zero,
+    problems_on_ranks,
     rank,
     shutdown,
     world_size,
@@ -294,8 +296,7 @@ def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> 
         problem = None
     except ShardIndexError as e:
         problem = str(e)
-    seen = gather_objects((socket.gethostname(), problem), device)
-    failed = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(seen) if p]
+    failed = problems_on_ranks(problem, device)
     if failed:
         raise ShardIndexError("the shards do not match their index:\n  " + "\n  ".join(failed))
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, RankFailure, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, ShardIndexError, ResumeError) as e:
+    except (ConfigError, ShardIndexError, ResumeError, PlacementError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
