@@ -498,6 +498,8 @@ def slurm(
     nodes: int = typer.Option(1, help="Nodes."),
     gpus_per_node: int | None = typer.Option(None, help="GPUs per node (one rank each)."),
     ranks_per_node: int | None = typer.Option(None, help="Ranks per node (default: GPUs per node, else 1)."),
+    cpus_per_rank: int | None = typer.Option(None, help="Cores per rank for it and its loader workers (script: 8)."),
+    mem_per_cpu: str | None = typer.Option(None, help="Memory per core, e.g. 4G (script: 4G)."),
     partition: str | None = typer.Option(None, help="SLURM partition."),
     account: str | None = typer.Option(None, help="SLURM account."),
     time_limit: str | None = typer.Option(None, "--time", help="Time limit, e.g. 24:00:00."),
@@ -510,7 +512,9 @@ def slurm(
     ranks = ranks_per_node or gpus_per_node or 1
     command = ["sbatch", f"--nodes={nodes}", f"--ntasks-per-node={ranks}"]
     command += [f"--gpus-per-node={gpus_per_node}"] * bool(gpus_per_node)
-    for flag, value in (("--partition", partition), ("--account", account), ("--time", time_limit)):
+    options: list[tuple[str, object]] = [("--cpus-per-task", cpus_per_rank), ("--mem-per-cpu", mem_per_cpu)]
+    options += [("--partition", partition), ("--account", account), ("--time", time_limit)]
+    for flag, value in options:
         command += [f"{flag}={value}"] * (value is not None)
     command += [str(_sbatch_script(job)), *ctx.args]
     print(shlex.join(command), flush=True)  # plain: a command to copy, not rich markup

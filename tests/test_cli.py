@@ -62,6 +62,10 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
         4,
         "--gpus-per-node",
         8,
+        "--cpus-per-rank",
+        16,
+        "--mem-per-cpu",
+        "8G",
         "--partition",
         "gpu",
         "--time",
@@ -71,7 +75,8 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
         "optim.lr=5e-4",
     ).stdout.strip()
     assert shown == (
-        f"sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu --time=24:00:00 {script} "
+        "sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=16 --mem-per-cpu=8G "
+        f"--partition=gpu --time=24:00:00 {script} "
         "--config run.yaml optim.lr=5e-4"
     )
     cpu = invoke_cli("slurm", "finetune", "--ranks-per-node", 2, "train=shards/graded").stdout.strip()

@@ -165,3 +165,39 @@ def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
         "export", tmp_path / "run", "-o", tmp_path / "exp" / "other", "--tag", "step00000001", check=False
     )
     assert refused.exit_code != 0 and "incomplete" in refused.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 3 MB file system (tmpfs) at tmp_path/run/checkpoints: room for one tiny checkpoint, not two."""
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}): needs root")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)  # unless the test did
+
+
+def test_a_full_disk_says_what_failed_and_what_latest_still_names(
+    shards: Path, tmp_path: Path, small_disk: Path
+) -> None:
+    # Each checkpoint of this run takes about 2 MB: the first fits, the second fills the disk.
+    cfg = short(tmp_path, shards, "run", steps_per_epoch=3, keep_checkpoints=1)
+    result = launch(cfg)
+    assert result.returncode != 0 and "(exitcode: 1)" in result.stderr, result.stderr[-3000:]
+    assert f"writing checkpoint {small_disk / 'step00000002'} failed" in result.stderr, result.stderr[-3000:]
+    assert "rank " in result.stderr and "GB free on its file system" in result.stderr
+    assert f"{small_disk / 'latest'} still names step00000001, and a relaunch resumes from it" in result.stderr
+    assert sorted(p.name for p in small_disk.glob("step*")) == ["step00000001"]  # the partial one removed
+
+    # Space again (the same files, moved to the real disk): the relaunch resumes from step 1.
+    shutil.copytree(small_disk, tmp_path / "kept")
+    subprocess.run(["umount", str(small_disk)], check=True)
+    shutil.copytree(tmp_path / "kept", small_disk, dirs_exist_ok=True)
+    result = launch(cfg)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed (resume) from step00000001" in result.stderr
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2, 3]

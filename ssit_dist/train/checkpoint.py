@@ -27,7 +27,16 @@ from typing import Any
 import torch
 
 from ssit_dist import atomic
-from ssit_dist.dist import barrier, broadcast_from_zero, gather_objects, on_rank_zero, rank
+from ssit_dist.dist import (
+    RankFailure,
+    barrier,
+    broadcast_from_zero,
+    gather_objects,
+    join_skipped_barrier,
+    on_rank_zero,
+    problems_on_ranks,
+    rank,
+)
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
@@ -121,15 +130,52 @@ def save(
     on_rank_zero(
         lambda: (folder / tag).mkdir(parents=True, exist_ok=True), device, f"creating checkpoint {folder / tag}"
     )
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-    barrier(device)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+        problem = None
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+        problem = write_problem(e, folder)
+        join_skipped_barrier()
+    failed = problems_on_ranks(problem, device)
+    if failed:
+        on_rank_zero(lambda: shutil.rmtree(folder / tag, ignore_errors=True), device, f"removing {folder / tag}")
+        raise RankFailure(failed_write(run_dir, tag, failed))
 
     def finish() -> None:
-        atomic.write_json(folder / tag / META, {**meta.to_json(), "files": _files(folder / tag)})
+        try:
+            atomic.write_json(folder / tag / META, {**meta.to_json(), "files": _files(folder / tag)})
+        except OSError as e:
+            shutil.rmtree(folder / tag, ignore_errors=True)
+            raise RankFailure(failed_write(run_dir, tag, [write_problem(e, folder)])) from e
         publish(folder, tag, "step", keep)
 
     on_rank_zero(finish, device, f"finishing checkpoint {folder / tag}")
     return tag
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free on its file system"
+    except OSError:
+        return "free space unknown"
+
+
+def failed_write(run_dir: Path, tag: str, problems: list[str]) -> str:
+    """What to tell the user when writing checkpoint `tag` failed (its partial folder already removed):
+    what failed where, that `latest` still names the previous checkpoint, and how to go on."""
+    folder = checkpoint_dir(run_dir)
+    previous = latest_tag(run_dir)
+    return (
+        f"writing checkpoint {folder / tag} failed:\n  " + "\n  ".join(problems) + "\nIts partial folder is "
+        f"removed and nothing else is lost: {folder / LATEST} still names "
+        + (f"{previous}, and a relaunch resumes from it" if previous else "no checkpoint, and a relaunch starts over")
+        + ". Free space (or repair the file system) before relaunching."
+    )
+
+
+def write_problem(error: Exception, folder: Path) -> str:
+    """One rank's failed write, with the free space where it wrote (a full disk is the usual cause)."""
+    return f"{error} ({_free_space(folder)})"
 
 
 def export_encoder(run_dir: Path, out: Path, tag: str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
@@ -199,8 +245,7 @@ def plan_resume(
         problems = unreadable_files(run_dir, plan.tag) if plan.tag else []
     except ResumeError as e:
         problems = [str(e)]
-    seen = gather_objects((socket.gethostname(), problems), device)
-    failed = [f"rank {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
+    failed = problems_on_ranks("; ".join(problems) or None, device)
     if failed:
         raise ResumeError(
             f"checkpoint {checkpoint_dir(run_dir) / str(plan.tag)} (named by {checkpoint_dir(run_dir) / LATEST}) "

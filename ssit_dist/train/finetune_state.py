@@ -19,10 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssit_dist import atomic
-from ssit_dist.train.checkpoint import checkpoint_dir, publish
+from ssit_dist.train.checkpoint import checkpoint_dir, failed_write, publish, write_problem
 from ssit_dist.train.resume import ResumeError
 
 FILES = ("model.safetensors", "optimizer.pt", "state.json")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A fine-tuning checkpoint could not be written; the message says what `latest` still names."""
 
 
 def save_state(
@@ -32,11 +36,15 @@ def save_state(
     tag = f"epoch{epoch:04d}"
     tmp = folder / f"{tag}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
-    torch.save(optimizer, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
-    atomic.replace_folder(tmp, folder / tag)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
+        atomic.replace_folder(tmp, folder / tag)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(failed_write(run_dir, tag, [write_problem(e, folder)])) from e
     publish(folder, tag, "epoch", keep=1)
     return tag
 
