@@ -80,6 +80,11 @@ class DataConfig(Checked):
     )
     verify: str = option("size", "before training check each local shard against _info.json: size, sha256 or none")
     empty_timeout_s: float = option(300.0, "a source with no usable sample for this long ends the run, naming it")
+    stall_timeout_s: float = option(
+        600.0,
+        "a loader that delivers no batch for this long (a hung read, e.g. on NFS) counts as a failed loader: "
+        "every rank stops at the next sync point, naming it; below dist_timeout_s",
+    )
 
     def validate(self) -> None:
         require(len(self.shards) > 0, "data.shards", self.shards, "name at least one folder or URL pattern")
@@ -96,6 +101,7 @@ class DataConfig(Checked):
         require(self.piece_size >= 1, "data.piece_size", self.piece_size, "must be at least 1 (samples)")
         one_of("data.verify", self.verify, ("size", "sha256", "none"))
         require(self.empty_timeout_s > 0, "data.empty_timeout_s", self.empty_timeout_s, "must be positive (seconds)")
+        require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be positive (seconds)")
 
 
 @dataclass
@@ -202,6 +208,12 @@ class PretrainConfig(Checked):
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
         one_of("resume", self.resume, ("auto", "force", "reshard"))
         require(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive (seconds)")
+        require(
+            self.data.stall_timeout_s < self.dist_timeout_s,
+            "data.stall_timeout_s",
+            self.data.stall_timeout_s,
+            f"must be below dist_timeout_s ({self.dist_timeout_s:g}): the other ranks wait that long in a collective",
+        )
 
     def scaled_lr(self) -> float:
         return self.optim.lr * self.global_batch / 512

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import invoke_cli
 from ssit_dist.dist import free_port
-from tiny_runs import ROOT, env, launch, rows, short
+from tiny_runs import ROOT, env, launch, rows, short, torchrun
 
 pytestmark = pytest.mark.multiprocess
 
@@ -116,6 +117,32 @@ def test_a_source_that_yields_nothing_ends_the_run_naming_it(shards: Path, tmp_p
     result = _python(cfg)
     assert result.returncode == 1 and time.monotonic() - started < 120
     assert "no usable sample for 3 s" in result.stderr and str(empty) in result.stderr
+
+
+def test_a_hung_read_stops_every_rank_at_the_stall_timeout(shards: Path, tmp_path: Path) -> None:
+    # Once the run trains, every shard is swapped for a named pipe nobody writes to: the loader workers'
+    # next open blocks, as a read on a hung NFS mount does.
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    cfg = short(tmp_path, copy, "hung", steps_per_epoch=400, checkpoint_every=1000, data__stall_timeout_s=3)
+    trainer = subprocess.Popen(torchrun(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        metrics = tmp_path / "hung" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            if time.monotonic() > deadline or trainer.poll() is not None:
+                raise AssertionError(f"the run never reached its first step: {trainer.communicate()[1][-3000:]}")
+            time.sleep(0.2)
+        for tar in copy.glob("*.tar"):
+            os.mkfifo(tmp_path / "fifo")
+            os.replace(tmp_path / "fifo", tar)
+        started = time.monotonic()
+        _, stderr = trainer.communicate(timeout=120)
+    finally:
+        trainer.kill()
+    assert trainer.returncode != 0 and "(exitcode: 1)" in stderr, stderr[-3000:]
+    assert "the data loader delivered no batch for 3 s (data.stall_timeout_s)" in stderr, stderr[-4000:]
+    assert time.monotonic() - started < 50  # the stall timeout, not the 60 s collective timeout
 
 
 def test_a_changed_shard_stops_every_rank_naming_it(shards: Path, tmp_path: Path) -> None:

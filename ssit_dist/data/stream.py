@@ -158,14 +158,18 @@ def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tupl
     )
 
 
-def pair_loader(stream: PairStream, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
+def pair_loader(
+    stream: PairStream, prefetch: int = 2, pin_memory: bool = False, stall_timeout_s: float = 0
+) -> DataLoader:
     """Batches of `stream.batch_size` pairs from `stream.plan.workers` processes; iterate it (with
-    `start_batches`) for as many batches as an epoch has."""
+    `start_batches`) for as many batches as an epoch has. With workers, waiting longer than
+    `stall_timeout_s` (0: forever) for a batch raises (torch's RuntimeError)."""
     workers = stream.plan.workers
     return DataLoader(
         stream,
         batch_size=stream.batch_size,
         pin_memory=pin_memory,
+        timeout=stall_timeout_s if workers else 0,
         drop_last=True,
         collate_fn=collate_encoded if stream.encoded else None,
         prefetch_factor=prefetch if workers else None,

@@ -99,7 +99,12 @@ def stop_batches(batches: Iterator) -> None:
     """Shut down the workers of an iterator from `start_batches` now. Dropping the iterator does it too,
     but not while a traceback still holds it (an exception raised in the training step): the process
     would then reach multiprocessing's exit hook, which SIGTERMs the workers (ignored, see
-    `ignore_preemption`) and waits for them forever."""
+    `ignore_preemption`) and waits for them forever. A worker still alive after torch's shutdown (stuck
+    in a read that never returns, as on a hung NFS mount) is killed, for the same reason."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # what the DataLoader iterator's __del__ calls
     if shutdown is not None:
         shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)

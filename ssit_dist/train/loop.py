@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -76,7 +77,7 @@ def train(run: Run, stop: dict[str, bool]) -> None:
                 run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
                 if feed is not None:
                     feed.close()
-                feed = Feed(start_batches(run.loader), run.to_device, run.device, feed)
+                feed = Feed(start_batches(run.loader), run.to_device, run.device, run.loader.timeout, feed)
             progress = step / run.steps_per_epoch
             lr = schedule.learning_rate(
                 progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
@@ -197,9 +198,15 @@ class Feed:
     first batch of a run has no batch to fall back on; there every rank agrees on the spot."""
 
     def __init__(
-        self, batches: Iterator, to_device: Callable[[Any], Views], device: torch.device, previous: Feed | None = None
+        self,
+        batches: Iterator,
+        to_device: Callable[[Any], Views],
+        device: torch.device,
+        stall_s: float = 0,
+        previous: Feed | None = None,
     ):
-        self.batches, self.to_device, self.device = batches, to_device, device
+        """`stall_s`: the loader's timeout (0: none); a failure after waiting that long is a stall."""
+        self.batches, self.to_device, self.device, self.stall_s = batches, to_device, device, stall_s
         self.fallback: Views | None = previous.fallback if previous is not None else None
         self.failure: Exception | None = previous.failure if previous is not None else None
 
@@ -215,6 +222,13 @@ class Feed:
                     batch = self.to_device(next(self.batches))
                 except Exception as e:  # reported at the next sync point, on every rank
                     self.failure = e
+                    if self.stall_s and time.perf_counter() - waited >= self.stall_s:
+                        self.failure = SourceError(
+                            f"the data loader delivered no batch for {self.stall_s:g} s (data.stall_timeout_s): a "
+                            "read hangs (a network file system, a dead mount) or a worker is stuck; check the shards' "
+                            f"storage on {socket.gethostname()}"
+                        )
+                        self.failure.__cause__ = e
             waits.append(time.perf_counter() - waited)
             if self.fallback is None and any_rank(self.failure is not None, self.device):
                 raise self.failure or SourceError("the data loader failed on another rank; see its log")

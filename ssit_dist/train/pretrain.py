@@ -267,7 +267,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         engine,
         momentum_net,
         stream,
-        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory),
+        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.data.stall_timeout_s),
         run_dir,
         device,
         precision,
