@@ -172,6 +172,12 @@ def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
         )
         ds = deepspeed_config(cfg.ds_config, cfg, world=8)
         assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+        # Nothing to compile on first contact (torch's fused AdamW, not DeepSpeed's nvcc-built FusedAdam), and
+        # the augmentation on the GPU, which a GPU's worth of CPU cores can feed.
+        assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]
+        assert cfg.data.augment_on == "gpu" and cfg.data.workers <= 7
+    for shipped in DS.glob("*.json"):  # every shipped DeepSpeed config: no optimizer that needs a build
+        assert json.loads(shipped.read_text())["optimizer"]["params"]["torch_adam"] is True, shipped
     defaults = PretrainConfig()
     assert (defaults.epochs, defaults.optim.warmup_epochs) == (300, 40)  # the reference's recipe
     # A relative ds_config path is taken relative to the config file that names it.
