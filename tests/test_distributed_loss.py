@@ -35,7 +35,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
         torch.manual_seed(5)
         bn = torch.nn.Sequential(torch.nn.Linear(C, 8), torch.nn.BatchNorm1d(8))
-        bn = convert_batchnorm(bn, "cpu")
+        bn = convert_batchnorm(bn)
         x = q_all[rank * N : (rank + 1) * N].clone().requires_grad_(True)
         y = bn(x)
         (y * torch.arange(8.0)).sum().backward()
@@ -90,7 +90,7 @@ def test_batchnorm_on_one_process_matches_torch_and_takes_bf16_weights() -> None
     reference = torch.nn.BatchNorm1d(C)
     torch.nn.init.normal_(reference.weight)
     torch.nn.init.normal_(reference.bias)
-    converted = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(C)), "cpu")[0]
+    converted = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(C)))[0]
     converted.load_state_dict(reference.state_dict())
     x = features()[0] * 3 + 1
     for _ in range(2):  # training: batch statistics, running statistics updated

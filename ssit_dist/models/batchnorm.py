@@ -1,11 +1,13 @@
 """BatchNorm over the global batch on every backend, in fp32 whatever the training precision.
 
 MoCo v3 normalises projector and predictor activations with statistics of the whole global batch.
-torch's SyncBatchNorm does that on CUDA only (on CPU it raises "expected input tensor to be on GPU"), so
-CPU runs use CrossRankBatchNorm1d: the same arithmetic, with the per-feature sums all-reduced
-(differentiably) over gloo, a no-op on one process. It also takes what DeepSpeed's bf16 engine makes
-of a BatchNorm, bf16 weights beside fp32 running statistics, which torch's CPU kernel refuses
-("expected scalar type BFloat16 but found Float").
+CrossRankBatchNorm1d does it with one differentiable all-reduce of the per-feature sums, sums of
+squares and the count, on CPU (gloo) and CUDA (NCCL) alike, a no-op on one process. Not torch's
+SyncBatchNorm: it runs on CUDA only, and in every training forward with more than one rank it reads
+the gathered counts on the host (a boolean-mask index in torch/nn/modules/_functions.py; pytorch
+issue 78656), a device-to-host sync in each of the projector's and predictor's BatchNorms, every step.
+It also takes what DeepSpeed's bf16 engine makes of a BatchNorm, bf16 weights beside fp32 running
+statistics, which torch's CPU kernel refuses ("expected scalar type BFloat16 but found Float").
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         if self.training or self.running_mean is None or self.running_var is None:
-            stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x.shape[0]])])
+            # new_full, not new_tensor: a fill on the device, not a copy from the host (a sync on CUDA).
+            stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_full((1,), x.shape[0])])
             stats = sum_over_ranks_differentiable(stats)
             features = x.shape[1]
             count = stats[-1]
@@ -47,11 +50,9 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
         self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
 
 
-def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
-    """Make every BatchNorm1d in `module` use global-batch statistics: SyncBatchNorm on CUDA,
-    CrossRankBatchNorm1d elsewhere. Weights and running statistics are kept."""
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm1d in `module` a CrossRankBatchNorm1d (global-batch statistics), keeping its
+    weights and running statistics."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm1d:
             replacement = CrossRankBatchNorm1d(
@@ -60,5 +61,5 @@ def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement.to(next(child.buffers()).device))
         else:
-            convert_batchnorm(child, device_type)
+            convert_batchnorm(child)
     return module

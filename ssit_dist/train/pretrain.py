@@ -116,9 +116,9 @@ def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, de
     torch.manual_seed(cfg.seed)
     model = SSiT(cfg.model)
     model.use_fused_attention(cfg.model.fused_attention(device.type))
-    # Always, even on one process: on CUDA the same NCCL path at any world size, on CPU a BatchNorm that
-    # takes the bf16 weights DeepSpeed's bf16 engine gives it.
-    convert_batchnorm(model, device.type)
+    # Always, even on one process: the same all-reduce at any world size, and a BatchNorm that takes the
+    # bf16 weights DeepSpeed's bf16 engine gives it.
+    convert_batchnorm(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model.online, model_parameters=model.online.parameters(), config=ds_config
     )
