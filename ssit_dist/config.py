@@ -80,10 +80,10 @@ class DataConfig(Checked):
     )
     verify: str = option("size", "before training check each local shard against _info.json: size, sha256 or none")
     empty_timeout_s: float = option(300.0, "a source with no usable sample for this long ends the run, naming it")
-    stall_timeout_s: float = option(
-        600.0,
+    stall_timeout_s: float | None = option(
+        None,
         "a loader that delivers no batch for this long (a hung read, e.g. on NFS) counts as a failed loader: "
-        "every rank stops at the next sync point, naming it; below dist_timeout_s",
+        "every rank stops at the next sync point, naming it; below dist_timeout_s (null: half of it, at most 600)",
     )
 
     def validate(self) -> None:
@@ -101,7 +101,12 @@ class DataConfig(Checked):
         require(self.piece_size >= 1, "data.piece_size", self.piece_size, "must be at least 1 (samples)")
         one_of("data.verify", self.verify, ("size", "sha256", "none"))
         require(self.empty_timeout_s > 0, "data.empty_timeout_s", self.empty_timeout_s, "must be positive (seconds)")
-        require(self.stall_timeout_s > 0, "data.stall_timeout_s", self.stall_timeout_s, "must be positive (seconds)")
+        require(
+            self.stall_timeout_s is None or self.stall_timeout_s > 0,
+            "data.stall_timeout_s",
+            self.stall_timeout_s,
+            "must be positive (seconds), or null",
+        )
 
 
 @dataclass
@@ -179,7 +184,14 @@ class PretrainConfig(Checked):
         "steps between reads of the losses on the host (metrics, progress, and the agreement on a non-finite "
         "loss, a stop signal or a failed loader); between them a step never waits for the device",
     )
-    checkpoint_every: int = option(500, "steps between checkpoints (also one at the end and on SIGTERM/SIGUSR1)")
+    checkpoint_every: int | None = option(
+        500, "steps between checkpoints (also one at the end and on SIGTERM/SIGUSR1); null: by time only"
+    )
+    checkpoint_every_minutes: float | None = option(
+        None,
+        "also checkpoint at the first sync point (log_every) once this many minutes passed since the last "
+        "checkpoint: on many GPUs a step count comes round every few seconds, and each save blocks every rank",
+    )
     keep_checkpoints: int = option(3, "checkpoints kept; older ones are deleted")
     resume: str = option(
         "auto",
@@ -204,16 +216,31 @@ class PretrainConfig(Checked):
             "must be at least 1, or null",
         )
         require(self.log_every >= 1, "log_every", self.log_every, "must be at least 1 (steps)")
-        require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be at least 1 (steps)")
+        require(
+            self.checkpoint_every is None or self.checkpoint_every >= 1,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "must be at least 1 (steps), or null",
+        )
+        require(
+            self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
+            "checkpoint_every_minutes",
+            self.checkpoint_every_minutes,
+            "must be positive (minutes), or null",
+        )
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
         one_of("resume", self.resume, ("auto", "force", "reshard"))
         require(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive (seconds)")
         require(
-            self.data.stall_timeout_s < self.dist_timeout_s,
+            self.data.stall_timeout_s is None or self.data.stall_timeout_s < self.dist_timeout_s,
             "data.stall_timeout_s",
             self.data.stall_timeout_s,
             f"must be below dist_timeout_s ({self.dist_timeout_s:g}): the other ranks wait that long in a collective",
         )
+
+    def stall_timeout_s(self) -> float:
+        """data.stall_timeout_s, or its default: half of dist_timeout_s, at most 10 minutes."""
+        return self.data.stall_timeout_s or min(600.0, self.dist_timeout_s / 2)
 
     def scaled_lr(self) -> float:
         return self.optim.lr * self.global_batch / 512

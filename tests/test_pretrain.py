@@ -116,9 +116,10 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))), strict=True)
 
 
-def test_view_retrieval_between_log_intervals_keeps_the_ranks_in_step(tiny_shards: Path, tmp_path: Path) -> None:
+def test_retrieval_and_checkpoints_by_time_keep_the_ranks_in_step(tiny_shards: Path, tmp_path: Path) -> None:
     # Rank 0 alone measures view retrieval, but every rank must stop at that step's sync point: a rank
     # that did not would meet rank 0's agreement collective with its next step's and the job would die.
+    # Checkpoints by time (here due at once) are agreed at each sync point: each rank's clock differs.
     cfg = config(
         tmp_path,
         tiny_shards,
@@ -126,7 +127,8 @@ def test_view_retrieval_between_log_intervals_keeps_the_ranks_in_step(tiny_shard
         ds_config(tmp_path, 0),
         epochs=1,
         steps_per_epoch=5,
-        checkpoint_every=100,
+        checkpoint_every=None,
+        checkpoint_every_minutes=1e-6,
         log_every=2,
         dist_timeout_s=60,
         retrieval={"shards": str(tiny_shards), "every": 3, "samples": 6},
@@ -134,6 +136,8 @@ def test_view_retrieval_between_log_intervals_keeps_the_ranks_in_step(tiny_shard
     records = train(cfg)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert ["view_retrieval" in r for r in records] == [False, False, True, False, True]  # every 3, and the end
+    saved = sorted(p.name for p in (tmp_path / "retrieval" / "checkpoints").glob("step*"))
+    assert saved == [f"step0000000{s}" for s in (2, 3, 4, 5)]  # each sync point (log_every, retrieval, end)
 
 
 def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def train(run: Run, stop: dict[str, bool]) -> None:
     try:
         step = run.start_step
         interval = Interval(time.perf_counter())
+        last_save = time.monotonic()  # for checkpoint_every_minutes
         while step < run.total_steps:
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
             if feed is None or in_epoch == 0:
@@ -115,12 +116,18 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             retrieval_due = cfg.retrieval.shards is not None and (
                 step % cfg.retrieval.every == 0 or step == run.total_steps
             )
-            checkpoint_due = step % cfg.checkpoint_every == 0 or step == run.total_steps
+            every = cfg.checkpoint_every
+            checkpoint_due = (every is not None and step % every == 0) or step == run.total_steps
             if not (step % cfg.log_every == 0 or checkpoint_due or retrieval_due):
                 continue
 
-            # The sync point: one collective, one read of the device.
-            records, diverged, stopping = interval.agree(feed.failure is not None, stop["requested"], run.device)
+            # The sync point: one collective, one read of the device. A checkpoint by time is agreed on
+            # there too (clocks differ between hosts; every rank must save at the same step).
+            minutes = cfg.checkpoint_every_minutes
+            clock_due = minutes is not None and time.monotonic() - last_save >= 60 * minutes
+            records, diverged, stopping, clock_due = interval.agree(
+                feed.failure is not None, stop["requested"], clock_due, run.device
+            )
             if feed.failure is not None:
                 raise feed.failure
             _raise_if_diverged(diverged, records, run.run_dir)
@@ -134,8 +141,9 @@ def train(run: Run, stop: dict[str, bool]) -> None:
                     records[-1]["view_retrieval"] = _view_retrieval(run)
                 for record in records:
                     run.reporter.step(record)
-            if checkpoint_due or stopping:
+            if checkpoint_due or stopping or clock_due:
                 save(run, step)
+                last_save = time.monotonic()
             if stopping:
                 raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
             interval = Interval(time.perf_counter())  # checkpoints and retrieval are not the steps' time
@@ -158,21 +166,23 @@ class Interval:
         self.losses.append(losses)
         self.records.append(record)
 
-    def agree(self, loader_failed: bool, stop: bool, device: torch.device) -> tuple[list[dict[str, Any]], bool, bool]:
+    def agree(
+        self, loader_failed: bool, stop: bool, save: bool, device: torch.device
+    ) -> tuple[list[dict[str, Any]], bool, bool, bool]:
         """Collective. The interval's records with their losses, whether any rank had a non-finite loss,
-        and whether any wants to stop. Raises SourceError when another rank's loader failed (this rank's
-        own failure is the caller's to raise)."""
+        whether any wants to stop, and whether any wants a checkpoint now. Raises SourceError when another
+        rank's loader failed (this rank's own failure is the caller's to raise)."""
         losses = torch.stack(self.losses)  # (steps, 2)
-        flags = torch.tensor([0, int(loader_failed), int(stop)], dtype=torch.float32, device=device)
+        flags = torch.tensor([0, int(loader_failed), int(stop), int(save)], dtype=torch.float32, device=device)
         flags[0] = (~torch.isfinite(losses)).any()
         flags = max_over_ranks(flags)
         values = torch.cat([flags, losses.flatten().float()]).tolist()  # the interval's only host read
-        diverged, failed, stopping = (bool(v) for v in values[:3])
+        diverged, failed, stopping, saving = (bool(v) for v in values[:4])
         if failed and not loader_failed:
             raise SourceError("the data loader failed on another rank; see its log")
         for i, record in enumerate(self.records):
-            record["contrastive_loss"], record["saliency_loss"] = values[3 + 2 * i], values[4 + 2 * i]
-        return self.records, diverged, stopping
+            record["contrastive_loss"], record["saliency_loss"] = values[4 + 2 * i], values[5 + 2 * i]
+        return self.records, diverged, stopping, saving
 
 
 def _raise_if_diverged(diverged: bool, records: list[dict[str, Any]], run_dir: Path) -> None:

@@ -3,8 +3,8 @@
 `pretrain(cfg)` creates the process group and installs the stop handlers first, reads and checks the
 shards, takes the resume decision (train/checkpoint.py, train/resume.py), builds the DeepSpeed engine and
 the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
-train/loop.py. Checkpoints come every `checkpoint_every` steps, at the end, and when SIGTERM or SIGUSR1
-arrives (SLURM's warning before the time limit); a relaunch resumes from the latest complete checkpoint
+train/loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
+end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the time limit); a relaunch resumes from the latest complete checkpoint
 at the same schedule and data position. `python -m ssit_dist.train.pretrain --config FILE [field=value]`.
 """
 
@@ -267,7 +267,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         engine,
         momentum_net,
         stream,
-        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.data.stall_timeout_s),
+        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
         run_dir,
         device,
         precision,
