@@ -4,8 +4,9 @@
 shards, takes the resume decision (train/checkpoint.py, train/resume.py), builds the DeepSpeed engine and
 the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
 train/loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
-end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the time limit); a relaunch resumes from the latest complete checkpoint
-at the same schedule and data position. `python -m ssit_dist.train.pretrain --config FILE [field=value]`.
+end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the time limit); a relaunch resumes
+from the latest complete checkpoint at the same schedule and data position.
+`python -m ssit_dist.train.pretrain --config FILE [field=value]`.
 """
 
 from __future__ import annotations
