@@ -82,6 +82,7 @@ bench: setup
 	$(PY) bench/shard.py
 	$(PY) bench/pretrain.py
 	$(PY) bench/model_step.py
+	$(PY) bench/collectives.py
 
 # On a CUDA machine: NCCL collectives, ZeRO-2/3 bf16 pretraining with a stop and resume, export and bf16
 # fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/gpu_check.py).

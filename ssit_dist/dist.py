@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -302,6 +303,70 @@ def full_fp32_parameters(*modules: nn.Module) -> list[torch.Tensor]:
         else:
             full[id(p)] = p.detach() if p.dtype == torch.float32 else p.detach().float()
     return [full[id(p)] for p in params]
+
+
+@dataclass(frozen=True)
+class FlatMaster:
+    """ZeRO 1/2 (DeepSpeed's ZeRO optimizer and its bf16 optimizer): each parameter group's parameters
+    are views into one flat buffer, split into equal partitions over the data-parallel ranks, and this
+    rank's optimizer holds the fp32 master of its own partition only."""
+
+    partitions: list[torch.Tensor]  # per group, this rank's fp32 master partition (live: the optimizer's)
+    flat_numel: list[int]  # per group, the whole flat buffer's length
+    group: Any  # the data-parallel process group
+    rank: int  # this rank's partition
+    places: list[tuple[int, int]]  # per parameter asked for: (group, offset into the group's flat buffer)
+
+    def span(self, group: int) -> tuple[int, int]:
+        """[start, end) of this rank's partition in group `group`'s flat buffer."""
+        size = self.partitions[group].numel()
+        return self.rank * size, (self.rank + 1) * size
+
+
+def flat_master(optimizer: Any, params: list[nn.Parameter]) -> FlatMaster | None:
+    """The flat fp32 master partitions behind `params` where `optimizer` is DeepSpeed's ZeRO 1/2 or bf16
+    optimizer; None for anything else (ZeRO-0, ZeRO-3, expert parallelism), where the caller falls back
+    to `full_fp32_parameters`."""
+    flats = getattr(optimizer, "bit16_groups_flat", None)
+    partitions = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(optimizer, "bf16_groups_flat", None)
+        partitions = getattr(optimizer, "fp32_groups_flat_partition", None)
+    groups = getattr(optimizer, "real_dp_process_group", None)
+    if not flats or partitions is None or groups is None or any(g is not groups[0] for g in groups):
+        return None
+    world = torch_dist.get_world_size(group=groups[0]) if is_distributed() else 1
+    if any(p.numel() * world != f.numel() for p, f in zip(partitions, flats, strict=True)):
+        return None
+    places = []
+    for p in params:
+        found = [
+            (g, (p.data_ptr() - f.data_ptr()) // f.element_size())
+            for g, f in enumerate(flats)
+            if f.data_ptr() <= p.data_ptr() < f.data_ptr() + f.numel() * f.element_size()
+        ]
+        if len(found) != 1:
+            return None
+        places.append(found[0])
+    rank_in_group = torch_dist.get_rank(group=groups[0]) if is_distributed() else 0
+    return FlatMaster(list(partitions), [f.numel() for f in flats], groups[0], rank_in_group, places)
+
+
+def gather_partitions(
+    master: FlatMaster, parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Per group, the whole flat buffer from every rank's `parts` (laid out as `master.partitions`),
+    in `dtype` on `device`: one all-gather per group."""
+    out = []
+    for part, numel in zip(parts, master.flat_numel, strict=True):
+        mine = part.to(device, dtype)
+        whole = torch.empty(numel, dtype=dtype, device=device)
+        if is_distributed():
+            torch_dist.all_gather_into_tensor(whole, mine, group=master.group)
+        else:
+            whole.copy_(mine)
+        out.append(whole)
+    return out
 
 
 def _gather_fragments(params: list[nn.Parameter]) -> list[torch.Tensor]:

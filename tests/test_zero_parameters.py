@@ -1,12 +1,14 @@
-"""The momentum network's source of truth under DeepSpeed ZeRO: full fp32 parameters from partitions.
+"""The momentum network's source of truth under DeepSpeed ZeRO: full fp32 parameters from partitions,
+and under ZeRO 1/2 the momentum network's own partitioned update, exactly the full update's.
 
-Two real gloo ranks, a real DeepSpeed engine with ZeRO stage 2 (fp32 master fragments) or 3 (parameters
-partitioned too) around the online network.
+Two real gloo ranks, a real DeepSpeed engine around the online network: ZeRO stage 1 in bf16 (DeepSpeed's
+bf16 optimizer), 2 (fp32 master fragments) or 3 (parameters partitioned too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ssit_dist.dist import free_port, full_fp32_parameters
+from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.train.step import train_step
 
@@ -53,7 +56,7 @@ def counting_collectives() -> Iterator[list[str]]:
             setattr(torch.distributed, name, call)
 
 
-def _worker(rank: int, port: int, out: str, stage: int) -> None:
+def _worker(rank: int, port: int, out: str, stage: int, bf16: bool) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -67,6 +70,7 @@ def _worker(rank: int, port: int, out: str, stage: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = SSiT(TINY)
+    convert_batchnorm(model)  # as the trainer does: BatchNorm over both ranks, taking bf16 weights
     original = [p.detach().clone() for m in model.online.ema_source() for p in m.parameters()]
     optimizer = torch.optim.AdamW(model.online.parameters(), lr=1e-2)
     config = {
@@ -76,6 +80,9 @@ def _worker(rank: int, port: int, out: str, stage: int) -> None:
     }
     if stage < 3:
         config["zero_optimization"] = {"stage": stage}
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    reference = copy.deepcopy(model.momentum)  # updated the plain way: from the full fp32 weights
     engine, _, _, _ = deepspeed.initialize(model=model.online, optimizer=optimizer, config=config)
     sharded = [p for m in engine.module.ema_source() for p in m.parameters()]
     shard_sizes = [p.numel() for p in sharded]  # 0 under ZeRO-3: the module holds no full weights
@@ -89,22 +96,30 @@ def _worker(rank: int, port: int, out: str, stage: int) -> None:
     # The trainer's step, twice: its momentum update (from the full fp32 weights, before the engine's
     # step) moves the momentum network at the second step, once the weights have changed.
     for _ in range(2):
-        train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.5, 1.0, 1.0)
+        reference.update(full_fp32_parameters(*engine.module.ema_source()), 0.5)
+        train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.5, 1.0, 1.0, torch.bfloat16 if bf16 else None)
+    partitioned = model.momentum._average is not None
+    model.momentum.materialize()
     torch.save(
         {
+            "partitioned": partitioned,
+            "exact": [p.detach().clone() for p in model.momentum.parameters()],
+            "reference": [p.detach().clone() for p in reference.parameters()],
+            "compensation": model.momentum.get_extra_state()["compensation"],
+            "reference_compensation": reference.get_extra_state()["compensation"],
             "original": original,
             "full": full,
             "shard_sizes": shard_sizes,
             "collectives": collectives,
-            "momentum_after": [p.detach().clone() for p in model.momentum.parameters()],
         },
         f"{out}/rank{rank}.pt",
     )
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: Path, stage: int) -> None:
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path), stage), nprocs=2, start_method="spawn", join=True)
+@pytest.mark.parametrize("stage, bf16", [(1, True), (2, False), (3, False)])
+def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: Path, stage: int, bf16: bool) -> None:
+    args = (free_port(), str(tmp_path), stage, bf16)
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         # One collective for every parameter tensor of the encoder and projector, not one each.
@@ -113,10 +128,19 @@ def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: 
         assert len(r["full"]) == len(r["original"])
         for full, original in zip(r["full"], r["original"], strict=True):
             assert full.dtype == torch.float32 and full.shape == original.shape
-            torch.testing.assert_close(full, original, rtol=0, atol=0)
+            # A bf16 engine keeps its fp32 master from the bf16 weights it was given.
+            torch.testing.assert_close(full, original.bfloat16().float() if bf16 else original, rtol=0, atol=0)
+        # ZeRO 1/2: each rank averaged its own partition, and the gathered fp32 average is the plain
+        # update's to the last bit, compensation included; ZeRO-3 takes the plain update.
+        assert r["partitioned"] == (stage < 3)
+        for name in ("exact", "compensation"):
+            for ours, plain in zip(
+                r[name], r["reference" if name == "exact" else "reference_compensation"], strict=True
+            ):
+                torch.testing.assert_close(ours, plain, rtol=0, atol=0)
     # Both ranks moved their momentum networks identically, away from the start.
-    for a, b in zip(ranks[0]["momentum_after"], ranks[1]["momentum_after"], strict=True):
+    for a, b in zip(ranks[0]["exact"], ranks[1]["exact"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    after, start = ranks[0]["momentum_after"], ranks[0]["original"]
+    after, start = ranks[0]["exact"], ranks[0]["original"]
     moved = max((a - s).abs().max().item() for a, s in zip(after, start, strict=True))
     assert moved > 1e-4

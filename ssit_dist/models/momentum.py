@@ -2,7 +2,14 @@
 
 It lives outside any training engine on purpose: inside DeepSpeed's bf16 engine it would be cast to
 bf16, where the (1 - m) updates round away (at m = 0.99 the rounding error exceeds the whole EMA
-movement). It is updated from the full fp32 parameters, see `ssit_dist.dist.full_fp32_parameters`.
+movement). Two ways to update it, the same fp32 arithmetic element by element:
+- `update`, from the full fp32 parameters (`ssit_dist.dist.full_fp32_parameters`: ZeRO 0 and 3);
+- `update_partition` under ZeRO 1/2, where each rank's optimizer holds the fp32 master of one partition
+  of the flat parameters: each rank keeps the fp32 average of its own partition only, updates it
+  locally, and one all-gather in the training precision gives every rank the weights the keys are
+  computed with (the key encoder runs under autocast anyway). Where the all-reduce of the whole fp32
+  network sent 2(W-1)/W x 4 bytes per parameter, this sends (W-1)/W x 2 in bf16.
+  `materialize` gathers the exact fp32 average back into the parameters before a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssit_dist.data.salient_patches import salient_token_indices
+from ssit_dist.dist import FlatMaster, gather_partitions
 from ssit_dist.models.vit import encode
 
 
@@ -38,6 +46,11 @@ class MomentumNetwork(nn.Module):
         self._scratch: list[torch.Tensor] | None = None  # working space of `update`, not state
         self._compiled: Callable[..., None] | None = None
         self._weight = torch.zeros(())  # m - 1 for the compiled update
+        # update_partition's state: this rank's fp32 average and compensation, one flat tensor per
+        # parameter group, laid out as the optimizer's master partitions (None: build from the parameters).
+        self._master: FlatMaster | None = None
+        self._average: list[torch.Tensor] | None = None
+        self._average_compensation: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, source: Iterable[torch.Tensor], m: float) -> None:
@@ -47,14 +60,66 @@ class MomentumNetwork(nn.Module):
         theirs = [t.to(p.device, torch.float32) for p, t in zip(mine, source, strict=True)]
         if self._compensation[0].device != mine[0].device:
             self._compensation = [c.to(mine[0].device) for c in self._compensation]
-        if self._scratch is None or self._scratch[0].device != mine[0].device:
-            self._scratch = [torch.empty_like(p) for p in mine]
+        self._follow(mine, theirs, self._compensation, m)
+
+    @torch.no_grad()
+    def update_partition(self, master: FlatMaster, m: float, dtype: torch.dtype) -> None:
+        """`update` under ZeRO 1/2: this rank's partition of the fp32 average follows `master` (the
+        optimizer's fp32 master partitions of the query encoder and projector, `master.places` in
+        `parameters()` order), then one all-gather per parameter group in `dtype` sets the parameters.
+        Collective: every rank calls it."""
+        mine: list[torch.Tensor] = list(self.parameters())
+        if self._average is None or self._master is None or self._master.places != master.places:
+            self._average = self._partition(master, mine)
+            self._average_compensation = self._partition(master, self._compensation, fill=0.0)
+        self._master = master
+        self._follow(self._average, master.partitions, self._average_compensation, m)
+        wholes = gather_partitions(master, self._average, dtype, mine[0].device)
+        for p, (group, offset) in zip(mine, master.places, strict=True):
+            p.copy_(wholes[group][offset : offset + p.numel()].view_as(p))
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Collective where `update_partition` ran: the exact fp32 average and its compensation, gathered
+        from every rank, into the parameters and `get_extra_state` (a checkpoint must hold them, not the
+        training-precision copy). A no-op otherwise."""
+        if self._average is None or self._master is None:
+            return
+        mine, device = list(self.parameters()), next(self.parameters()).device
+        average = gather_partitions(self._master, self._average, torch.float32, device)
+        compensation = gather_partitions(self._master, self._average_compensation, torch.float32, device)
+        for p, c, (group, offset) in zip(mine, self._compensation, self._master.places, strict=True):
+            p.copy_(average[group][offset : offset + p.numel()].view_as(p))
+            c.copy_(compensation[group][offset : offset + p.numel()].view_as(c))
+
+    def _partition(self, master: FlatMaster, full: list[torch.Tensor], fill: float | None = None) -> list[torch.Tensor]:
+        """This rank's partition of `full` (tensors in `parameters()` order) laid out as `master.partitions`:
+        positions no tensor covers (the predictor, padding) take the master's values, or `fill`."""
+        parts = [t.detach().clone() if fill is None else torch.full_like(t, fill) for t in master.partitions]
+        for tensor, (group, offset) in zip(full, master.places, strict=True):
+            start, end = master.span(group)
+            lo, hi = max(start, offset), min(end, offset + tensor.numel())
+            if lo < hi:
+                parts[group][lo - start : hi - start].copy_(tensor.reshape(-1)[lo - offset : hi - offset])
+        return parts
+
+    def _follow(
+        self, mine: list[torch.Tensor], theirs: list[torch.Tensor], compensation: list[torch.Tensor], m: float
+    ) -> None:
+        """mine <- m * mine + (1 - m) * theirs, compensated (`compensated_update`)."""
+        scratch = self._scratch
+        if (
+            scratch is None
+            or scratch[0].device != mine[0].device
+            or [t.shape for t in scratch] != [t.shape for t in mine]
+        ):
+            scratch = self._scratch = [torch.empty_like(t) for t in mine]
         if self._compiled is None:
-            compensated_update(mine, theirs, self._compensation, self._scratch, m - 1.0)
+            compensated_update(mine, theirs, compensation, scratch, m - 1.0)
         else:  # the weight as a tensor on the device: a new m every step must not recompile (or sync)
             if self._weight.device != mine[0].device:
                 self._weight = self._weight.to(mine[0].device)
-            self._compiled(mine, theirs, self._compensation, self._scratch, self._weight.fill_(m - 1.0))
+            self._compiled(mine, theirs, compensation, scratch, self._weight.fill_(m - 1.0))
 
     def compile_update(self) -> None:
         """Fuse `update`'s seven passes into one per tensor (inductor): for ViT-S's 41 M averaged
@@ -67,6 +132,7 @@ class MomentumNetwork(nn.Module):
 
     def set_extra_state(self, state: dict[str, list[torch.Tensor]]) -> None:
         self._compensation = [c.clone() for c in state["compensation"]]
+        self._average = None  # loaded parameters: update_partition rebuilds its partition from them
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:

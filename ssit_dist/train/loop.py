@@ -261,6 +261,7 @@ def _view_retrieval(run: Run) -> float:
 
 def save(run: Run, step: int) -> str:
     """Collective: a checkpoint of the engine, the fp32 momentum network, the step, config and RNG."""
+    run.momentum_net.materialize()  # the exact fp32 average, where each rank held a partition of it
     client = {
         "step": step,
         "momentum": run.momentum_net.state_dict(),

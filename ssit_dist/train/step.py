@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ssit_dist.dist import full_fp32_parameters
+from ssit_dist.dist import flat_master, full_fp32_parameters
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.models.ssit import OnlineNetwork
 
@@ -74,6 +74,19 @@ class StepLosses:
     saliency: torch.Tensor
 
 
+def update_momentum(engine: Engine, momentum_net: MomentumNetwork, m: float, dtype: torch.dtype) -> None:
+    """Collective. The momentum network follows the query side's fp32 weights: under ZeRO 1/2 from each
+    rank's own master partition with one all-gather in `dtype` (the training precision), otherwise from
+    the full fp32 weights (ZeRO-3 partitions and plain modules alike, see full_fp32_parameters)."""
+    sources = engine.module.ema_source()
+    optimizer = getattr(engine, "optimizer", None)
+    master = flat_master(optimizer, [p for m in sources for p in m.parameters()]) if optimizer is not None else None
+    if master is not None:
+        momentum_net.update_partition(master, m, dtype)
+    else:
+        momentum_net.update(full_fp32_parameters(*sources), m)
+
+
 def train_step(
     engine: Engine,
     momentum_net: MomentumNetwork,
@@ -85,8 +98,7 @@ def train_step(
 ) -> StepLosses:
     """One optimizer step over `micro_batches` (as many as the engine accumulates), on the device the
     batches are on. `precision`: autocast dtype (bf16 / fp16) or None for fp32."""
-    # Full fp32 weights of the query side, also under ZeRO-3 partitioning and bf16 engines.
-    momentum_net.update(full_fp32_parameters(*engine.module.ema_source()), momentum)
+    update_momentum(engine, momentum_net, momentum, precision or torch.float32)
     contrastive_sum: torch.Tensor | float = 0.0
     saliency_sum: torch.Tensor | float = 0.0
     count = 0
