@@ -357,3 +357,22 @@ def test_compiled_momentum_update_is_the_eager_one() -> None:
     assert counters["stats"]["unique_graphs"] == 1 and frames["ok"] == frames["total"], dict(counters)
     for a, b in zip(compiled.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=2**-23, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_step_and_recomputes_the_blocks() -> None:
+    # The same seed, batch and step with and without model.grad_checkpointing: the same losses and
+    # gradients (the recomputation repeats the forward's arithmetic), and each query block runs twice.
+    runs = {}
+    for checkpointing in (False, True):
+        model = tiny(grad_checkpointing=checkpointing).train()
+        calls: list[int] = []
+        model.online.encoder.blocks[0].register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+        engine = PlainEngine(model.online, torch.optim.SGD(model.online.parameters(), lr=0.0))
+        losses = train_step(engine, model.momentum, [batch()], 0.99, 1.0, 10.0, None)
+        grads = [p.grad.clone() for p in model.online.encoder.parameters() if p.grad is not None]
+        runs[checkpointing] = (losses.contrastive.item(), losses.saliency.item(), grads, len(calls))
+    (c0, s0, g0, n0), (c1, s1, g1, n1) = runs[False], runs[True]
+    assert (c0, s0) == (c1, s1) and len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # recomputation: the same ops, same inputs
+    assert (n0, n1) == (1, 2)  # the query block once, and once more in the backward

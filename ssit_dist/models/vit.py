@@ -7,6 +7,7 @@ from typing import Any
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
 
 def create_encoder(arch: str, img_size: int = 224, **timm_kwargs: Any) -> VisionTransformer:
@@ -43,4 +44,8 @@ def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = 
     if keep is not None:
         tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     tokens = vit.norm_pre(vit.patch_drop(tokens))
+    if vit.grad_checkpointing and torch.is_grad_enabled():  # model.grad_checkpointing: keep one block's activations
+        for block in vit.blocks:
+            tokens = checkpoint(block, tokens, use_reentrant=False)  # DeepSpeed-safe: no reentrant autograd
+        return vit.norm(tokens)
     return vit.norm(vit.blocks(tokens))
