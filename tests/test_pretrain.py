@@ -106,6 +106,12 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     assert ["view_retrieval" in r for r in runs[3]] == [False, True, True]
     assert all(0 <= r["view_retrieval"] <= 1 and (12 * r["view_retrieval"]).is_integer() for r in runs[3][1:])
 
+    # The fp32 momentum network is written once per checkpoint (rank 0), not into every rank's file.
+    z3 = tmp_path / "z3" / "checkpoints" / "step00000003"
+    momentum_bytes = (z3 / "momentum.pt").stat().st_size
+    rank_files = list(z3.glob("zero_pp_rank_*_model_states.pt"))
+    assert len(rank_files) == 2 and all(f.stat().st_size < momentum_bytes / 2 for f in rank_files)
+
     # ZeRO-3's weights, reassembled from shards by `ssit-dist export`, load into plain timm.
     out = tmp_path / "export3" / "encoder"
     invoke_cli("export", tmp_path / "z3", "-o", out, "--tag", "step00000003")

@@ -42,6 +42,7 @@ from ssit_dist.train.resume import ResumeError, ResumePlan, decide
 
 LATEST = "latest"
 META = "ssit_meta.json"
+MOMENTUM = "momentum.pt"  # the fp32 momentum network, written once (rank 0), not in every rank's DeepSpeed file
 UNIVERSAL = "universal"
 
 
@@ -120,9 +121,12 @@ def save(
     meta: EncoderMeta,
     keep: int,
     device: torch.device,
+    momentum: dict[str, Any] | None = None,
 ) -> str:
     """Collective: every rank calls it. `meta` (architecture, sizes, normalisation, zero stage,
-    fingerprint) is written beside DeepSpeed's files with the list of files. Rank 0's own work (the
+    fingerprint) is written beside DeepSpeed's files with the list of files; `momentum` (the momentum
+    network's state, the same on every rank) by rank 0 alone into MOMENTUM: as client state, ZeRO-3,
+    where every rank writes its own model-states file, would store it once per rank. Rank 0's own work (the
     folder, the meta, the `latest` swap, pruning) is agreed on: if it fails, every rank raises
     RankFailure naming the file and the OS error, and the previous checkpoint stays `latest`."""
     tag = f"step{step:08d}"
@@ -143,8 +147,10 @@ def save(
 
     def finish() -> None:
         try:
+            if momentum is not None:
+                atomic.write_with(folder / tag / MOMENTUM, lambda tmp: torch.save(momentum, tmp))
             atomic.write_json(folder / tag / META, {**meta.to_json(), "files": _files(folder / tag)})
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             shutil.rmtree(folder / tag, ignore_errors=True)
             raise RankFailure(failed_write(run_dir, tag, [write_problem(e, folder)])) from e
         publish(folder, tag, "step", keep)
@@ -303,6 +309,9 @@ def load(engine: Any, run_dir: Path, plan: ResumePlan, device: torch.device) -> 
     _, client_state = engine.load_checkpoint(str(folder), tag=plan.tag)
     if client_state is None:
         raise ResumeError(f"checkpoint {folder / plan.tag} could not be loaded by DeepSpeed")
+    momentum = checkpoint_dir(run_dir) / plan.tag / MOMENTUM
+    if momentum.is_file():  # checkpoints before ssit-dist 0.3 kept it in the client state
+        client_state["momentum"] = torch.load(momentum, map_location="cpu", weights_only=True)
     if plan.mode == "reshard":
         barrier(device)
         on_rank_zero(lambda: shutil.rmtree(folder, ignore_errors=True), device, f"removing {folder}")

@@ -262,14 +262,10 @@ def _view_retrieval(run: Run) -> float:
 def save(run: Run, step: int) -> str:
     """Collective: a checkpoint of the engine, the fp32 momentum network, the step, config and RNG."""
     run.momentum_net.materialize()  # the exact fp32 average, where each rank held a partition of it
-    client = {
-        "step": step,
-        "momentum": run.momentum_net.state_dict(),
-        "config": asdict(run.cfg),
-        "torch_rng": torch.get_rng_state(),
-    }
+    client = {"step": step, "config": asdict(run.cfg), "torch_rng": torch.get_rng_state()}
     meta = run.meta.with_provenance(step=step)
-    return checkpoint.save(run.engine, run.run_dir, step, client, meta, run.cfg.keep_checkpoints, run.device)
+    momentum = run.momentum_net.state_dict()
+    return checkpoint.save(run.engine, run.run_dir, step, client, meta, run.cfg.keep_checkpoints, run.device, momentum)
 
 
 def _finite(losses: tuple[float, float]) -> bool:
