@@ -156,9 +156,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         fields = self.run("scontrol", "show", "job", "-o", job_id).split()
         return dict(f.split("=", 1) for f in fields if "=" in f)
 
-    def wait(self, job_id: str, timeout: float) -> dict[str, str]:
-        """Poll until the job has ended (sbatch --wait notices late). An ending state counts once it has
-        held for 10 s: a job that requeues itself can show one on its way back to PENDING."""
+    def wait(self, job_id: str, timeout: float, settle_s: float = 0.0) -> dict[str, str]:
+        """Poll until the job has ended (sbatch --wait notices late). For a job that may requeue itself,
+        which can show an ending state on its way back to PENDING, pass `settle_s` (10 s is enough here):
+        an ending state then counts once it has held that long."""
         deadline, ended_since, history = time.monotonic() + timeout, None, []
         while True:
             job = self.job(job_id)
@@ -168,7 +169,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             job["History"] = " -> ".join(history)
             if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 ended_since = ended_since or time.monotonic()
-                if time.monotonic() - ended_since >= 10:
+                if time.monotonic() - ended_since >= settle_s:
                     return job
             else:
                 ended_since = None

@@ -104,8 +104,9 @@ def pattern(folder: Path, shards: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    """The 2,000 unlabelled photographs packed at 32 px into shards of 2000, 512 and 64 samples."""
+def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+    """The 2,000 unlabelled photographs packed at 32 px into shards of 64 samples (`ssit-dist shard`'s
+    packer), and the same tar members regrouped into shards of 512 and of 2,000: data.shards sources."""
     from ssit_dist.data.inputs import discover
     from ssit_dist.data.shard import ShardOptions, pack
 
@@ -113,17 +114,30 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         pytest.skip(f"the unlabelled fundus photographs are not at {UNLABELLED} (../shared is absent here)")
     inputs = discover(UNLABELLED, None, None, 0)
     assert len(inputs.items) == 2000
-    folders = {}
-    for shard_size in (2000, 512, 64):
-        folders[shard_size] = tmp_path_factory.mktemp("unlabelled") / str(shard_size)
-        pack(UNLABELLED, folders[shard_size], inputs, ShardOptions(size=32, shard_size=shard_size, preview=0))
-    return folders
+    packed = tmp_path_factory.mktemp("unlabelled") / "64"
+    pack(UNLABELLED, packed, inputs, ShardOptions(size=32, shard_size=64, preview=0))
+    members = []
+    for shard in sorted(packed.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            members += [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    sources: dict[int, str] = {64: str(packed)}
+    for shard_size in (512, 2000):
+        folder = tmp_path_factory.mktemp("unlabelled") / str(shard_size)
+        folder.mkdir()
+        per_shard = len(members) // 2000 * shard_size  # every sample has the same members (jpg, sal.png, ...)
+        chunks = [members[i : i + per_shard] for i in range(0, len(members), per_shard)]
+        for i, chunk in enumerate(chunks):
+            with tarfile.open(folder / f"train-{i:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+                for member, data in chunk:
+                    tar.addfile(member, io.BytesIO(data))
+        sources[shard_size] = pattern(folder, len(chunks))
+    return sources
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shard_size, world, workers", [(2000, 16, 4), (512, 2, 2), (64, 16, 4), (64, 128, 4)])
 def test_data_plan_reads_every_photograph_once_per_epoch(
-    shard_size: int, world: int, workers: int, unlabelled: dict[int, Path]
+    shard_size: int, world: int, workers: int, unlabelled: dict[int, str]
 ) -> None:
     # The issue's table (global batch 64; 128 ranks at 512) through the CLI, on the real photographs'
     # shards: 100% of what fills a global batch, no duplicate, no byte read twice.

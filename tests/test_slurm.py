@@ -121,7 +121,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(
         time.sleep(0.2)
     # SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit.
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = cluster.wait(job_id, timeout=300)
+    job = cluster.wait(job_id, timeout=300, settle_s=10)  # it requeues itself once
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", (job, log[-3000:])
     assert "stopped by signal after step" in log and "requeueing job" in log and "resumed (resume)" in log
