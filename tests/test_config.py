@@ -192,7 +192,15 @@ def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
 def test_encoder_meta_round_trips_and_reads_flat_files() -> None:
     from ssit_dist.models.encoder_meta import EncoderMeta
 
-    meta = EncoderMeta("vit_small_patch16_224", 64, {"patch_size": 8}, 8, [0.4] * 3, [0.3] * 3, {"step": 4})
+    meta = EncoderMeta(
+        arch="vit_small_patch16_224",
+        img_size=64,
+        timm_kwargs={"patch_size": 8},
+        patch_size=8,
+        mean=[0.4] * 3,
+        std=[0.3] * 3,
+        provenance={"step": 4},
+    )
     body = meta.to_json()
     assert body["arch"] == "vit_small_patch16_224" and body["step"] == 4  # flat: readable without the class
     assert EncoderMeta.from_json(body) == meta

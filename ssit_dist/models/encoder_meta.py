@@ -15,7 +15,7 @@ from typing import Any
 FIELDS = ("arch", "img_size", "timm_kwargs", "patch_size", "mean", "std")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncoderMeta:
     arch: str
     img_size: int

@@ -32,24 +32,21 @@ from torch.utils.data import DataLoader
 from ssit_dist import atomic
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.grading_transforms import eval_transform, train_transform
-from ssit_dist.data.index import ShardIndexError, read_index, sha256_file
+from ssit_dist.data.index import read_index, sha256_file
 from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.workers import worker_options
 from ssit_dist.dist import (
-    PlacementError,
-    RankFailure,
     adopt_srun_environment,
     bind_gpu,
     broadcast_from_zero,
     gather_objects,
     mean_over_ranks,
     on_rank_zero,
-    shutdown,
 )
 from ssit_dist.eval import report
 from ssit_dist.eval.predict import evaluate
 from ssit_dist.models.grader import Grader, load_grader, save_grader
-from ssit_dist.models.pretrained import EncoderInitError, EncoderSource, load_encoder
+from ssit_dist.models.pretrained import EncoderSource, load_encoder
 from ssit_dist.train.checkpoint import latest_tag
 from ssit_dist.train.finetune_state import load_state, read_state, save_state, unreadable
 from ssit_dist.train.resume import ResumeError, ResumePlan, decide
@@ -169,7 +166,7 @@ def _decide(out: Path, fingerprint: dict, mode: str) -> ResumePlan | ResumeError
         return e
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Tuning:
     """A fine-tuning run, set up: what the epochs and the report need."""
 
@@ -269,19 +266,19 @@ def set_up(cfg: FinetuneConfig) -> Tuning:
     # The one warmup-cosine of the project (train/schedule.py), in optimizer steps, as a factor of lr.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: learning_rate(s, 1.0, warmup, steps))
     return Tuning(
-        cfg,
-        accelerator,
-        Path(cfg.run_dir),
-        model,
-        accelerator.unwrap_model(model),
-        optimizer,
-        scheduler,
-        loader,
-        order,
-        eval_sets,
-        grader_meta(cfg, grader, asdict(source), mean, std),
-        source,
-        run_fingerprint(cfg, accelerator.num_processes, sources, indexes),
+        cfg=cfg,
+        accelerator=accelerator,
+        out=Path(cfg.run_dir),
+        model=model,
+        plain=accelerator.unwrap_model(model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        order=order,
+        eval_sets=eval_sets,
+        meta=grader_meta(cfg, grader, asdict(source), mean, std),
+        source=source,
+        fingerprint=run_fingerprint(cfg, accelerator.num_processes, sources, indexes),
     )
 
 
@@ -448,27 +445,11 @@ def final_report(run: Tuning, progress: Progress) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of launch/finetune.py: `--config FILE` and `field=value` overrides."""
-    import argparse
+    """Entry point of launch/finetune.py: `--config FILE` and `field=value` overrides; exit codes as
+    train/entry.py says."""
+    from ssit_dist.train.entry import run_trainer
 
-    from ssit_dist.config import load_config
-
-    parser = argparse.ArgumentParser(description="DR grading fine-tuning with Accelerate")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("overrides", nargs="*", help="field=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        finetune(load_config(args.config, args.overrides, FinetuneConfig))
-    except (ConfigError, ShardIndexError, EncoderInitError, ResumeError, PlacementError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, RankFailure) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown()
-    return 0
+    return run_trainer(finetune, FinetuneConfig, "DR grading fine-tuning with Accelerate", argv)
 
 
 if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m

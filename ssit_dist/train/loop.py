@@ -36,7 +36,7 @@ class StopRequested(Exception):
     """SIGTERM / SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """A pretraining run, set up and (where a checkpoint was) restored: what the loop needs."""
 

@@ -30,19 +30,16 @@ from ssit_dist.data.device_augment import DevicePairAugment
 from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.labelled import SplitSource
-from ssit_dist.data.sources import ShardSet, SourceError, open_shards, verify_shards
+from ssit_dist.data.sources import ShardSet, open_shards, verify_shards
 from ssit_dist.data.stream import PairStream, pair_loader
 from ssit_dist.data.workers import PREEMPTION_SIGNALS
 from ssit_dist.dist import (
-    PlacementError,
-    RankFailure,
     any_rank,
     gather_objects,
     init_process_group,
     on_rank_zero,
     problems_on_ranks,
     rank,
-    shutdown,
     world_size,
 )
 from ssit_dist.eval.retrieval import fixed_pairs
@@ -244,13 +241,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     else:
         to_device = lambda batch: tuple(t.to(device, non_blocking=True) for t in batch)  # noqa: E731
     meta = EncoderMeta(
-        cfg.model.arch,
-        cfg.model.img_size,
-        cfg.model.timm_kwargs,
-        int(engine.module.encoder.patch_embed.patch_size[0]),
-        mean,
-        std,
-        {"zero_stage": engine.zero_optimization_stage(), "shards": cfg.data.shards, "fingerprint": fingerprint},
+        arch=cfg.model.arch,
+        img_size=cfg.model.img_size,
+        timm_kwargs=cfg.model.timm_kwargs,
+        patch_size=int(engine.module.encoder.patch_embed.patch_size[0]),
+        mean=mean,
+        std=std,
+        provenance={
+            "zero_stage": engine.zero_optimization_stage(),
+            "shards": cfg.data.shards,
+            "fingerprint": fingerprint,
+        },
     )
     retrieval_pairs = None
     if inputs.held_out is not None:
@@ -264,22 +265,22 @@ def pretrain(cfg: PretrainConfig) -> Path:
         lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
     )
     run = Run(
-        cfg,
-        engine,
-        momentum_net,
-        stream,
-        pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
-        run_dir,
-        device,
-        precision,
-        accumulation,
-        steps_per_epoch,
-        total_steps,
-        plan.step,
-        meta,
-        reporter,
-        to_device,
-        retrieval_pairs,
+        cfg=cfg,
+        engine=engine,
+        momentum_net=momentum_net,
+        stream=stream,
+        loader=pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
+        run_dir=run_dir,
+        device=device,
+        precision=precision,
+        accumulation=accumulation,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        start_step=plan.step,
+        meta=meta,
+        reporter=reporter,
+        to_device=to_device,
+        retrieval_pairs=retrieval_pairs,
     )
     if any_rank(stop["requested"], device):
         if reporter is not None:
@@ -303,32 +304,11 @@ def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for launch/pretrain.py: `--config FILE` and `section.field=value` overrides."""
-    import argparse
+    """Entry point for launch/pretrain.py: `--config FILE` and `section.field=value` overrides; exit codes
+    as train/entry.py says."""
+    from ssit_dist.train.entry import run_trainer
 
-    from ssit_dist.config import ConfigError, load_config
-
-    parser = argparse.ArgumentParser(description="SSiT pretraining with DeepSpeed")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        pretrain(cfg)
-    except StopRequested as e:
-        print(e, file=sys.stderr)
-        return 0
-    except (FloatingPointError, RankFailure, SourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ConfigError, ShardIndexError, ResumeError, PlacementError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    return 0
+    return run_trainer(pretrain, PretrainConfig, "SSiT pretraining with DeepSpeed", argv)
 
 
 if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m

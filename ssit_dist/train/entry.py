@@ -1,0 +1,59 @@
+"""The trainers' command line, once for both: `--config FILE field=value ...`, the run, and what its end
+means as an exit code, the same for pretraining and fine-tuning:
+
+- 0: done, or stopped by SIGTERM / SIGUSR1 after saving (SLURM's preemption): relaunch to resume;
+- 2: the run as given cannot start (a config field, the shards, a resume that would be wrong, where the
+  process sits in the job, the initial weights): the message names what to change;
+- 1: it started and failed (a non-finite loss, a rank's failed work, a data source that gave up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from ssit_dist.data.index import ShardIndexError
+from ssit_dist.data.sources import SourceError
+from ssit_dist.dist import PlacementError, RankFailure, shutdown
+from ssit_dist.models.pretrained import EncoderInitError
+from ssit_dist.train.finetune_state import CheckpointWriteError
+from ssit_dist.train.loop import StopRequested
+from ssit_dist.train.resume import ResumeError
+
+CANNOT_START = (ConfigError, ShardIndexError, ResumeError, PlacementError, EncoderInitError)
+FAILED = (FloatingPointError, RankFailure, SourceError, CheckpointWriteError)
+
+
+def run_trainer(
+    train: Callable[[Any], Any],
+    kind: type[PretrainConfig] | type[FinetuneConfig],
+    description: str,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse the command line into a `kind` config, call `train(cfg)` and return the exit code."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None)
+    # DeepSpeed's launcher passes --local_rank; the environment's LOCAL_RANK is what counts.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="field=value (section.field=value)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        train(load_config(args.config, args.overrides, kind))
+    except StopRequested as e:
+        print(e, file=sys.stderr)
+        return 0
+    except FAILED as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except CANNOT_START as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
