@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from ssit_dist.dist import (
     RankFailure,
     barrier,
     broadcast_from_zero,
-    gather_objects,
     join_skipped_barrier,
     on_rank_zero,
     problems_on_ranks,
@@ -291,12 +289,12 @@ def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:
         atomic.replace_folder(tmp, target)
 
     on_rank_zero(convert, device, f"converting {checkpoint_dir(run_dir) / tag} to a universal checkpoint in {target}")
-    seen = gather_objects((socket.gethostname(), target.is_dir()), device)
-    missing = [f"rank {r} on {host}" for r, (host, ok) in enumerate(seen) if not ok]
+    missing = problems_on_ranks(None if target.is_dir() else f"{target} is not there", device)
     if missing:
         raise ResumeError(
-            f"{target}, written by rank 0, is not visible to {', '.join(missing)}: resume=reshard "
-            "needs the run folder on a file system every node shares"
+            f"{target}, written by rank 0, is not visible on every rank:\n  "
+            + "\n  ".join(missing)
+            + "\nresume=reshard needs the run folder on a file system every node shares"
         )
 
 

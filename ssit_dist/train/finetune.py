@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,9 +38,9 @@ from ssit_dist.dist import (
     adopt_srun_environment,
     bind_gpu,
     broadcast_from_zero,
-    gather_objects,
     mean_over_ranks,
     on_rank_zero,
+    problems_on_ranks,
 )
 from ssit_dist.eval import report
 from ssit_dist.eval.predict import evaluate
@@ -292,8 +291,7 @@ def restore(run: Tuning) -> Progress:
         raise plan
     assert isinstance(plan, ResumePlan)
     # Every process checks the checkpoint rank 0 chose, and all agree before any loads it.
-    seen = gather_objects((socket.gethostname(), unreadable(out, plan.tag) if plan.tag else []), device)
-    failed = [f"process {r} on {host}: {'; '.join(p)}" for r, (host, p) in enumerate(seen) if p]
+    failed = problems_on_ranks("; ".join(unreadable(out, plan.tag) if plan.tag else []) or None, device)
     if failed:
         raise ResumeError(f"checkpoint {plan.tag} in {out} cannot be read by every process:\n  " + "\n  ".join(failed))
     progress = Progress(select_by=cfg.select_by)
