@@ -17,13 +17,13 @@ import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ssit_dist import atomic
 from ssit_dist.data.augment import VIEW1, VIEW2, ViewRecipe
-from ssit_dist.fields import Checked, ConfigError, one_of, option, require
+from ssit_dist.fields import Checked, ConfigError, option, require
 from ssit_dist.models.ssit import ModelConfig
 
 __all__ = [
@@ -64,7 +64,7 @@ class DataConfig(Checked):
     split: str = option("train", "split of the folders to read; patterns name their shards themselves")
     mean: list[float] | None = option(None, "RGB mean in [0, 1]; null: from the shards' _info.json")
     std: list[float] | None = option(None, "RGB std in [0, 1]; null: from the shards' _info.json")
-    augment_on: str = option(
+    augment_on: Literal["cpu", "gpu"] = option(
         "cpu",
         "where the pair augmentation runs: cpu (OpenCV in the loader workers) or gpu (workers only read the "
         "bytes; JPEG decoding and the recipe run batched on the training device, which keeps up with a GPU)",
@@ -78,7 +78,9 @@ class DataConfig(Checked):
         "consecutive samples of a shard read together: each epoch shuffles these pieces over all loader "
         "workers of all ranks (every sample once per epoch), then each worker's buffer shuffles samples",
     )
-    verify: str = option("size", "before training check each local shard against _info.json: size, sha256 or none")
+    verify: Literal["size", "sha256", "none"] = option(
+        "size", "before training check each local shard against _info.json: size, sha256 or none"
+    )
     empty_timeout_s: float = option(300.0, "a source with no usable sample for this long ends the run, naming it")
     stall_timeout_s: float | None = option(
         None,
@@ -94,12 +96,10 @@ class DataConfig(Checked):
                 value is None or len(value) == 3, f"data.{name}", value, "expected three numbers (R, G, B in [0, 1])"
             )
         require(self.std is None or all(v > 0 for v in self.std), "data.std", self.std, "must be positive")
-        one_of("data.augment_on", self.augment_on, ("cpu", "gpu"))
         require(self.workers >= 0, "data.workers", self.workers, "must be 0 or more")
         require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be at least 1")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be at least 1")
         require(self.piece_size >= 1, "data.piece_size", self.piece_size, "must be at least 1 (samples)")
-        one_of("data.verify", self.verify, ("size", "sha256", "none"))
         require(self.empty_timeout_s > 0, "data.empty_timeout_s", self.empty_timeout_s, "must be positive (seconds)")
         require(
             self.stall_timeout_s is None or self.stall_timeout_s > 0,
@@ -193,7 +193,7 @@ class PretrainConfig(Checked):
         "checkpoint: on many GPUs a step count comes round every few seconds, and each save blocks every rank",
     )
     keep_checkpoints: int = option(3, "checkpoints kept; older ones are deleted")
-    resume: str = option(
+    resume: Literal["auto", "force", "reshard"] = option(
         "auto",
         "auto: resume an unchanged run, refuse a changed one; force: resume anyway; "
         "reshard: another world size through DeepSpeed's universal checkpoint",
@@ -229,7 +229,6 @@ class PretrainConfig(Checked):
             "must be positive (minutes), or null",
         )
         require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be at least 1")
-        one_of("resume", self.resume, ("auto", "force", "reshard"))
         require(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive (seconds)")
         require(
             self.data.stall_timeout_s is None or self.data.stall_timeout_s < self.dist_timeout_s,
@@ -261,7 +260,9 @@ class FinetuneConfig(Checked):
     timm_kwargs: dict[str, Any] | None = option(None, "timm overrides (patch_size, embed_dim, ...); null: the export's")
     trust_pickle: bool = option(False, "allow unpickling a reference epoch_N.pt module (only for files you trust)")
     img_size: int = option(384, "input size in pixels")
-    objective: str = option("regression", "regression (MSE + thresholds) or classification (cross-entropy)")
+    objective: Literal["regression", "classification"] = option(
+        "regression", "regression (MSE + thresholds) or classification (cross-entropy)"
+    )
     num_classes: int = option(5, "DR grades")
     linear: bool = option(False, "linear probe: frozen encoder, linear head only")
     epochs: int = option(25, "training length in epochs")
@@ -270,20 +271,18 @@ class FinetuneConfig(Checked):
     lr: float | None = option(None, "learning rate; null: 2e-5, linear probe 0.002")
     weight_decay: float | None = option(None, "Adam weight decay; null: 1e-5, linear probe 0")
     warmup_epochs: float = option(0.0, "linear warmup, then cosine decay")
-    mixed_precision: str = option("no", "no, bf16 or fp16 (through Accelerate)")
-    select_by: str = option("qwk", "best checkpoint by validation qwk or accuracy")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "no, bf16 or fp16 (through Accelerate)")
+    select_by: Literal["qwk", "accuracy"] = option("qwk", "best checkpoint by validation qwk or accuracy")
     workers: int = option(2, "loader processes per process")
     eval_batch: int = option(64, "batch size for evaluation")
     seed: int = option(0, "seeds the head init, the data order and augmentation")
     clip_grad: float | None = option(1.0, "maximum gradient norm, as the reference's fine-tuning; null: no clipping")
-    resume: str = option("auto", "auto: resume an unchanged run in run_dir, refuse a changed one; force: resume anyway")
+    resume: Literal["auto", "force"] = option(
+        "auto", "auto: resume an unchanged run in run_dir, refuse a changed one; force: resume anyway"
+    )
     dist_timeout_s: float = option(1800.0, "a collective that waits longer ends the run with an error")
 
     def validate(self) -> None:
-        one_of("objective", self.objective, ("regression", "classification"))
-        one_of("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        one_of("select_by", self.select_by, ("qwk", "accuracy"))
-        one_of("resume", self.resume, ("auto", "force"))
         require(self.dist_timeout_s > 0, "dist_timeout_s", self.dist_timeout_s, "must be positive (seconds)")
         require(
             self.clip_grad is None or self.clip_grad > 0,

@@ -4,7 +4,7 @@ range, and a config checks all of them when it is built, in one place (`Checked.
 `option(default, help)` declares a field; a class's `validate()` adds its range and cross-field checks.
 Types come from the annotations: `int` refuses booleans and fractions (an integral float such as
 `1e3` becomes 1000), `float` takes ints, `X | None` takes None, `list[X]` and `dict[str, X]` check
-their items. Errors are ConfigError naming the field and the value.
+their items, `Literal["a", "b"]` takes one of its values. Errors are ConfigError naming the field and the value.
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def require(condition: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{name} = {value!r}: {expected}")
 
 
-def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    require(value in allowed, name, value, f"expected one of {', '.join(allowed)}")
-
-
 def describe(tp: Any) -> str:
     """`int`, `float or null`, `list of float`, ...: a type as a user reads it."""
     if tp is type(None):
@@ -63,6 +59,8 @@ def describe(tp: Any) -> str:
     if tp is Any:
         return "any value"
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
     if origin is list:
@@ -87,6 +85,8 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is type(None):
         return value is None, value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return value in args, value
     if origin in (typing.Union, types.UnionType):
         for arg in args:
             ok, result = _match(value, arg)

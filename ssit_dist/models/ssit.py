@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ssit_dist.fields import Checked, one_of, option, require
+from ssit_dist.fields import Checked, option, require
 from ssit_dist.models.heads import SaliencyHead, predictor, projector
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.momentum import MomentumNetwork
@@ -41,9 +41,11 @@ class ModelConfig(Checked):
     proj_dim: int = option(256, "output width of the projector and predictor")
     temperature: float = option(0.2, "contrastive temperature T")
     mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
-    pool: str = option("max", "how pixel saliency is pooled per patch for token selection: max or avg")
+    pool: Literal["max", "avg"] = option(
+        "max", "how pixel saliency is pooled per patch for token selection: max or avg"
+    )
     saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
-    attention: str = option(
+    attention: Literal["auto", "fused", "explicit"] = option(
         "auto",
         "attention kernel: fused (scaled_dot_product_attention), explicit (matmul + softmax, as the reference), "
         "or auto: fused on GPUs, explicit on CPUs (faster there: bench/model_step.py)",
@@ -64,8 +66,6 @@ class ModelConfig(Checked):
 
     def validate(self) -> None:
         require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
-        one_of("pool", self.pool, ("max", "avg"))
-        one_of("attention", self.attention, ("auto", "fused", "explicit"))
         require(self.temperature > 0, "temperature", self.temperature, "must be positive")
         require(self.img_size > 0, "img_size", self.img_size, "must be positive")
         require(
