@@ -80,7 +80,8 @@ def update_momentum(engine: Engine, momentum_net: MomentumNetwork, m: float, dty
     the full fp32 weights (ZeRO-3 partitions and plain modules alike, see full_fp32_parameters)."""
     sources = engine.module.ema_source()
     optimizer = getattr(engine, "optimizer", None)
-    master = flat_master(optimizer, [p for m in sources for p in m.parameters()]) if optimizer is not None else None
+    params = [p for module in sources for p in module.parameters()]
+    master = flat_master(optimizer, params) if optimizer is not None else None
     if master is not None:
         momentum_net.update_partition(master, m, dtype)
     else:
