@@ -1,7 +1,8 @@
 """Self-checking config dataclasses: every field has a type, a one-line help and (where it matters) a
 range, and a config checks all of them when it is built, in one place (`Checked.__post_init__`).
 
-`option(default, help)` declares a field; a class's `validate()` adds its range and cross-field checks.
+`option(default, help, ge=..., gt=..., le=..., lt=...)` declares a field with its range; a class's
+`validate()` adds the checks that relate fields.
 Types come from the annotations: `int` refuses booleans and fractions (an integral float such as
 `1e3` becomes 1000), `float` takes ints, `X | None` takes None, `list[X]` and `dict[str, X]` check
 their items, `Literal["a", "b"]` takes one of its values. Errors are ConfigError naming the field and the value.
@@ -10,6 +11,7 @@ their items, `Literal["a", "b"]` takes one of its values. Errors are ConfigError
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from typing import Any
@@ -25,10 +27,15 @@ def option(
     *,
     factory: Any = dataclasses.MISSING,  # noqa: A002
     alias: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
 ) -> Any:
-    """A config field with its one-line help (shown by `ssit-dist config`). `alias`: an older name
-    still read, with a deprecation warning."""
-    metadata = {"help": help, "alias": alias}
+    """A config field with its one-line help (shown by `ssit-dist config`) and its range (a None value
+    is not checked against it). `alias`: an older name still read, with a deprecation warning."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"help": help, "alias": alias, "bounds": bounds}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -40,7 +47,12 @@ class Checked:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f.name))
+            value = _coerce(getattr(self, f.name), hints[f.name], f.name)
+            setattr(self, f.name, value)
+            bounds = f.metadata.get("bounds")
+            if bounds and value is not None and not _within(value, bounds):
+                null = ", or null" if _admits_none(hints[f.name]) else ""
+                raise ConfigError(f"{f.name} = {value!r}: must be {range_text(bounds)}{null}")
         self.validate()
 
     def validate(self) -> None:
@@ -48,8 +60,37 @@ class Checked:
 
 
 def require(condition: bool, name: str, value: Any, expected: str) -> None:
+    """For `validate()`: a check that relates fields. `name` is the field as this class calls it (a
+    section's errors get the section's dotted prefix where the config is loaded)."""
     if not condition:
         raise ConfigError(f"{name} = {value!r}: {expected}")
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """`positive`, `0 or more`, `at least 1`, `in [0, 1)`: a range as a user reads it."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low == ("(", 0):
+        return "positive"
+    if low == ("[", 0):
+        return "0 or more"
+    if low:
+        return f"at least {low[1]:g}" if low[0] == "[" else f"above {low[1]:g}"
+    assert high is not None
+    return f"at most {high[1]:g}" if high[0] == "]" else f"below {high[1]:g}"
+
+
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return all(_COMPARE[name](value, limit) for name, limit in bounds.items())
+
+
+def _admits_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def describe(tp: Any) -> str:

@@ -31,15 +31,15 @@ class ViewRecipe(Checked):
 
     scale: list[float] = option(factory=lambda: [0.08, 0.8], help="random resized crop: area fraction (min, max)")
     ratio: list[float] = option(factory=lambda: [3 / 4, 4 / 3], help="random resized crop: aspect ratio (min, max)")
-    rotation: float = option(180.0, "largest rotation either way, degrees")
-    rotate_p: float = option(0.8, "probability of a rotation")
+    rotation: float = option(180.0, "largest rotation either way, degrees", ge=0, le=180)
+    rotate_p: float = option(0.8, "probability of a rotation", ge=0, le=1)
     jitter: list[float] = option(
         factory=lambda: [0.4, 0.4, 0.2, 0.1], help="colour jitter strength: brightness, contrast, saturation, hue"
     )
-    jitter_p: float = option(0.8, "probability of colour jitter")
-    grey_p: float = option(0.2, "probability of greyscale")
-    blur_p: float = option(1.0, "probability of a Gaussian blur (sigma 0.1-2)")
-    solarize_p: float = option(0.0, "probability of solarisation")
+    jitter_p: float = option(0.8, "probability of colour jitter", ge=0, le=1)
+    grey_p: float = option(0.2, "probability of greyscale", ge=0, le=1)
+    blur_p: float = option(1.0, "probability of a Gaussian blur (sigma 0.1-2)", ge=0, le=1)
+    solarize_p: float = option(0.0, "probability of solarisation", ge=0, le=1)
 
     def validate(self) -> None:
         for name in ("scale", "ratio"):
@@ -51,16 +51,12 @@ class ViewRecipe(Checked):
                 "expected (min, max), 0 < min <= max",
             )
         require(self.scale[1] <= 1, "scale", self.scale, "area fractions are at most 1")
-        require(0 <= self.rotation <= 180, "rotation", self.rotation, "expected 0 to 180 degrees")
         require(
             len(self.jitter) == 4 and all(v >= 0 for v in self.jitter) and self.jitter[3] <= 0.5,
             "jitter",
             self.jitter,
             "expected four strengths >= 0 (brightness, contrast, saturation, hue <= 0.5)",
         )
-        for name in ("rotate_p", "jitter_p", "grey_p", "blur_p", "solarize_p"):
-            value = getattr(self, name)
-            require(0 <= value <= 1, name, value, "a probability is between 0 and 1")
 
 
 VIEW1 = ViewRecipe()

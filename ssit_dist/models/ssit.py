@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ssit_dist.fields import Checked, option, require
+from ssit_dist.fields import Checked, option
 from ssit_dist.models.heads import SaliencyHead, predictor, projector
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.momentum import MomentumNetwork
@@ -30,21 +30,25 @@ class ModelConfig(Checked):
     arch: str = option(
         "vit_small_patch16_224", "timm architecture of the encoder (vit_small_patch16_224, vit_base_patch16_224, ...)"
     )
-    img_size: int = option(224, "input size in pixels (square); a multiple of the patch size")
+    img_size: int = option(224, "input size in pixels (square); a multiple of the patch size", gt=0)
     timm_kwargs: dict[str, Any] = option(
         factory=dict, help="timm overrides: patch_size, embed_dim, depth, num_heads, ..."
     )
     init: str | None = option(
         None, "initial encoder weights (an export, a reference checkpoint, timm weights); null: random", alias="weights"
     )
-    proj_hidden: int = option(4096, "hidden width of the projector and predictor MLPs")
-    proj_dim: int = option(256, "output width of the projector and predictor")
-    temperature: float = option(0.2, "contrastive temperature T")
-    mask_ratio: float = option(0.25, "share of patches the key encoder drops (the least salient), in [0, 1)")
+    proj_hidden: int = option(4096, "hidden width of the projector and predictor MLPs", gt=0)
+    proj_dim: int = option(256, "output width of the projector and predictor", gt=0)
+    temperature: float = option(0.2, "contrastive temperature T", gt=0)
+    mask_ratio: float = option(
+        0.25, "share of patches the key encoder drops (the least salient), in [0, 1)", ge=0, lt=1
+    )
     pool: Literal["max", "avg"] = option(
         "max", "how pixel saliency is pooled per patch for token selection: max or avg"
     )
-    saliency_threshold: float = option(0.5, "saliency maps are binarised at this value for the saliency loss")
+    saliency_threshold: float = option(
+        0.5, "saliency maps are binarised at this value for the saliency loss", gt=0, lt=1
+    )
     attention: Literal["auto", "fused", "explicit"] = option(
         "auto",
         "attention kernel: fused (scaled_dot_product_attention), explicit (matmul + softmax, as the reference), "
@@ -63,18 +67,6 @@ class ModelConfig(Checked):
         "recompute each transformer block of the query encoder in the backward pass instead of keeping its "
         "activations: far less memory for about a third more compute, the same batch and the same gradients",
     )
-
-    def validate(self) -> None:
-        require(0 <= self.mask_ratio < 1, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
-        require(self.temperature > 0, "temperature", self.temperature, "must be positive")
-        require(self.img_size > 0, "img_size", self.img_size, "must be positive")
-        require(
-            self.proj_hidden > 0 and self.proj_dim > 0,
-            "proj_hidden / proj_dim",
-            (self.proj_hidden, self.proj_dim),
-            "must be positive",
-        )
-        require(0 < self.saliency_threshold < 1, "saliency_threshold", self.saliency_threshold, "must be in (0, 1)")
 
     def fused_attention(self, device_type: str) -> bool:
         """Whether the encoders use the fused attention kernel on `device_type` ("cuda", "cpu", ...)."""

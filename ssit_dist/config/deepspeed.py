@@ -1,0 +1,104 @@
+"""The DeepSpeed side of a pretraining run: the batch layout over the ranks, and the ds_configs/ JSON
+checked and filled from the run config. Its batch, lr and weight-decay fields are "auto" and filled here,
+so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ssit_dist.config.loading import shipped_ds_config
+from ssit_dist.config.schema import PretrainConfig
+from ssit_dist.fields import ConfigError
+
+
+def batch_layout(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) with micro * accumulation * world = global."""
+    if global_batch % world:
+        raise ConfigError(f"global_batch {global_batch} is not divisible by the world size {world}")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"micro_batch {micro} does not divide the per-rank batch {per_rank} "
+            f"(global_batch {global_batch} over {world} ranks)"
+        )
+    if micro < 2:
+        raise ConfigError(f"micro_batch {micro}: BatchNorm in the projector needs at least 2 samples per rank")
+    return micro, per_rank // micro
+
+
+DEEPSPEED_KEYS = {
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "zero_optimization",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "activation_checkpointing",
+    "torch_autocast",
+    "communication_data_type",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "zero_allow_untested_optimizer",
+    "flops_profiler",
+    "compile",
+    "data_types",
+    "checkpoint",
+    "tensorboard",
+    "comms_logger",
+    "seq_parallel_communication_data_type",
+    "dump_state",
+}
+
+
+def deepspeed_config(path: str | Path, cfg: PretrainConfig, world: int) -> dict[str, Any]:
+    """Load a ds_configs/ JSON, check its keys, and fill its "auto" fields from `cfg`."""
+    path = shipped_ds_config(str(path))
+    if not path.is_file():
+        raise ConfigError(f"ds_config {path} not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
+    unknown = sorted(set(ds) - DEEPSPEED_KEYS)
+    if unknown:
+        raise ConfigError(f"ds_config {path}: unknown key {unknown[0]!r} (DeepSpeed would ignore it silently)")
+    zero = ds.get("zero_optimization", {})
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        DeepSpeedZeroConfig(**zero)
+    except Exception as e:  # pydantic's ValidationError names the offending key
+        raise ConfigError(f"ds_config {path}: zero_optimization: {' '.join(str(e).split()[:12])}") from None
+    stage = zero.get("stage", 0)
+    if "offload_param" in zero and stage != 3:
+        raise ConfigError(f"ds_config {path}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
+    if ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"ds_config {path}: fp16 and bf16 are both enabled")
+    micro, accumulation = batch_layout(cfg.global_batch, world, cfg.micro_batch)
+    fills = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optim.clip_grad,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise ConfigError(
+                f'ds_config {path}: {key} is {ds[key]} but the run config gives {value}; set it to "auto"'
+            )
+    params = ds.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", cfg.scaled_lr()), ("weight_decay", cfg.optim.weight_decay)):
+        if params.get(key) == "auto":
+            params[key] = value
+    return ds
