@@ -481,7 +481,7 @@ def test_a_checkpoint_a_process_cannot_read_is_named(graded_shards: Path, tmp_pa
     assert result.returncode == 2, result.stderr[-2000:]
     message = " ".join(result.stderr.split())
     assert (
-        "cannot be read by every process" in message and "rank 0 on" in message and f"{missing} is missing" in message
+        "cannot be read on every rank" in message and "rank 0 on" in message and f"{missing} is missing" in message
     )
 
 

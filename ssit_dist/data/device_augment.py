@@ -60,7 +60,9 @@ class DevicePairAugment:
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)
 
-    def __call__(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self, batch: EncodedBatch, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         maps = batch.saliency.to(device, non_blocking=True)
         images = decode_jpegs(batch.jpegs, device, batch.names)
         if images.shape[-2:] != maps.shape[-2:]:

@@ -29,14 +29,12 @@ from ssit_dist import atomic
 from ssit_dist.dist import (
     RankFailure,
     barrier,
-    broadcast_from_zero,
     join_skipped_barrier,
     on_rank_zero,
     problems_on_ranks,
-    rank,
 )
 from ssit_dist.models.encoder_meta import EncoderMeta
-from ssit_dist.train.resume import ResumeError, ResumePlan, decide
+from ssit_dist.train.resume import ResumeError, ResumePlan, agree_on_plan, choose_plan
 
 LATEST = "latest"
 META = "ssit_meta.json"
@@ -227,35 +225,17 @@ def _full_fp32_state(folder: Path, tag: str, zero_stage: int) -> dict[str, torch
 def plan_resume(
     run_dir: Path, fingerprint: dict[str, Any], mode: str, zero_stage: int, device: torch.device
 ) -> ResumePlan:
-    """Collective. Rank 0 alone reads `latest` and decides (train/resume.py); every rank gets its plan,
-    then checks that it can read every file of that checkpoint itself, and all ranks agree before the
-    first step, or all raise ResumeError naming each rank, host and path that failed."""
+    """Collective: the resume plan of the pretraining run in `run_dir`, agreed on by every rank
+    (train/resume.py)."""
 
-    def decision() -> ResumePlan | ResumeError:
-        try:
-            tag = latest_tag(run_dir)
-            if tag is None:
-                return decide(None, 0, None, fingerprint, mode, run_dir, zero_stage)
-            meta = read_meta(run_dir, tag)
-            return decide(tag, int(meta["step"]), meta.get("fingerprint"), fingerprint, mode, run_dir, zero_stage)
-        except ResumeError as e:
-            return e
+    def choose() -> ResumePlan:
+        tag = latest_tag(run_dir)
+        if tag is None:
+            return choose_plan(None, 0, None, fingerprint, mode, run_dir, zero_stage)
+        meta = read_meta(run_dir, tag)
+        return choose_plan(tag, int(meta["step"]), meta.get("fingerprint"), fingerprint, mode, run_dir, zero_stage)
 
-    plan = broadcast_from_zero(decision() if rank() == 0 else None, device)
-    if isinstance(plan, ResumeError):
-        raise plan
-    assert isinstance(plan, ResumePlan)
-    try:
-        problems = unreadable_files(run_dir, plan.tag) if plan.tag else []
-    except ResumeError as e:
-        problems = [str(e)]
-    failed = problems_on_ranks("; ".join(problems) or None, device)
-    if failed:
-        raise ResumeError(
-            f"checkpoint {checkpoint_dir(run_dir) / str(plan.tag)} (named by {checkpoint_dir(run_dir) / LATEST}) "
-            f"cannot be read on every rank:\n  " + "\n  ".join(failed)
-        )
-    return plan
+    return agree_on_plan(choose, lambda tag: unreadable_files(run_dir, tag), checkpoint_dir(run_dir), device)
 
 
 def to_universal(run_dir: Path, tag: str, device: torch.device) -> None:

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssit_dist import atomic
-from ssit_dist.train.checkpoint import checkpoint_dir, failed_write, publish, write_problem
-from ssit_dist.train.resume import ResumeError
+from ssit_dist.train.checkpoint import checkpoint_dir, failed_write, latest_tag, publish, write_problem
+from ssit_dist.train.resume import ResumeError, ResumePlan, agree_on_plan, choose_plan
 
 FILES = ("model.safetensors", "optimizer.pt", "state.json")
 
@@ -76,3 +76,15 @@ def load_state(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[s
     folder = checkpoint_dir(run_dir) / tag
     optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     return load_file(str(folder / "model.safetensors")), optimizer, read_state(run_dir, tag)
+
+
+def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, device: torch.device) -> ResumePlan:
+    """Collective: the resume plan of the fine-tuning run in `run_dir`, agreed on by every process
+    (train/resume.py)."""
+
+    def choose() -> ResumePlan:
+        tag = latest_tag(run_dir)
+        state = read_state(run_dir, tag) if tag else {}
+        return choose_plan(tag, int(state.get("epoch", 0)), state.get("fingerprint"), fingerprint, mode, run_dir, 0)
+
+    return agree_on_plan(choose, lambda tag: unreadable(run_dir, tag), checkpoint_dir(run_dir), device)

@@ -27,9 +27,7 @@ from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
-from ssit_dist.train.step import Batch, train_step
-
-Views = tuple[torch.Tensor, ...]  # x1, x2, s1, s2 on the device
+from ssit_dist.train.step import Views, train_step
 
 
 class StopRequested(Exception):
@@ -66,50 +64,29 @@ def train(run: Run, stop: dict[str, bool]) -> None:
     (every `log_every` steps, and before a checkpoint, a view retrieval or the end) does the host read
     them, with one collective that tells every rank whether any had a non-finite loss, a stop signal or
     a failed loader. Nothing is reported or saved before that agreement."""
-    cfg, engine = run.cfg, run.engine
+    cfg = run.cfg
     feed: Feed | None = None
     try:
         step = run.start_step
         interval = Interval(time.perf_counter())
         last_save = time.monotonic()  # for checkpoint_every_minutes
         while step < run.total_steps:
-            epoch, in_epoch = divmod(step, run.steps_per_epoch)
-            if feed is None or in_epoch == 0:
-                run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
-                if feed is not None:
-                    feed.close()
-                feed = Feed(start_batches(run.loader), run.to_device, run.device, run.loader.timeout, feed)
-            progress = step / run.steps_per_epoch
-            lr = schedule.learning_rate(
-                progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr
-            )
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            momentum = schedule.momentum(progress, cfg.epochs, cfg.loss.momentum)
-            saliency_weight = schedule.saliency_weight(
-                progress, cfg.epochs, cfg.loss.saliency_weight, cfg.loss.saliency_cosine_decay
-            )
+            feed = _feed_at(run, step, feed)
+            schedules = _set_schedules(run, step)
             waits: list[float] = []  # seconds spent waiting for each micro batch
             losses = train_step(
-                engine,
+                run.engine,
                 run.momentum_net,
                 feed.micro_batches(run.accumulation, waits),
-                momentum,
+                schedules["momentum"],
                 cfg.loss.contrastive_weight,
-                saliency_weight,
+                schedules["saliency_weight"],
                 run.precision,
             )
             step += 1
+            record = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), **schedules}
             interval.add(
-                torch.stack([losses.contrastive, losses.saliency]),
-                {
-                    "step": step,
-                    "epoch": round(step / run.steps_per_epoch, 4),
-                    "lr": lr,
-                    "momentum": momentum,
-                    "saliency_weight": saliency_weight,
-                    "data_wait_s": round(sum(waits), 4),
-                },
+                torch.stack([losses.contrastive, losses.saliency]), record | {"data_wait_s": round(sum(waits), 4)}
             )
             # From the config, not from `retrieval_pairs` (rank 0's alone): every rank must stop at the same
             # sync points, or rank 0's extra collective meets another rank's next step.
@@ -120,38 +97,71 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             checkpoint_due = (every is not None and step % every == 0) or step == run.total_steps
             if not (step % cfg.log_every == 0 or checkpoint_due or retrieval_due):
                 continue
-
-            # The sync point: one collective, one read of the device. A checkpoint by time is agreed on
-            # there too (clocks differ between hosts; every rank must save at the same step).
             minutes = cfg.checkpoint_every_minutes
             clock_due = minutes is not None and time.monotonic() - last_save >= 60 * minutes
-            records, diverged, stopping, clock_due = interval.agree(
-                feed.failure is not None, stop["requested"], clock_due, run.device
-            )
-            if feed.failure is not None:
-                raise feed.failure
-            _raise_if_diverged(diverged, records, run.run_dir)
-            if run.reporter is not None:
-                elapsed = (time.perf_counter() - interval.started) / len(records)
-                for record in records:
-                    record["pairs_per_s"] = round(cfg.global_batch / elapsed, 2)
-                    record["step_s"] = round(elapsed, 4)
-                    record["peak_mem_mb"] = round(_peak_memory_mb(run.device), 1)
-                if retrieval_due:
-                    records[-1]["view_retrieval"] = _view_retrieval(run)
-                for record in records:
-                    run.reporter.step(record)
-            if checkpoint_due or stopping or clock_due:
-                save(run, step)
+            if _sync_point(run, step, interval, feed, stop["requested"], checkpoint_due or clock_due, retrieval_due):
                 last_save = time.monotonic()
-            if stopping:
-                raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
             interval = Interval(time.perf_counter())  # checkpoints and retrieval are not the steps' time
     finally:
         if feed is not None:  # now, even while an exception's traceback still holds the loader
             feed.close()
         if run.reporter is not None:
             run.reporter.close()
+
+
+def _feed_at(run: Run, step: int, feed: Feed | None) -> Feed:
+    """The feed for `step`: a new one (the stream set to the epoch and the batch within it) at the start
+    and at every epoch boundary, otherwise the current one."""
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    if feed is not None and in_epoch != 0:
+        return feed
+    run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
+    if feed is not None:
+        feed.close()
+    return Feed(start_batches(run.loader), run.to_device, run.device, run.loader.timeout, feed)
+
+
+def _set_schedules(run: Run, step: int) -> dict[str, float]:
+    """The step's learning rate (set on the optimizer), momentum and saliency weight (train/schedule.py)."""
+    cfg, progress = run.cfg, step / run.steps_per_epoch
+    lr = schedule.learning_rate(progress, cfg.scaled_lr(), cfg.optim.warmup_epochs, cfg.epochs, cfg.optim.min_lr)
+    for group in run.engine.optimizer.param_groups:
+        group["lr"] = lr
+    return {
+        "lr": lr,
+        "momentum": schedule.momentum(progress, cfg.epochs, cfg.loss.momentum),
+        "saliency_weight": schedule.saliency_weight(
+            progress, cfg.epochs, cfg.loss.saliency_weight, cfg.loss.saliency_cosine_decay
+        ),
+    }
+
+
+def _sync_point(
+    run: Run, step: int, interval: Interval, feed: Feed, stop: bool, save_due: bool, retrieval_due: bool
+) -> bool:
+    """Collective: one agreement over the ranks (and one read of the device), then the interval's
+    records reported, a checkpoint where one is due (by step, by time, or for a stop) and the stop
+    itself. A checkpoint by time is agreed on here: clocks differ between hosts, and every rank must
+    save at the same step. Returns whether a checkpoint was saved."""
+    records, diverged, stopping, save_due = interval.agree(feed.failure is not None, stop, save_due, run.device)
+    if feed.failure is not None:
+        raise feed.failure
+    _raise_if_diverged(diverged, records, run.run_dir)
+    if run.reporter is not None:
+        elapsed = (time.perf_counter() - interval.started) / len(records)
+        for record in records:
+            record["pairs_per_s"] = round(run.cfg.global_batch / elapsed, 2)
+            record["step_s"] = round(elapsed, 4)
+            record["peak_mem_mb"] = round(_peak_memory_mb(run.device), 1)
+        if retrieval_due:
+            records[-1]["view_retrieval"] = _view_retrieval(run)
+        for record in records:
+            run.reporter.step(record)
+    if save_due or stopping:
+        save(run, step)
+    if stopping:
+        raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
+    return save_due or stopping
 
 
 class Interval:
@@ -224,7 +234,7 @@ class Feed:
         """Shut the loader's workers down."""
         stop_batches(self.batches)
 
-    def micro_batches(self, count: int, waits: list[float]) -> Iterator[Batch]:
+    def micro_batches(self, count: int, waits: list[float]) -> Iterator[Views]:
         for _ in range(count):
             waited = time.perf_counter()
             if self.failure is None:

@@ -49,29 +49,23 @@ from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import SSiT
 from ssit_dist.train import checkpoint
-from ssit_dist.train.loop import Run, StopRequested, Views, train
+from ssit_dist.train.loop import Run, StopRequested, train
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
+from ssit_dist.train.step import Views
 
 log = logging.getLogger("ssit_dist.pretrain")
 
 
-def run_fingerprint(
-    cfg: PretrainConfig,
-    world: int,
-    micro: int,
-    accumulation: int,
-    steps_per_epoch: int,
-    shards: ShardSet,
-    ds_config: dict,
-) -> dict:
+def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
     """Everything a resume depends on (see train/resume.py)."""
+    shards = inputs.shards
     return {
         "world_size": world,
         "global_batch": cfg.global_batch,
-        "micro_batch": micro,
-        "gradient_accumulation": accumulation,
-        "steps_per_epoch": steps_per_epoch,
+        "micro_batch": inputs.micro,
+        "gradient_accumulation": inputs.accumulation,
+        "steps_per_epoch": inputs.steps_per_epoch,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         # The epoch's order and each stream's share (data/epoch.py): a resume replays them exactly.
@@ -81,7 +75,7 @@ def run_fingerprint(
             "shuffle_buffer": cfg.data.shuffle_buffer,
         },
         "model": asdict(cfg.model),
-        "ds_config": ds_config,
+        "ds_config": inputs.ds_config,
         "shards": [
             {"url": url, "samples": n, "bytes": size, "sha256": digest}
             for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256, strict=True)
@@ -89,14 +83,14 @@ def run_fingerprint(
     }
 
 
-def epoch_plan(cfg: PretrainConfig, shards: ShardSet, world: int, micro: int, batches_per_rank: int) -> EpochPlan:
+def epoch_plan(cfg: PretrainConfig, inputs: RunInputs, world: int) -> EpochPlan:
     """Which samples each rank's loader workers read, epoch by epoch (data/epoch.py)."""
     return EpochPlan(
-        tuple(shards.lengths),  # type: ignore[arg-type]  # check_inputs made sure every count is known
+        tuple(inputs.shards.lengths),  # type: ignore[arg-type]  # check_inputs made sure every count is known
         world,
         cfg.data.workers,
-        micro,
-        batches_per_rank,
+        inputs.micro,
+        inputs.batches_per_rank,
         cfg.seed,
         cfg.data.piece_size,
         cfg.data.shuffle_buffer,
@@ -154,6 +148,12 @@ class RunInputs:
     mean: list[float]
     std: list[float]
     held_out: ShardSet | None  # the view-retrieval photographs, where retrieval.shards names them
+    steps_per_epoch: int
+
+    @property
+    def batches_per_rank(self) -> int:
+        """Micro batches each rank reads per epoch."""
+        return self.steps_per_epoch * self.accumulation
 
 
 def check_inputs(cfg: PretrainConfig, world: int) -> RunInputs:
@@ -174,31 +174,85 @@ def check_inputs(cfg: PretrainConfig, world: int) -> RunInputs:
     if cfg.retrieval.shards is not None:
         source = SplitSource.parse(cfg.retrieval.shards, "train")
         held_out = open_shards([source.folder], source.split)
-    return RunInputs(micro, accumulation, ds_config, shards, list(mean), list(std), held_out)
+    steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
+    return RunInputs(micro, accumulation, ds_config, shards, list(mean), list(std), held_out, steps_per_epoch)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as `cfg` says; returns the run folder."""
-    import deepspeed
+    # First: a signal during start-up (SLURM preempting a job that is still waiting for its peers or
+    # loading) means exit cleanly at the first point where every rank can agree, without training.
+    stop = stop_on_signals()
+    device = start_process_group(cfg)
+    world = world_size()
+    inputs = check_inputs(cfg, world)
+    _verify_on_every_rank(inputs.shards, cfg.data.verify, device)
+    fingerprint = run_fingerprint(cfg, world, inputs)
+    plan = agree_on_resume(cfg, fingerprint, inputs.ds_config, device)
+    engine, momentum_net = build_and_restore(cfg, inputs.ds_config, plan, device)
+    precision = prepare_engine(cfg, engine, momentum_net, device)
+    stream = PairStream(
+        inputs.shards,
+        PairAugment(cfg.model.img_size, inputs.mean, inputs.std, cfg.augment.view1, cfg.augment.view2),
+        epoch_plan(cfg, inputs, world),
+        empty_timeout_s=cfg.data.empty_timeout_s,
+        encoded=cfg.data.augment_on == "gpu",
+    )
+    total_steps = cfg.epochs * inputs.steps_per_epoch
+    run = Run(
+        cfg=cfg,
+        engine=engine,
+        momentum_net=momentum_net,
+        stream=stream,
+        loader=pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
+        run_dir=Path(cfg.run_dir),
+        device=device,
+        precision=precision,
+        accumulation=inputs.accumulation,
+        steps_per_epoch=inputs.steps_per_epoch,
+        total_steps=total_steps,
+        start_step=plan.step,
+        meta=encoder_meta(cfg, engine, inputs, fingerprint),
+        reporter=on_rank_zero(
+            lambda: Reporter(Path(cfg.run_dir), total_steps, plan.step), device, f"opening {cfg.run_dir}/metrics.jsonl"
+        ),
+        to_device=views_on_device(cfg, inputs, device),
+        retrieval_pairs=retrieval_pairs(cfg, inputs, stream.augment, device),
+    )
+    if any_rank(stop["requested"], device):
+        if run.reporter is not None:
+            run.reporter.close()
+        raise StopRequested(f"stopped by signal during start-up, before step {plan.step + 1}; relaunch to resume")
+    if plan.tag is not None:
+        log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
+    train(run, stop)
+    return run.run_dir
 
-    # Installed first: a signal during start-up (SLURM preempting a job that is still waiting for its
-    # peers or loading) means exit cleanly at the first point where every rank can agree, without training.
+
+def stop_on_signals() -> dict[str, bool]:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) set the flag the loop reads at each
+    sync point."""
     stop = {"requested": False}
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, lambda *_: stop.update(requested=True))
+    return stop
+
+
+def start_process_group(cfg: PretrainConfig) -> torch.device:
+    """The process group (ours and DeepSpeed's view of it); returns this rank's device."""
+    import deepspeed
+
     device = init_process_group(cfg.dist_timeout_s)
     deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
     _log_placement(device)
+    return device
+
+
+def agree_on_resume(cfg: PretrainConfig, fingerprint: dict, ds_config: dict, device: torch.device) -> ResumePlan:
+    """Collective: the resume plan every rank follows; then rank 0 records the run's config and
+    fingerprint in its folder."""
     run_dir = Path(cfg.run_dir)
-    world = world_size()
-    inputs = check_inputs(cfg, world)
-    micro, accumulation, ds_config, shards = inputs.micro, inputs.accumulation, inputs.ds_config, inputs.shards
-    mean, std = inputs.mean, inputs.std
-    _verify_on_every_rank(shards, cfg.data.verify, device)
-    steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
-    total_steps = cfg.epochs * steps_per_epoch
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    fingerprint = run_fingerprint(cfg, world, micro, accumulation, steps_per_epoch, shards, ds_config)
     plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
     if plan.mode in ("force", "reshard"):
         log.warning(
@@ -210,8 +264,12 @@ def pretrain(cfg: PretrainConfig) -> Path:
         write_fingerprint(run_dir, fingerprint)
 
     on_rank_zero(record_run, device, f"writing {run_dir / 'config.yaml'}")
+    return plan
 
-    engine, momentum_net = build_and_restore(cfg, ds_config, plan, device)
+
+def prepare_engine(cfg: PretrainConfig, engine: Any, momentum_net: Any, device: torch.device) -> torch.dtype | None:
+    """Compiles where asked and possible; returns the engine's autocast precision (None: fp32), warning
+    where this CPU would only emulate it."""
     if cfg.model.compile:
         reason = compile_model(engine.module.encoder, momentum_net, device, engine.zero_optimization_stage())
         if reason is not None:
@@ -225,69 +283,52 @@ def pretrain(cfg: PretrainConfig) -> Path:
             cfg.ds_config,
             "bf16" if precision is torch.bfloat16 else "fp16",
         )
-    if plan.tag is not None:
-        log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
+    return precision
 
-    stream = PairStream(
-        shards,
-        PairAugment(cfg.model.img_size, mean, std, cfg.augment.view1, cfg.augment.view2),
-        epoch_plan(cfg, shards, world, micro, steps_per_epoch * accumulation),
-        empty_timeout_s=cfg.data.empty_timeout_s,
-        encoded=cfg.data.augment_on == "gpu",
-    )
+
+def views_on_device(cfg: PretrainConfig, inputs: RunInputs, device: torch.device) -> Callable[[Any], Views]:
+    """A loader batch -> the step's four tensors on the device: copied (augmented in the workers) or
+    decoded and augmented there (data.augment_on=gpu)."""
     if cfg.data.augment_on == "gpu":
-        on_device = DevicePairAugment(cfg.model.img_size, mean, std)
-        to_device: Callable[[Any], Views] = lambda batch: on_device(batch, device)  # noqa: E731
-    else:
-        to_device = lambda batch: tuple(t.to(device, non_blocking=True) for t in batch)  # noqa: E731
-    meta = EncoderMeta(
+        on_device = DevicePairAugment(cfg.model.img_size, inputs.mean, inputs.std)
+        return lambda batch: on_device(batch, device)
+
+    def copy(batch: Any) -> Views:
+        x1, x2, s1, s2 = (t.to(device, non_blocking=True) for t in batch)
+        return x1, x2, s1, s2
+
+    return copy
+
+
+def encoder_meta(cfg: PretrainConfig, engine: Any, inputs: RunInputs, fingerprint: dict) -> EncoderMeta:
+    """What every checkpoint and export says about its encoder."""
+    return EncoderMeta(
         arch=cfg.model.arch,
         img_size=cfg.model.img_size,
         timm_kwargs=cfg.model.timm_kwargs,
         patch_size=int(engine.module.encoder.patch_embed.patch_size[0]),
-        mean=mean,
-        std=std,
+        mean=inputs.mean,
+        std=inputs.std,
         provenance={
             "zero_stage": engine.zero_optimization_stage(),
             "shards": cfg.data.shards,
             "fingerprint": fingerprint,
         },
     )
-    retrieval_pairs = None
-    if inputs.held_out is not None:
-        held_out_shards = inputs.held_out
-        retrieval_pairs = on_rank_zero(
-            lambda: fixed_pairs(held_out_shards, stream.augment, cfg.retrieval.samples, cfg.seed),
-            device,
-            f"reading the view-retrieval photographs of {cfg.retrieval.shards}",
-        )
-    reporter = on_rank_zero(
-        lambda: Reporter(run_dir, total_steps, plan.step), device, f"opening {run_dir / 'metrics.jsonl'}"
+
+
+def retrieval_pairs(
+    cfg: PretrainConfig, inputs: RunInputs, augment: PairAugment, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rank 0's fixed view pairs of the held-out photographs, where retrieval.shards names them."""
+    held_out = inputs.held_out
+    if held_out is None:
+        return None
+    return on_rank_zero(
+        lambda: fixed_pairs(held_out, augment, cfg.retrieval.samples, cfg.seed),
+        device,
+        f"reading the view-retrieval photographs of {cfg.retrieval.shards}",
     )
-    run = Run(
-        cfg=cfg,
-        engine=engine,
-        momentum_net=momentum_net,
-        stream=stream,
-        loader=pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
-        run_dir=run_dir,
-        device=device,
-        precision=precision,
-        accumulation=accumulation,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        start_step=plan.step,
-        meta=meta,
-        reporter=reporter,
-        to_device=to_device,
-        retrieval_pairs=retrieval_pairs,
-    )
-    if any_rank(stop["requested"], device):
-        if reporter is not None:
-            reporter.close()
-        raise StopRequested(f"stopped by signal during start-up, before step {plan.step + 1}; relaunch to resume")
-    train(run, stop)
-    return run_dir
 
 
 def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> None:

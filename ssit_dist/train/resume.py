@@ -1,5 +1,6 @@
-"""Whether a relaunch resumes, and from where: one decision, taken on rank 0, that can never silently
-resume the wrong thing.
+"""Whether a relaunch resumes, and from where: one decision, taken on rank 0 and agreed on by every
+rank (`agree_on_plan`), that can never silently resume the wrong thing. Pretraining
+(train/checkpoint.py) and fine-tuning (train/finetune_state.py) both decide through it.
 
 A run records a fingerprint of everything a resume depends on (world size, batch layout, schedule
 length, model, shards, DeepSpeed config; for fine-tuning its data, init and optimisation). A relaunch
@@ -18,11 +19,15 @@ compares its own fingerprint with the one stored beside the latest checkpoint:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ssit_dist import atomic
+from ssit_dist.dist import broadcast_from_zero, problems_on_ranks, rank
 
 FINGERPRINT = "fingerprint.json"
 
@@ -72,7 +77,7 @@ def write_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
     atomic.write_json(folder / FINGERPRINT, normalised(fingerprint), sort_keys=True)
 
 
-def decide(
+def choose_plan(
     tag: str | None,
     step: int,
     stored: dict[str, Any] | None,
@@ -103,3 +108,35 @@ def decide(
     else:
         hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
     raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")
+
+
+def agree_on_plan(
+    choose: Callable[[], ResumePlan], unreadable: Callable[[str], list[str]], folder: Path, device: torch.device
+) -> ResumePlan:
+    """Collective. Rank 0 alone runs `choose` (it reads `latest` and the stored fingerprint, then
+    `choose_plan`); every rank gets the plan, checks with `unreadable(tag)` that it can read every file of
+    that checkpoint itself (a node-local disk or a stale NFS view may show one rank what another does not
+    see), and all agree before any loads it, or all raise ResumeError naming each rank, host and path.
+    `folder`: where the checkpoints and their `latest` live, for the message."""
+
+    def decision() -> ResumePlan | ResumeError:
+        try:
+            return choose()
+        except ResumeError as e:  # raised on every rank, not only on rank 0
+            return e
+
+    plan = broadcast_from_zero(decision() if rank() == 0 else None, device)
+    if isinstance(plan, ResumeError):
+        raise plan
+    assert isinstance(plan, ResumePlan)
+    try:
+        problems = unreadable(plan.tag) if plan.tag else []
+    except ResumeError as e:
+        problems = [str(e)]
+    failed = problems_on_ranks("; ".join(problems) or None, device)
+    if failed:
+        raise ResumeError(
+            f"checkpoint {folder / str(plan.tag)} (named by {folder / 'latest'}) cannot be read on every rank:\n  "
+            + "\n  ".join(failed)
+        )
+    return plan

@@ -26,7 +26,7 @@ from ssit_dist.dist import flat_master, full_fp32_parameters
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.models.ssit import OnlineNetwork
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x1, x2, saliency 1, saliency 2
+Views = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x1, x2, saliency 1, saliency 2, on the device
 
 
 class Engine(Protocol):
@@ -91,7 +91,7 @@ def update_momentum(engine: Engine, momentum_net: MomentumNetwork, m: float, dty
 def train_step(
     engine: Engine,
     momentum_net: MomentumNetwork,
-    micro_batches: Iterable[Batch],
+    micro_batches: Iterable[Views],
     momentum: float,
     contrastive_weight: float,
     saliency_weight: float,

@@ -1,0 +1,202 @@
+"""The fine-tuning epochs, MAE's engine_finetune: from the resumed epoch to the last, one pass over the
+shuffled training split (Adam, cosine lr, MSE on the grade or cross-entropy) through Accelerate, the
+validation split through every process (each sample exactly once), the best epoch by validation QWK (or
+accuracy) kept as best.safetensors, a checkpoint after every epoch; at the end the best and the final
+weights on every evaluation split. Setting a run up is train/finetune.py's part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from ssit_dist.config import FinetuneConfig
+from ssit_dist.data.labelled import LabelledShards
+from ssit_dist.dist import mean_over_ranks, on_rank_zero
+from ssit_dist.eval.grading_report import write_grading_report
+from ssit_dist.eval.predict import evaluate
+from ssit_dist.models.grader import Grader, load_grader, save_grader
+from ssit_dist.models.pretrained import EncoderSource
+from ssit_dist.train.finetune_state import save_state
+
+log = logging.getLogger("ssit_dist.finetune")
+
+
+@dataclass(kw_only=True)
+class FinetuneRun:
+    """A fine-tuning run, set up: what the epochs and the report need."""
+
+    cfg: FinetuneConfig
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module  # prepared by Accelerate
+    plain: Grader  # the same, unwrapped
+    optimizer: Any
+    scheduler: Any
+    loader: DataLoader
+    order: torch.Generator  # the loader's shuffling, reseeded every epoch
+    eval_sets: dict[str, LabelledShards]
+    meta: dict[str, Any]  # written beside best/final weights
+    source: EncoderSource
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class Selection:
+    """Model selection so far, carried from epoch to epoch and through a checkpoint: the best validation
+    score and its epoch, the per-epoch history, and the first epoch still to train."""
+
+    select_by: str
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 1
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """From a checkpoint's state.json (see `checkpoint_state`)."""
+        self.best_score = state["best_score"] if state["best_score"] is not None else -math.inf
+        self.best_epoch, self.history, self.start = state["best_epoch"], state["history"], state["epoch"] + 1
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        }
+
+    def score(self, val: dict[str, Any], asked: str) -> float:
+        """The validation score to select by; where it is undefined (QWK on a split with one grade), the
+        other metric from then on."""
+        if val[self.select_by] is None:
+            self.select_by = "accuracy" if self.select_by == "qwk" else "qwk"
+            log.warning(
+                "validation %s is undefined (the split has %s); selecting the best epoch by %s",
+                asked,
+                "one grade" if asked == "qwk" else "no samples",
+                self.select_by,
+            )
+        return val[self.select_by] if val[self.select_by] is not None else -math.inf
+
+
+def train_epochs(run: FinetuneRun, selection: Selection) -> None:
+    """From `selection.start` to the last epoch: train, validate, keep the best, checkpoint; then the
+    final weights."""
+    cfg, out, device = run.cfg, run.out, run.accelerator.device
+    for epoch in range(selection.start, cfg.epochs + 1):
+        started = time.perf_counter()
+        # Augmentation in this process and dropout: a function of (seed, epoch, rank), other on every rank.
+        rank = run.accelerator.process_index
+        set_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
+        run.order.manual_seed(cfg.seed + epoch)
+        losses = train_one_epoch(run)
+        train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
+        val = evaluate(run.plain, run.eval_sets["val"], run.accelerator, cfg.eval_batch)["metrics"]
+        score = selection.score(val, cfg.select_by)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "lr": run.scheduler.get_last_lr()[0],
+            "val_accuracy": val["accuracy"],
+            "val_qwk": val["qwk"],
+            "val_macro_auc": val["macro_auc"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        selection.history.append(row)
+        improved = score > selection.best_score
+        if improved:
+            selection.best_score, selection.best_epoch = score, epoch
+        on_rank_zero(
+            partial(_end_epoch, run, selection, epoch, row, val, improved), device, f"saving epoch {epoch} under {out}"
+        )
+    on_rank_zero(
+        lambda: save_grader(run.plain, out / "final.safetensors", {**run.meta, "epoch": cfg.epochs}),
+        device,
+        f"writing {out / 'final.safetensors'}",
+    )
+
+
+def train_one_epoch(run: FinetuneRun) -> list[float]:
+    """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
+    per optimizer step); the loss of each batch."""
+    model, accelerator, optimizer, clip_grad = run.model, run.accelerator, run.optimizer, run.cfg.clip_grad
+    model.train()
+    if run.cfg.linear:
+        run.plain.encoder.eval()  # frozen: no dropout, fixed features
+    trainable = [p for p in run.plain.parameters() if p.requires_grad]
+    losses = []
+    for images, grades, _ in run.loader:
+        with accelerator.accumulate(model):
+            loss = run.plain.loss(model(images), grades)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad is not None:
+                accelerator.clip_grad_norm_(trainable, clip_grad)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, val: dict, improved: bool) -> None:
+    """Rank 0's files of an epoch (every rank hears if they failed): the metrics row, the best weights,
+    the checkpoint."""
+    out = run.out
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info(
+        "epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, row["train_loss"], val["qwk"], val["accuracy"]
+    )
+    if improved:
+        meta = {**run.meta, "epoch": epoch, "val": val, "select_by": selection.select_by}
+        save_grader(run.plain, out / "best.safetensors", meta)
+    state = {"scheduler": run.scheduler.state_dict(), **selection.checkpoint_state(), "fingerprint": run.fingerprint}
+    save_state(out, epoch, run.plain.state_dict(), run.optimizer.state_dict(), state)
+
+
+def final_report(run: FinetuneRun, selection: Selection) -> dict[str, Any]:
+    """The best weights (and, as the reference reports both, the final ones) on every evaluation split;
+    rank 0 writes the report files (eval/grading_report.py)."""
+    cfg, out, accelerator = run.cfg, run.out, run.accelerator
+    best, _ = load_grader(out / "best.safetensors")
+    best.to(accelerator.device)
+    results = {name: evaluate(best, data, accelerator, cfg.eval_batch) for name, data in run.eval_sets.items()}
+    final_weights = {
+        name: evaluate(run.plain, data, accelerator, cfg.eval_batch)["metrics"] for name, data in run.eval_sets.items()
+    }
+    result = {
+        "best_epoch": selection.best_epoch,
+        "select_by": selection.select_by,
+        "select_by_asked": cfg.select_by,
+        "init": asdict(run.source),
+        "linear": cfg.linear,
+        "objective": cfg.objective,
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        **{name: r["metrics"] for name, r in results.items()},
+        "final": final_weights,
+    }
+    split = "test" if "test" in results else "val"
+    headline = f"{'linear probe' if cfg.linear else 'fine-tuned'} from {cfg.init}, best epoch {selection.best_epoch}"
+    on_rank_zero(
+        lambda: write_grading_report(
+            out, result, split, results[split], run.eval_sets[split], selection.history, headline
+        ),
+        accelerator.device,
+        f"writing the report under {out}",
+    )
+    return result  # main's shutdown() tears the process group down
