@@ -20,6 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ssit_dist import atomic
+from ssit_dist.data.index import ShardIndex
+from ssit_dist.data.shard import ShardOptions
+from ssit_dist.eval.knn import KnnConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
 console = Console()
@@ -48,6 +51,56 @@ def _local_launch(nproc: int) -> tuple[int, dict[str, str]]:
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def _field_option(
+    config: type, name: str, *param_decls: str, text: typing.Callable[[Any], str] | None = None, note: str = ""
+) -> Any:
+    """A Typer option with the default and help of the config dataclass's field `name`, so that the command
+    and the config never disagree. `text`: the default as the option spells it (a list as "5,10,20");
+    `note` ends the help (how the option is spelt)."""
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    if default is dataclasses.MISSING:
+        default = ...  # required
+    elif text is not None and default is not None:
+        default = text(default)
+    help_text = field.metadata["help"] + (f", {note}" if note else "")
+    return typer.Option(default, *param_decls, help=f"{help_text[:1].upper()}{help_text[1:]}.")
+
+
+def flags_as_overrides(args: list[str], kind: type) -> list[str]:
+    """`--run-dir X`, `--out=X` (an alias) or `--linear` (a bool) -> `run_dir=X`, `linear=true` for the
+    top-level fields of config dataclass `kind`; `field=value` passes through. The dataclass stays the one
+    place that declares a field, its default and its help (`ssit-dist config`)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(kind)
+    names = {f.name: f.name for f in dataclasses.fields(kind)}
+    names |= {f.metadata["alias"]: f.name for f in dataclasses.fields(kind) if f.metadata.get("alias")}
+    overrides, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if not arg.startswith("--"):
+            overrides.append(arg)
+            continue
+        flag, has_value, value = arg[2:].partition("=")
+        field = names.get(flag.replace("-", "_"))
+        if field is None:
+            raise ValueError(
+                f"unknown option {arg.split('=')[0]} (the fields, as --name or name=value: {', '.join(names)})"
+            )
+        if hints[field] is bool and not has_value:
+            value = "true"
+        elif not has_value:
+            if not rest:
+                raise ValueError(f"{arg} needs a value")
+            value = rest.pop(0)
+        overrides.append(f"{field}={value}")
+    return overrides
 
 
 @app.command()
@@ -85,6 +138,13 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
     console.print(table)
 
 
+def _every_core(option: Any) -> Any:
+    """The `workers` option with default 0, one worker per available core: the command packs with every
+    core, while `ShardOptions` itself (the library, tests, the demo) defaults to one process."""
+    option.default = 0
+    return option
+
+
 @app.command()
 def shard(
     input: Path = typer.Argument(
@@ -92,29 +152,20 @@ def shard(
     ),
     output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
     labels: Path | None = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
-    split: str | None = typer.Option(None, help="Ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15."),
-    seed: int = typer.Option(0, help="Seed for the split and the order inside shards."),
-    size: int = typer.Option(512, help="Side of the square crop, in pixels."),
-    shard_size: int = typer.Option(512, help="Samples per shard."),
-    workers: int = typer.Option(0, help="Worker processes (0: one per available core)."),
-    saliency: str = typer.Option("fine_grained", help="fine_grained (the paper's) or spectral_residual."),
-    jpeg_roundtrip: bool = typer.Option(
-        True,
-        "--jpeg-roundtrip/--no-jpeg-roundtrip",
-        help="JPEG round trip of the enhanced image before saliency, as the paper did.",
-    ),
-    quality: int = typer.Option(95, help="JPEG quality of the packed images."),
-    strict: bool = typer.Option(False, help="Stop with a non-zero exit at the first skipped input or bad label row."),
-    overwrite: bool = typer.Option(False, help="Replace shards already in OUTPUT."),
-    preview: int = typer.Option(0, help="Write OUTPUT/preview.png with this many images beside their saliency."),
+    split: str | None = _field_option(ShardOptions, "split"),
+    seed: int = _field_option(ShardOptions, "seed"),
+    size: int = _field_option(ShardOptions, "size"),
+    shard_size: int = _field_option(ShardOptions, "shard_size"),
+    workers: int = _every_core(_field_option(ShardOptions, "workers")),
+    saliency: str = _field_option(ShardOptions, "saliency"),
+    jpeg_roundtrip: bool = _field_option(ShardOptions, "jpeg_roundtrip", "--jpeg-roundtrip/--no-jpeg-roundtrip"),
+    quality: int = _field_option(ShardOptions, "quality"),
+    strict: bool = _field_option(ShardOptions, "strict"),
+    overwrite: bool = _field_option(ShardOptions, "overwrite"),
+    preview: int = _field_option(ShardOptions, "preview"),
 ) -> None:
     """Pack fundus photographs into WebDataset shards with precomputed saliency maps."""
-    from ssit_dist.data.index import ShardIndex
-    from ssit_dist.data.inputs import InputError, discover
-    from ssit_dist.data.shard import ShardError, ShardOptions, pack
-
-    workers = workers or len(os.sched_getaffinity(0))
-    opts = ShardOptions(
+    opts = _shard_options(
         size=size,
         shard_size=shard_size,
         workers=workers,
@@ -128,17 +179,43 @@ def shard(
         strict=strict,
     )
     started = time.perf_counter()
+    index = _pack_with_progress(input, output, labels, opts)
+    _print_packed(index, input, output, labels, time.perf_counter() - started, opts.preview > 0)
+
+
+def _shard_options(**values: Any) -> ShardOptions:
+    """The command's options as ShardOptions; one it refuses fails as the user typed it: `--size 30: ...`."""
+    from ssit_dist.fields import ConfigError
+
     try:
-        opts.check()
-        inputs = discover(input, labels, split, seed)
+        return ShardOptions(**values)
+    except ConfigError as e:
+        name, _, problem = str(e).partition(" = ")
+        _fail(f"--{name.replace('_', '-')} {problem}" if name in values else str(e), 1)
+        raise AssertionError from e  # unreachable: _fail exits
+
+
+def _pack_with_progress(input: Path, output: Path, labels: Path | None, opts: ShardOptions) -> ShardIndex:
+    """Find the inputs and pack them, with a progress bar on a terminal; a refused input fails the command."""
+    from ssit_dist.data.inputs import InputError, discover
+    from ssit_dist.data.shard import ShardError, pack
+
+    try:
+        inputs = discover(input, labels, opts.split, opts.seed)
         columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
             task = progress.add_task("pack", total=len(inputs.items))
-            index: ShardIndex = pack(input, output, inputs, opts, labels, lambda _: progress.advance(task))
+            return pack(input, output, inputs, opts, labels, lambda _: progress.advance(task))
     except (InputError, ShardError, ValueError) as e:
         _fail(str(e), 1)
-    elapsed = time.perf_counter() - started
+        raise AssertionError from e  # unreachable: _fail exits
 
+
+def _print_packed(
+    index: ShardIndex, input: Path, output: Path, labels: Path | None, elapsed: float, preview: bool
+) -> None:
+    """What was packed: samples, shards and grades per split, what was skipped or left out, the rate and
+    the normalisation statistics."""
     table = Table(title=f"{output}", title_justify="left")
     for column in ("split", "samples", "shards", "grades 0/1/2/3/4"):
         table.add_column(column)
@@ -209,26 +286,19 @@ def export(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def finetune(
     ctx: typer.Context,
-    train: str | None = typer.Option(None, help="Training shards: FOLDER[:SPLIT] (split default: train)."),
-    val: str | None = typer.Option(None, help="Validation shards for model selection (split default: val)."),
-    test: str | None = typer.Option(None, help="Test shards for the report (split default: test)."),
-    init: str | None = typer.Option(
-        None, help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."
-    ),
-    run_dir: Path | None = typer.Option(None, "--run-dir", "--out", help="Run folder (default runs/finetune)."),
-    linear: bool = typer.Option(False, "--linear", help="Linear probe: frozen encoder, reference probe settings."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
     config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
     nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
 ) -> None:
-    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
-    overrides = [
-        f"{name}={value}"
-        for name, value in (("train", train), ("val", val), ("test", test), ("init", init), ("run_dir", run_dir))
-        if value is not None
-    ]
-    overrides += ["linear=true"] * linear + ["trust_pickle=true"] * trust_pickle + list(ctx.args)
-    args = (["--config", str(config)] if config else []) + overrides
+    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate.
+
+    Every field of `ssit-dist config finetune` is set as field=value or as a flag: --train FOLDER[:SPLIT],
+    --val, --test, --init, --run-dir (--out), --linear, --trust-pickle, ..."""
+    from ssit_dist.config import FinetuneConfig
+
+    try:
+        args = (["--config", str(config)] if config else []) + flags_as_overrides(ctx.args, FinetuneConfig)
+    except ValueError as e:
+        _fail(str(e), 2)
     if nproc == 1:
         from ssit_dist.train.finetune import main
 
@@ -273,10 +343,10 @@ def data_plan(
 ) -> None:
     """What a pretraining run will read, without training: per epoch the distinct samples, the samples read
     twice and the bytes read per byte used, from the stream's own code on tar headers only. Prints JSON."""
-    from ssit_dist.config import ConfigError
     from ssit_dist.data.dry_run import dry_run
     from ssit_dist.data.index import ShardIndexError
     from ssit_dist.data.sources import open_shards
+    from ssit_dist.fields import ConfigError
 
     try:
         report = dry_run(
@@ -296,35 +366,9 @@ def data_plan(
     print(json.dumps(report, indent=2))
 
 
-@app.command()
-def knn(
-    train: str = typer.Option(..., help="Neighbour shards: FOLDER[:SPLIT] (split default: train)."),
-    test: str = typer.Option(..., help="Shards to grade: FOLDER[:SPLIT] (split default: test)."),
-    init: str = typer.Option(
-        ..., help="Encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'."
-    ),
-    img_size: int = typer.Option(384, help="Input size (positional embeddings are resampled)."),
-    k: str = typer.Option("5,10,20", help="Neighbour counts, comma-separated."),
-    temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / temperature)."),
-    arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
-    timm_kwargs: str | None = typer.Option(
-        None, help='timm overrides as JSON, e.g. \'{"embed_dim": 96, "depth": 4}\'.'
-    ),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a pickled epoch_N.pt (runs its code)."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
-) -> None:
-    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
-    from ssit_dist.data.index import ShardIndexError
-    from ssit_dist.eval.knn import knn_evaluate
-    from ssit_dist.models.pretrained import EncoderInitError
-
-    try:
-        ks = tuple(int(v) for v in k.split(","))
-        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
-        result = knn_evaluate(train, test, init, img_size, ks, temperature, arch, kwargs, trust_pickle)
-    except (ShardIndexError, EncoderInitError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        _fail(str(e))
-    table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {temperature})")
+def _print_knn(result: dict) -> None:
+    """knn_evaluate's result as the command shows it: a table of metrics per k, view retrieval, left-outs."""
+    table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {result['temperature']})")
     for column in ("k", "samples", "accuracy", "QWK", "macro AUC"):
         table.add_column(column)
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -338,6 +382,50 @@ def knn(
     )
     if result["missing"]:
         console.print(f"[yellow]left out (did not decode):[/] {escape(', '.join(result['missing']))}")
+
+
+@app.command()
+def knn(
+    train: str = _field_option(KnnConfig, "train"),
+    test: str = _field_option(KnnConfig, "test"),
+    init: str = _field_option(KnnConfig, "init"),
+    img_size: int = _field_option(KnnConfig, "img_size"),
+    k: str = _field_option(KnnConfig, "ks", text=lambda ks: ",".join(map(str, ks)), note="comma-separated"),
+    temperature: float = _field_option(KnnConfig, "temperature"),
+    arch: str | None = _field_option(KnnConfig, "arch"),
+    timm_kwargs: str | None = _field_option(KnnConfig, "timm_kwargs", note="given as JSON"),
+    trust_pickle: bool = _field_option(KnnConfig, "trust_pickle", "--trust-pickle"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
+) -> None:
+    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.models.pretrained import EncoderInitError
+
+    try:
+        ks = [int(v) for v in k.split(",")]
+    except ValueError:
+        _fail(f"--k {k}: expected neighbour counts separated by commas, e.g. 5,10,20")
+    try:
+        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
+    except json.JSONDecodeError as e:
+        _fail(f"--timm-kwargs {timm_kwargs}: not JSON ({e}); write e.g. '{{\"embed_dim\": 96}}'")
+    try:
+        config = KnnConfig(
+            train=train,
+            test=test,
+            init=init,
+            img_size=img_size,
+            ks=ks,
+            temperature=temperature,
+            arch=arch,
+            timm_kwargs=kwargs,
+            trust_pickle=trust_pickle,
+        )
+        result = knn_evaluate(config)
+    except (ShardIndexError, EncoderInitError, ValueError) as e:  # ConfigError is a ValueError
+        _fail(str(e))
+    _print_knn(result)
     if output:
         atomic.write_json(output, result)
         console.print(f"wrote {output}", markup=False)
@@ -458,7 +546,7 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
     import dataclasses
 
     from ssit_dist.config import FinetuneConfig, PretrainConfig
-    from ssit_dist.fields import describe
+    from ssit_dist.fields import describe, range_text
 
     if kind not in ("pretrain", "finetune"):
         _fail(f"config {kind!r}: expected pretrain or finetune", 2)
@@ -473,9 +561,9 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
                 add(default, f"{prefix}{f.name}.")
                 continue
             alias = f" (was {f.metadata['alias']})" if f.metadata.get("alias") else ""
-            table.add_row(
-                prefix + f.name, describe(hints[f.name]), json.dumps(default), f.metadata.get("help", "") + alias
-            )
+            bounds = f.metadata.get("bounds")
+            kind = describe(hints[f.name]) + (f", {range_text(bounds)}" if bounds else "")
+            table.add_row(prefix + f.name, kind, json.dumps(default), f.metadata.get("help", "") + alias)
 
     add(PretrainConfig() if kind == "pretrain" else FinetuneConfig(), "")
     console.print(table)

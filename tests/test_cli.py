@@ -41,13 +41,18 @@ def test_config_lists_every_field_with_type_default_and_help() -> None:
     from ssit_dist.config import FinetuneConfig
 
     shown = invoke_cli("config", "pretrain").stdout
-    for field, kind in (("optim.lr", "float"), ("micro_batch", "int or null"), ("data.shards", "list of str")):
-        line = next(x for x in shown.splitlines() if x.split() and x.split()[0] == field)
-        assert kind in line
+    lines = {x.split()[0]: x for x in shown.splitlines() if x.split()}
+    shown_kinds = (
+        ("optim.lr", "float, positive"),
+        ("micro_batch", "int or null, at least 2"),
+        ("data.shards", "list of str"),
+        ("model.mask_ratio", "float, in [0, 1)"),  # the range the config checks, from the same field
+    )
+    for field, kind in shown_kinds:
+        assert kind in lines[field]
     assert "peak learning rate" in shown  # the field's help
     # A section's own defaults: the second view keeps the reference's blur probability 0.1, not view 1's.
-    blur = {x.split()[0]: x.split()[2] for x in shown.splitlines() if x.split() and "blur_p" in x.split()[0]}
-    assert blur == {"augment.view1.blur_p": "1.0", "augment.view2.blur_p": "0.1"}
+    assert " 1.0 " in lines["augment.view1.blur_p"] and " 0.1 " in lines["augment.view2.blur_p"]
     finetune = invoke_cli("config", "finetune").stdout
     assert all(f.name in finetune for f in dataclasses.fields(FinetuneConfig))
     assert invoke_cli("config", "nonsense", check=False).exit_code == 2
@@ -85,3 +90,46 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
     )
     bad = invoke_cli("slurm", "evaluate", check=False)
     assert bad.exit_code == 2 and "job 'evaluate': choose pretrain or finetune" in bad.stderr
+
+
+def test_finetune_flags_are_the_config_fields() -> None:
+    """`ssit-dist finetune` declares no fields of its own: every flag is a FinetuneConfig field (or its
+    older name), so a new field is a flag at once and a default lives in one place."""
+    from ssit_dist.cli import flags_as_overrides
+    from ssit_dist.config import FinetuneConfig, load_config
+
+    args = ["--train", "a:train", "--out=b", "--linear", "epochs=2", "--eval-batch", "8"]
+    overrides = flags_as_overrides(args, FinetuneConfig)
+    assert overrides == ["train=a:train", "run_dir=b", "linear=true", "epochs=2", "eval_batch=8"]
+    cfg = load_config(None, overrides, kind=FinetuneConfig)
+    assert (cfg.train, cfg.run_dir, cfg.linear, cfg.epochs, cfg.eval_batch) == ("a:train", "b", True, 2, 8)
+    failed = invoke_cli("finetune", "--trian", "a", check=False)
+    assert failed.exit_code == 2 and "unknown option --trian" in failed.stderr and "train" in failed.stderr
+
+
+def test_knn_options_are_the_config_fields_and_bad_values_name_them(tmp_path: Path) -> None:
+    """`ssit-dist knn` takes each option's default and help from KnnConfig (one place), and a bad value
+    stops it before any shard is read, naming the option or field."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from ssit_dist.cli import app
+    from ssit_dist.eval.knn import KnnConfig
+
+    options = {p.name: p for p in get_command(app).commands["knn"].params}  # type: ignore[attr-defined]
+    config = KnnConfig(train="a", test="b", init="random")
+    assert options["k"].default == "5,10,20" == ",".join(map(str, config.ks))
+    for field in dataclasses.fields(KnnConfig):
+        option = options.get(field.name)
+        if option is not None:
+            assert option.help.lower().startswith(field.metadata["help"].lower()), field.name
+            assert option.required or option.default == getattr(config, field.name), field.name
+    for args, message in (
+        (["--k", "5,x"], "--k 5,x: expected neighbour counts separated by commas"),
+        (["--k", "0,5"], "ks = [0, 5]: expected one or more neighbour counts"),
+        (["--temperature", "0"], "temperature = 0.0: must be positive"),
+        (["--timm-kwargs", "{bad"], "--timm-kwargs {bad: not JSON"),
+    ):
+        failed = invoke_cli("knn", "--train", tmp_path, "--test", tmp_path, "--init", "random", *args, check=False)
+        assert failed.exit_code == 2 and message in failed.stderr, failed.stderr

@@ -21,9 +21,11 @@ import pytest
 from opencv_reference import paper_saliency
 from PIL import Image
 
-from conftest import CLI, run_cli
+from conftest import CLI, invoke_cli, run_cli
 from ssit_dist.data.index import read_index
 from ssit_dist.data.preview import kept_patches
+from ssit_dist.data.shard import ShardOptions
+from ssit_dist.fields import ConfigError
 
 pytestmark = pytest.mark.multiprocess
 
@@ -235,6 +237,30 @@ def test_an_error_naming_a_path_that_looks_like_markup_is_printed_as_it_is(tmp_p
     result = run_cli("shard", missing, tmp_path / "out", check=False)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and f"input folder {missing} does not exist" in result.stderr
+
+
+def test_options_are_checked_when_built() -> None:
+    with pytest.raises(ConfigError, match=r"^size = 72: use a multiple of 16 of at least 32"):
+        ShardOptions(size=72)
+    with pytest.raises(ConfigError, match=r"^saliency = 'sobel': expected one of fine_grained, spectral_residual"):
+        ShardOptions(saliency="sobel")  # type: ignore[arg-type]
+    assert ShardOptions(workers=0).workers == 0  # 0: one worker per available core
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--size", 30), "--size 30: use a multiple of 16 of at least 32"),
+        (("--quality", 101), "--quality 101: must be in [1, 100]"),
+        (("--workers", -1), "--workers -1: must be 0 or more"),
+        (("--shard-size", 0), "--shard-size 0: must be at least 1"),
+        (("--saliency", "sobel"), "--saliency 'sobel': expected one of fine_grained, spectral_residual"),
+    ],
+)
+def test_a_refused_option_fails_naming_its_flag(option: tuple[str, object], message: str, tmp_path: Path) -> None:
+    result = invoke_cli("shard", tmp_path, tmp_path / "out", *option, check=False)
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> None:

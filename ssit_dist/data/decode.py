@@ -1,12 +1,14 @@
-"""Decoding the encoded images in shards (JPEG views, PNG saliency maps), in one place.
+"""Decoding, in one place: input photographs of any format as they are packed (PIL), the images in
+shards (JPEG views, PNG saliency maps; OpenCV), and batches of JPEGs on the training device (torchvision).
 
 torch and torchvision are imported where a batch is decoded on a device, not at the top: packing shards
-decodes with OpenCV alone, and importing torch would add about 3 s to every `ssit-dist shard` process
+decodes with PIL and OpenCV alone, and importing torch would add about 3 s to every `ssit-dist shard` process
 and each of its workers."""
 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import warnings
 from collections.abc import Sequence
@@ -14,15 +16,63 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
+# A truncated JPEG must be an error, never a silently grey-padded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Fundus cameras write up to ~24 MP; anything far above that is a broken or hostile file.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, which is not a dependency (yet):
 # until it is, this one warning is silenced where decode_jpegs calls them, and nowhere else.
 _TORCHVISION_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+class BadImage(ValueError):
+    """An input that cannot be used as a fundus photograph; the message is the one-line reason."""
+
+
+def decode_rgb(data: bytes) -> tuple[Image.Image, str]:
+    """Decode image bytes to an 8-bit RGB PIL image, converting any other mode.
+
+    Greyscale, RGBA, palette, 16-bit and CMYK inputs are converted; empty, truncated and non-image
+    data raise BadImage with the reason.
+    """
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        mode = img.mode
+        img.load()
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"refused: {e}") from None
+    if img.width < 8 or img.height < 8:
+        raise BadImage(f"too small ({img.width}x{img.height} px)")
+    return _to_rgb(img), mode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the used range to 8 bits rather than clip at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max()
+        arr = arr * (255.0 / hi) if hi > 0 else arr
+        img = Image.fromarray(np.round(arr).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black: fundus backgrounds are black, transparency means "not retina".
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
 
 
 def decode_bgr(data: bytes) -> np.ndarray | None:
@@ -36,7 +86,7 @@ def decode_gray(data: bytes) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
 
 
-def _decode_rgb(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _decode_jpeg_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -81,7 +131,7 @@ def decode_jpegs(
 
     device = torch.device(device)
     try:
-        images: list[torch.Tensor | None] = list(_decode_rgb(list(data), device))
+        images: list[torch.Tensor | None] = list(_decode_jpeg_batch(list(data), device))
     except RuntimeError as e:
         log.warning("a batch of %d JPEGs did not decode together (%s); decoding them one by one", len(data), e)
         images = [_decode_one(jpeg, device, keys[i] if keys else f"#{i}") for i, jpeg in enumerate(data)]
@@ -99,7 +149,7 @@ def _decode_one(jpeg: torch.Tensor, device: torch.device, key: str) -> torch.Ten
     import torch
 
     try:
-        return _decode_rgb([jpeg], torch.device("cpu"))[0].to(device)
+        return _decode_jpeg_batch([jpeg], torch.device("cpu"))[0].to(device)
     except RuntimeError as e:
         log.warning("JPEG %s does not decode (%s); a black image stands in for it", key, e)
         return None

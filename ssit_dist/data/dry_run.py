@@ -5,7 +5,8 @@ epoch the samples read, how many distinct, how many twice, and the bytes read pe
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from ssit_dist.config import batch_layout
 from ssit_dist.data.epoch import EpochPlan
@@ -31,42 +32,10 @@ def dry_run(
     micro, accumulation = batch_layout(global_batch, world, micro_batch)
     n = shards.num_samples or 0
     steps = steps_per_epoch or max(n // global_batch, 1)
-    plan = EpochPlan(
-        tuple(shards.lengths),  # type: ignore[arg-type]
-        world,
-        workers,
-        micro,
-        steps * accumulation,
-        seed,
-        piece_size,
-        shuffle_buffer,
-    )
-    seen_ever: set[tuple[str, str]] = set()
-    per_epoch = []
-    orders = []
-    for epoch in range(epochs):
-        ids: list[tuple[str, str]] = []  # (shard, key) of every sample read, as the tar names it
-        bytes_read = bytes_used = 0
-        for rank, worker in itertools.product(range(world), range(plan.streams_per_rank)):
-            reader = shards.reader(keys_only=True)
-            taken = itertools.islice(read_stream(plan, epoch, rank, worker, 0, reader), plan.share(worker))
-            ids += [(s["__url__"], s["__key__"]) for _, s in taken if s is not None]
-            reader.close()
-            bytes_read, bytes_used = bytes_read + reader.bytes_read, bytes_used + reader.bytes_used
-        distinct = set(ids)
-        seen_ever |= distinct
-        orders.append(ids)
-        per_epoch.append(
-            {
-                "epoch": epoch,
-                "samples_read": len(ids),
-                "distinct": len(distinct),
-                "distinct_fraction": round(len(distinct) / n, 4),
-                "read_twice_or_more": len(ids) - len(distinct),
-                "not_read": n - len(distinct),
-                "bytes_read_per_byte_used": round(bytes_read / max(bytes_used, 1), 4),
-            }
-        )
+    lengths = tuple(cast(list[int], shards.lengths))  # check_counted refused any unknown length
+    plan = EpochPlan(lengths, world, workers, micro, steps * accumulation, seed, piece_size, shuffle_buffer)
+    reads = [_read_epoch(shards, plan, epoch) for epoch in range(epochs)]
+    seen_ever = set().union(*(read.ids for read in reads))
     return {
         "samples": n,
         "shards": len(shards.paths),
@@ -81,7 +50,43 @@ def dry_run(
         "left_over_per_epoch": max(n - plan.samples_used, 0),
         "piece_size": piece_size,
         "shuffle_buffer": shuffle_buffer,
-        "epochs": per_epoch,
+        "epochs": [read.report(n) for read in reads],
         "distinct_fraction_over_all_epochs": round(len(seen_ever) / n, 4),
-        "every_epoch_in_another_order": all(a != b for a, b in itertools.combinations(orders, 2)),
+        "every_epoch_in_another_order": all(a.ids != b.ids for a, b in itertools.combinations(reads, 2)),
     }
+
+
+@dataclass(frozen=True)
+class _EpochRead:
+    """What every stream of every rank read in one epoch."""
+
+    epoch: int
+    ids: list[tuple[str, str]]  # (shard, key) of every sample read, as the tar names it
+    bytes_read: int
+    bytes_used: int
+
+    def report(self, n: int) -> dict[str, Any]:
+        """The epoch's line of the report, for a set of `n` samples."""
+        distinct = len(set(self.ids))
+        return {
+            "epoch": self.epoch,
+            "samples_read": len(self.ids),
+            "distinct": distinct,
+            "distinct_fraction": round(distinct / n, 4),
+            "read_twice_or_more": len(self.ids) - distinct,
+            "not_read": n - distinct,
+            "bytes_read_per_byte_used": round(self.bytes_read / max(self.bytes_used, 1), 4),
+        }
+
+
+def _read_epoch(shards: ShardSet, plan: EpochPlan, epoch: int) -> _EpochRead:
+    """Run every (rank, worker) stream of `epoch` on tar headers, each for its share of the samples."""
+    ids: list[tuple[str, str]] = []
+    bytes_read = bytes_used = 0
+    for rank, worker in itertools.product(range(plan.world), range(plan.streams_per_rank)):
+        reader = shards.reader(keys_only=True)
+        taken = itertools.islice(read_stream(plan, epoch, rank, worker, 0, reader), plan.share(worker))
+        ids += [(s["__url__"], s["__key__"]) for _, s in taken if s is not None]
+        reader.close()
+        bytes_read, bytes_used = bytes_read + reader.bytes_read, bytes_used + reader.bytes_used
+    return _EpochRead(epoch, ids, bytes_read, bytes_used)

@@ -33,11 +33,12 @@ import numpy as np
 from PIL import Image
 
 from ssit_dist import __version__
-from ssit_dist.data.decode import decode_bgr
-from ssit_dist.data.fundus import BadImage, crop_to_disc
+from ssit_dist.data.decode import BadImage, decode_bgr
+from ssit_dist.data.fundus import crop_to_disc
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
 from ssit_dist.data.inputs import IMAGE_SUFFIXES, Inputs, Item
-from ssit_dist.data.saliency import METHODS, saliency_map
+from ssit_dist.data.saliency import Method, saliency_map
+from ssit_dist.fields import Checked, option, require
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
@@ -46,31 +47,26 @@ class ShardError(RuntimeError):
     """Packing cannot go on (refused output folder, crashed worker, nothing to pack)."""
 
 
-@dataclass(frozen=True)
-class ShardOptions:
-    size: int = 512
-    shard_size: int = 512  # samples per tar (about 100 MB at 512 px)
-    workers: int = 1
-    saliency: str = "fine_grained"
-    jpeg_roundtrip: bool = True
-    quality: int = 95
-    seed: int = 0
-    split: str | None = None
-    overwrite: bool = False
-    preview: int = 0
-    strict: bool = False  # any skipped input or bad label row stops the run, nothing indexed
+@dataclass
+class ShardOptions(Checked):
+    """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
+    recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
 
-    def check(self) -> None:
-        if self.size < 32 or self.size % 16:
-            raise ValueError(f"--size {self.size}: use a multiple of 16 of at least 32 (default 512)")
-        if self.shard_size < 1:
-            raise ValueError(f"--shard-size {self.shard_size}: must be at least 1")
-        if self.workers < 1:
-            raise ValueError(f"--workers {self.workers}: must be at least 1")
-        if self.saliency not in METHODS:
-            raise ValueError(f"--saliency {self.saliency!r}: choose one of {', '.join(METHODS)}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"--quality {self.quality}: JPEG quality is 1-100")
+    size: int = option(512, "side of the square crop in pixels, a multiple of 16 of at least 32")
+    shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
+    workers: int = option(1, "worker processes (0: one per available core)", ge=0)
+    saliency: Method = option("fine_grained", "saliency detector: fine_grained (the paper's) or spectral_residual")
+    jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
+    quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
+    seed: int = option(0, "seed for the split and the order inside shards", ge=0)
+    split: str | None = option(None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15")
+    overwrite: bool = option(False, "replace shards already in OUTPUT")
+    preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
+    strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
+
+    def validate(self) -> None:
+        ok = self.size >= 32 and self.size % 16 == 0
+        require(ok, "size", self.size, "use a multiple of 16 of at least 32 (default 512)")
 
 
 @dataclass(frozen=True)
@@ -130,18 +126,19 @@ def _init_worker() -> None:
 
 def _results(root: Path, items: list[Item], opts: ShardOptions) -> Iterator[Packed]:
     """Packed samples in input order, from a bounded window of in-flight work."""
-    if opts.workers == 1:
+    workers = opts.workers or len(os.sched_getaffinity(0))
+    if workers == 1:
         for item in items:
             yield process(root, item, opts)
         return
     # Spawned, not forked: a fork after OpenCV or torch started their thread pools can deadlock.
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(opts.workers, mp_context=spawn, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker) as pool:
         window: deque[Future[Packed]] = deque()
         pending = iter(items)
         for item in pending:
             window.append(pool.submit(process, root, item, opts))
-            if len(window) >= 8 * opts.workers:
+            if len(window) >= 8 * workers:
                 break
         while window:
             try:
@@ -260,31 +257,62 @@ def pack(
     on_sample: Callable[[Packed], None] | None = None,
 ) -> ShardIndex:
     """Pack `inputs` (from `inputs.discover`) into shards under `out` and write its `_info.json`."""
-    opts.check()
-    if opts.strict and inputs.problems:
+    _check_inputs(root, inputs, opts.strict)
+    _prepare_output(out, opts.overwrite)
+    splits, ordered = _packing_order(inputs.items, opts.seed)
+    writers = {s: _SplitWriter(out, s, opts.shard_size) for s in splits}
+    failed, previews = _write_samples(root, ordered, opts, writers, on_sample)
+    split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
+    if not split_infos:
+        raise ShardError(f"every input under {root} was skipped; see the reasons above")
+    index = _index(inputs, opts, labels_file, writers, split_infos, failed)
+    if previews:
+        from ssit_dist.data.preview import write_preview  # needs torch: imported only when a preview is asked for
+
+        write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
+    write_index(out, index)
+    return index
+
+
+def _check_inputs(root: Path, inputs: Inputs, strict: bool) -> None:
+    """Refuse a run with nothing to pack, or (strict) with bad rows in the labels CSV."""
+    if strict and inputs.problems:
         lines = "\n".join(f"  {p}" for p in inputs.problems)
         raise ShardError(f"--strict: the labels CSV has {len(inputs.problems)} bad rows:\n{lines}")
     if not inputs.items:
         raise ShardError(f"no images to pack under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    _prepare_output(out, opts.overwrite)
+
+
+def _packing_order(items: list[Item], seed: int) -> tuple[list[str], list[Item]]:
+    """The splits (train, val, test, then any other by name) and the items in the order they are packed:
+    split after split, each in a seeded shuffle, so that shards mix grades and folders yet are reproducible."""
     order = {name: i for i, name in enumerate(("train", "val", "test"))}
-    splits = sorted({i.split for i in inputs.items}, key=lambda s: (order.get(s, 99), s))
-    # Within a split, a seeded shuffle: shards mixed across grades and folders, yet reproducible.
-    rng = np.random.default_rng(opts.seed)
+    splits = sorted({i.split for i in items}, key=lambda s: (order.get(s, 99), s))
+    rng = np.random.default_rng(seed)
     ordered: list[Item] = []
     for split in splits:
-        members = sorted((i for i in inputs.items if i.split == split), key=lambda i: i.key)
+        members = sorted((i for i in items if i.split == split), key=lambda i: i.key)
         ordered += [members[k] for k in rng.permutation(len(members))]
+    return splits, ordered
 
-    writers = {s: _SplitWriter(out, s, opts.shard_size) for s in splits}
-    skipped = [{"path": p.path, "line": p.line, "reason": p.reason} for p in inputs.problems]
+
+def _write_samples(
+    root: Path,
+    items: list[Item],
+    opts: ShardOptions,
+    writers: dict[str, _SplitWriter],
+    on_sample: Callable[[Packed], None] | None,
+) -> tuple[list[Packed], list[Packed]]:
+    """Process `items` and add each to its split's writer; the samples that failed, and the first
+    `opts.preview` that did not. Interrupted or failed, it removes the partial shards before raising."""
+    failed: list[Packed] = []
     previews: list[Packed] = []
     try:
-        for packed in _results(root, ordered, opts):
+        for packed in _results(root, items, opts):
             if packed.error is not None:
                 if opts.strict:
                     raise ShardError(f"--strict: {root / packed.item.rel}: {packed.error}")
-                skipped.append({"path": packed.item.rel, "line": None, "reason": packed.error})
+                failed.append(packed)
             else:
                 writers[packed.item.split].add(packed)
                 if len(previews) < opts.preview:
@@ -292,20 +320,29 @@ def pack(
             if on_sample:
                 on_sample(packed)
     except BaseException:
-        # Interrupted or failed: remove the partial shards, leave no index behind.
         for writer in writers.values():
             writer.abandon()
         raise
+    return failed, previews
 
-    split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
-    if not split_infos:
-        raise ShardError(f"every input under {root} was skipped; see the reasons above")
+
+def _index(
+    inputs: Inputs,
+    opts: ShardOptions,
+    labels_file: Path | None,
+    writers: dict[str, _SplitWriter],
+    split_infos: dict[str, SplitInfo],
+    failed: list[Packed],
+) -> ShardIndex:
+    """The `_info.json` of a finished run: options, splits, normalisation statistics, what was skipped."""
     # Normalisation statistics come from the training split, like everything else that is fitted.
     stats_from = [writers["train"]] if "train" in split_infos else list(writers.values())
     mean, std = _mean_std(np.sum([w.histogram for w in stats_from], axis=0))
     params = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "preview")}
     params["labels"] = labels_file.name if labels_file else None
-    index = ShardIndex(
+    skipped = [{"path": p.path, "line": p.line, "reason": p.reason} for p in inputs.problems]
+    skipped += [{"path": p.item.rel, "line": None, "reason": p.error} for p in failed]
+    return ShardIndex(
         tool_version=__version__,
         parameters=params,
         splits=split_infos,
@@ -314,9 +351,3 @@ def pack(
         skipped=sorted(skipped, key=lambda s: (s["path"], s["line"] or 0)),
         not_in_labels=inputs.not_in_labels,
     )
-    if previews:
-        from ssit_dist.data.preview import write_preview  # needs torch: imported only when a preview is asked for
-
-        write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
-    write_index(out, index)
-    return index

@@ -80,7 +80,7 @@ class PairStream(IterableDataset):
                 pair = None
                 if sample is not None:
                     pair = (
-                        encode(sample, self.augment, rng)
+                        jpeg_and_draws(sample, self.augment, rng)
                         if self.encoded
                         else decode_and_augment(sample, self.augment, rng)
                     )
@@ -135,7 +135,7 @@ def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Genera
         return None
 
 
-def encode(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple | None:
+def jpeg_and_draws(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple | None:
     """(JPEG bytes, saliency map (1, H, W) uint8, view 1's and view 2's parameters, name) of one shard
     sample, the parameters drawn as the CPU path draws them; None for a sample that cannot be used. The
     JPEG itself is decoded on the training device (decode.decode_jpegs says what happens where it fails)."""

@@ -135,20 +135,31 @@ def synthetic_fundus(grade: int, seed: int, size: int = 256) -> np.ndarray:
     size) always gives the same image."""
     if grade not in LESIONS:
         raise ValueError(f"grade {grade} is not a DR grade: expected 0-4")
-    rng = np.random.default_rng(seed)  # the eye and the camera
-    scale = size / 256
-    c = size / 2
+    rng = np.random.default_rng(seed)  # the eye and the camera, drawn in this order
     fov = size * rng.uniform(0.45, 0.49)
     side = 1 if rng.random() < 0.5 else -1  # +1: right eye, disc right of centre (as photographed)
+    image = _retina(size, fov, rng)
+    disc = _anatomy(image, fov, side, rng)
+    # Lesions from their own generator: the same seed at another grade is the same eye, same camera.
+    _lesions(image, LESIONS[grade], fov, disc, np.random.default_rng([seed, grade]))
+    return _camera(image, fov, rng)
 
-    # Retina: pigment colour, exposure and a soft choroidal texture, darker towards the rim.
+
+def _retina(size: int, fov: float, rng: np.random.Generator) -> np.ndarray:
+    """Float32 RGB: pigment colour, exposure and a soft choroidal texture, darker towards the rim."""
+    scale, c = size / 256, size / 2
     base = np.array([rng.uniform(185, 225), rng.uniform(70, 110), rng.uniform(25, 50)], np.float32)
     noise = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 6 * scale)
     texture = noise / (noise.std() + 1e-6)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     rim = np.clip(1.0 - ((xx - c) ** 2 + (yy - c) ** 2) / fov**2, 0, 1) ** 0.35
-    image = base * (0.55 + 0.45 * rim)[..., None] * (1 + 0.06 * texture)[..., None]
+    return base * (0.55 + 0.45 * rim)[..., None] * (1 + 0.06 * texture)[..., None]
 
+
+def _anatomy(image: np.ndarray, fov: float, side: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Paint the macula, the vessel arcades and the optic disc; the disc's centre."""
+    size = image.shape[0]
+    c = size / 2
     disc = (c + side * fov * rng.uniform(0.45, 0.55), c + fov * rng.normal(0, 0.05))
     macula = (c - side * fov * rng.uniform(0.0, 0.08), c + fov * rng.normal(0, 0.04))
     _paint(image, _blob(size, macula, fov * 0.16, 0.6), np.array([120, 45, 20], np.float32), 0.55)
@@ -156,10 +167,15 @@ def synthetic_fundus(grade: int, seed: int, size: int = 256) -> np.ndarray:
     disc_radius = fov * rng.uniform(0.13, 0.16)
     _paint(image, _blob(size, disc, disc_radius, 0.25), np.array([250, 205, 140], np.float32), 0.95)
     _paint(image, _blob(size, disc, disc_radius * 0.45, 0.4), np.array([255, 240, 205], np.float32), 0.8)
+    return disc
 
-    # Lesions from their own generator: the same seed at another grade is the same eye, same camera.
-    sick = np.random.default_rng([seed, grade])
-    lesions = LESIONS[grade]
+
+def _lesions(
+    image: np.ndarray, lesions: LesionCounts, fov: float, disc: tuple[float, float], sick: np.random.Generator
+) -> None:
+    """Paint a grade's lesions, each kind in turn (the draws of `sick` follow this order)."""
+    size = image.shape[0]
+    scale, c = size / 256, size / 2
 
     def count(span: tuple[int, int]) -> int:
         return int(sick.integers(span[0], span[1] + 1))
@@ -182,22 +198,34 @@ def synthetic_fundus(grade: int, seed: int, size: int = 256) -> np.ndarray:
         spot = _random_point(sick, c, fov)
         _paint(image, _blob(size, spot, sick.uniform(1.8, 2.8) * scale, 0.25), BLOOD, 0.95)
     if lesions.proliferative:
-        _paint(image, _neovascular_tangle(size, disc, sick), VESSEL * 0.9, 0.9)
-        if sick.random() < 0.6:  # a preretinal (boat-shaped) haemorrhage below the disc or arcade
-            spot = _random_point(sick, c, fov * 0.7)
-            boat = np.zeros((size, size), np.float32)
-            axes = (round(sick.uniform(14, 22) * scale * 16), round(sick.uniform(7, 11) * scale * 16))
-            centre = (round(spot[0] * 16), round(spot[1] * 16))
-            cv2.ellipse(boat, centre, axes, 0, 0, 180, 1.0, -1, cv2.LINE_AA, 4)
-            _paint(image, cv2.GaussianBlur(boat, (0, 0), 1.5 * scale), BLOOD * 0.85, 0.95)
+        _proliferation(image, fov, disc, sick)
 
-    # Camera: exposure and colour balance, focus, noise, then the round field of view on black.
+
+def _proliferation(image: np.ndarray, fov: float, disc: tuple[float, float], sick: np.random.Generator) -> None:
+    """New vessels at the disc and, often, a preretinal (boat-shaped) haemorrhage below the disc or arcade."""
+    size = image.shape[0]
+    scale, c = size / 256, size / 2
+    _paint(image, _neovascular_tangle(size, disc, sick), VESSEL * 0.9, 0.9)
+    if sick.random() < 0.6:
+        spot = _random_point(sick, c, fov * 0.7)
+        boat = np.zeros((size, size), np.float32)
+        axes = (round(sick.uniform(14, 22) * scale * 16), round(sick.uniform(7, 11) * scale * 16))
+        centre = (round(spot[0] * 16), round(spot[1] * 16))
+        cv2.ellipse(boat, centre, axes, 0, 0, 180, 1.0, -1, cv2.LINE_AA, 4)
+        _paint(image, cv2.GaussianBlur(boat, (0, 0), 1.5 * scale), BLOOD * 0.85, 0.95)
+
+
+def _camera(image: np.ndarray, fov: float, rng: np.random.Generator) -> np.ndarray:
+    """The photograph: exposure and colour balance, focus, noise, then the round field of view on black,
+    sometimes in a wide frame."""
+    size = image.shape[0]
+    scale, c = size / 256, size / 2
     image *= rng.uniform(0.75, 1.15) * np.array([1.0, rng.uniform(0.9, 1.1), rng.uniform(0.85, 1.15)], np.float32)
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 1.0) * scale)
     image += rng.normal(0, 3.0, image.shape).astype(np.float32)
     field = _blob(size, (c, c), fov, 0.02)
-    image = np.clip(image * field[..., None], 0, 255).astype(np.uint8)
+    photo = np.clip(image * field[..., None], 0, 255).astype(np.uint8)
     if rng.random() < 0.25:  # a wide camera frame: black margins left and right
         margin = int(size * rng.uniform(0.1, 0.25))
-        image = cv2.copyMakeBorder(image, 0, 0, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    return image
+        photo = cv2.copyMakeBorder(photo, 0, 0, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+    return photo

@@ -3,11 +3,51 @@
 Features are L2-normalised CLS tokens; each of the k most cosine-similar training samples votes for its
 grade with weight exp(similarity / temperature) (temperature 0.07, as in self-supervised evaluation
 practice); the grade with the largest vote wins, and the normalised votes serve as scores.
+
+torch and the evaluation stack are imported where they run, not at the top: the `ssit-dist` command
+reads KnnConfig for its options every time it starts.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ssit_dist.fields import Checked, option, require
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from ssit_dist.data.index import ShardIndex
+    from ssit_dist.data.labelled import SplitSource
+
+
+@dataclass
+class KnnConfig(Checked):
+    """What `ssit-dist knn` grades, by which encoder's features, and how."""
+
+    train: str = option(help="neighbour shards: FOLDER[:SPLIT] (split default: train)")
+    test: str = option(help="shards to grade: FOLDER[:SPLIT] (split default: test)")
+    init: str = option(help="encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'")
+    img_size: int = option(384, "input size in pixels (positional embeddings are resampled)", gt=0)
+    ks: list[int] = option(factory=lambda: [5, 10, 20], help="neighbour counts, each graded on its own")
+    temperature: float = option(0.07, "vote weight exp(similarity / temperature)", gt=0)
+    arch: str | None = option(None, "the timm architecture (default: the export's)")
+    timm_kwargs: dict[str, Any] | None = option(
+        None, 'overrides of the timm model\'s arguments, e.g. {"embed_dim": 96, "depth": 4}'
+    )
+    trust_pickle: bool = option(False, "allow a pickled epoch_N.pt (runs its code)")
+    num_classes: int = option(5, "grades 0..num_classes-1", ge=2)
+    batch: int = option(64, "images per encoder forward", ge=1)
+    retrieval_samples: int = option(256, "test photographs for view retrieval (two fixed views each)", ge=2)
+
+    def validate(self) -> None:
+        require(
+            bool(self.ks) and min(self.ks) >= 1, "ks", self.ks, "expected one or more neighbour counts, each at least 1"
+        )
 
 
 def knn_grades(
@@ -20,6 +60,8 @@ def knn_grades(
     chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted grades, per-grade scores) for every test row."""
+    import torch
+
     if not 0 < k <= len(train_features):
         raise ValueError(f"k = {k} needs between 1 and {len(train_features)} training samples")
     bank = torch.nn.functional.normalize(train_features.float(), dim=1)
@@ -34,70 +76,93 @@ def knn_grades(
     return torch.cat(grades), torch.cat(scores)
 
 
-def knn_evaluate(
-    train: str,
-    test: str,
-    init: str,
-    img_size: int,
-    ks: tuple[int, ...] = (5, 10, 20),
-    temperature: float = 0.07,
-    arch: str | None = None,
-    timm_kwargs: dict | None = None,
-    trust_pickle: bool = False,
-    num_classes: int = 5,
-    batch: int = 64,
-    retrieval_samples: int = 256,
-) -> dict:
-    """kNN grading of the `test` split by the `train` split's CLS features of the encoder `init`
-    (resized to `img_size`, normalised with the train split's mean/std). Returns metrics per k, and the
-    view retrieval (ssit_dist.eval.retrieval) of the encoder on up to `retrieval_samples` test
-    photographs, two views each by the reference's recipe."""
-    import numpy as np
+def knn_evaluate(config: KnnConfig) -> dict:
+    """kNN grading of the `config.test` split by the `config.train` split's CLS features of the encoder
+    `config.init` (resized to `img_size`, normalised with the train split's mean/std). Returns metrics
+    per k, and the view retrieval (ssit_dist.eval.retrieval) of the encoder on up to `retrieval_samples`
+    test photographs, two views each by the reference's recipe."""
+    import torch
     from accelerate import Accelerator
 
-    from ssit_dist.data.augment import PairAugment
-    from ssit_dist.data.grading_transforms import eval_transform
-    from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels
-    from ssit_dist.data.sources import open_shards
-    from ssit_dist.eval.metrics import grading_metrics
-    from ssit_dist.eval.predict import missing, run_over_split
-    from ssit_dist.eval.retrieval import fixed_pairs, retrieval_top1
+    from ssit_dist.data.labelled import SplitSource, check_labels
     from ssit_dist.models.pretrained import load_encoder
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    sources = {"train": SplitSource.parse(train, "train"), "test": SplitSource.parse(test, "test")}
-    indexes = {name: check_labels(s, num_classes) for name, s in sources.items()}  # fail before loading
-    encoder, origin = load_encoder(init, img_size, arch, timm_kwargs, trust_pickle)
+    sources = {"train": SplitSource.parse(config.train, "train"), "test": SplitSource.parse(config.test, "test")}
+    # Both splits' labels are checked before the encoder loads; the train split's mean/std normalise both.
+    stats, _ = (check_labels(s, config.num_classes) for s in sources.values())
+    encoder, origin = load_encoder(config.init, config.img_size, config.arch, config.timm_kwargs, config.trust_pickle)
     encoder.to(accelerator.device).eval()
-    transform = eval_transform(img_size, indexes["train"].mean, indexes["train"].std)
-    data = {name: LabelledShards(s, transform, num_classes) for name, s in sources.items()}
-    features = {
-        name: run_over_split(lambda x: encoder.forward_features(x)[:, 0], ds, accelerator, batch)
-        for name, ds in data.items()
-    }
-    train_idx, train_feat = features["train"]
-    test_idx, test_feat = features["test"]
-    train_grades = torch.tensor(np.array(data["train"].grades)[train_idx])
-    truth = np.array(data["test"].grades)[test_idx]
-    result: dict = {
-        "init": init,
+    embed = lambda x: encoder.forward_features(x.to(accelerator.device))[:, 0]  # noqa: E731
+    train, test = (_features(config, embed, s, stats, accelerator) for s in sources.values())
+    return {
+        "init": config.init,
         "encoder": origin.kind,
         "train": str(sources["train"]),
         "test": str(sources["test"]),
-        "temperature": temperature,
-        "img_size": img_size,
-        "missing": missing(data["train"], train_idx) + missing(data["test"], test_idx),
-        "k": {},
+        "temperature": config.temperature,
+        "img_size": config.img_size,
+        "missing": train.missing + test.missing,
+        "k": {str(k): _grade(config, train, test, k) for k in config.ks},
+        "view_retrieval": _view_retrieval(config, embed, sources["test"], stats),
     }
-    test_shards = open_shards([sources["test"].folder], sources["test"].split)
-    x1, x2 = fixed_pairs(
-        test_shards, PairAugment(img_size, indexes["train"].mean, indexes["train"].std), retrieval_samples
+
+
+@dataclass
+class _Features:
+    """CLS features of a split's samples that decoded, their grades, and the keys of those that did not."""
+
+    features: np.ndarray
+    grades: np.ndarray
+    missing: list[str]
+
+
+def _features(
+    config: KnnConfig,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    source: SplitSource,
+    stats: ShardIndex,
+    accelerator: Accelerator,
+) -> _Features:
+    """One split through the encoder, normalised with the train split's `stats`."""
+    import numpy as np
+
+    from ssit_dist.data.grading_transforms import eval_transform
+    from ssit_dist.data.labelled import LabelledShards
+    from ssit_dist.eval.predict import missing, run_over_split
+
+    transform = eval_transform(config.img_size, stats.mean, stats.std)
+    data = LabelledShards(source, transform, config.num_classes)
+    indices, features = run_over_split(embed, data, accelerator, config.batch)
+    return _Features(features, np.array(data.grades)[indices], missing(data, indices))
+
+
+def _grade(config: KnnConfig, train: _Features, test: _Features, k: int) -> dict:
+    """Grading metrics of the test split by its k nearest training samples."""
+    import torch
+
+    from ssit_dist.eval.metrics import grading_metrics
+
+    grades, scores = knn_grades(
+        torch.from_numpy(train.features),
+        torch.tensor(train.grades),
+        torch.from_numpy(test.features),
+        k,
+        config.num_classes,
+        config.temperature,
     )
-    top1 = retrieval_top1(lambda x: encoder.forward_features(x.to(accelerator.device))[:, 0], x1, x2, batch)
-    result["view_retrieval"] = {"samples": len(x1), "top1": top1, "chance": 1 / len(x1)}
-    for k in ks:
-        grades, scores = knn_grades(
-            torch.from_numpy(train_feat), train_grades, torch.from_numpy(test_feat), k, num_classes, temperature
-        )
-        result["k"][str(k)] = grading_metrics(truth, grades.numpy(), scores.numpy(), num_classes)
-    return result
+    return grading_metrics(test.grades, grades.numpy(), scores.numpy(), config.num_classes)
+
+
+def _view_retrieval(
+    config: KnnConfig, embed: Callable[[torch.Tensor], torch.Tensor], test: SplitSource, stats: ShardIndex
+) -> dict:
+    """Top-1 view retrieval of the encoder on the test split's first `retrieval_samples` photographs."""
+    from ssit_dist.data.augment import PairAugment
+    from ssit_dist.data.sources import open_shards
+    from ssit_dist.eval.retrieval import fixed_pairs, retrieval_top1
+
+    augment = PairAugment(config.img_size, stats.mean, stats.std)
+    x1, x2 = fixed_pairs(open_shards([test.folder], test.split), augment, config.retrieval_samples)
+    top1 = retrieval_top1(embed, x1, x2, config.batch)
+    return {"samples": len(x1), "top1": top1, "chance": 1 / len(x1)}
