@@ -79,15 +79,15 @@ demo: setup
 	$(VENV)/bin/ssit-dist demo
 
 bench: setup
-	$(PY) bench/shard.py
-	$(PY) bench/pretrain.py
-	$(PY) bench/model_step.py
-	$(PY) bench/collectives.py
+	$(PY) bench/perf/shard.py
+	$(PY) bench/perf/pretrain.py
+	$(PY) bench/perf/model_step.py
+	$(PY) bench/perf/collectives.py
 
 # On a CUDA machine: NCCL collectives, ZeRO-2/3 bf16 pretraining with a stop and resume, export and bf16
-# fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/gpu_check.py).
+# fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/checks/gpu_check.py).
 gpu-check: setup
-	$(PY) bench/gpu_check.py
+	$(PY) bench/checks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) demo_out

@@ -17,20 +17,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 
 from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
 from ssit_dist.data.index import ShardIndex
-
-SYNTHETIC = "synthetic fundus (generated)"
+from ssit_dist.stage import cli_command, finetune_command, run_stage
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class DemoPlan:
     pretrain_epochs: int = 12
     # Classification: with the regression objective (MSE on the grade) both inits stayed at a constant
     # prediction on 200 training images in 20 epochs.
-    objective: str = "classification"
+    objective: Literal["regression", "classification"] = "classification"
     finetune_epochs: int = 20
     finetune_lr: float = 3e-4
     knn_k: int = 10
@@ -85,26 +83,30 @@ def _write_synthetic(job: tuple[int, int, int, Path]) -> None:
         raise OSError(f"could not write {path}")
 
 
-def write_synthetic_set(folder: Path, per_grade: int, pool: int, size: int, seed: int, report: Report) -> None:
-    """folder/synthetic_pretrain/*.jpg (unlabelled pool, grades in equal shares) and
-    folder/synthetic_graded/*.jpg with its labels.csv (image,grade), written by 2 processes."""
+def write_synthetic_set(folder: Path, plan: DemoPlan, report: Report) -> None:
+    """folder/synthetic_pretrain/*.jpg (plan.pretrain_images, an unlabelled pool, grades in equal shares)
+    and folder/synthetic_graded/*.jpg (plan.graded_per_grade of each grade) with its labels.csv
+    (image,grade), written by 2 processes."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     from ssit_dist.data.synthetic import GRADES
 
     jobs, rows = [], []
-    for part, count, offset in (("pretrain", pool, 0), ("graded", per_grade * GRADES, 500_000)):
+    for part, count, offset in (
+        ("pretrain", plan.pretrain_images, 0),
+        ("graded", plan.graded_per_grade * GRADES, 500_000),
+    ):
         images = folder / f"synthetic_{part}"
         images.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             name = f"synthetic_{part}_{i:05d}.jpg"
-            jobs.append((i % GRADES, seed * 1_000_003 + offset + i, size, images / name))
+            jobs.append((i % GRADES, plan.seed * 1_000_003 + offset + i, plan.generate_size, images / name))
             if part == "graded":
                 rows.append((name, i % GRADES))
     stage = Stage("generate synthetic photographs", len(jobs), "images")
-    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool_:
-        for _ in pool_.map(_write_synthetic, jobs, chunksize=16):
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        for _ in pool.map(_write_synthetic, jobs, chunksize=16):
             stage.done += 1
             report(stage)
     with open(folder / "synthetic_graded" / "labels.csv", "w", newline="") as f:
@@ -137,18 +139,45 @@ def pack_folder(
     return index
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    """One demo's folder, plan and progress display: what its stages share."""
+
+    out: Path
+    plan: DemoPlan
+    report: Report
+    synthetic: bool
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    @property
+    def graded(self) -> Path:
+        return self.out / "shards" / "graded"
+
+    def run_dir(self, name: str) -> Path:
+        """OUT/runs/NAME, named synthetic_NAME on the synthetic set."""
+        return self.out / "runs" / f"{'synthetic_' if self.synthetic else ''}{name}"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The graded set's shards (split train/val/test) and what pretraining reads."""
+
+    index: ShardIndex
+    pretrain_shards: list[str]
+    pretraining_images: int
+
+
 def watch(command: list[str], log: Path, stage: Stage, count: Callable[[], int], report: Report) -> None:
-    """Run `command` with its output in `log`, updating `stage` from `count()` while it runs."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
-        while process.poll() is None:
-            time.sleep(0.5)
-            stage.done = min(count(), stage.total)
-            report(stage)
-    if process.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"{stage.name} failed (exit {process.returncode}); log {log}:\n{tail}")
+    """Run `command` as its own process with its output in `log`, updating `stage` from `count()`."""
+
+    def progress() -> None:
+        stage.done = min(count(), stage.total)
+        report(stage)
+
+    run_stage(stage.name, command, log, progress)
     stage.done = stage.total
     report(stage)
 
@@ -157,52 +186,66 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from ssit_dist.cli import app; app()", *args]
+def photographs(demo: DemoRun, data: Path | None, labels: Path | None) -> tuple[Path, Path]:
+    """The graded photographs and their labels CSV: the user's own, or a synthetic set written now."""
+    if data is None:
+        images = demo.out / "images"
+        write_synthetic_set(images, demo.plan, demo.report)
+        data, labels = images / "synthetic_graded", images / "synthetic_graded" / "labels.csv"
+    assert labels is not None
+    return data, labels
 
 
-def pretrain(
-    shards: list[str],
-    timm_kwargs: dict,
-    split: str,
-    val: str,
-    run_dir: Path,
-    steps_per_epoch: int,
-    plan: DemoPlan,
-    logs: Path,
-    report: Report,
-) -> None:
+def pack_all(demo: DemoRun, data: Path, labels: Path) -> Packed:
+    """The graded set, split and with a saliency preview; on the synthetic set also the unlabelled pool.
+    Pretraining reads the pool and the graded train split, never the val or test photographs."""
+    index = pack_folder(data, demo.graded, demo.plan, demo.report, labels, preview=6)
+    graded_train = index.splits["train"].num_samples
+    if not demo.synthetic:
+        return Packed(index, [str(demo.graded)], graded_train)
+    pool = demo.out / "shards" / "pretrain"
+    pool_index = pack_folder(demo.out / "images" / "synthetic_pretrain", pool, demo.plan, demo.report)
+    return Packed(index, [str(pool), str(demo.graded)], pool_index.splits["train"].num_samples + graded_train)
+
+
+def _ranks(plan: DemoPlan) -> tuple[int, str]:
+    """Pretraining ranks: one per GPU (at most plan.ranks), else plan.ranks CPU ranks; and their name."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ranks = min(plan.ranks, gpus) if gpus else plan.ranks
+    return ranks, f"{ranks} GPU{'s' * (ranks > 1)}" if gpus else f"{ranks} CPU ranks"
+
+
+def pretrain(demo: DemoRun, shards: list[str], timm_kwargs: dict, run_dir: Path, steps_per_epoch: int) -> None:
+    """tiny_cpu.yaml fitted to the demo: its images and patches, retrieval on the graded val split."""
+    plan = demo.plan
     overrides = [
         f"run_dir={run_dir}",
         f"data.shards=[{','.join(shards)}]",
-        f"data.split={split}",
+        "data.split=train",
         f"model.img_size={plan.img_size}",
         f"model.timm_kwargs={json.dumps(timm_kwargs)}",
         f"epochs={plan.pretrain_epochs}",
         "optim.warmup_epochs=0.5",
         f"checkpoint_every={steps_per_epoch * plan.pretrain_epochs}",
-        f"retrieval.shards={val}",
+        f"retrieval.shards={demo.graded}:val",
         f"retrieval.every={steps_per_epoch}",
         f"seed={plan.seed}",
     ]
-    config = RUN_CONFIGS / "tiny_cpu.yaml"
-    import torch
-
-    gpus = torch.cuda.device_count()
-    ranks = min(plan.ranks, gpus) if gpus else plan.ranks
-    where = f"{ranks} GPU{'s' * (ranks > 1)}" if gpus else f"{ranks} CPU ranks"
+    ranks, where = _ranks(plan)
     stage = Stage(f"pretrain SSiT (DeepSpeed, {where})", steps_per_epoch * plan.pretrain_epochs, "steps")
-    command = _cli("pretrain", "--config", str(config), "--nproc", str(ranks), *overrides)
-    watch(command, logs / "pretrain.log", stage, lambda: _lines(run_dir / "metrics.jsonl"), report)
+    command = cli_command("pretrain", "--config", str(RUN_CONFIGS / "tiny_cpu.yaml"), "--nproc", str(ranks), *overrides)
+    watch(command, demo.logs / "pretrain.log", stage, lambda: _lines(run_dir / "metrics.jsonl"), demo.report)
 
 
-def finetune(
-    graded: Path, init: str, run_dir: Path, plan: DemoPlan, model_args: list[str], logs: Path, report: Report
-) -> dict:
+def finetune(demo: DemoRun, init: str, run_dir: Path, model_args: list[str]) -> dict:
+    """Fine-tune on the graded train split, model selection on val; the report on test."""
+    plan = demo.plan
     overrides = [
-        f"train={graded}:train",
-        f"val={graded}:val",
-        f"test={graded}:test",
+        f"train={demo.graded}:train",
+        f"val={demo.graded}:val",
+        f"test={demo.graded}:test",
         f"init={init}",
         f"run_dir={run_dir}",
         f"img_size={plan.img_size}",
@@ -217,28 +260,62 @@ def finetune(
     stage = Stage(
         f"fine-tune from {'random init' if init == 'random' else 'the SSiT export'}", plan.finetune_epochs, "epochs"
     )
-    command = [sys.executable, "-m", "ssit_dist.train.finetune", *overrides]
-    watch(command, logs / f"{run_dir.name}.log", stage, lambda: _lines(run_dir / "metrics.jsonl"), report)
+    log = demo.logs / f"{run_dir.name}.log"
+    watch(finetune_command(*overrides), log, stage, lambda: _lines(run_dir / "metrics.jsonl"), demo.report)
     return json.loads((run_dir / "report.json").read_text())
 
 
-def knn(graded: Path, init: str, plan: DemoPlan, random_arch: dict | None) -> dict:
+def knn(demo: DemoRun, label: str, init: str, random_arch: dict | None) -> dict:
     """Weighted kNN grading and view retrieval on the test split (in this process, seeded)."""
     import torch
 
-    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.eval.knn import KnnConfig, knn_evaluate
 
-    torch.manual_seed(plan.seed)  # a random init is drawn from the global generator
+    stage = Stage(f"kNN and view retrieval ({label})", 1, "")
+    demo.report(stage)
+    torch.manual_seed(demo.plan.seed)  # a random init is drawn from the global generator
     arch = random_arch or {}
-    return knn_evaluate(
-        f"{graded}:train",
-        f"{graded}:test",
-        init,
-        plan.img_size,
-        ks=(plan.knn_k,),
+    config = KnnConfig(
+        train=f"{demo.graded}:train",
+        test=f"{demo.graded}:test",
+        init=init,
+        img_size=demo.plan.img_size,
+        ks=[demo.plan.knn_k],
         arch=arch.get("arch"),
         timm_kwargs=arch.get("timm_kwargs"),
     )
+    result = knn_evaluate(config)
+    stage.done = 1
+    demo.report(stage)
+    return result
+
+
+def compare_inits(demo: DemoRun, encoder: Path, random_arch: dict) -> tuple[dict, dict[str, Path], int]:
+    """Fine-tuning and kNN from the SSiT export and from a random init of the same architecture: the
+    table's rows, the fine-tuning runs, and the number of test photographs."""
+    random_args = [f"arch={random_arch['arch']}", f"timm_kwargs={json.dumps(random_arch['timm_kwargs'])}"]
+    rows, runs = {}, {}
+    for label, init, args in (("SSiT pretrained", str(encoder), []), ("random init", "random", random_args)):
+        run = demo.run_dir(f"finetune_{'ssit' if init != 'random' else 'random'}")
+        tuned = finetune(demo, init, run, args)
+        near = knn(demo, label, init, None if init != "random" else random_arch)
+        k = near["k"][str(demo.plan.knn_k)]
+        rows[label] = {
+            "finetune_qwk": tuned["test"]["qwk"],
+            "finetune_accuracy": tuned["test"]["accuracy"],
+            "knn_qwk": k["qwk"],
+            "knn_accuracy": k["accuracy"],
+            "view_retrieval": near["view_retrieval"]["top1"],
+        }
+        runs[label] = run
+    return rows, runs, k["samples"]
+
+
+def attention_photos(data: Path, labels: Path, count: int) -> dict[Path, int]:
+    """One photograph of each of the `count` highest grades (path -> grade)."""
+    with open(labels) as f:
+        by_grade = {int(r["grade"]): r["image"] for r in csv.DictReader(f) if r.get("grade", "").isdigit()}
+    return {data / by_grade[g]: g for g in sorted(by_grade, reverse=True)[:count]}
 
 
 def pictures(out: Path, pretrain_run: Path, encoder: Path, photos: dict[Path, int], title: str) -> dict[str, Path]:
@@ -263,6 +340,27 @@ def pictures(out: Path, pretrain_run: Path, encoder: Path, photos: dict[Path, in
     return {"pretraining curves": curves, "attention (SSiT export)": attention}
 
 
+def contrastive_ends(run_dir: Path) -> dict[str, float]:
+    """The pretraining's mean contrastive loss over its first and its last 20 steps."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    contrastive = [m["contrastive_loss"] for m in metrics if "contrastive_loss" in m]
+    return {
+        "contrastive_first20": sum(contrastive[:20]) / len(contrastive[:20]),
+        "contrastive_last20": sum(contrastive[-20:]) / len(contrastive[-20:]),
+    }
+
+
+def chance_levels(index: ShardIndex, test_samples: int, temperature: float, batch: int) -> dict[str, float]:
+    """What each number of the table is without learning anything."""
+    return {
+        "view_retrieval": 1 / max(1, min(test_samples, 256)),
+        # Always answering the test split's commonest grade.
+        "accuracy": max((index.splits["test"].label_histogram or {"": 0}).values()) / test_samples,
+        # Keys that say nothing: each side's loss is 2T ln(batch), two sides.
+        "contrastive_loss": 2 * 2 * temperature * math.log(batch),
+    }
+
+
 def run_demo(
     out: Path, report: Report, data: Path | None = None, labels: Path | None = None, plan: DemoPlan | None = None
 ) -> dict:
@@ -270,78 +368,28 @@ def run_demo(
     from ssit_dist.config import PretrainConfig, load_config
     from ssit_dist.train.checkpoint import export_encoder
 
-    plan = plan or DemoPlan()
     started = time.perf_counter()
-    logs, shards = out / "logs", out / "shards"
-    synthetic = data is None
-    if synthetic:
-        write_synthetic_set(
-            out / "images", plan.graded_per_grade, plan.pretrain_images, plan.generate_size, plan.seed, report
-        )
-        data, labels = out / "images" / "synthetic_graded", out / "images" / "synthetic_graded" / "labels.csv"
-    assert data is not None and labels is not None
-    graded = shards / "graded"
-    index = pack_folder(data, graded, plan, report, labels, preview=6)
-    pretrain_shards, split = [str(graded)], "train"  # never the val or test photographs
-    if synthetic:
-        pool = pack_folder(out / "images" / "synthetic_pretrain", shards / "pretrain", plan, report)
-        pretrain_shards = [str(shards / "pretrain"), str(graded)]  # the pool and the graded train split
-        pretraining_images = pool.splits["train"].num_samples + index.splits["train"].num_samples
-    else:
-        pretraining_images = index.splits["train"].num_samples
+    demo = DemoRun(out, plan or DemoPlan(), report, synthetic=data is None)
+    data, labels = photographs(demo, data, labels)
+    packed = pack_all(demo, data, labels)
     tiny = load_config(RUN_CONFIGS / "tiny_cpu.yaml", [], PretrainConfig)
-    steps_per_epoch = max(1, pretraining_images // tiny.global_batch)
-    name = "synthetic_" if synthetic else ""
-    run_dir = out / "runs" / f"{name}pretrain"
-    timm_kwargs = {**tiny.model.timm_kwargs, "patch_size": plan.patch_size}
-    pretrain(pretrain_shards, timm_kwargs, split, f"{graded}:val", run_dir, steps_per_epoch, plan, logs, report)
-
+    timm_kwargs = {**tiny.model.timm_kwargs, "patch_size": demo.plan.patch_size}
+    run_dir = demo.run_dir("pretrain")
+    steps_per_epoch = max(1, packed.pretraining_images // tiny.global_batch)
+    pretrain(demo, packed.pretrain_shards, timm_kwargs, run_dir, steps_per_epoch)
     encoder = out / "encoder.safetensors"
     export_encoder(run_dir, encoder, overwrite=True)
-    random_arch = {"arch": tiny.model.arch, "timm_kwargs": timm_kwargs}
-    random_args = [f"arch={tiny.model.arch}", f"timm_kwargs={json.dumps(timm_kwargs)}"]
-    rows, runs = {}, {}
-    for label, init, args in (("SSiT pretrained", str(encoder), []), ("random init", "random", random_args)):
-        run = out / "runs" / f"{name}finetune_{'ssit' if init != 'random' else 'random'}"
-        tuned = finetune(graded, init, run, plan, args, logs, report)
-        stage = Stage(f"kNN and view retrieval ({label})", 1, "")
-        report(stage)
-        near = knn(graded, init, plan, None if init != "random" else random_arch)
-        stage.done = 1
-        report(stage)
-        k = near["k"][str(plan.knn_k)]
-        rows[label] = {
-            "finetune_qwk": tuned["test"]["qwk"],
-            "finetune_accuracy": tuned["test"]["accuracy"],
-            "knn_qwk": k["qwk"],
-            "knn_accuracy": k["accuracy"],
-            "view_retrieval": near["view_retrieval"]["top1"],
-        }
-        runs[label] = run
-    test_samples = k["samples"]
-
-    with open(labels) as f:
-        by_grade = {int(r["grade"]): r["image"] for r in csv.DictReader(f) if r.get("grade", "").isdigit()}
-    photos = {data / by_grade[g]: g for g in sorted(by_grade, reverse=True)[: plan.attention_images]}
-    title = "SYNTHETIC images" if synthetic else data.name
-    shown = pictures(out, run_dir, encoder, photos, title)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    contrastive = [m["contrastive_loss"] for m in metrics if "contrastive_loss" in m]
+    rows, runs, test_samples = compare_inits(demo, encoder, {"arch": tiny.model.arch, "timm_kwargs": timm_kwargs})
+    photos = attention_photos(data, labels, demo.plan.attention_images)
+    shown = pictures(out, run_dir, encoder, photos, "SYNTHETIC images" if demo.synthetic else data.name)
     result = {
-        "data": "synthetic" if synthetic else str(data),
+        "data": "synthetic" if demo.synthetic else str(data),
         "test_samples": test_samples,
         "rows": rows,
-        "chance": {
-            "view_retrieval": 1 / max(1, min(test_samples, 256)),
-            # Always answering the test split's commonest grade.
-            "accuracy": max((index.splits["test"].label_histogram or {"": 0}).values()) / test_samples,
-            # Keys that say nothing: each side's loss is 2T ln(batch), two sides.
-            "contrastive_loss": 2 * 2 * tiny.model.temperature * math.log(tiny.global_batch),
-        },
-        "contrastive_first20": sum(contrastive[:20]) / len(contrastive[:20]),
-        "contrastive_last20": sum(contrastive[-20:]) / len(contrastive[-20:]),
+        "chance": chance_levels(packed.index, test_samples, tiny.model.temperature, tiny.global_batch),
+        **contrastive_ends(run_dir),
         "pictures": {
-            "saliency preview": graded / "preview.png",
+            "saliency preview": demo.graded / "preview.png",
             **shown,
             "confusion (SSiT fine-tuned)": runs["SSiT pretrained"] / "confusion.png",
             "confusion (random init fine-tuned)": runs["random init"] / "confusion.png",

@@ -1,30 +1,14 @@
-"""bench/model_step.py's reference-style step is a baseline only if it computes what ours computes."""
+"""bench/perf/model_step.py's reference-style step is a baseline only if it computes what ours computes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
+from bench.perf import model_step
 from tiny_model import batch, tiny
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "model_step.py"
 
-
-@pytest.fixture
-def model_step(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("model_step", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "model_step", module)  # where its dataclasses look themselves up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_reference_style_query_side_computes_our_losses_view_by_view(model_step) -> None:  # type: ignore[no-untyped-def]
+def test_reference_style_query_side_computes_our_losses_view_by_view() -> None:
     model = tiny().train()
     x1, x2, s1, s2 = batch()
     k1, k2 = model.momentum(x1, s1), model.momentum(x2, s2)
@@ -39,7 +23,7 @@ def test_reference_style_query_side_computes_our_losses_view_by_view(model_step)
     assert (swapped[0] - ours[0]).abs() > 1e-2
 
 
-def test_profile_counts_the_matrix_products_of_this_torch(model_step) -> None:  # type: ignore[no-untyped-def]
+def test_profile_counts_the_matrix_products_of_this_torch() -> None:
     # The matmul-bound ceiling divides by this time: if torch renamed its matmul operators it would be 0.
     linear, conv = torch.nn.Linear(256, 256), torch.nn.Conv2d(3, 16, 4, stride=4)
     x, image = torch.randn(512, 256), torch.randn(8, 3, 64, 64)

@@ -4,12 +4,14 @@ of one's own."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import pytest
 
 from conftest import SHARED, run_cli
+from ssit_dist.stage import StageFailed, cli_command, run_stage
 
 pytestmark = pytest.mark.multiprocess
 
@@ -60,3 +62,20 @@ def test_demo_runs_on_a_folder_and_labels_of_ones_own(tmp_path: Path) -> None:
     assert not (out / "images").exists() and not (out / "shards" / "pretrain").exists()
     test_grades = info["splits"]["test"]["label_histogram"]
     assert result["chance"]["accuracy"] == max(test_grades.values()) / splits["test"]
+
+
+def test_a_stage_runs_with_its_log_and_a_failing_one_names_itself_and_its_log(tmp_path: Path) -> None:
+    """The one way the demo and bench/experiments/quality.py run a stage: `ssit-dist ARGS` through this
+    interpreter, its output in the log, progress polled while it runs; a failure says which stage, its
+    exit code, the log, and the log's last 15 lines."""
+    run_stage("help", cli_command("--help"), tmp_path / "logs" / "help.log")
+    assert "Usage" in (tmp_path / "logs" / "help.log").read_text()
+
+    polled: list[int] = []
+    log = tmp_path / "count.log"
+    script = "import sys, time; print(*range(40), sep=chr(10)); time.sleep(1.2); sys.exit(3)"
+    with pytest.raises(StageFailed) as failed:
+        run_stage("count to 39", [sys.executable, "-c", script], log, lambda: polled.append(1))
+    lines = "\n".join(map(str, range(25, 40)))
+    assert str(failed.value) == f"count to 39 failed (exit 3); log {log}:\n{lines}"
+    assert len(polled) >= 2

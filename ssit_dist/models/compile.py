@@ -6,7 +6,7 @@ each encoder once; the patch embedding, the key network's salient-token selectio
 gather) and the heads stay eager. The momentum update's seven memory-bound passes become one per
 tensor (a third of its time on a CPU).
 
-Measured (bench/model_step.py): on an H200 in bf16, +21% for ViT-B/16 at 256 pairs per GPU, +4% for
+Measured (bench/perf/model_step.py): on an H200 in bf16, +21% for ViT-B/16 at 256 pairs per GPU, +4% for
 ViT-S/16 at 256, slower for ViT-S/16 at 64 (launch-bound either way); on 2 CPU cores +6% in fp32 and
 bf16 with the momentum update compiled too, for 1.5-2 minutes of compilation. Hence off by default
 and on in the shipped ViT-B GPU recipe.

@@ -52,7 +52,7 @@ class ModelConfig(Checked):
     attention: Literal["auto", "fused", "explicit"] = option(
         "auto",
         "attention kernel: fused (scaled_dot_product_attention), explicit (matmul + softmax, as the reference), "
-        "or auto: fused on GPUs, explicit on CPUs (faster there: bench/model_step.py)",
+        "or auto: fused on GPUs, explicit on CPUs (faster there: bench/perf/model_step.py)",
     )
     compile: bool = option(
         False,

@@ -1,4 +1,4 @@
-"""One SSiT optimizer step, written once: the DeepSpeed trainer, bench/model_step.py, the ZeRO test and
+"""One SSiT optimizer step, written once: the DeepSpeed trainer, bench/perf/model_step.py, the ZeRO test and
 the reference-parity test all run `train_step`.
 
 The reference's semantics, in order:

@@ -17,8 +17,8 @@ momentum update compiled (`model.compile`); `--profile` the top operators of eac
 
 On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
 
-Usage: python bench/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2] [--device cpu]
-       [--compile] [--profile]
+Usage: python bench/perf/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2]
+       [--device cpu] [--compile] [--profile]
 """
 
 from __future__ import annotations

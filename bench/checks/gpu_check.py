@@ -7,7 +7,7 @@ On CUDA, with NCCL at world size 1 (the process group exists, so no collective i
 3. fine-tuning one epoch from the export with Accelerate in bf16, evaluated on val and test.
 Without CUDA it prints a skip line and exits 0.
 
-    python bench/gpu_check.py --shards shards/gpucheck   # labelled shards (ssit-dist shard --labels --split)
+    python bench/checks/gpu_check.py --shards shards/gpucheck   # labelled shards (ssit-dist shard --labels --split)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def collectives() -> dict:

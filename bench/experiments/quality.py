@@ -12,7 +12,7 @@ On this CPU, within a time budget (default 38 minutes in all):
    model selected on val, reported on test), and view retrieval (top-1 partner view, chance 1/N) on the
    test split; means and population standard deviations over the seeds.
 
-    python bench/quality.py [--images DIR] [--eval-data DIR --labels CSV] [--budget MIN] [--seeds 3]
+    python bench/experiments/quality.py [--images DIR] [--eval-data DIR --labels CSV] [--budget MIN] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +30,9 @@ import torch
 from ssit_dist.config import PretrainConfig, load_config
 from ssit_dist.info import collect
 from ssit_dist.models.ssit import ModelConfig
+from ssit_dist.stage import StageFailed, cli_command, finetune_command, run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 FUNDUS = ROOT.parent / "shared" / "data" / "fundus"
 CONFIG = ROOT / "launch" / "configs" / "tiny_cpu.yaml"
 PACK_SIZE = 128
@@ -40,19 +40,6 @@ KNN_K = 10
 CALIBRATION_STEPS = 30
 PROBE_EPOCHS = 10
 METHODS = {"ssit": [], "moco_v3": ["model.saliency=false"]}
-
-
-def run(command: list[str], log: Path) -> None:
-    """Run a stage, its output to `log`; a failure ends the benchmark naming the log."""
-    with open(log, "w") as f:
-        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code:
-        tail = log.read_text()[-2000:]
-        raise SystemExit(f"{' '.join(command[:6])} ... failed (exit {code}); log {log}:\n{tail}")
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from ssit_dist.cli import app; app()", *args]
 
 
 def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> dict:
@@ -70,9 +57,11 @@ def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> 
         f"checkpoint_every={steps}",
     ]
     started = time.perf_counter()
-    run(cli("pretrain", "--config", str(CONFIG), "--nproc", "2", *overrides, *extra), work / f"{name}.log")
+    command = cli_command("pretrain", "--config", str(CONFIG), "--nproc", "2", *overrides, *extra)
+    run_stage(f"pretrain {name}", command, work / f"{name}.log")
     wall = time.perf_counter() - started
-    run(cli("export", str(run_dir), "-o", str(work / "exports" / name)), work / f"{name}.export.log")
+    command = cli_command("export", str(run_dir), "-o", str(work / "exports" / name))
+    run_stage(f"export {name}", command, work / f"{name}.export.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "contrastive_loss" in r]
     contrastive = [r["contrastive_loss"] for r in rows]
@@ -89,19 +78,20 @@ def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> 
 def evaluate(work: Path, name: str, init: str, seed: int, model: ModelConfig) -> dict:
     """kNN (in this process, seeded so that a random init differs per seed), view retrieval, linear probe.
     A random init takes `model`'s architecture; an export carries its own."""
-    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.eval.knn import KnnConfig, knn_evaluate
 
     random = init == "random"
     torch.manual_seed(seed)
-    knn = knn_evaluate(
-        f"{work / 'eval'}:train",
-        f"{work / 'eval'}:test",
-        init,
-        model.img_size,
-        ks=(KNN_K,),
+    config = KnnConfig(
+        train=f"{work / 'eval'}:train",
+        test=f"{work / 'eval'}:test",
+        init=init,
+        img_size=model.img_size,
+        ks=[KNN_K],
         arch=model.arch if random else None,
         timm_kwargs=model.timm_kwargs if random else None,
     )
+    knn = knn_evaluate(config)
     probe_dir = work / "probes" / name
     overrides = [
         f"train={work / 'eval'}:train",
@@ -117,7 +107,7 @@ def evaluate(work: Path, name: str, init: str, seed: int, model: ModelConfig) ->
     ]
     if random:
         overrides += [f"arch={model.arch}", f"timm_kwargs={json.dumps(model.timm_kwargs)}"]
-    run([sys.executable, "-m", "ssit_dist.train.finetune", *overrides], work / f"{name}.probe.log")
+    run_stage(f"linear probe {name}", finetune_command(*overrides), work / f"{name}.probe.log")
     probe = json.loads((probe_dir / "report.json").read_text())["test"]
     k = knn["k"][str(KNN_K)]
     return {
@@ -139,7 +129,7 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=FUNDUS / "unlabelled", help="Unlabelled pretraining photos.")
     parser.add_argument("--eval-data", type=Path, default=FUNDUS / "graded", help="Labelled photographs.")
@@ -147,7 +137,93 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=38.0, help="Minutes for the whole benchmark.")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="Keep shards, runs and logs here.")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def pack_inputs(images: Path, eval_data: Path, labels: Path, work: Path) -> None:
+    """WORK/pretrain (unlabelled) and WORK/eval (split train/val/test, stratified by grade)."""
+    pack = ["shard", "--size", str(PACK_SIZE), "--workers", "2", "--overwrite"]
+    command = cli_command(*pack, str(images), str(work / "pretrain"))
+    run_stage("pack the pretraining photographs", command, work / "pack_pretrain.log")
+    split = "train=0.6,val=0.15,test=0.25"
+    command = cli_command(*pack, str(eval_data), str(work / "eval"), "--labels", str(labels), "--split", split)
+    run_stage("pack the graded photographs", command, work / "pack_eval.log")
+
+
+@dataclass
+class Comparison:
+    """Per method (and "random"), one row per seed; the steps every pretraining run took."""
+
+    results: dict[str, list[dict]]
+    pretraining: dict[str, list[dict]]
+    steps: int
+    eval_s: float  # the evaluation of one encoder
+
+
+def compare(work: Path, model: ModelConfig, seeds: int, budget_s: float, started: float) -> Comparison:
+    """Every method pretrained and evaluated for each seed, with a random init's evaluation per seed."""
+    # Calibration: a short SSiT run gives the seconds per step and the fixed cost of a run; one random
+    # init's evaluation gives the cost of evaluating an encoder. The rest of the budget is split evenly.
+    calibration = pretrain(work, "calibration", 0, CALIBRATION_STEPS, [])
+    fixed_s = calibration["wall_s"] - calibration["steps"] * calibration["step_s"]
+    eval_started = time.perf_counter()
+    results: dict[str, list[dict]] = {"random": [evaluate(work, "random0", "random", 0, model)]}
+    eval_s = time.perf_counter() - eval_started
+    runs = len(METHODS) * seeds
+    left = budget_s - (time.perf_counter() - started) - eval_s * (runs + seeds - 1)
+    steps = max(CALIBRATION_STEPS, int((left / runs - fixed_s) / calibration["step_s"]))
+
+    pretraining: dict[str, list[dict]] = {name: [] for name in METHODS}
+    for seed in range(seeds):
+        if seed:
+            results["random"].append(evaluate(work, f"random{seed}", "random", seed, model))
+        for method, extra in METHODS.items():
+            name = f"{method}{seed}"
+            trained = pretrain(work, name, seed, steps, extra)
+            pretraining[method].append(trained)
+            results.setdefault(method, []).append(evaluate(work, name, trained["encoder"], seed, model))
+    return Comparison(results, pretraining, steps, eval_s)
+
+
+def report(args: argparse.Namespace, model: ModelConfig, done: Comparison, packed_s: float, started: float) -> dict:
+    metrics = ("knn_qwk", "knn_accuracy", "linear_qwk", "linear_accuracy", "view_retrieval")
+    return {
+        "machine": collect()["cpu"] | {"torch": torch.__version__},
+        "setup": {
+            "config": str(CONFIG.relative_to(ROOT)),
+            "pretrain_images": str(args.images.resolve()),
+            "eval_data": str(args.eval_data.resolve()),
+            "pack_size": PACK_SIZE,
+            "img_size": model.img_size,
+            "ranks": 2,
+            "seeds": args.seeds,
+            "steps_per_run": done.steps,
+            "knn_k": KNN_K,
+            "test_samples": done.results["random"][0]["test_samples"],
+            "retrieval_chance": done.results["random"][0]["retrieval_chance"],
+            "accuracy_chance_uniform": 0.2,
+        },
+        "results": {name: {m: summary([r[m] for r in rows]) for m in metrics} for name, rows in done.results.items()},
+        "pretraining": {
+            name: {
+                "contrastive_first20": summary([r["contrastive_first20"] for r in rows]),
+                "contrastive_last20": summary([r["contrastive_last20"] for r in rows]),
+                "step_s": summary([r["step_s"] for r in rows]),
+                "wall_s_per_run": summary([r["wall_s"] for r in rows]),
+            }
+            for name, rows in done.pretraining.items()
+        },
+        "wall_s": {
+            "packing": round(packed_s, 1),
+            "evaluation_per_encoder": round(done.eval_s, 1),
+            "total": round(time.perf_counter() - started, 1),
+            "budget": args.budget * 60,
+        },
+    }
+
+
+def main() -> None:
+    args = parse_args()
     labels = args.labels or args.eval_data / "labels.csv"
     for folder in (args.images, args.eval_data):
         if not folder.is_dir():
@@ -161,72 +237,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pack = ["shard", "--size", str(PACK_SIZE), "--workers", "2", "--overwrite"]
-        run(cli(*pack, str(args.images), str(work / "pretrain")), work / "pack_pretrain.log")
-        split = "train=0.6,val=0.15,test=0.25"
-        run(
-            cli(*pack, str(args.eval_data), str(work / "eval"), "--labels", str(labels), "--split", split),
-            work / "pack_eval.log",
-        )
+        pack_inputs(args.images, args.eval_data, labels, work)
         packed_s = time.perf_counter() - started
-
-        # Calibration: a short SSiT run gives the seconds per step and the fixed cost of a run; one random
-        # init's evaluation gives the cost of evaluating an encoder. The rest of the budget is split evenly.
-        calibration = pretrain(work, "calibration", 0, CALIBRATION_STEPS, [])
-        fixed_s = calibration["wall_s"] - calibration["steps"] * calibration["step_s"]
-        eval_started = time.perf_counter()
-        results: dict[str, list[dict]] = {"random": [evaluate(work, "random0", "random", 0, model)]}
-        eval_s = time.perf_counter() - eval_started
-        runs = len(METHODS) * args.seeds
-        left = args.budget * 60 - (time.perf_counter() - started) - eval_s * (runs + args.seeds - 1)
-        steps = max(CALIBRATION_STEPS, int((left / runs - fixed_s) / calibration["step_s"]))
-
-        pretraining: dict[str, list[dict]] = {name: [] for name in METHODS}
-        for seed in range(args.seeds):
-            if seed:
-                results["random"].append(evaluate(work, f"random{seed}", "random", seed, model))
-            for method, extra in METHODS.items():
-                name = f"{method}{seed}"
-                trained = pretrain(work, name, seed, steps, extra)
-                pretraining[method].append(trained)
-                results.setdefault(method, []).append(evaluate(work, name, trained["encoder"], seed, model))
-
-    metrics = ("knn_qwk", "knn_accuracy", "linear_qwk", "linear_accuracy", "view_retrieval")
-    report = {
-        "machine": collect()["cpu"] | {"torch": torch.__version__},
-        "setup": {
-            "config": str(CONFIG.relative_to(ROOT)),
-            "pretrain_images": str(args.images.resolve()),
-            "eval_data": str(args.eval_data.resolve()),
-            "pack_size": PACK_SIZE,
-            "img_size": model.img_size,
-            "ranks": 2,
-            "seeds": args.seeds,
-            "steps_per_run": steps,
-            "knn_k": KNN_K,
-            "test_samples": results["random"][0]["test_samples"],
-            "retrieval_chance": results["random"][0]["retrieval_chance"],
-            "accuracy_chance_uniform": 0.2,
-        },
-        "results": {name: {m: summary([r[m] for r in rows]) for m in metrics} for name, rows in results.items()},
-        "pretraining": {
-            name: {
-                "contrastive_first20": summary([r["contrastive_first20"] for r in rows]),
-                "contrastive_last20": summary([r["contrastive_last20"] for r in rows]),
-                "step_s": summary([r["step_s"] for r in rows]),
-                "wall_s_per_run": summary([r["wall_s"] for r in rows]),
-            }
-            for name, rows in pretraining.items()
-        },
-        "wall_s": {
-            "packing": round(packed_s, 1),
-            "evaluation_per_encoder": round(eval_s, 1),
-            "total": round(time.perf_counter() - started, 1),
-            "budget": args.budget * 60,
-        },
-    }
-    print(json.dumps(report, indent=1))
+        done = compare(work, model, args.seeds, args.budget * 60, started)
+    print(json.dumps(report(args, model, done, packed_s, started), indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StageFailed as e:  # the stage's log says why; a traceback of this script would not
+        raise SystemExit(str(e)) from None

@@ -17,7 +17,7 @@ compile off/on, cpu vs gpu augmentation, one rank on one GPU: pairs/s, MFU (FLOP
 torch.utils.flop_counter over the GPU's dense bf16 peak) and peak memory.
 `--no-end-to-end` measures the data pipeline only.
 
-Usage: python bench/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end] [--cuda]
+Usage: python bench/perf/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end] [--cuda]
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def end_to_end(
             }
         )
     )
-    script = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+    script = Path(__file__).resolve().parents[2] / "launch" / "pretrain.py"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -261,7 +261,7 @@ def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "fundus" / "unlabelled"
+    default = Path(__file__).resolve().parents[3] / "shared" / "data" / "fundus" / "unlabelled"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=default)
     parser.add_argument("--limit", type=int, default=160)

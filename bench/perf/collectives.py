@@ -17,7 +17,7 @@ calls that read a tensor's value on the host (`item`, `tolist`, `cpu`, `numpy`, 
 inside `train_step`, by the caller's package. Targets (issue 23): ema at most 0.5 x gradients, zero host
 syncs per step. One warm-up step, then `--steps` measured.
 
-Usage: python bench/collectives.py [--worlds 2 4] [--stages 0 1 2 3] [--steps 2]
+Usage: python bench/perf/collectives.py [--worlds 2 4] [--stages 0 1 2 3] [--steps 2]
 """
 
 from __future__ import annotations

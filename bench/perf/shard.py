@@ -9,7 +9,7 @@ Measures, in one run on one machine:
 - bytes per sample: our jpg + sal.png (and whole shards, tar headers included) against the reference's
   JPEG + .npy.
 
-Usage: python bench/shard.py [--images DIR] [--limit N]
+Usage: python bench/perf/shard.py [--images DIR] [--limit N]
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "fundus" / "graded"
+    default = Path(__file__).resolve().parents[3] / "shared" / "data" / "fundus" / "graded"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=default)
     parser.add_argument("--limit", type=int, default=300)

@@ -1,0 +1,1 @@
+"""Long measurements of the method (not in `make bench`): quality.py, about 35 minutes."""
