@@ -21,7 +21,7 @@ from rich.text import Text
 
 from ssit_dist import atomic
 from ssit_dist.data.index import ShardIndex
-from ssit_dist.data.shard import ShardOptions
+from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.eval.knn import KnnConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
@@ -197,8 +197,8 @@ def _shard_options(**values: Any) -> ShardOptions:
 
 def _pack_with_progress(input: Path, output: Path, labels: Path | None, opts: ShardOptions) -> ShardIndex:
     """Find the inputs and pack them, with a progress bar on a terminal; a refused input fails the command."""
-    from ssit_dist.data.inputs import InputError, discover
-    from ssit_dist.data.shard import ShardError, pack
+    from ssit_dist.data.packing.inputs import InputError, discover
+    from ssit_dist.data.packing.shard import ShardError, pack
 
     try:
         inputs = discover(input, labels, opts.split, opts.seed)
@@ -343,9 +343,9 @@ def data_plan(
 ) -> None:
     """What a pretraining run will read, without training: per epoch the distinct samples, the samples read
     twice and the bytes read per byte used, from the stream's own code on tar headers only. Prints JSON."""
-    from ssit_dist.data.dry_run import dry_run
     from ssit_dist.data.index import ShardIndexError
-    from ssit_dist.data.sources import open_shards
+    from ssit_dist.data.loading.dry_run import dry_run
+    from ssit_dist.data.loading.sources import open_shards
     from ssit_dist.fields import ConfigError
 
     try:

@@ -1,6 +1,6 @@
 """`ssit-dist demo`: the whole pipeline on a built-in synthetic set, in minutes on 2 CPU cores.
 
-1. write synthetic fundus photographs (ssit_dist/data/synthetic.py): an unlabelled pool for pretraining
+1. write synthetic fundus photographs (ssit_dist/data/packing/synthetic.py): an unlabelled pool for pretraining
    and a graded set (equal numbers per grade), or take the user's own folder and labels CSV;
 2. pack them into shards with saliency maps (the graded set split train/val/test, stratified);
 3. pretrain SSiT with DeepSpeed on 2 local ranks (launch/configs/tiny_cpu.yaml, fitted to the demo);
@@ -75,7 +75,7 @@ Report = Callable[[Stage], None]
 
 
 def _write_synthetic(job: tuple[int, int, int, Path]) -> None:
-    from ssit_dist.data.synthetic import synthetic_fundus
+    from ssit_dist.data.packing.synthetic import synthetic_fundus
 
     grade, seed, size, path = job
     image = synthetic_fundus(grade, seed, size)
@@ -90,7 +90,7 @@ def write_synthetic_set(folder: Path, plan: DemoPlan, report: Report) -> None:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from ssit_dist.data.synthetic import GRADES
+    from ssit_dist.data.packing.synthetic import GRADES
 
     jobs, rows = [], []
     for part, count, offset in (
@@ -118,8 +118,9 @@ def write_synthetic_set(folder: Path, plan: DemoPlan, report: Report) -> None:
 def pack_folder(
     images: Path, out: Path, plan: DemoPlan, report: Report, labels: Path | None = None, preview: int = 0
 ) -> ShardIndex:
-    from ssit_dist.data.inputs import discover
-    from ssit_dist.data.shard import ShardOptions, pack
+    from ssit_dist.data.packing.inputs import discover
+    from ssit_dist.data.packing.options import ShardOptions
+    from ssit_dist.data.packing.shard import pack
 
     split = plan.split if labels else None
     inputs = discover(images, labels, split, plan.seed)

@@ -109,8 +109,9 @@ def pack_real_subset(
 ) -> Path:
     """Shards of the first `count` graded photographs (linked, never copied), unlabelled, packed in this
     process by the packer that `ssit-dist shard` runs (test_shard.py tests the command itself)."""
-    from ssit_dist.data.inputs import discover
-    from ssit_dist.data.shard import ShardOptions, pack
+    from ssit_dist.data.packing.inputs import discover
+    from ssit_dist.data.packing.options import ShardOptions
+    from ssit_dist.data.packing.shard import pack
 
     src = tmp_factory.mktemp("src")
     for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:count]:

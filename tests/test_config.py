@@ -18,7 +18,7 @@ from ssit_dist.config import (
     load_config,
     save_config,
 )
-from ssit_dist.data.augment import VIEW1, VIEW2
+from ssit_dist.data.loading.augment import VIEW1, VIEW2
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
 DS = Path(__file__).resolve().parents[1] / "ds_configs"

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from conftest import pack_real_subset
-from ssit_dist.data.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
 from ssit_dist.data.decode import decode_bgr, decode_jpegs
-from ssit_dist.data.device_augment import DevicePairAugment, EncodedBatch, _hue, gaussian_blur, warp
-from ssit_dist.data.epoch import EpochPlan
-from ssit_dist.data.saliency import saliency_map
-from ssit_dist.data.sources import open_shards
-from ssit_dist.data.stream import PairStream, pair_loader
+from ssit_dist.data.loading.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
+from ssit_dist.data.loading.device_augment import DevicePairAugment, EncodedBatch, _hue, gaussian_blur, warp
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.sources import open_shards
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.packing.saliency import saliency_map
 
 MEAN, STD = [0.45, 0.3, 0.2], [0.28, 0.2, 0.17]
 CPU = torch.device("cpu")

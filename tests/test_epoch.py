@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import UNLABELLED, invoke_cli
-from ssit_dist.data.epoch import EpochPlan, shuffled
-from ssit_dist.data.sources import open_shards
-from ssit_dist.data.stream import read_stream
+from ssit_dist.data.loading.epoch import EpochPlan, shuffled
+from ssit_dist.data.loading.sources import open_shards
+from ssit_dist.data.loading.stream import read_stream
 
 # (shard lengths, ranks, workers per rank, micro batch): the issue's table, and the cluster it worried about.
 LAYOUTS = [
@@ -107,8 +107,9 @@ def pattern(folder: Path, shards: int) -> str:
 def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     """The 2,000 unlabelled photographs packed at 32 px into shards of 64 samples (`ssit-dist shard`'s
     packer), and the same tar members regrouped into shards of 512 and of 2,000: data.shards sources."""
-    from ssit_dist.data.inputs import discover
-    from ssit_dist.data.shard import ShardOptions, pack
+    from ssit_dist.data.packing.inputs import discover
+    from ssit_dist.data.packing.options import ShardOptions
+    from ssit_dist.data.packing.shard import pack
 
     if not UNLABELLED.is_dir():
         pytest.skip(f"the unlabelled fundus photographs are not at {UNLABELLED} (../shared is absent here)")

@@ -24,8 +24,8 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score
 
 from conftest import SHARED, invoke_cli, pack_real_subset, run_cli
 from ssit_dist.config import FinetuneConfig
-from ssit_dist.data.grading_transforms import eval_transform
-from ssit_dist.data.labelled import LabelledShards, SplitSource
+from ssit_dist.data.loading.grading_transforms import eval_transform
+from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
 from ssit_dist.dist import free_port
 from ssit_dist.eval.predict import evaluate
 from ssit_dist.models.grader import load_grader
@@ -177,8 +177,8 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
 EVALUATE = """
 import json, sys, torch
 from accelerate import Accelerator
-from ssit_dist.data.grading_transforms import eval_transform
-from ssit_dist.data.labelled import LabelledShards, SplitSource
+from ssit_dist.data.loading.grading_transforms import eval_transform
+from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.vit import create_encoder
 from ssit_dist.eval.predict import evaluate
@@ -480,9 +480,7 @@ def test_a_checkpoint_a_process_cannot_read_is_named(graded_shards: Path, tmp_pa
     result = run_cli("finetune", *args, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     message = " ".join(result.stderr.split())
-    assert (
-        "cannot be read on every rank" in message and "rank 0 on" in message and f"{missing} is missing" in message
-    )
+    assert "cannot be read on every rank" in message and "rank 0 on" in message and f"{missing} is missing" in message
 
 
 def test_loader_workers_of_different_ranks_draw_different_augmentations(graded_shards: Path) -> None:
@@ -490,9 +488,9 @@ def test_loader_workers_of_different_ranks_draw_different_augmentations(graded_s
     # distributed sampler must permute alike), the real training transform, worker_options with the rank.
     from torch.utils.data import DataLoader
 
-    from ssit_dist.data.grading_transforms import train_transform
-    from ssit_dist.data.labelled import collate_labelled
-    from ssit_dist.data.workers import worker_options
+    from ssit_dist.data.loading.grading_transforms import train_transform
+    from ssit_dist.data.loading.labelled import collate_labelled
+    from ssit_dist.data.loading.workers import worker_options
 
     def first_batch(rank: int) -> torch.Tensor:
         source = SplitSource(graded_shards, "train")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ssit_dist.data.decode import BadImage, decode_rgb
-from ssit_dist.data.fundus import crop_to_disc, disc_box
+from ssit_dist.data.packing.fundus import crop_to_disc, disc_box
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:

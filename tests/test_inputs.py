@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssit_dist.data.inputs import InputError, discover, parse_split, read_labels, sample_key
+from ssit_dist.data.packing.inputs import InputError, discover, parse_split, read_labels, sample_key
 
 
 def touch_images(root: Path, names: list[str]) -> None:

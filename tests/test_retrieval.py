@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import pack_real_subset
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.sources import open_shards
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.sources import open_shards
 from ssit_dist.eval.retrieval import fixed_pairs, retrieval_top1
 
 

@@ -8,7 +8,7 @@ import pytest
 from opencv_reference import paper_saliency
 from PIL import Image
 
-from ssit_dist.data.saliency import saliency_map
+from ssit_dist.data.packing.saliency import saliency_map
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from PIL import Image
 
 from conftest import CLI, invoke_cli, run_cli
 from ssit_dist.data.index import read_index
-from ssit_dist.data.preview import kept_patches
-from ssit_dist.data.shard import ShardOptions
+from ssit_dist.data.packing.options import ShardOptions
+from ssit_dist.data.packing.preview import kept_patches
 from ssit_dist.fields import ConfigError
 
 pytestmark = pytest.mark.multiprocess

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from conftest import pack_real_subset
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.sources import ShardSet, open_shards, verify_shards
-from ssit_dist.data.stream import PairStream, pair_loader
-from ssit_dist.data.tar_reader import read_shard
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.sources import ShardSet, open_shards, verify_shards
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.tar_reader import read_shard
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +168,11 @@ def test_loader_workers_survive_a_preemption_signal_while_starting(shards: Path)
     # A fresh interpreter, as a trainer is: the forkserver starts with the loader.
     script = f"""
 import itertools, os, signal
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.sources import open_shards
-from ssit_dist.data.epoch import EpochPlan
-from ssit_dist.data.stream import PairStream, pair_loader
-from ssit_dist.data.workers import start_batches
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.sources import open_shards
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.workers import start_batches
 shards = open_shards([{str(shards)!r}])
 plan = EpochPlan(tuple(shards.lengths), 1, 2, 4, 5, shuffle_buffer=8)
 stream = PairStream(shards, PairAugment(32, shards.mean, shards.std), plan, rank=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssit_dist.data.fundus import crop_to_disc
-from ssit_dist.data.synthetic import LESIONS, synthetic_fundus
+from ssit_dist.data.packing.fundus import crop_to_disc
+from ssit_dist.data.packing.synthetic import LESIONS, synthetic_fundus
 
 
 def _yellow_white(image: np.ndarray) -> int:

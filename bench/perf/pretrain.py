@@ -39,13 +39,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.device_augment import DevicePairAugment
-from ssit_dist.data.epoch import EpochPlan
-from ssit_dist.data.inputs import discover
-from ssit_dist.data.shard import ShardOptions, pack
-from ssit_dist.data.sources import ShardSet, open_shards
-from ssit_dist.data.stream import PairStream, pair_loader
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.device_augment import DevicePairAugment
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.sources import ShardSet, open_shards
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.packing.inputs import discover
+from ssit_dist.data.packing.options import ShardOptions
+from ssit_dist.data.packing.shard import pack
 
 BATCH = 16
 

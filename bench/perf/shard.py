@@ -26,9 +26,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ssit_dist.data.fundus import crop_to_disc
-from ssit_dist.data.inputs import discover
-from ssit_dist.data.shard import ShardOptions, pack
+from ssit_dist.data.packing.fundus import crop_to_disc
+from ssit_dist.data.packing.inputs import discover
+from ssit_dist.data.packing.options import ShardOptions
+from ssit_dist.data.packing.shard import pack
 
 REPORTED_REFERENCE_IPS = 23.8  # issue 2: its two passes, 2 processes, these 300 images
 REPORTED_REFERENCE_BYTES = 1_270_452

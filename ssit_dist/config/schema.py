@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ssit_dist.data.augment import VIEW1, VIEW2, ViewRecipe
+from ssit_dist.data.loading.augment import VIEW1, VIEW2, ViewRecipe
 from ssit_dist.fields import Checked, option, require
 from ssit_dist.models.ssit import ModelConfig
 

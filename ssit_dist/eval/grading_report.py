@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ssit_dist import atomic
-from ssit_dist.data.labelled import LabelledShards
+from ssit_dist.data.loading.labelled import LabelledShards
 from ssit_dist.eval import report
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ssit_dist.data.index import ShardIndex
-    from ssit_dist.data.labelled import SplitSource
+    from ssit_dist.data.loading.labelled import SplitSource
 
 
 @dataclass
@@ -84,7 +84,7 @@ def knn_evaluate(config: KnnConfig) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from ssit_dist.data.labelled import SplitSource, check_labels
+    from ssit_dist.data.loading.labelled import SplitSource, check_labels
     from ssit_dist.models.pretrained import load_encoder
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -127,8 +127,8 @@ def _features(
     """One split through the encoder, normalised with the train split's `stats`."""
     import numpy as np
 
-    from ssit_dist.data.grading_transforms import eval_transform
-    from ssit_dist.data.labelled import LabelledShards
+    from ssit_dist.data.loading.grading_transforms import eval_transform
+    from ssit_dist.data.loading.labelled import LabelledShards
     from ssit_dist.eval.predict import missing, run_over_split
 
     transform = eval_transform(config.img_size, stats.mean, stats.std)
@@ -158,8 +158,8 @@ def _view_retrieval(
     config: KnnConfig, embed: Callable[[torch.Tensor], torch.Tensor], test: SplitSource, stats: ShardIndex
 ) -> dict:
     """Top-1 view retrieval of the encoder on the test split's first `retrieval_samples` photographs."""
-    from ssit_dist.data.augment import PairAugment
-    from ssit_dist.data.sources import open_shards
+    from ssit_dist.data.loading.augment import PairAugment
+    from ssit_dist.data.loading.sources import open_shards
     from ssit_dist.eval.retrieval import fixed_pairs, retrieval_top1
 
     augment = PairAugment(config.img_size, stats.mean, stats.std)

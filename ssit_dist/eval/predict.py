@@ -14,8 +14,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Subset
 
-from ssit_dist.data.labelled import LabelledShards, collate_labelled
-from ssit_dist.data.workers import worker_options
+from ssit_dist.data.loading.labelled import LabelledShards, collate_labelled
+from ssit_dist.data.loading.workers import worker_options
 from ssit_dist.dist import gather_objects
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.models.grader import Grader

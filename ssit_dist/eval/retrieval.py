@@ -15,10 +15,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.sources import ShardSet
-from ssit_dist.data.stream import decode_and_augment
-from ssit_dist.data.tar_reader import read_shard
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.sources import ShardSet
+from ssit_dist.data.loading.stream import decode_and_augment
+from ssit_dist.data.loading.tar_reader import read_shard
 
 
 def fixed_pairs(shards: ShardSet, augment: PairAugment, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

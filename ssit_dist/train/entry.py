@@ -18,7 +18,7 @@ from typing import Any
 
 from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.sources import SourceError
+from ssit_dist.data.loading.sources import SourceError
 from ssit_dist.dist import PlacementError, RankFailure, shutdown
 from ssit_dist.models.pretrained import EncoderInitError
 from ssit_dist.train.finetune_state import CheckpointWriteError

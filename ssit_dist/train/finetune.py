@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 
 from ssit_dist import atomic
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
-from ssit_dist.data.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.index import ShardIndex, read_index, sha256_file
-from ssit_dist.data.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
-from ssit_dist.data.workers import worker_options
+from ssit_dist.data.loading.grading_transforms import eval_transform, train_transform
+from ssit_dist.data.loading.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
+from ssit_dist.data.loading.workers import worker_options
 from ssit_dist.dist import adopt_srun_environment, bind_gpu, on_rank_zero
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import load_encoder

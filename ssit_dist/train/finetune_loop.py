@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ssit_dist.config import FinetuneConfig
-from ssit_dist.data.labelled import LabelledShards
+from ssit_dist.data.loading.labelled import LabelledShards
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.grading_report import write_grading_report
 from ssit_dist.eval.predict import evaluate

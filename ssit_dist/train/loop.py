@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ssit_dist.config import PretrainConfig
-from ssit_dist.data.sources import SourceError
-from ssit_dist.data.stream import PairStream
-from ssit_dist.data.workers import start_batches, stop_batches
+from ssit_dist.data.loading.sources import SourceError
+from ssit_dist.data.loading.stream import PairStream
+from ssit_dist.data.loading.workers import start_batches, stop_batches
 from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta

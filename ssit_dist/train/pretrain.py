@@ -25,14 +25,14 @@ import torch
 import torch.distributed as torch_dist
 
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
-from ssit_dist.data.augment import PairAugment
-from ssit_dist.data.device_augment import DevicePairAugment
-from ssit_dist.data.epoch import EpochPlan
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.data.labelled import SplitSource
-from ssit_dist.data.sources import ShardSet, open_shards, verify_shards
-from ssit_dist.data.stream import PairStream, pair_loader
-from ssit_dist.data.workers import PREEMPTION_SIGNALS
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.device_augment import DevicePairAugment
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.labelled import SplitSource
+from ssit_dist.data.loading.sources import ShardSet, open_shards, verify_shards
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.workers import PREEMPTION_SIGNALS
 from ssit_dist.dist import (
     any_rank,
     gather_objects,
@@ -68,7 +68,7 @@ def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
         "steps_per_epoch": inputs.steps_per_epoch,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
-        # The epoch's order and each stream's share (data/epoch.py): a resume replays them exactly.
+        # The epoch's order and each stream's share (data/loading/epoch.py): a resume replays them exactly.
         "data_order": {
             "workers": cfg.data.workers,
             "piece_size": cfg.data.piece_size,
@@ -84,7 +84,7 @@ def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
 
 
 def epoch_plan(cfg: PretrainConfig, inputs: RunInputs, world: int) -> EpochPlan:
-    """Which samples each rank's loader workers read, epoch by epoch (data/epoch.py)."""
+    """Which samples each rank's loader workers read, epoch by epoch (data/loading/epoch.py)."""
     return EpochPlan(
         tuple(inputs.shards.lengths),  # type: ignore[arg-type]  # check_inputs made sure every count is known
         world,

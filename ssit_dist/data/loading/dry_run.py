@@ -1,4 +1,4 @@
-"""What will my run read? The pretraining stream's own code (data/stream.py `read_stream`, the epoch plan
+"""What will my run read? The pretraining stream's own code (data/loading/stream.py `read_stream`, the epoch plan
 and the shard reader) run on tar headers only, for any world size, without training or decoding: per
 epoch the samples read, how many distinct, how many twice, and the bytes read per byte used."""
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ssit_dist.config import batch_layout
-from ssit_dist.data.epoch import EpochPlan
-from ssit_dist.data.sources import ShardSet
-from ssit_dist.data.stream import read_stream
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.sources import ShardSet
+from ssit_dist.data.loading.stream import read_stream
 
 
 def dry_run(

@@ -1,6 +1,6 @@
 """SSiT's pair augmentation on batches on the training device (`data.augment_on: gpu`).
 
-At about 100 pairs/s per CPU core, the per-photograph OpenCV path (data/augment.py) needs 30-60 cores to
+At about 100 pairs/s per CPU core, the per-photograph OpenCV path (data/loading/augment.py) needs 30-60 cores to
 feed one GPU. Here the loader workers only read the tar bytes, decode the 8-bit saliency PNG and draw
 each view's parameters (`draw_view`, the same draws as the CPU path for the same seed); the device then
 decodes the JPEGs as one batch (nvjpeg on CUDA) and applies the recipe to the whole batch:
@@ -31,7 +31,7 @@ from ssit_dist.data.decode import decode_jpegs
 LUMA = (0.299, 0.587, 0.114)  # R, G, B weights of OpenCV's (and torchvision's) greyscale
 BLUR_TAPS = 13  # OpenCV's 8-bit kernel size at the largest sigma, 2: round(2 * 6 + 1) | 1
 
-# Columns of a ViewParams row (data/augment.py).
+# Columns of a ViewParams row (data/loading/augment.py).
 TOP, LEFT, HEIGHT, WIDTH, ORDER, BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3, 4, 8, 9, 10, 11
 GREY, SIGMA, SOLARIZE, ANGLE, HFLIP, VFLIP = 12, 13, 14, 15, 16, 17
 

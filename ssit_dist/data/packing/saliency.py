@@ -11,17 +11,17 @@ The result is stored as uint8 with the same truncation the reference training lo
 
 from __future__ import annotations
 
+import typing
 from functools import lru_cache
-from typing import Literal
 
 import cv2
 import numpy as np
 
 from ssit_dist.data.decode import decode_bgr
-from ssit_dist.data.fundus import circle_mask
+from ssit_dist.data.packing.fundus import circle_mask
+from ssit_dist.data.packing.options import SaliencyMethod
 
-Method = Literal["fine_grained", "spectral_residual"]
-METHODS: tuple[str, ...] = ("fine_grained", "spectral_residual")
+METHODS: tuple[str, ...] = typing.get_args(SaliencyMethod)
 
 
 @lru_cache(maxsize=8)
@@ -43,7 +43,9 @@ def enhance(bgr: np.ndarray) -> np.ndarray:
     return np.where(_enhance_region(size), weighted, np.uint8(128))
 
 
-def saliency_map(bgr: np.ndarray, method: Method | str = "fine_grained", jpeg_roundtrip: bool = True) -> np.ndarray:
+def saliency_map(
+    bgr: np.ndarray, method: SaliencyMethod | str = "fine_grained", jpeg_roundtrip: bool = True
+) -> np.ndarray:
     """Saliency of a square uint8 crop in OpenCV's BGR order, as a (size, size) uint8 map.
 
     BGR matters: the detectors convert to grey with BGR weights, as the authors' cv.imread input was.

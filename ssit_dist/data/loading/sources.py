@@ -16,7 +16,7 @@ from braceexpand import braceexpand
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ssit_dist.data.index import ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file
-from ssit_dist.data.tar_reader import ShardReader, is_remote, open_url, scan
+from ssit_dist.data.loading.tar_reader import ShardReader, is_remote, open_url, scan
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ShardSet:
         return None if None in self.lengths else sum(self.lengths)  # type: ignore[arg-type]
 
     def reader(self, keys_only: bool = False) -> ShardReader:
-        """Reads samples by global id; see data/tar_reader.py."""
+        """Reads samples by global id; see data/loading/tar_reader.py."""
         self.check_counted()
         return ShardReader(self.paths, self.lengths, self.offsets, keys_only)  # type: ignore[arg-type]
 

@@ -34,39 +34,17 @@ from PIL import Image
 
 from ssit_dist import __version__
 from ssit_dist.data.decode import BadImage, decode_bgr
-from ssit_dist.data.fundus import crop_to_disc
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
-from ssit_dist.data.inputs import IMAGE_SUFFIXES, Inputs, Item
-from ssit_dist.data.saliency import Method, saliency_map
-from ssit_dist.fields import Checked, option, require
+from ssit_dist.data.packing.fundus import crop_to_disc
+from ssit_dist.data.packing.inputs import IMAGE_SUFFIXES, Inputs, Item
+from ssit_dist.data.packing.options import ShardOptions
+from ssit_dist.data.packing.saliency import saliency_map
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 
 class ShardError(RuntimeError):
     """Packing cannot go on (refused output folder, crashed worker, nothing to pack)."""
-
-
-@dataclass
-class ShardOptions(Checked):
-    """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
-    recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
-
-    size: int = option(512, "side of the square crop in pixels, a multiple of 16 of at least 32")
-    shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
-    workers: int = option(1, "worker processes (0: one per available core)", ge=0)
-    saliency: Method = option("fine_grained", "saliency detector: fine_grained (the paper's) or spectral_residual")
-    jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
-    quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
-    seed: int = option(0, "seed for the split and the order inside shards", ge=0)
-    split: str | None = option(None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15")
-    overwrite: bool = option(False, "replace shards already in OUTPUT")
-    preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
-    strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
-
-    def validate(self) -> None:
-        ok = self.size >= 32 and self.size % 16 == 0
-        require(ok, "size", self.size, "use a multiple of 16 of at least 32 (default 512)")
 
 
 @dataclass(frozen=True)
@@ -267,7 +245,9 @@ def pack(
         raise ShardError(f"every input under {root} was skipped; see the reasons above")
     index = _index(inputs, opts, labels_file, writers, split_infos, failed)
     if previews:
-        from ssit_dist.data.preview import write_preview  # needs torch: imported only when a preview is asked for
+        from ssit_dist.data.packing.preview import (
+            write_preview,  # needs torch: imported only when a preview is asked for
+        )
 
         write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
     write_index(out, index)

@@ -1,6 +1,6 @@
 """Streaming pretraining pairs from WebDataset shards: each epoch a pass over the data, exactly resumable.
 
-Every (rank, loader worker) pair is one stream; data/epoch.py says which samples each stream reads in an
+Every (rank, loader worker) pair is one stream; data/loading/epoch.py says which samples each stream reads in an
 epoch (every sample once over all streams, for any number of shards against any number of streams) and in
 which order. Everything random is a pure function of (seed, epoch, stream, position): the epoch's order,
 the shuffle buffer, and each sample's augmentation (its own generator). Resuming at batch k of an epoch
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssit_dist.data.augment import PairAugment
 from ssit_dist.data.decode import decode_bgr, decode_gray
-from ssit_dist.data.device_augment import collate_encoded
-from ssit_dist.data.epoch import EpochPlan
-from ssit_dist.data.sources import ShardSet, SourceError
-from ssit_dist.data.tar_reader import ShardReader
-from ssit_dist.data.workers import ignore_preemption, worker_options
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.device_augment import collate_encoded
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.sources import ShardSet, SourceError
+from ssit_dist.data.loading.tar_reader import ShardReader
+from ssit_dist.data.loading.workers import ignore_preemption, worker_options
 from ssit_dist.dist import rank as dist_rank
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class PairStream(IterableDataset):
         encoded: bool = False,
     ):
         """`plan` must count the loader's workers (`plan.workers`). `encoded`: yield what the device-side
-        augmentation takes (data/device_augment.py) instead of augmented pairs: the JPEG bytes, the
+        augmentation takes (data/loading/device_augment.py) instead of augmented pairs: the JPEG bytes, the
         decoded saliency map and both views' drawn parameters."""
         super().__init__()
         if list(plan.lengths) != shards.lengths:

@@ -1,0 +1,1 @@
+"""Reading shards while training: sources, the epoch plan, streams, loader workers, augmentation."""

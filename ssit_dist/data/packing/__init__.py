@@ -1,0 +1,1 @@
+"""Packing fundus photographs into shards, offline: finding inputs, cropping, saliency, tar writing."""

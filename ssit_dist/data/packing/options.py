@@ -1,0 +1,35 @@
+"""How `ssit-dist shard` packs: the options, checked when built. Apart from the packer (cv2, numpy) so
+that the command line reads its defaults and help without loading them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ssit_dist.fields import Checked, option, require
+
+SaliencyMethod = Literal["fine_grained", "spectral_residual"]
+
+
+@dataclass
+class ShardOptions(Checked):
+    """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
+    recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
+
+    size: int = option(512, "side of the square crop in pixels, a multiple of 16 of at least 32")
+    shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
+    workers: int = option(1, "worker processes (0: one per available core)", ge=0)
+    saliency: SaliencyMethod = option(
+        "fine_grained", "saliency detector: fine_grained (the paper's) or spectral_residual"
+    )
+    jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
+    quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
+    seed: int = option(0, "seed for the split and the order inside shards", ge=0)
+    split: str | None = option(None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15")
+    overwrite: bool = option(False, "replace shards already in OUTPUT")
+    preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
+    strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
+
+    def validate(self) -> None:
+        ok = self.size >= 32 and self.size % 16 == 0
+        require(ok, "size", self.size, "use a multiple of 16 of at least 32 (default 512)")
