@@ -28,32 +28,36 @@ import cv2
 from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
 from ssit_dist.data.index import ShardIndex
+from ssit_dist.fields import Checked, option, require
 from ssit_dist.stage import cli_command, finetune_command, run_stage
 
 
 @dataclass(frozen=True)
-class DemoPlan:
+class DemoPlan(Checked):
     """Sizes and budget, chosen so the whole demo ends in under 10 minutes on 2 CPU cores."""
 
-    pretrain_images: int = 800
-    graded_per_grade: int = 80
-    split: str = "train=0.5,val=0.125,test=0.375"
-    generate_size: int = 256
-    pack_size: int = 128
+    pretrain_images: int = option(800, "synthetic photographs to pretrain on", ge=8)
+    graded_per_grade: int = option(80, "synthetic graded photographs per DR grade", ge=4)
+    split: str = option("train=0.5,val=0.125,test=0.375", "split of the graded set, stratified by grade")
+    generate_size: int = option(256, "side of the generated photographs, pixels", ge=32)
+    pack_size: int = option(128, "side of the packed crops, pixels", ge=32)
     # tiny_cpu.yaml's ViT at 128 px with 16 px patches: as many tokens as its 64 px / 8 px, and lesions
     # twice the size in pixels.
-    img_size: int = 128
-    patch_size: int = 16
-    pretrain_epochs: int = 12
+    img_size: int = option(128, "model input size, pixels", gt=0)
+    patch_size: int = option(16, "ViT patch size, pixels", gt=0)
+    pretrain_epochs: int = option(12, "pretraining length", ge=1)
     # Classification: with the regression objective (MSE on the grade) both inits stayed at a constant
     # prediction on 200 training images in 20 epochs.
-    objective: Literal["regression", "classification"] = "classification"
-    finetune_epochs: int = 20
-    finetune_lr: float = 3e-4
-    knn_k: int = 10
-    attention_images: int = 4
-    ranks: int = 2  # CPU ranks; on a GPU machine one rank per GPU, at most this many
-    seed: int = 0
+    objective: Literal["regression", "classification"] = option("classification", "fine-tuning objective")
+    finetune_epochs: int = option(20, "fine-tuning length", ge=1)
+    finetune_lr: float = option(3e-4, "fine-tuning learning rate", gt=0)
+    knn_k: int = option(10, "neighbours of the kNN grading", ge=1)
+    attention_images: int = option(4, "photographs in the attention picture", ge=1)
+    ranks: int = option(2, "CPU ranks; on a GPU machine one rank per GPU, at most this many", ge=1)
+    seed: int = option(0, "seeds generation, pretraining and fine-tuning", ge=0)
+
+    def validate(self) -> None:
+        require(self.img_size % self.patch_size == 0, "img_size", self.img_size, "must be a multiple of patch_size")
 
 
 # `ssit-dist demo --quick`: every stage, about a minute; checks an installation, its numbers mean nothing.

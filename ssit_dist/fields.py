@@ -48,7 +48,7 @@ class Checked:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = _coerce(getattr(self, f.name), hints[f.name], f.name)
-            setattr(self, f.name, value)
+            object.__setattr__(self, f.name, value)  # frozen configs too: this is their construction
             bounds = f.metadata.get("bounds")
             if bounds and value is not None and not _within(value, bounds):
                 null = ", or null" if _admits_none(hints[f.name]) else ""

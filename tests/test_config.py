@@ -216,3 +216,17 @@ def test_an_override_of_one_view_field_keeps_that_views_other_reference_values()
     assert cfg.augment.view2 == dataclasses.replace(VIEW2, scale=[0.5, 1.0])  # blur 0.1, solarize 0.2 kept
     assert cfg.augment.view1 == dataclasses.replace(VIEW1, rotation=15.0)
     assert load_config(None, []).augment.view1 == VIEW1 and load_config(None, []).augment.view2 == VIEW2
+
+
+def test_a_frozen_config_is_checked_and_stays_frozen() -> None:
+    """ShardOptions and DemoPlan are frozen: their checks run at construction all the same."""
+    from ssit_dist.data.packing.options import ShardOptions
+
+    with pytest.raises(ConfigError, match=r"quality = 101: must be in \[1, 100\]"):
+        ShardOptions(quality=101)
+    with pytest.raises(ConfigError, match="size = 72: use a multiple of 16"):
+        ShardOptions(size=72)
+    options = ShardOptions(shard_size=1e3)  # an integral float from YAML or JSON becomes an int
+    assert options.shard_size == 1000 and isinstance(options.shard_size, int)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.size = 64  # type: ignore[misc]

@@ -35,3 +35,28 @@ def test_the_wheel_ships_every_package() -> None:
     listed = set(re.findall(r'"([^"]+)"', block.group(1)))
     packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ssit_dist").rglob("__init__.py")}
     assert packages <= listed, f"packages not in pyproject.toml's [tool.setuptools] packages: {packages - listed}"
+
+
+def test_no_function_runs_over_sixty_lines() -> None:
+    """A long function is a set-up or loop that should read as its named stages (MAE's main_pretrain);
+    sixty lines is where the project draws that line."""
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "ssit_dist").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in conftest.py and the helper modules; a test module imported by another runs
+    its tests' imports twice and ties the two files' fixtures together."""
+    tests = sorted((ROOT / "tests").glob("test_*.py"))
+    names = {p.stem for p in tests}
+    pattern = re.compile(r"^\s*(?:from|import)\s+(?:tests\.)?(\w+)", re.MULTILINE)
+    offenders = [f"{p.name} imports {m}" for p in tests for m in pattern.findall(p.read_text()) if m in names]
+    assert not offenders, offenders

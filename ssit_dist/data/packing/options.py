@@ -11,7 +11,7 @@ from ssit_dist.fields import Checked, option, require
 SaliencyMethod = Literal["fine_grained", "spectral_residual"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardOptions(Checked):
     """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
     recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
