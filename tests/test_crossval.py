@@ -1,0 +1,279 @@
+"""The frozen-feature evaluation instrument: patient-grouped folds, hyper-parameters chosen without the
+test fold, probes that find signal and none in noise, patient-bootstrap intervals and paired verdicts,
+the features file, and the pretraining-free floors on a real fundus photograph."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch  # noqa: F401  (imported at collection: torch's first import runs ldconfig, a process)
+from PIL import Image
+
+from ssit_dist.data.decode import BadImage
+from ssit_dist.eval.crossval import (
+    NOT_JUDGED,
+    Protocol,
+    bootstrap_endpoints,
+    cross_validate,
+    endpoints,
+    evaluate_features,
+    patient_folds,
+    patient_ids,
+    patient_resamples,
+    subsample_patients,
+)
+from ssit_dist.eval.features_file import load_features, rows_of, save_features
+from ssit_dist.eval.floors import colour_histogram, floor_features, floor_features_of_files
+from ssit_dist.eval.probes import fit_logistic, knn_probe, linear_probe, standardise
+from ssit_dist.fields import ConfigError
+
+GRADE_MIX = [0.6, 0.1, 0.15, 0.1, 0.05]
+
+
+def cohort(patients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(grades, patient id per photograph): a skewed grade mix, most patients with two eyes of grades
+    that differ by at most one, some with a single photograph."""
+    rng = np.random.default_rng(seed)
+    grades, groups = [], []
+    for patient in range(patients):
+        grade = int(rng.choice(5, p=GRADE_MIX))
+        eyes = [grade] if rng.random() < 0.3 else [grade, int(np.clip(grade + rng.integers(-1, 2), 0, 4))]
+        grades += eyes
+        groups += [f"p{patient}"] * len(eyes)
+    return np.array(grades), np.array(groups)
+
+
+def separable(grades: np.ndarray, seed: int, dim: int = 16) -> np.ndarray:
+    """Features that carry the grade far above their noise."""
+    rng = np.random.default_rng(seed)
+    return 3.0 * np.eye(dim)[grades] + 0.1 * rng.normal(size=(len(grades), dim))
+
+
+def noise(rows: int, seed: int, dim: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, dim))
+
+
+def test_folds_keep_each_patient_whole_and_balance_the_grades() -> None:
+    grades, groups = cohort(400, seed=1)
+    folds = patient_folds(grades, groups, folds=5, seed=0)
+    for patient in np.unique(groups):
+        assert len(set(folds[groups == patient])) == 1, f"patient {patient} split over folds"
+    patients = patient_ids(groups, len(grades))
+    highest = {p: grades[patients == p].max() for p in np.unique(patients)}
+    fold_of = {p: folds[patients == p][0] for p in np.unique(patients)}
+    for stratum in range(5):
+        counts = np.bincount([fold_of[p] for p in highest if highest[p] == stratum], minlength=5)
+        assert counts.max() - counts.min() <= 1, f"highest grade {stratum}: patients per fold {counts}"
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 0.05 * len(grades), sizes
+    assert np.array_equal(folds, patient_folds(grades, groups, folds=5, seed=0))
+    assert not np.array_equal(folds, patient_folds(grades, groups, folds=5, seed=1))
+
+
+def test_a_photograph_without_a_patient_id_is_its_own_patient() -> None:
+    groups = ["a", "a", None, "", float("nan"), "b"]
+    ids = patient_ids(groups, len(groups))
+    assert ids[0] == ids[1] and len(set(ids.tolist())) == 5
+    with pytest.raises(ValueError, match="3 patients cannot fill 5 folds"):
+        patient_folds(np.zeros(4, int), ["a", "a", "b", "c"], folds=5)
+
+
+def test_training_subsets_are_whole_patients_stratified_and_nested() -> None:
+    grades, groups = cohort(400, seed=2)
+    patients = patient_ids(groups, len(grades))
+    small, large = (subsample_patients(grades, patients, f, seed=[3, 1]) for f in (0.1, 0.25))
+    assert set(small) < set(large)
+    for subset in (small, large):
+        for patient in np.unique(patients[subset]):
+            assert set(np.flatnonzero(patients == patient)) <= set(subset)
+    chosen = np.unique(patients[large])
+    assert abs(len(chosen) - 100) <= 1
+    highest = np.array([grades[patients == p].max() for p in np.unique(patients)])
+    chosen_highest = np.array([grades[patients == p].max() for p in chosen])
+    for stratum in range(5):  # proportional allocation: within one patient of a quarter of each stratum
+        assert abs((chosen_highest == stratum).sum() - (highest == stratum).sum() / 4) <= 1
+
+
+@pytest.mark.parametrize("probe", [knn_probe((20, 10, 5)), linear_probe((1.0, 1e-2, 1e-4))], ids=["knn", "probe"])
+def test_hyper_parameters_and_predictions_of_a_fold_never_see_its_labels(probe: Any) -> None:
+    grades, groups = cohort(150, seed=3)
+    patients = patient_ids(groups, len(grades))
+    rng = np.random.default_rng(4)
+    x = 0.6 * np.eye(16)[grades] + rng.normal(size=(len(grades), 16))  # weak signal: the choice is not obvious
+    folds = patient_folds(grades, patients, 5, seed=0)
+    before = cross_validate(x, grades, patients, folds, probe, seed=0)
+    relabelled = grades.copy()
+    relabelled[folds == 0] = rng.integers(0, 5, (folds == 0).sum())  # the test fold's labels, scrambled
+    after = cross_validate(x, relabelled, patients, folds, probe, seed=0)
+    assert after.chosen[0] == before.chosen[0]
+    np.testing.assert_array_equal(after.probabilities[folds == 0], before.probabilities[folds == 0])
+    # The control: those labels do reach the folds that train on them.
+    assert not np.array_equal(after.probabilities[folds != 0], before.probabilities[folds != 0])
+
+
+def test_probes_find_separable_grades() -> None:
+    grades, groups = cohort(150, seed=5)
+    patients = patient_ids(groups, len(grades))
+    folds = patient_folds(grades, patients, 5, seed=0)
+    for probe in (knn_probe(), linear_probe()):
+        run = cross_validate(separable(grades, 6), grades, patients, folds, probe)
+        result = endpoints(grades, run.probabilities, folds)
+        assert result["qwk"] > 0.98 and result["referable_auc"] > 0.99 and result["accuracy"] > 0.97, (probe, result)
+
+
+def test_logistic_probe_matches_scikit_learn() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    grades, _ = cohort(150, seed=7)
+    x, _ = standardise(0.5 * np.eye(16)[grades] + noise(len(grades), 8), noise(2, 9))
+    l2 = 1e-2
+    coefficients = fit_logistic(x, grades, l2, 5, max_iter=500)
+    reference = LogisticRegression(C=1 / (l2 * len(grades)), tol=1e-8, max_iter=10_000).fit(x, grades)
+    ours = x @ coefficients[:-1] + coefficients[-1]
+    theirs = reference.decision_function(x)
+    # Softmax logits are defined up to a constant per row: compare them centred. They span about +-2; ours
+    # come from a float32 fit stopped at a gradient of 1e-5, hence agreement to a few thousandths.
+    np.testing.assert_allclose(ours - ours.mean(1, keepdims=True), theirs - theirs.mean(1, keepdims=True), atol=3e-3)
+
+
+def test_patient_bootstrap_intervals_cover_the_true_accuracy() -> None:
+    """Both eyes of a patient are graded right or wrong together (as a real read-out's errors cluster):
+    the patient-level intervals must still cover the truth about 95% of the time."""
+    truth, covered = 0.7, 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        right = np.repeat(rng.random(100) < truth, 2)
+        grades = np.repeat(rng.integers(0, 5, 100), 2)
+        predicted = np.where(right, grades, (grades + 1) % 5)
+        folds = np.repeat(np.arange(100) % 5, 2)
+        draws = patient_resamples(np.repeat(np.arange(100), 2), folds, 150, seed)
+        samples = bootstrap_endpoints(grades, np.eye(5)[predicted], folds, draws)["accuracy"]
+        low, high = np.percentile(samples, [2.5, 97.5])
+        covered += low <= truth <= high
+    assert covered >= 17, f"covered the truth in {covered} of 20 cohorts"
+
+
+def test_bootstrap_resamples_patients_not_photographs() -> None:
+    """Each photograph shown twice (a second identical eye) adds no evidence: a patient-level interval
+    keeps its width, where a photograph-level one would shrink by 1/sqrt(2)."""
+    rng = np.random.default_rng(10)
+    grades = rng.integers(0, 5, 300)
+    probabilities = np.eye(5)[np.where(rng.random(300) < 0.6, grades, rng.integers(0, 5, 300))]
+
+    def width(copies: int) -> float:
+        patients, folds = np.repeat(np.arange(300), copies), np.repeat(np.arange(300) % 5, copies)
+        draws = patient_resamples(patients, folds, 400, seed=0)
+        samples = bootstrap_endpoints(np.repeat(grades, copies), np.repeat(probabilities, copies, 0), folds, draws)
+        low, high = np.percentile(samples["accuracy"], [2.5, 97.5])
+        return float(high - low)
+
+    assert width(2) == pytest.approx(width(1), rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    grades, groups = cohort(150, seed=11)
+    signal = separable(grades, 12)
+    features = {"signal": signal, "copy": signal.copy(), "noise": noise(len(grades), 13)}
+    pairs = [("signal", "copy"), ("signal", "noise"), ("noise", "signal")]
+    # Shorter grids than the defaults, for time: this report is about the shape, intervals and verdicts.
+    protocol = Protocol(resamples=300, fractions=[1.0, 0.25], ks=[20, 5], l2=[1.0, 1e-2])
+    return evaluate_features(features, grades, groups, pairs, protocol)
+
+
+def test_report_is_plain_json_of_every_method_and_read_out(report: dict) -> None:
+    def plain(value: Any) -> None:
+        assert value is None or type(value) in (dict, list, str, int, float, bool), type(value)
+        for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else []:
+            plain(item)
+
+    plain(report)
+    json.dumps(report, allow_nan=False)
+    assert set(report["methods"]) == {"signal", "copy", "noise"}
+    assert set(report["methods"]["signal"]) == {"knn", "probe", "knn_25pct", "probe_25pct"}
+    entry = report["methods"]["signal"]["probe"]
+    assert set(entry) == {"qwk", "referable_auc", "accuracy", "chosen"} and len(entry["chosen"]["l2"]) == 5
+    assert all(isinstance(k, int) for k in report["methods"]["signal"]["knn"]["chosen"]["k"])
+    low, high = entry["qwk"]["ci95"]
+    assert low <= entry["qwk"]["value"] <= high
+    assert report["protocol"]["samples"] == sum(report["protocol"]["fold_sizes"])
+
+
+def test_noise_sits_at_chance(report: dict) -> None:
+    for variant in ("knn", "probe"):
+        result = report["methods"]["noise"][variant]
+        assert result["qwk"]["ci95"][0] <= 0 <= result["qwk"]["ci95"][1], (variant, result)
+        assert result["referable_auc"]["ci95"][0] <= 0.5 <= result["referable_auc"]["ci95"][1], (variant, result)
+
+
+def test_identical_methods_differ_by_exactly_zero_unresolved(report: dict) -> None:
+    for variant in report["differences"]["signal - copy"].values():
+        for endpoint, difference in variant.items():
+            verdict = "not resolved at this scale" if endpoint != "accuracy" else NOT_JUDGED
+            assert difference == {"value": 0.0, "ci95": [0.0, 0.0], "half_width": 0.0, "verdict": verdict}
+
+
+def test_a_clearly_better_method_beats_the_other_whichever_way_round(report: dict) -> None:
+    forward, backward = report["differences"]["signal - noise"], report["differences"]["noise - signal"]
+    for variant in ("knn", "probe", "probe_25pct"):
+        for endpoint in ("qwk", "referable_auc"):
+            assert forward[variant][endpoint]["verdict"] == "signal beats noise"
+            assert backward[variant][endpoint]["verdict"] == "signal beats noise"
+            assert forward[variant][endpoint]["value"] == -backward[variant][endpoint]["value"] > 0
+            assert forward[variant][endpoint]["half_width"] > 0
+        assert forward[variant]["accuracy"]["verdict"] == NOT_JUDGED
+
+
+def test_protocol_and_inputs_are_checked() -> None:
+    with pytest.raises(ConfigError, match="fractions"):
+        Protocol(fractions=[0.0])
+    with pytest.raises(ValueError, match="features of 'a' are \\(3, 2\\): expected \\(4, dim\\)"):
+        evaluate_features({"a": np.zeros((3, 2))}, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="pair .* must name two of the methods"):
+        evaluate_features({"a": np.zeros((4, 2))}, [0, 1, 2, 3], pairs=[("a", "b")])
+
+
+def test_features_file_round_trips_without_pickle(tmp_path: Path) -> None:
+    keys = ["0/a.jpeg", "1/b.jpeg", "2/ü.png"]
+    features = {"ssit": np.arange(12, dtype=np.float32).reshape(3, 4), "moco_v3": np.ones((3, 2))}
+    path = save_features(tmp_path / "features.npz", keys, features)
+    loaded_keys, loaded = load_features(path)
+    assert loaded_keys == keys and set(loaded) == set(features)
+    for name, x in features.items():
+        assert loaded[name].dtype == x.dtype
+        np.testing.assert_array_equal(loaded[name], x)
+    np.testing.assert_array_equal(rows_of(loaded_keys, ["2/ü.png", "0/a.jpeg"]), [2, 0])
+    with pytest.raises(ValueError, match=r"lacks 1 of the labelled photographs, e.g. \['3/c.jpeg'\]"):
+        rows_of(loaded_keys, ["3/c.jpeg", "0/a.jpeg"])
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="broken.npz: cannot read"):
+        load_features(tmp_path / "broken.npz")
+
+
+def test_floors_of_a_real_fundus_photograph(retina: Image.Image, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    retina.save(buffer, format="PNG")
+    features = floor_features(buffer.getvalue())
+    histogram, thumbnail = features["colour_histogram"], features["thumbnail"]
+    assert histogram.shape == (24,) and thumbnail.shape == (16 * 16 * 3,)
+    assert np.isfinite(histogram).all() and np.isfinite(thumbnail).all()
+    np.testing.assert_allclose(histogram.reshape(3, 8).sum(1), 1.0, rtol=1e-6)
+    assert 0 <= thumbnail.min() and thumbnail.max() <= 1 and thumbnail.std() > 0.05
+    # A red-dominated fundus: red's mass sits in brighter bins than blue's.
+    assert histogram[:8] @ np.arange(8) > histogram[16:] @ np.arange(8)
+    # The corners outside the circle do not count: a black square border changes nothing.
+    disc = np.asarray(retina.resize((128, 128)))
+    bordered = disc.copy()
+    bordered[:8, :8] = 0
+    np.testing.assert_array_equal(colour_histogram(bordered), colour_histogram(disc))
+    (tmp_path / "retina.png").write_bytes(buffer.getvalue())
+    (tmp_path / "empty.jpeg").write_bytes(b"")
+    stacked = floor_features_of_files([tmp_path / "retina.png"] * 2)
+    assert stacked["colour_histogram"].shape == (2, 24) and stacked["thumbnail"].shape == (2, 768)
+    with pytest.raises(BadImage, match="empty.jpeg: empty file"):
+        floor_features_of_files([tmp_path / "retina.png", tmp_path / "empty.jpeg"])
