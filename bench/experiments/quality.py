@@ -2,22 +2,27 @@
 Prints one JSON object; asserts nothing about the outcome.
 
 On this CPU, within a time budget (default 38 minutes in all):
-1. pack the unlabelled photographs (pretraining) and the graded ones (evaluation: train 0.6, val 0.15,
-   test 0.25, stratified by grade) at 128 px;
+1. pack the unlabelled photographs (pretraining only: no evaluated photograph is ever seen in pretraining)
+   and every graded photograph of the evaluation folders (default graded/ and graded_natural/) at 128 px;
 2. pretrain, for each of 3 seeds, SSiT and the same setup with saliency off (`model.saliency=false`: plain
    MoCo v3, keys from every patch, no saliency head), launch/configs/tiny_cpu.yaml on 2 local ranks, the
    same number of steps each (fitted to the budget from a short calibration run);
-3. evaluate each export and a random init of the same architecture (per seed) on the graded set:
-   weighted kNN (k = 10) QWK and accuracy, linear-probe QWK and accuracy (`ssit-dist finetune --linear`, 10 epochs,
-   model selected on val, reported on test), and view retrieval (top-1 partner view, chance 1/N) on the
-   test split; means and population standard deviations over the seeds.
+3. take frozen CLS features of every graded photograph from each export and from a random init of the
+   same architecture (per seed), plus two floors that need no model (colour histogram, 16x16 thumbnail),
+   and evaluate them all by ssit_dist/eval/crossval.py: patient-grouped, grade-stratified 5-fold CV, kNN
+   and logistic-probe read-outs with hyper-parameters chosen inside the training folds, referable-DR
+   AUC, QWK and accuracy with patient-bootstrap 95% intervals, paired differences and their verdicts.
+`--features FILE` evaluates features computed elsewhere (an .npz of ssit_dist/eval/features_file.py,
+e.g. from the GPU run) with the same code, and skips steps 1-2.
 
-    python bench/experiments/quality.py [--images DIR] [--eval-data DIR --labels CSV] [--budget MIN] [--seeds 3]
+    python bench/experiments/quality.py [--images DIR] [--eval-data DIR ... [--labels CSV ...]]
+        [--budget MIN] [--seeds 3] [--features FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import tempfile
@@ -25,21 +30,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ssit_dist.config import PretrainConfig, load_config
+from ssit_dist.data.packing.inputs import sample_key
+from ssit_dist.eval.floors import floor_features_of_files
 from ssit_dist.info import collect
 from ssit_dist.models.ssit import ModelConfig
-from ssit_dist.stage import StageFailed, cli_command, finetune_command, run_stage
+from ssit_dist.stage import StageFailed, cli_command, run_stage
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 FUNDUS = ROOT.parent / "shared" / "data" / "fundus"
 CONFIG = ROOT / "launch" / "configs" / "tiny_cpu.yaml"
 PACK_SIZE = 128
-KNN_K = 10
 CALIBRATION_STEPS = 30
-PROBE_EPOCHS = 10
+# tiny_cpu.yaml at 128 px with 16 px patches: the same 64 tokens as its 64 px / 8 px, so the same step time,
+# with lesions twice the size in pixels. Width and depth stay tiny_cpu's (96, 4): on 2 cores a wider model
+# would get a third of the steps in the same budget, and a few hundred steps is already little.
+RECIPE = ["model.img_size=128", "model.timm_kwargs={patch_size: 16, embed_dim: 96, depth: 4, num_heads: 3}"]
+EVALUATION_S = 120  # crossval.py on one seed's five feature sets, 2,038 photographs, 2 cores
 METHODS = {"ssit": [], "moco_v3": ["model.saliency=false"]}
+# The differences the benchmark judges: the methods against each other and against random init, random
+# init against the floors (how much of its signal a model-free feature already has).
+PAIRS = [
+    ("ssit", "moco_v3"),
+    ("ssit", "random"),
+    ("moco_v3", "random"),
+    ("random", "colour_histogram"),
+    ("random", "thumbnail"),
+]
 
 
 def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> dict:
@@ -57,7 +77,7 @@ def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> 
         f"checkpoint_every={steps}",
     ]
     started = time.perf_counter()
-    command = cli_command("pretrain", "--config", str(CONFIG), "--nproc", "2", *overrides, *extra)
+    command = cli_command("pretrain", "--config", str(CONFIG), "--nproc", "2", *RECIPE, *overrides, *extra)
     run_stage(f"pretrain {name}", command, work / f"{name}.log")
     wall = time.perf_counter() - started
     command = cli_command("export", str(run_dir), "-o", str(work / "exports" / name))
@@ -75,50 +95,58 @@ def pretrain(work: Path, name: str, seed: int, steps: int, extra: list[str]) -> 
     }
 
 
-def evaluate(work: Path, name: str, init: str, seed: int, model: ModelConfig) -> dict:
-    """kNN (in this process, seeded so that a random init differs per seed), view retrieval, linear probe.
-    A random init takes `model`'s architecture; an export carries its own."""
-    from ssit_dist.eval.knn import KnnConfig, knn_evaluate
+@dataclass(frozen=True)
+class Graded:
+    """Every graded photograph of the evaluation folders, in one order: its key (FOLDER/sample key, as
+    the shards and a features file name it), file, grade and patient (None: one eye per patient)."""
+
+    keys: list[str]
+    files: list[Path]
+    grades: list[int]
+    patients: list[str | None]
+    folders: list[Path]  # the evaluation folders, in order
+
+
+def read_graded(folders: list[Path], labels: list[Path]) -> Graded:
+    """The labels CSVs (columns image,grade; patient optional) of the evaluation folders."""
+    keys, files, grades, patients = [], [], [], []
+    for folder, csv_path in zip(folders, labels, strict=True):
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f):
+                keys.append(f"{folder.name}/{sample_key(row['image'])}")
+                files.append(folder / row["image"])
+                grades.append(int(row["grade"]))
+                patient = (row.get("patient") or "").strip()
+                patients.append(f"{folder.name}/{patient}" if patient else None)
+    return Graded(keys, files, grades, patients, folders)
+
+
+def encoder_features(work: Path, init: str, seed: int, model: ModelConfig, graded: Graded) -> np.ndarray:
+    """Frozen CLS features of every graded photograph (rows in `graded.keys` order), from the packed
+    evaluation shards, normalised with the pretraining shards' mean/std. A random init takes `model`'s
+    architecture, seeded; an export carries its own."""
+    from accelerate import Accelerator
+
+    from ssit_dist.data.index import read_index
+    from ssit_dist.data.loading.grading_transforms import eval_transform
+    from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
+    from ssit_dist.eval.predict import run_over_split
+    from ssit_dist.models.pretrained import load_encoder
 
     random = init == "random"
     torch.manual_seed(seed)
-    config = KnnConfig(
-        train=f"{work / 'eval'}:train",
-        test=f"{work / 'eval'}:test",
-        init=init,
-        img_size=model.img_size,
-        ks=[KNN_K],
-        arch=model.arch if random else None,
-        timm_kwargs=model.timm_kwargs if random else None,
-    )
-    knn = knn_evaluate(config)
-    probe_dir = work / "probes" / name
-    overrides = [
-        f"train={work / 'eval'}:train",
-        f"val={work / 'eval'}:val",
-        f"test={work / 'eval'}:test",
-        f"init={init}",
-        f"run_dir={probe_dir}",
-        "linear=true",
-        f"img_size={model.img_size}",
-        f"seed={seed}",
-        f"epochs={PROBE_EPOCHS}",
-        "workers=0",  # a few hundred small images: decoding in-process beats starting a worker each epoch
-    ]
-    if random:
-        overrides += [f"arch={model.arch}", f"timm_kwargs={json.dumps(model.timm_kwargs)}"]
-    run_stage(f"linear probe {name}", finetune_command(*overrides), work / f"{name}.probe.log")
-    probe = json.loads((probe_dir / "report.json").read_text())["test"]
-    k = knn["k"][str(KNN_K)]
-    return {
-        "knn_qwk": k["qwk"],
-        "knn_accuracy": k["accuracy"],
-        "linear_qwk": probe["qwk"],
-        "linear_accuracy": probe["accuracy"],
-        "view_retrieval": knn["view_retrieval"]["top1"],
-        "retrieval_chance": knn["view_retrieval"]["chance"],
-        "test_samples": k["samples"],
-    }
+    arch, kwargs = (model.arch, model.timm_kwargs) if random else (None, None)
+    encoder, _ = load_encoder(init, model.img_size, arch, kwargs, False)
+    encoder.eval()
+    stats = read_index(work / "pretrain")
+    transform = eval_transform(model.img_size, stats.mean, stats.std)
+    rows: dict[str, np.ndarray] = {}
+    for folder in graded.folders:
+        data = LabelledShards(SplitSource(work / "eval" / folder.name, "train"), transform)
+        with torch.inference_mode():
+            indices, features = run_over_split(lambda x: encoder.forward_features(x)[:, 0], data, Accelerator(cpu=True))
+        rows |= {f"{folder.name}/{data.keys[i]}": row for i, row in zip(indices, features, strict=True)}
+    return np.stack([rows[key] for key in graded.keys])  # a photograph that did not decode: KeyError names it
 
 
 def summary(values: list[float]) -> dict:
@@ -132,78 +160,89 @@ def summary(values: list[float]) -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, default=FUNDUS / "unlabelled", help="Unlabelled pretraining photos.")
-    parser.add_argument("--eval-data", type=Path, default=FUNDUS / "graded", help="Labelled photographs.")
-    parser.add_argument("--labels", type=Path, default=None, help="CSV image,grade (default EVAL_DATA/labels.csv).")
+    parser.add_argument(
+        "--eval-data",
+        type=Path,
+        nargs="+",
+        default=[FUNDUS / "graded", FUNDUS / "graded_natural"],
+        help="Folders of graded photographs, each with its labels.csv (image,grade[,patient]).",
+    )
+    parser.add_argument("--labels", type=Path, nargs="+", default=None, help="A labels CSV per --eval-data folder.")
     parser.add_argument("--budget", type=float, default=38.0, help="Minutes for the whole benchmark.")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="Keep shards, runs and logs here.")
+    parser.add_argument("--features", type=Path, default=None, help="Evaluate this features .npz instead.")
     return parser.parse_args()
 
 
-def pack_inputs(images: Path, eval_data: Path, labels: Path, work: Path) -> None:
-    """WORK/pretrain (unlabelled) and WORK/eval (split train/val/test, stratified by grade)."""
+def pack_inputs(images: Path, graded: Graded, labels: list[Path], work: Path) -> None:
+    """WORK/pretrain (unlabelled) and WORK/eval/NAME for each evaluation folder (one split, all labelled)."""
     pack = ["shard", "--size", str(PACK_SIZE), "--workers", "2", "--overwrite"]
     command = cli_command(*pack, str(images), str(work / "pretrain"))
     run_stage("pack the pretraining photographs", command, work / "pack_pretrain.log")
-    split = "train=0.6,val=0.15,test=0.25"
-    command = cli_command(*pack, str(eval_data), str(work / "eval"), "--labels", str(labels), "--split", split)
-    run_stage("pack the graded photographs", command, work / "pack_eval.log")
+    for folder, csv_path in zip(graded.folders, labels, strict=True):
+        command = cli_command(*pack, str(folder), str(work / "eval" / folder.name), "--labels", str(csv_path))
+        run_stage(f"pack the graded photographs of {folder}", command, work / f"pack_{folder.name}.log")
 
 
 @dataclass
 class Comparison:
-    """Per method (and "random"), one row per seed; the steps every pretraining run took."""
+    """Per seed, each method's features of every graded photograph; per method, its pretraining runs."""
 
-    results: dict[str, list[dict]]
+    features: list[dict[str, np.ndarray]]
     pretraining: dict[str, list[dict]]
     steps: int
-    eval_s: float  # the evaluation of one encoder
+    features_s: float  # the features of one encoder
 
 
-def compare(work: Path, model: ModelConfig, seeds: int, budget_s: float, started: float) -> Comparison:
-    """Every method pretrained and evaluated for each seed, with a random init's evaluation per seed."""
+def compare(work: Path, model: ModelConfig, graded: Graded, seeds: int, budget_s: float, started: float) -> Comparison:
+    """Every method pretrained for each seed, and the features of each export and of a random init."""
     # Calibration: a short SSiT run gives the seconds per step and the fixed cost of a run; one random
-    # init's evaluation gives the cost of evaluating an encoder. The rest of the budget is split evenly.
+    # init's features give the cost of an encoder's features. Evaluating features costs about a minute
+    # per seed (kept aside); the rest of the budget is split evenly over the pretraining runs.
     calibration = pretrain(work, "calibration", 0, CALIBRATION_STEPS, [])
     fixed_s = calibration["wall_s"] - calibration["steps"] * calibration["step_s"]
-    eval_started = time.perf_counter()
-    results: dict[str, list[dict]] = {"random": [evaluate(work, "random0", "random", 0, model)]}
-    eval_s = time.perf_counter() - eval_started
+    features_started = time.perf_counter()
+    per_seed: list[dict[str, np.ndarray]] = [{"random": encoder_features(work, "random", 0, model, graded)}]
+    features_s = time.perf_counter() - features_started
     runs = len(METHODS) * seeds
-    left = budget_s - (time.perf_counter() - started) - eval_s * (runs + seeds - 1)
+    left = budget_s - (time.perf_counter() - started) - features_s * (runs + seeds - 1) - EVALUATION_S * seeds
     steps = max(CALIBRATION_STEPS, int((left / runs - fixed_s) / calibration["step_s"]))
 
     pretraining: dict[str, list[dict]] = {name: [] for name in METHODS}
     for seed in range(seeds):
         if seed:
-            results["random"].append(evaluate(work, f"random{seed}", "random", seed, model))
+            per_seed.append({"random": encoder_features(work, "random", seed, model, graded)})
         for method, extra in METHODS.items():
-            name = f"{method}{seed}"
-            trained = pretrain(work, name, seed, steps, extra)
+            trained = pretrain(work, f"{method}{seed}", seed, steps, extra)
             pretraining[method].append(trained)
-            results.setdefault(method, []).append(evaluate(work, name, trained["encoder"], seed, model))
-    return Comparison(results, pretraining, steps, eval_s)
+            per_seed[seed][method] = encoder_features(work, trained["encoder"], seed, model, graded)
+    return Comparison(per_seed, pretraining, steps, features_s)
 
 
-def report(args: argparse.Namespace, model: ModelConfig, done: Comparison, packed_s: float, started: float) -> dict:
-    metrics = ("knn_qwk", "knn_accuracy", "linear_qwk", "linear_accuracy", "view_retrieval")
+def evaluate(features: dict[str, np.ndarray], floors: dict[str, np.ndarray], graded: Graded, seed: int) -> dict:
+    """ssit_dist/eval/crossval.py on one seed's features and the floors, every pair of interest judged."""
+    from ssit_dist.eval.crossval import Protocol, evaluate_features
+
+    methods = {**features, **floors}
+    pairs = [(a, b) for a, b in PAIRS if a in methods and b in methods]
+    return evaluate_features(methods, graded.grades, graded.patients, pairs, Protocol(seed=seed))
+
+
+def report(args: argparse.Namespace, model: ModelConfig, done: Comparison, evaluations: list[dict], wall: dict) -> dict:
     return {
         "machine": collect()["cpu"] | {"torch": torch.__version__},
         "setup": {
             "config": str(CONFIG.relative_to(ROOT)),
             "pretrain_images": str(args.images.resolve()),
-            "eval_data": str(args.eval_data.resolve()),
+            "eval_data": [str(p.resolve()) for p in args.eval_data],
             "pack_size": PACK_SIZE,
             "img_size": model.img_size,
             "ranks": 2,
             "seeds": args.seeds,
             "steps_per_run": done.steps,
-            "knn_k": KNN_K,
-            "test_samples": done.results["random"][0]["test_samples"],
-            "retrieval_chance": done.results["random"][0]["retrieval_chance"],
-            "accuracy_chance_uniform": 0.2,
         },
-        "results": {name: {m: summary([r[m] for r in rows]) for m in metrics} for name, rows in done.results.items()},
+        "evaluation_by_seed": evaluations,
         "pretraining": {
             name: {
                 "contrastive_first20": summary([r["contrastive_first20"] for r in rows]),
@@ -213,34 +252,49 @@ def report(args: argparse.Namespace, model: ModelConfig, done: Comparison, packe
             }
             for name, rows in done.pretraining.items()
         },
-        "wall_s": {
-            "packing": round(packed_s, 1),
-            "evaluation_per_encoder": round(done.eval_s, 1),
-            "total": round(time.perf_counter() - started, 1),
-            "budget": args.budget * 60,
-        },
+        "wall_s": wall | {"features_per_encoder": round(done.features_s, 1), "budget": args.budget * 60},
+    }
+
+
+def from_features_file(args: argparse.Namespace, graded: Graded, floors: dict[str, np.ndarray]) -> dict:
+    """The same evaluation on features computed elsewhere: every method in the file, the floors beside."""
+    from ssit_dist.eval.features_file import load_features, rows_of
+
+    keys, features = load_features(args.features)
+    rows = rows_of(keys, graded.keys, str(args.features))
+    return {
+        "features": str(args.features),
+        "evaluation": evaluate({m: x[rows] for m, x in features.items()}, floors, graded, 0),
     }
 
 
 def main() -> None:
     args = parse_args()
-    labels = args.labels or args.eval_data / "labels.csv"
-    for folder in (args.images, args.eval_data):
+    labels = args.labels or [folder / "labels.csv" for folder in args.eval_data]
+    for folder in (args.images, *args.eval_data):
         if not folder.is_dir():
             print(json.dumps({"skipped": f"{folder} not found: pass --images / --eval-data (../shared is absent)"}))
             return
-    if not labels.is_file():
-        raise SystemExit(f"labels {labels} not found: pass --labels CSV (columns image,grade)")
-
-    model = load_config(CONFIG, [], PretrainConfig).model
+    if len(labels) != len(args.eval_data) or not all(p.is_file() for p in labels):
+        raise SystemExit(f"labels {labels}: give one CSV (image,grade[,patient]) per --eval-data folder")
     started = time.perf_counter()
+    graded = read_graded(args.eval_data, labels)
+    floors = floor_features_of_files(graded.files)
+    if args.features is not None:
+        print(json.dumps(from_features_file(args, graded, floors), indent=1))
+        return
+    model = load_config(CONFIG, RECIPE, PretrainConfig).model
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        pack_inputs(args.images, args.eval_data, labels, work)
+        pack_inputs(args.images, graded, labels, work)
         packed_s = time.perf_counter() - started
-        done = compare(work, model, args.seeds, args.budget * 60, started)
-    print(json.dumps(report(args, model, done, packed_s, started), indent=1))
+        done = compare(work, model, graded, args.seeds, args.budget * 60, started)
+    evaluated = time.perf_counter()
+    evaluations = [evaluate(features, floors, graded, seed) for seed, features in enumerate(done.features)]
+    wall = {"packing": round(packed_s, 1), "evaluation": round(time.perf_counter() - evaluated, 1)}
+    wall["total"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report(args, model, done, evaluations, wall), indent=1))
 
 
 if __name__ == "__main__":
