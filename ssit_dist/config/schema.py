@@ -17,17 +17,6 @@ from ssit_dist.data.loading.augment import VIEW1, VIEW2, ViewRecipe
 from ssit_dist.fields import Checked, option, require
 from ssit_dist.models.ssit import ModelConfig
 
-__all__ = [
-    "AugmentConfig",
-    "DataConfig",
-    "FinetuneConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "PretrainConfig",
-    "RetrievalConfig",
-]
-
 
 @dataclass
 class DataConfig(Checked):
