@@ -16,7 +16,7 @@ LOCK_TOOLS        := $(CACHE)/lock-tools
 # torchvision to the releases on their disk); the lock is resolved under the same cap.
 PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
-.PHONY: setup lock ops lint test test-fast demo bench gpu-check clean
+.PHONY: setup lock ops lint test test-fast demo bench gpu-check gpu-run clean
 
 setup: $(VENV)/.installed
 
@@ -88,6 +88,19 @@ bench: setup
 # fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/checks/gpu_check.py).
 gpu-check: setup
 	$(PY) bench/checks/gpu_check.py
+
+# The one prepared command for a GPU machine (bench/checks/gpu_run.py). Here, once: `$(PY)
+# bench/checks/travel.py` writes .travel (shards of the real photographs and the wheels the GPU image
+# lacks; at most 64 MiB with the checkout). There, with .travel carried and no venv (the image's Python
+# and the carried wheels): `make gpu-run PY=python3 GPU_OUT=$$OUT`. `SMOKE=1`: every part on CPU at tiny
+# sizes (tests/test_gpu_run.py runs it in `make test`).
+TRAVEL  ?= .travel
+GPU_OUT ?= gpu_out
+gpu-run:
+	test ! -d $(TRAVEL)/wheels || $(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+		--upgrade --target $(abspath $(TRAVEL))/site $(TRAVEL)/wheels/*.whl
+	PYTHONPATH=$(abspath $(TRAVEL))/site:$(CURDIR) $(PY) -m bench.checks.gpu_run --travel $(TRAVEL) \
+		--out $(GPU_OUT) $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf $(VENV) $(CACHE) demo_out

@@ -8,6 +8,7 @@ On CUDA, with NCCL at world size 1 (the process group exists, so no collective i
 Without CUDA it prints a skip line and exits 0.
 
     python bench/checks/gpu_check.py --shards shards/gpucheck   # labelled shards (ssit-dist shard --labels --split)
+        [--pretrain-shards DIR]   # shards with saliency maps, where --shards has none (--saliency none)
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def _port() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, default=ROOT / "shards" / "gpucheck")
+    parser.add_argument("--pretrain-shards", type=Path, default=None, help="default: --shards")
     parser.add_argument("--collectives", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.collectives:
@@ -254,7 +256,10 @@ def main() -> int:
             and c.get("differentiable_grad") == [2.0] * 3
         )
         report["collectives"] = c
-        report["pretrain"] = {f"zero{stage}_bf16": pretrain_stage(stage, args.shards, work, env) for stage in (2, 3)}
+        report["pretrain"] = {
+            f"zero{stage}_bf16": pretrain_stage(stage, args.pretrain_shards or args.shards, work, env)
+            for stage in (2, 3)
+        }
         encoder = work / "export2" / "encoder.safetensors"
         report["finetune"] = (
             finetune(args.shards, encoder, work, env) if encoder.is_file() else {"ok": False, "skipped": "no export"}

@@ -131,25 +131,20 @@ def encoder_features(work: Path, init: str, seed: int, model: ModelConfig, grade
     from accelerate import Accelerator
 
     from ssit_dist.data.index import read_index
-    from ssit_dist.data.loading.grading_transforms import eval_transform
-    from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
-    from ssit_dist.eval.predict import run_over_split
+    from ssit_dist.eval.features_file import rows_of
+    from ssit_dist.eval.frozen_features import frozen_features
     from ssit_dist.models.pretrained import load_encoder
 
     random = init == "random"
     torch.manual_seed(seed)
     arch, kwargs = (model.arch, model.timm_kwargs) if random else (None, None)
     encoder, _ = load_encoder(init, model.img_size, arch, kwargs, False)
-    encoder.eval()
     stats = read_index(work / "pretrain")
-    transform = eval_transform(model.img_size, stats.mean, stats.std)
-    rows: dict[str, np.ndarray] = {}
-    for folder in graded.folders:
-        data = LabelledShards(SplitSource(work / "eval" / folder.name, "train"), transform)
-        with torch.inference_mode():
-            indices, features = run_over_split(lambda x: encoder.forward_features(x)[:, 0], data, Accelerator(cpu=True))
-        rows |= {f"{folder.name}/{data.keys[i]}": row for i, row in zip(indices, features, strict=True)}
-    return np.stack([rows[key] for key in graded.keys])  # a photograph that did not decode: KeyError names it
+    folders = [work / "eval" / folder.name for folder in graded.folders]
+    got = frozen_features(encoder, folders, model.img_size, stats.mean, stats.std, Accelerator(cpu=True))
+    return got.features[
+        rows_of(got.keys, graded.keys, f"features of {init}")
+    ]  # a photograph that did not decode: named
 
 
 def summary(values: list[float]) -> dict:

@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the step runs (threads: CPU only).")
     parser.add_argument("--compile", action="store_true", help="Also measure the step with model.compile on.")
     parser.add_argument("--profile", action="store_true", help="Add each step's top operators (torch.profiler).")
+    parser.add_argument("--only-bf16", action="store_true", help="Leave fp32 out (the GPU run measures bf16).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -221,7 +222,7 @@ def main() -> None:
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
+    for name, bf16 in (("fp32", False), ("bf16_autocast", True))[1 if args.only_bf16 else 0 :]:
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32, device)
         if bf16 and device.type == "cpu" and not (cpu_runs_natively(torch.bfloat16) or args.force_bf16):
             # Emulated bf16 runs at a fraction of fp32 here: a step takes minutes and says nothing.

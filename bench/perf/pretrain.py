@@ -136,6 +136,7 @@ def end_to_end(
     global_batch: int = 8,
     bf16: bool = False,
     compile_blocks: bool = False,
+    workers: int = 1,
 ) -> dict[str, float]:
     """One short pretraining run through launch/pretrain.py; medians over the steps after the first."""
     import os
@@ -174,7 +175,7 @@ def end_to_end(
                 "model": {"arch": arch, "img_size": 224, "compile": compile_blocks},
                 "data": {
                     "shards": [str(shards)],
-                    "workers": 1,
+                    "workers": workers,
                     "shuffle_buffer": 32,
                     "augment_on": augment_on,
                 },
@@ -227,26 +228,32 @@ def keeps_up(loader_pairs_s: dict[str, float], e2e: dict) -> dict:
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
-def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
-    """ViT-S/16 and ViT-B/16 at 224, bf16 ZeRO-2, one rank on GPU 0: compile off/on x cpu/gpu augmentation."""
+def flops_per_pair(arch: str, device: str | torch.device) -> float:
+    """FLOPs of one SSiT training step per pair at 224 px, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssit_dist.models.ssit import ModelConfig, SSiT
     from ssit_dist.train.step import PlainEngine, train_step
 
+    model = SSiT(ModelConfig(arch=arch)).train().to(device)
+    engine = PlainEngine(model.online, torch.optim.AdamW(model.online.parameters()))
+    views = (torch.randn(4, 3, 224, 224, device=device),) * 2 + (torch.rand(4, 1, 224, 224, device=device),) * 2
+    with FlopCounterMode(display=False) as counter:
+        train_step(engine, model.momentum, [views], 0.99, 1.0, 10.0, torch.bfloat16)
+    del model, engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return counter.get_total_flops() / 4
+
+
+def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
+    """ViT-S/16 and ViT-B/16 at 224, bf16 ZeRO-2, one rank on GPU 0: compile off/on x cpu/gpu augmentation."""
     device = torch.device("cuda", 0)
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     out: dict = {"device": name, "bf16_peak_tflops": peak}
     for arch, batch in (("vit_small_patch16_224", 256), ("vit_base_patch16_224", 128)):
-        model = SSiT(ModelConfig(arch=arch)).train().to(device)  # FLOPs of one pair, counted once
-        engine = PlainEngine(model.online, torch.optim.AdamW(model.online.parameters()))
-        views = (torch.randn(4, 3, 224, 224, device=device),) * 2 + (torch.rand(4, 1, 224, 224, device=device),) * 2
-        with FlopCounterMode(display=False) as counter:
-            train_step(engine, model.momentum, [views], 0.99, 1.0, 10.0, torch.bfloat16)
-        flops_per_pair = counter.get_total_flops() / 4
-        del model, engine
-        torch.cuda.empty_cache()
+        flops = flops_per_pair(arch, device)
         for compiled in (False, True):
             for augment_on in ("cpu", "gpu"):
                 key = f"{arch}_b{batch}_{'compiled' if compiled else 'eager'}_{augment_on}_augmentation"
@@ -256,7 +263,7 @@ def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
                     out[key] = {"failed": str(e)[-300:]}
                     continue
                 if peak:
-                    run["mfu"] = round(run["pairs_per_s"] * flops_per_pair / (peak * 1e12), 3)
+                    run["mfu"] = round(run["pairs_per_s"] * flops / (peak * 1e12), 3)
                 out[key] = run
     return out
 
