@@ -153,6 +153,7 @@ def shard(
     output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
     labels: Path | None = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
     split: str | None = _field_option(ShardOptions, "split"),
+    group_by: str | None = _field_option(ShardOptions, "group_by"),
     seed: int = _field_option(ShardOptions, "seed"),
     size: int = _field_option(ShardOptions, "size"),
     shard_size: int = _field_option(ShardOptions, "shard_size"),
@@ -174,6 +175,7 @@ def shard(
         quality=quality,
         seed=seed,
         split=split,
+        group_by=group_by,
         overwrite=overwrite,
         preview=preview,
         strict=strict,
@@ -201,7 +203,7 @@ def _pack_with_progress(input: Path, output: Path, labels: Path | None, opts: Sh
     from ssit_dist.data.packing.shard import ShardError, pack
 
     try:
-        inputs = discover(input, labels, opts.split, opts.seed)
+        inputs = discover(input, labels, opts.split, opts.seed, opts.group_by)
         columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
             task = progress.add_task("pack", total=len(inputs.items))
@@ -217,11 +219,12 @@ def _print_packed(
     """What was packed: samples, shards and grades per split, what was skipped or left out, the rate and
     the normalisation statistics."""
     table = Table(title=f"{output}", title_justify="left")
-    for column in ("split", "samples", "shards", "grades 0/1/2/3/4"):
+    grouped = index.parameters.get("group_by")
+    for column in ("split", "samples", "shards", "grades 0/1/2/3/4", *([f"{grouped}s"] if grouped else [])):
         table.add_column(column)
     for s in index.splits.values():
         grades = "/".join(str(s.label_histogram[str(g)]) for g in range(5)) if s.label_histogram else "-"
-        table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades)
+        table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades, *([str(s.groups)] if grouped else []))
     console.print(table)
     for skip in index.skipped:
         where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
@@ -490,9 +493,12 @@ def demo(
     data: Path | None = typer.Option(None, help="Your own folder of fundus photographs instead of the synthetic set."),
     labels: Path | None = typer.Option(None, help="With --data: CSV image,grade (paths relative to DATA)."),
     quick: bool = typer.Option(False, "--quick", help="A minute-long run of every stage: checks the setup only."),
+    seed: int = typer.Option(0, help="Seeds the photographs, pretraining and fine-tuning (the README's spread: 0-2)."),
 ) -> None:
     """The whole pipeline in minutes: synthetic photographs (or --data), shards, SSiT pretraining with
     DeepSpeed on 2 ranks, export, fine-tuning and kNN from the export and from random init, pictures."""
+    import dataclasses
+
     from ssit_dist.demo import QUICK, DemoPlan, Stage, run_demo
 
     if (data is None) != (labels is None):
@@ -517,7 +523,9 @@ def demo(
             notes_shown[stage.name] = len(stage.notes)
 
         try:
-            result = run_demo(output, report, data, labels, QUICK if quick else DemoPlan())
+            result = run_demo(
+                output, report, data, labels, dataclasses.replace(QUICK if quick else DemoPlan(), seed=seed)
+            )
         except (RuntimeError, ValueError, OSError) as e:
             _fail(str(e), 1)
     table = Table(title=f"DR grading on the {result['test_samples']} test photographs ({result['data']})")

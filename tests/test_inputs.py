@@ -44,7 +44,8 @@ def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
         "c.jpg,1\n"  # line 6: malformed
         "d.jpg,two,x\n"  # line 7: not an integer
     )
-    grades, problems = read_labels(csv, tmp_path)
+    labels = read_labels(csv, tmp_path)
+    grades, problems = labels.grades, labels.problems
     assert grades == {"a.jpg": 0}
     by_line = {p.line: p.reason for p in problems}
     assert set(by_line) == {3, 4, 5, 6, 7}
@@ -106,3 +107,76 @@ def test_colliding_keys_are_refused(tmp_path: Path) -> None:
     touch_images(tmp_path, ["a.b.jpg", "a_b.jpg"])
     with pytest.raises(InputError, match="same sample key 'a_b'"):
         discover(tmp_path)
+
+
+def _patients(root: Path, count: int, seed: int = 0) -> dict[str, tuple[str, int]]:
+    """`count` patients, most with both eyes, grades at a DR-like prevalence (the worse eye sicker);
+    the photographs touched and a labels CSV with a patient column written."""
+    import random
+
+    rng = random.Random(seed)
+    rows: dict[str, tuple[str, int]] = {}
+    for p in range(count):
+        level = rng.choices(range(5), weights=[73, 7, 15, 3, 2])[0]
+        for eye in ("left", "right")[: 1 if rng.random() < 0.1 else 2]:
+            rows[f"{p}_{eye}.jpeg"] = (f"P{p}", max(0, level - rng.choice([0, 0, 1])))
+    touch_images(root, list(rows))
+    lines = ["image,grade,patient", *(f"{name},{grade},{patient}" for name, (patient, grade) in rows.items())]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def test_grouped_split_keeps_every_patient_whole_and_follows_the_ratios(tmp_path: Path) -> None:
+    rows = _patients(tmp_path, 3000)
+    ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
+    inputs = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
+    assert len(inputs.items) == len(rows)
+    splits_of: dict[str, set[str]] = {}
+    for item in inputs.items:
+        assert item.group == rows[item.rel][0]
+        splits_of.setdefault(item.group, set()).add(item.split)
+    assert all(len(s) == 1 for s in splits_of.values())  # no patient in two splits
+    # Every grade follows the ratios as closely as whole patients allow: within 2 points, and the
+    # referable share (grade >= 2) of each split within 2 points of the whole set's.
+    counts = Counter((item.split, item.grade) for item in inputs.items)
+    per_grade = Counter(item.grade for item in inputs.items)
+    for grade, n in per_grade.items():
+        for split, ratio in ratios.items():
+            assert abs(counts[split, grade] / n - ratio) < 0.02 + 2 / n, (grade, split, counts[split, grade], n)
+    referable = sum(n for g, n in per_grade.items() if g >= 2) / len(rows)
+    for split in ratios:
+        in_split = [i for i in inputs.items if i.split == split]
+        assert abs(sum(i.grade >= 2 for i in in_split) / len(in_split) - referable) < 0.02  # type: ignore[operator]
+    again = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
+    assert again.items == inputs.items  # seeded: the same split every time
+    other = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=4, group_by="patient")
+    assert [i.split for i in other.items] != [i.split for i in inputs.items]
+
+
+def test_grouping_problems_are_named(tmp_path: Path) -> None:
+    _patients(tmp_path, 20)
+    with pytest.raises(
+        InputError, match=r"labels.csv: no column 'eye' to group by \(found \['image', 'grade', 'patient'\]\)"
+    ):
+        discover(tmp_path, tmp_path / "labels.csv", "train=0.5,val=0.5", group_by="eye")
+    with pytest.raises(InputError, match="--group-by patient names a column of the labels CSV: give --labels"):
+        discover(tmp_path, None, "train=0.5,val=0.5", group_by="patient")
+    text = (tmp_path / "labels.csv").read_text().splitlines()
+    text[3] = text[3].rsplit(",", 1)[0] + ","  # line 4: no patient
+    (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
+    inputs = discover(tmp_path, tmp_path / "labels.csv", "train=0.5,val=0.5", group_by="patient")
+    assert [(p.line, p.reason) for p in inputs.problems] == [
+        (4, f"empty patient for {text[3].split(',')[0]}: every photograph needs its group")
+    ]
+
+
+def test_split_folders_that_part_a_patient_are_refused(tmp_path: Path) -> None:
+    touch_images(tmp_path, ["train/1_left.jpeg", "test/1_right.jpeg", "train/2_left.jpeg"])
+    rows = ["image,grade,patient", "train/1_left.jpeg,0,P1", "test/1_right.jpeg,1,P1", "train/2_left.jpeg,0,P2"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(
+        InputError,
+        match=r"group 'P1' is in two splits: test/1_right.jpeg \(test\) and train/1_left.jpeg \(train\); move",
+    ):
+        discover(tmp_path, tmp_path / "labels.csv", group_by="patient")
+    assert len(discover(tmp_path, tmp_path / "labels.csv").items) == 3  # without grouping: as given

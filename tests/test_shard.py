@@ -239,11 +239,75 @@ def test_an_error_naming_a_path_that_looks_like_markup_is_printed_as_it_is(tmp_p
     assert "Traceback" not in result.stderr and f"input folder {missing} does not exist" in result.stderr
 
 
+def test_evaluation_shards_without_saliency_maps(graded_dir: Path, grades: dict[str, int], tmp_path: Path) -> None:
+    """`--saliency none`: the photographs and grades that fine-tuning and evaluation read, a fraction of the
+    bytes; pretraining refuses the folder, naming it and the fix."""
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.data.loading.grading_transforms import eval_transform
+    from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
+    from ssit_dist.data.loading.sources import open_shards
+
+    names = sorted(grades)[:12]
+    src = link_subset(graded_dir, tmp_path / "src", names, grades)
+    for saliency in ("none", "fine_grained"):
+        invoke_cli(
+            "shard", src, tmp_path / saliency, "--labels", src / "labels.csv", "--size", 256, "--saliency", saliency
+        )
+    (bare,) = (tmp_path / "none").glob("*.tar")
+    members = samples(bare)
+    assert len(members) == 12 and all(set(m) == {"jpg", "cls", "json"} for m in members.values())
+    (full,) = (tmp_path / "fine_grained").glob("*.tar")
+    assert all(m["jpg"] == samples(full)[k]["jpg"] for k, m in members.items())  # the same photographs
+    assert bare.stat().st_size < 0.6 * full.stat().st_size
+    data = LabelledShards(SplitSource(tmp_path / "none", "train"), eval_transform(64, [0.5] * 3, [0.25] * 3))
+    assert sorted(data.grades) == sorted(grades[n] for n in names)
+    with pytest.raises(ShardIndexError, match=r"none was packed with --saliency none: .* --saliency fine_grained"):
+        open_shards([tmp_path / "none"])
+    open_shards([tmp_path / "fine_grained"])  # the same photographs with maps: accepted
+
+
+def test_group_by_patient_keeps_both_eyes_of_every_patient_in_one_split(graded_dir: Path, tmp_path: Path) -> None:
+    """graded_natural: 1,738 photographs of 869 patients, both eyes; split by patient, each grade's share of
+    every split near the ratios, the grouping in the index and in every sample."""
+    natural = graded_dir.parent / "graded_natural"
+    if not (natural / "labels.csv").is_file():
+        pytest.skip(f"{natural} not found (../shared is absent here)")
+    with open(natural / "labels.csv") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    out = tmp_path / "natural"
+    result = invoke_cli("shard", natural, out, "--labels", natural / "labels.csv", "--split", SPLIT, "--group-by",
+                        "patient", "--size", 64, "--saliency", "none", "--workers", 2)  # fmt: skip
+    index = read_index(out)
+    assert index.parameters["group_by"] == "patient"
+    split_of: dict[str, str] = {}
+    patients: dict[str, set[str]] = defaultdict(set)
+    for name, info in index.splits.items():
+        for tar in index.shard_paths(out, name):
+            for sample in samples(tar).values():
+                meta = json.loads(sample["json"])
+                row = rows[meta["source"]]
+                assert meta["group"] == row["patient"] and int(sample["cls"]) == int(row["grade"])
+                split_of[meta["source"]] = name
+                patients[row["patient"]].add(name)
+        assert info.groups == len({rows[s]["patient"] for s, n in split_of.items() if n == name})
+    assert len(split_of) == 1738 and len(patients) == 869
+    assert all(len(splits) == 1 for splits in patients.values())  # no patient in two splits
+    referable = {name: [int(rows[s]["grade"]) >= 2 for s, n in split_of.items() if n == name] for name in index.splits}
+    overall = sum(map(sum, referable.values())) / 1738  # 252 / 1738
+    assert all(abs(sum(r) / len(r) - overall) < 0.03 for r in referable.values()), referable
+    assert {n: len(r) / 1738 for n, r in referable.items()} == pytest.approx(
+        {"train": 0.7, "val": 0.15, "test": 0.15}, abs=0.01
+    )
+    assert "patients" in result.stdout  # the table counts them per split
+
+
 def test_options_are_checked_when_built() -> None:
     with pytest.raises(ConfigError, match=r"^size = 72: use a multiple of 16 of at least 32"):
         ShardOptions(size=72)
     with pytest.raises(ConfigError, match=r"^saliency = 'sobel': expected one of fine_grained, spectral_residual"):
         ShardOptions(saliency="sobel")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^preview = 4: a preview shows saliency maps"):
+        ShardOptions(saliency="none", preview=4)
     assert ShardOptions(workers=0).workers == 0  # 0: one worker per available core
 
 

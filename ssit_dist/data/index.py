@@ -34,6 +34,7 @@ class SplitInfo:
     label_histogram: dict[str, int] | None = None  # grade (as a string key) -> count
     sizes: list[int] | None = None  # bytes per shard (absent in indexes of ssit-dist 0.1.0 before sizes)
     offsets: list[list[int]] | None = None  # per shard, each sample's byte offset (absent in older indexes)
+    groups: int | None = None  # distinct groups (patients) in the split, where packed with group_by
 
 
 @dataclass

@@ -70,6 +70,14 @@ class _Entry:
     offsets: list[int] | None = None
 
 
+def _has_saliency_maps(index: ShardIndex, folder: Path) -> None:
+    if index.parameters.get("saliency") == "none":
+        raise ShardIndexError(
+            f"{folder} was packed with --saliency none: its samples have no saliency maps, which pretraining "
+            "needs; pack the photographs again with --saliency fine_grained (the default)"
+        )
+
+
 def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet:
     """The shards named by `sources`: folders written by `ssit-dist shard` (their `split`), or brace
     patterns of tar URLs. A local shard listed in an `_info.json` beside it takes its sample count and
@@ -86,6 +94,7 @@ def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet
         if not is_pattern(source):
             folder = Path(source)
             index = read_index(folder)
+            _has_saliency_maps(index, folder)
             paths += [str(p) for p in index.shard_paths(folder, split)]
             entries += [_entry(index.splits[split], i) for i in range(len(index.splits[split].filenames))]
             stats.append((index.mean, index.std, index.splits[split].num_samples))
@@ -101,6 +110,8 @@ def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet
         paths += urls
         entries += [entry for _, entry in found]
         first = found[0][0]  # the pattern's statistics are those of its first shard's folder
+        if first is not None:
+            _has_saliency_maps(first, Path(urls[0]).parent)
         indexed = first is not None and all(entry.sha256 is not None for _, entry in found)
         stats.append((first.mean, first.std, sum(e.length for _, e in found)) if indexed else None)  # type: ignore[union-attr, misc]
     lengths = [e.length for e in entries]

@@ -8,7 +8,9 @@ from typing import Literal
 
 from ssit_dist.fields import Checked, option, require
 
-SaliencyMethod = Literal["fine_grained", "spectral_residual"]
+# "none": shards for fine-tuning and evaluation only, without maps (at 256 px a fine-grained map is about
+# three quarters of a sample's bytes); pretraining refuses them.
+SaliencyMethod = Literal["fine_grained", "spectral_residual", "none"]
 
 
 @dataclass(frozen=True)
@@ -20,12 +22,17 @@ class ShardOptions(Checked):
     shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
     workers: int = option(1, "worker processes (0: one per available core)", ge=0)
     saliency: SaliencyMethod = option(
-        "fine_grained", "saliency detector: fine_grained (the paper's) or spectral_residual"
+        "fine_grained",
+        "saliency detector: fine_grained (the paper's), spectral_residual, or none (shards for fine-tuning "
+        "and evaluation only, a quarter of the bytes; pretraining refuses them)",
     )
     jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
     quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
     seed: int = option(0, "seed for the split and the order inside shards", ge=0)
     split: str | None = option(None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15")
+    group_by: str | None = option(
+        None, "labels CSV column whose photographs stay in one split, e.g. patient (both eyes together)"
+    )
     overwrite: bool = option(False, "replace shards already in OUTPUT")
     preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
     strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
@@ -33,3 +40,5 @@ class ShardOptions(Checked):
     def validate(self) -> None:
         ok = self.size >= 32 and self.size % 16 == 0
         require(ok, "size", self.size, "use a multiple of 16 of at least 32 (default 512)")
+        no_maps = self.preview and self.saliency == "none"
+        require(not no_maps, "preview", self.preview, "a preview shows saliency maps: leave it out with saliency none")

@@ -7,7 +7,7 @@ and options always give byte-identical shards and index.
 
 Sample layout (`<key>.<ext>` members of `<split>-NNNNNN.tar`):
     jpg      RGB JPEG of the (size, size) crop
-    sal.png  uint8 saliency map, 0 outside the disc
+    sal.png  uint8 saliency map, 0 outside the disc (absent with `--saliency none`: evaluation-only shards)
     cls      grade 0-4 as ASCII text (labelled sets only; timm reads it)
     json     source path, original size and mode, crop box
 """
@@ -75,9 +75,6 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     # loader decodes them.
     seen = decode_bgr(jpg)
     assert seen is not None, "OpenCV decodes the JPEG Pillow just wrote"
-    sal = saliency_map(seen, opts.saliency, opts.jpeg_roundtrip)
-    # RLE strategy: as small as the best zlib setting on these maps, five times faster.
-    sal_png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, 3])[1]
     # Integer histograms, so that mean/std do not depend on the order sums are taken in.
     histogram = np.stack([cv2.calcHist([seen], [c], None, [256], [0, 256]).reshape(-1) for c in (2, 1, 0)])
     meta = {
@@ -86,7 +83,15 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
         "original_mode": cropped.original_mode,
         "crop_box": list(cropped.box),
     }
-    members = {"jpg": jpg, "sal.png": sal_png.tobytes(), "json": json.dumps(meta, sort_keys=True).encode()}
+    if item.group is not None:
+        meta["group"] = item.group
+    members = {"jpg": jpg}
+    if opts.saliency != "none":
+        sal = saliency_map(seen, opts.saliency, opts.jpeg_roundtrip)
+        # RLE strategy: as small as the best zlib setting on these maps, five times faster.
+        png = cv2.imencode(".png", sal, [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, 3])[1]
+        members["sal.png"] = png.tobytes()
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
     if item.grade is not None:
         members["cls"] = str(item.grade).encode()
     return Packed(item, members, histogram.astype(np.int64))
@@ -148,6 +153,7 @@ class _SplitWriter:
         self.lengths: list[int] = []
         self.offsets: list[list[int]] = []  # each sample's byte offset in its shard: readers seek there
         self.grades: Counter[int] = Counter()
+        self.groups: set[str] = set()
         self.histogram = np.zeros((3, 256), np.int64)
         self._tar: tarfile.TarFile | None = None
 
@@ -167,6 +173,8 @@ class _SplitWriter:
             _tar_member(self._tar, f"{packed.item.key}.{ext}", data)
         self.lengths[-1] += 1
         self.histogram += packed.histogram
+        if packed.item.group is not None:
+            self.groups.add(packed.item.group)
         if packed.item.grade is not None:
             self.grades[packed.item.grade] += 1
 
@@ -195,6 +203,7 @@ class _SplitWriter:
             label_histogram=histogram,
             sizes=[(self.out / n).stat().st_size for n in names],
             offsets=self.offsets,
+            groups=len(self.groups) if self.groups else None,
         )
 
 
