@@ -272,18 +272,25 @@ def pretrain(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output path; .safetensors and .json are written."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="OUTPUT.safetensors and OUTPUT.json, or the folder OUTPUT."
+    ),
     tag: str | None = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
-    overwrite: bool = typer.Option(False, help="Replace OUTPUT.safetensors / OUTPUT.json if they exist."),
+    encoder: str = typer.Option("query", help="query or momentum: which network's encoder."),
+    format: str = typer.Option(
+        "files", help="files: OUTPUT.safetensors + .json; timm: a folder timm.create_model('local-dir:OUTPUT') loads."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace what OUTPUT names if it exists."),
 ) -> None:
-    """Export the query encoder of a checkpoint as timm-keyed safetensors plus a JSON."""
+    """Export an encoder of a checkpoint with timm key names: safetensors plus a JSON, or a timm folder
+    with config.json and a model card."""
     from ssit_dist.train.checkpoint import export_encoder
 
     try:
-        weights, description = export_encoder(run_dir, output, tag, overwrite)
+        written = export_encoder(run_dir, output, tag, overwrite, encoder, format)
     except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
         _fail(str(e), 1)
-    console.print(f"wrote {weights} and {description}", markup=False)
+    console.print(f"wrote {' and '.join(map(str, written))}", markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -506,3 +506,68 @@ def test_loader_workers_of_different_ranks_draw_different_augmentations(graded_s
     rank0, rank1 = first_batch(0), first_batch(1)
     assert not torch.equal(rank0, rank1)  # the same samples (no sampler here), other crops and flips
     assert torch.equal(first_batch(1), rank1)  # and still a function of (seed, rank)
+
+
+def test_a_timm_folder_export_loads_in_plain_timm_and_as_init(
+    graded_shards: Path, export: Path, tmp_path: Path
+) -> None:
+    """`--format timm`: a folder that `timm.create_model("local-dir:...", pretrained=True)` loads in a
+    process that never imports ssit_dist, from another working directory, with the export's features,
+    input size and normalisation; a model card written from the run; the folder is an `init` too."""
+    run = export.parent / "run"
+    folder = tmp_path / "encoder_timm"
+    invoke_cli("export", run, "-o", folder, "--format", "timm")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    meta = json.loads(export.with_suffix(".json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = (
+        "import sys, timm, torch\n"
+        "m = timm.create_model(f'local-dir:{sys.argv[1]}', pretrained=True).eval()\n"
+        "assert 'ssit_dist' not in sys.modules\n"
+        "c = timm.data.resolve_data_config(model=m)\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.save({'features': m.forward_features(x), 'size': list(c['input_size']), 'mean': list(c['mean']),"
+        " 'std': list(c['std']), 'classes': m.num_classes}, sys.argv[3])\n"
+    )
+    x = torch.randn(2, 3, meta["img_size"], meta["img_size"])
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", probe, folder, tmp_path / "x.pt", tmp_path / "out.pt"],
+                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = torch.load(tmp_path / "out.pt", weights_only=True)
+    mine, _ = load_encoder(str(export), meta["img_size"])
+    from_folder, origin = load_encoder(str(folder), meta["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(seen["features"], mine.eval().forward_features(x))
+        torch.testing.assert_close(from_folder.eval().forward_features(x), mine.forward_features(x))
+    assert seen["size"] == [3, meta["img_size"], meta["img_size"]] and seen["classes"] == 0
+    assert seen["mean"] == pytest.approx(meta["mean"]) and seen["std"] == pytest.approx(meta["std"])
+    assert origin.kind == "export" and origin.arch == meta["arch"] and origin.timm_kwargs == TINY
+
+    card = (folder / "README.md").read_text()
+    shard_hashes = [s["sha256"] for s in meta["fingerprint"]["shards"]]
+    assert "global batch 8 over 1 ranks" in card and "1 epochs x 6 steps" in card and "huang2024ssit" in card
+    assert shard_hashes and all(h in card for h in shard_hashes)
+    assert '"contrastive_loss"' in card  # the final losses, from metrics.jsonl
+
+    out = tmp_path / "knn.json"  # the folder as `init` of a command
+    run_cli("knn", "--train", graded_shards, "--test", graded_shards, "--init", folder, "--img-size", 32, "-o", out)
+    assert json.loads(out.read_text())["encoder"] == "export"
+
+
+def test_the_momentum_encoder_exports_beside_the_query_encoder(export: Path, tmp_path: Path) -> None:
+    run = export.parent / "run"
+    invoke_cli("export", run, "-o", tmp_path / "momentum", "--encoder", "momentum")
+    momentum, query = load_file(str(tmp_path / "momentum.safetensors")), load_file(str(export))
+    (tag,) = [p for p in (run / "checkpoints").iterdir() if p.is_dir()]
+    kept = torch.load(tag / "momentum.pt", weights_only=True)
+    assert set(momentum) == set(query)
+    for key, value in momentum.items():
+        torch.testing.assert_close(value, kept[f"encoder.{key}"].float(), rtol=0, atol=0)
+    assert any(not torch.equal(momentum[k], query[k]) for k in query)  # the EMA lags the trained weights
+    assert json.loads((tmp_path / "momentum.json").read_text())["encoder"] == "momentum"
+    refused = invoke_cli("export", run, "-o", tmp_path / "x", "--encoder", "key", check=False)
+    assert refused.exit_code == 1 and "--encoder 'key': expected query or momentum" in refused.output

@@ -21,6 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from ssit_dist.models.encoder_meta import EncoderMeta
+from ssit_dist.models.timm_folder import is_timm_folder, read_timm_folder
 from ssit_dist.models.vit import create_encoder
 
 
@@ -47,20 +48,26 @@ def load_encoder(
     trust_pickle: bool = False,
 ) -> tuple[VisionTransformer, EncoderSource]:
     """A timm ViT (no classifier) at `img_size`, initialised from `init`: "random", an export's
-    `.safetensors` (its `.json` beside it gives arch and timm kwargs), a reference `checkpoint.pt` /
+    `.safetensors` (its `.json` beside it gives arch and timm kwargs), an export folder or any timm
+    folder (config.json + model.safetensors, models/timm_folder.py), a reference `checkpoint.pt` /
     `epoch_N.pt`, or a state dict with timm key names (`.safetensors`, `.pth`, `.bin`)."""
     if init == "random":
         name = arch or "vit_small_patch16_224"
         return _create(name, img_size, timm_kwargs or {}), EncoderSource("random", None, name, timm_kwargs or {})
     path = Path(init)
-    if not path.is_file():
-        raise EncoderInitError(f"encoder file {path} not found (or use --init random)")
+    folder = is_timm_folder(path)
+    if not (path.is_file() or folder):
+        raise EncoderInitError(f"encoder file or timm folder {path} not found (or use --init random)")
     description = path.with_suffix(".json")
-    if path.suffix == ".safetensors" and description.is_file():
+    if folder or (path.suffix == ".safetensors" and description.is_file()):
         try:
-            meta = EncoderMeta.from_json(json.loads(description.read_text()), str(description))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise EncoderInitError(str(e)) from None
+            if folder:
+                state, meta = read_timm_folder(path)
+            else:
+                meta = EncoderMeta.from_json(json.loads(description.read_text()), str(description))
+                state = _read_state(path, trust_pickle)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise EncoderInitError(f"{path}: {e}") from None
         exported = (meta.arch, meta.timm_kwargs)
         if (arch is not None and arch != exported[0]) or (timm_kwargs and timm_kwargs != exported[1]):
             raise EncoderInitError(
@@ -75,7 +82,6 @@ def load_encoder(
             exported[1],
             {"pretrained_img_size": meta.img_size, "checkpoint": meta.provenance.get("checkpoint")},
         )
-        state = _read_state(path, trust_pickle)
     else:
         state = _read_state(path, trust_pickle)
         kind = "reference" if any(k.startswith("base_encoder.") for k in state) else "timm"
