@@ -313,6 +313,11 @@ def finetune(
         from ssit_dist.train.finetune import main
 
         raise typer.Exit(main(args))
+    raise typer.Exit(_accelerate_launch("ssit_dist.train.finetune", args, nproc))
+
+
+def _accelerate_launch(module: str, args: list[str], nproc: int) -> int:
+    """`accelerate launch` of a trainer module on `nproc` local processes; its exit code."""
     port, env = _local_launch(nproc)
     # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
     command = [
@@ -331,10 +336,33 @@ def finetune(
         "--main_process_port",
         str(port),
         "-m",
-        "ssit_dist.train.finetune",
+        module,
         *args,
     ]
-    raise typer.Exit(subprocess.call(command, env=env))
+    return subprocess.call(command, env=env)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def segment(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+) -> None:
+    """Segmentation evaluation of an encoder (vessels, lesions: Dice, IoU, AUC-PR) with Accelerate.
+
+    Every field of `ssit-dist config segment` is set as field=value or as a flag: --data FOLDER, --init,
+    --run-dir (--out), --linear, --iterations, ..."""
+    from ssit_dist.config import SegmentConfig
+
+    try:
+        args = (["--config", str(config)] if config else []) + flags_as_overrides(ctx.args, SegmentConfig)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if nproc == 1:
+        from ssit_dist.train.segment import main
+
+        raise typer.Exit(main(args))
+    raise typer.Exit(_accelerate_launch("ssit_dist.train.segment", args, nproc))
 
 
 @app.command("data-plan")
@@ -556,15 +584,16 @@ def demo(
 
 
 @app.command("config")
-def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetune")) -> None:
+def show_config(kind: str = typer.Argument("pretrain", help="pretrain, finetune or segment")) -> None:
     """List every config field: name, type, default and what it does."""
     import dataclasses
 
-    from ssit_dist.config import FinetuneConfig, PretrainConfig
+    from ssit_dist.config import FinetuneConfig, PretrainConfig, SegmentConfig
     from ssit_dist.fields import describe, range_text
 
-    if kind not in ("pretrain", "finetune"):
-        _fail(f"config {kind!r}: expected pretrain or finetune", 2)
+    kinds = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig}
+    if kind not in kinds:
+        _fail(f"config {kind!r}: expected pretrain, finetune or segment", 2)
     table = Table("field", "type", "default", "what it does", box=None, highlight=False)
 
     def add(config: Any, prefix: str) -> None:
@@ -580,7 +609,7 @@ def show_config(kind: str = typer.Argument("pretrain", help="pretrain or finetun
             kind = describe(hints[f.name]) + (f", {range_text(bounds)}" if bounds else "")
             table.add_row(prefix + f.name, kind, json.dumps(default), f.metadata.get("help", "") + alias)
 
-    add(PretrainConfig() if kind == "pretrain" else FinetuneConfig(), "")
+    add(kinds[kind](), "")
     console.print(table)
 
 

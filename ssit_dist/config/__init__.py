@@ -15,6 +15,7 @@ from ssit_dist.config.schema import (
     OptimConfig,
     PretrainConfig,
     RetrievalConfig,
+    SegmentConfig,
 )
 from ssit_dist.fields import ConfigError
 
@@ -30,6 +31,7 @@ __all__ = [
     "OptimConfig",
     "PretrainConfig",
     "RetrievalConfig",
+    "SegmentConfig",
     "batch_layout",
     "deepspeed_config",
     "load_config",

@@ -208,3 +208,41 @@ class FinetuneConfig(Checked):
     @property
     def resolved_weight_decay(self) -> float:
         return self.weight_decay if self.weight_decay is not None else (0.0 if self.linear else 1e-5)
+
+
+@dataclass
+class SegmentConfig(Checked):
+    """`ssit-dist segment`: the paper's segmentation evaluation of an encoder (vessels, lesions): its patch
+    tokens through a 1x1 convolution and PixelShuffle to per-pixel logits, fine-tuned or frozen."""
+
+    run_dir: str = option("runs/segment", "run folder: config, metrics, checkpoint, report, pictures", alias="out")
+    data: str = option(
+        "data/segmentation", "folder with images/, masks/ (or masks/CLASS/) and fov/, as train/val/test folders"
+    )
+    splits: str | None = option(None, "CSV image,split for a folder without train/val/test folders")
+    init: str = option(
+        "random", "encoder weights: an export (.safetensors or timm folder), a reference checkpoint, or random"
+    )
+    arch: str | None = option(None, "timm architecture; null: the export's, else vit_small_patch16_224")
+    timm_kwargs: dict[str, Any] | None = option(None, "timm overrides (patch_size, embed_dim, ...); null: the export's")
+    trust_pickle: bool = option(False, "allow unpickling a reference epoch_N.pt module (only for files you trust)")
+    img_size: int = option(256, "input size: training crops and inference windows", gt=0)
+    resize: int = option(512, "images and masks resized to this side before cropping", gt=0)
+    linear: bool = option(False, "frozen encoder: train the head only")
+    iterations: int = option(2000, "optimizer steps", ge=1)
+    warmup: int = option(200, "linear warmup steps, then cosine decay", ge=0)
+    lr: float = option(1e-3, "Adam learning rate", gt=0)
+    weight_decay: float = option(0.0, "Adam weight decay", ge=0)
+    global_batch: int = option(8, "crops per step over all processes", alias="batch", ge=1)
+    eval_every: int = option(200, "steps between validations (and checkpoints); one at the end", ge=1)
+    threshold: float = option(0.5, "probability above which a pixel is foreground", gt=0, lt=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "no, bf16 or fp16 (through Accelerate)")
+    workers: int = option(2, "loader processes per process", ge=0)
+    seed: int = option(0, "seeds the head init, the crops and augmentation")
+    dist_timeout_s: float = option(1800.0, "a collective that waits longer ends the run with an error", gt=0)
+
+    def validate(self) -> None:
+        require(self.resize >= self.img_size, "resize", self.resize, f"expected at least img_size ({self.img_size})")
+        require(
+            self.warmup < self.iterations, "warmup", self.warmup, f"expected fewer than iterations ({self.iterations})"
+        )

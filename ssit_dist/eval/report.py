@@ -58,7 +58,7 @@ def confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
         )
     cv2.putText(image, title, (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
     cv2.putText(image, "true (rows) vs predicted (columns)", (10, 50), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (80, 80, 80), 1)
-    _write_png(path, image)
+    write_png(path, image)
 
 
 def axis_range(values: np.ndarray) -> tuple[float, float]:
@@ -105,7 +105,7 @@ def curves_png(
         cv2.putText(
             image, right, (width - 20 - 8 * len(right), top + panel - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, grey, 1
         )
-    _write_png(path, image)
+    write_png(path, image)
 
 
 PRETRAINING_CURVES = ("contrastive_loss", "saliency_loss", "lr", "momentum", "pairs_per_s", "view_retrieval")
@@ -135,7 +135,7 @@ def run_curves(run_dir: Path) -> tuple[str, dict[str, list[tuple[float, float]]]
     return x, {name: [(r[x], r[name]) for r in rows if name in r] for name in names}
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
+def write_png(path: Path, image: np.ndarray) -> None:
     if not cv2.imwrite(str(path), image):
         raise OSError(f"could not write {path}")
 

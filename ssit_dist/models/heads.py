@@ -30,16 +30,17 @@ def predictor(out_dim: int = 256, hidden_dim: int = 4096) -> nn.Sequential:
     return mlp(2, out_dim, hidden_dim, out_dim)
 
 
-class SaliencyHead(nn.Module):
-    """Per-pixel saliency logits from patch tokens: 1x1 conv to p*p channels, then PixelShuffle(p)."""
+class PixelHead(nn.Module):
+    """Per-pixel logits from patch tokens: 1x1 conv to classes*p*p channels, then PixelShuffle(p). SSiT's
+    saliency head (one class) and the segmentation head (one channel per mask class)."""
 
-    def __init__(self, embed_dim: int, patch: int):
+    def __init__(self, embed_dim: int, patch: int, classes: int = 1):
         super().__init__()
-        self.proj = nn.Conv2d(embed_dim, patch * patch, kernel_size=1)
+        self.proj = nn.Conv2d(embed_dim, classes * patch * patch, kernel_size=1)
         self.shuffle = nn.PixelShuffle(patch)
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h*w, D) tokens of a square grid -> (B, 1, h*p, w*p) logits."""
+        """(B, h*w, D) tokens of a square grid -> (B, classes, h*p, w*p) logits."""
         b, n, d = patch_tokens.shape
         side = int(n**0.5)
         grid = patch_tokens.transpose(1, 2).reshape(b, d, side, side)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ssit_dist.fields import Checked, option
-from ssit_dist.models.heads import SaliencyHead, predictor, projector
+from ssit_dist.models.heads import PixelHead, predictor, projector
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.models.vit import create_encoder, encode, patch_size, use_fused_attention
@@ -90,7 +90,7 @@ class OnlineNetwork(nn.Module):
         self.projector = projector(dim, cfg.proj_hidden, cfg.proj_dim)
         self.predictor = predictor(cfg.proj_dim, cfg.proj_hidden)
         # MoCo v3 mode (saliency off) has no saliency head at all: no parameters that never get a gradient.
-        self.saliency_head = SaliencyHead(dim, patch_size(self.encoder)) if cfg.saliency else None
+        self.saliency_head = PixelHead(dim, patch_size(self.encoder)) if cfg.saliency else None
 
     def ema_source(self) -> list[nn.Module]:
         """The modules the momentum network averages, in its parameter order."""

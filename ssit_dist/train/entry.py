@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
+from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, SegmentConfig, load_config
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.loading.sources import SourceError
 from ssit_dist.dist import PlacementError, RankFailure, shutdown
@@ -31,7 +31,7 @@ FAILED = (FloatingPointError, RankFailure, SourceError, CheckpointWriteError)
 
 def run_trainer(
     train: Callable[[Any], Any],
-    kind: type[PretrainConfig] | type[FinetuneConfig],
+    kind: type[PretrainConfig] | type[FinetuneConfig] | type[SegmentConfig],
     description: str,
     argv: list[str] | None = None,
 ) -> int:

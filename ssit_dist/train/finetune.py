@@ -52,7 +52,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def set_up(cfg: FinetuneConfig) -> FinetuneRun:
     """Accelerate, the data (checked before anything trains), the grader, its loader and optimizer."""
-    accelerator = start_accelerate(cfg)
+    accelerator = start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s, cfg.grad_accumulation)
     set_seed(cfg.seed)
     sources = splits(cfg)
     indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
@@ -106,17 +106,18 @@ def set_up(cfg: FinetuneConfig) -> FinetuneRun:
     )
 
 
-def start_accelerate(cfg: FinetuneConfig) -> Accelerator:
-    """Accelerate's process group, on srun's environment where there is no launcher."""
+def start_accelerate(mixed_precision: str, timeout_s: float, accumulation: int = 1) -> Accelerator:
+    """Accelerate's process group, on srun's environment where there is no launcher (fine-tuning and
+    segmentation)."""
     # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment (or
     # srun's). Every collective of ours goes through dist.py on accelerator.device, with the timeout below.
     adopt_srun_environment()
     bind_gpu()
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accumulation,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation,
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
     )
 
 

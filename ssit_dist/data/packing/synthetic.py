@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -129,20 +130,42 @@ def _neovascular_tangle(size: int, disc: tuple[float, float], rng: np.random.Gen
     return mask
 
 
+# What synthetic_fundus_with_masks outlines, IDRiD's lesion classes and the vessels of DRIVE / CHASE_DB1.
+MASK_CLASSES = ("vessels", "microaneurysms", "haemorrhages", "hard_exudates", "soft_exudates")
+Masks = dict[str, np.ndarray]  # class -> float32 (size, size) coverage in [0, 1], while painting
+
+
 def synthetic_fundus(grade: int, seed: int, size: int = 256) -> np.ndarray:
     """One synthetic fundus photograph of DR `grade` (0-4) as uint8 RGB, (size, size x w, 3). The seed
     fixes the eye (anatomy, pigment) and the camera; the grade adds lesions to it. The same (grade, seed,
     size) always gives the same image."""
+    return _photograph(grade, seed, size, None)[0]
+
+
+def synthetic_fundus_with_masks(grade: int, seed: int, size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The same photograph as `synthetic_fundus`, and per MASK_CLASSES a uint8 mask of its frame (255 where
+    that structure covers at least half a pixel, 0 elsewhere), and "fov": the field of view."""
+    return _photograph(grade, seed, size, {name: np.zeros((size, size), np.float32) for name in MASK_CLASSES})
+
+
+def _photograph(grade: int, seed: int, size: int, masks: Masks | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if grade not in LESIONS:
         raise ValueError(f"grade {grade} is not a DR grade: expected 0-4")
     rng = np.random.default_rng(seed)  # the eye and the camera, drawn in this order
     fov = size * rng.uniform(0.45, 0.49)
     side = 1 if rng.random() < 0.5 else -1  # +1: right eye, disc right of centre (as photographed)
     image = _retina(size, fov, rng)
-    disc = _anatomy(image, fov, side, rng)
+    disc = _anatomy(image, fov, side, rng, masks)
     # Lesions from their own generator: the same seed at another grade is the same eye, same camera.
-    _lesions(image, LESIONS[grade], fov, disc, np.random.default_rng([seed, grade]))
-    return _camera(image, fov, rng)
+    _lesions(image, LESIONS[grade], fov, disc, np.random.default_rng([seed, grade]), masks)
+    if masks is not None:
+        masks["fov"] = _blob(size, (size / 2, size / 2), fov, 0.02)
+    return _camera(image, fov, rng, masks)
+
+
+def _mark(masks: Masks | None, name: str, coverage: np.ndarray) -> None:
+    if masks is not None:
+        np.maximum(masks[name], coverage, out=masks[name])
 
 
 def _retina(size: int, fov: float, rng: np.random.Generator) -> np.ndarray:
@@ -156,14 +179,18 @@ def _retina(size: int, fov: float, rng: np.random.Generator) -> np.ndarray:
     return base * (0.55 + 0.45 * rim)[..., None] * (1 + 0.06 * texture)[..., None]
 
 
-def _anatomy(image: np.ndarray, fov: float, side: int, rng: np.random.Generator) -> tuple[float, float]:
+def _anatomy(
+    image: np.ndarray, fov: float, side: int, rng: np.random.Generator, masks: Masks | None = None
+) -> tuple[float, float]:
     """Paint the macula, the vessel arcades and the optic disc; the disc's centre."""
     size = image.shape[0]
     c = size / 2
     disc = (c + side * fov * rng.uniform(0.45, 0.55), c + fov * rng.normal(0, 0.05))
     macula = (c - side * fov * rng.uniform(0.0, 0.08), c + fov * rng.normal(0, 0.04))
     _paint(image, _blob(size, macula, fov * 0.16, 0.6), np.array([120, 45, 20], np.float32), 0.55)
-    _paint(image, _vessel_tree(size, disc, side, rng), VESSEL, 0.9)
+    vessels = _vessel_tree(size, disc, side, rng)
+    _paint(image, vessels, VESSEL, 0.9)
+    _mark(masks, "vessels", vessels)
     disc_radius = fov * rng.uniform(0.13, 0.16)
     _paint(image, _blob(size, disc, disc_radius, 0.25), np.array([250, 205, 140], np.float32), 0.95)
     _paint(image, _blob(size, disc, disc_radius * 0.45, 0.4), np.array([255, 240, 205], np.float32), 0.8)
@@ -171,7 +198,12 @@ def _anatomy(image: np.ndarray, fov: float, side: int, rng: np.random.Generator)
 
 
 def _lesions(
-    image: np.ndarray, lesions: LesionCounts, fov: float, disc: tuple[float, float], sick: np.random.Generator
+    image: np.ndarray,
+    lesions: LesionCounts,
+    fov: float,
+    disc: tuple[float, float],
+    sick: np.random.Generator,
+    masks: Masks | None = None,
 ) -> None:
     """Paint a grade's lesions, each kind in turn (the draws of `sick` follow this order)."""
     size = image.shape[0]
@@ -181,12 +213,16 @@ def _lesions(
         return int(sick.integers(span[0], span[1] + 1))
 
     for _ in range(count(lesions.cotton_wool)):
-        _paint(image, _blob(size, _random_point(sick, c, fov * 0.7), sick.uniform(5, 9) * scale, 0.8), COTTON, 0.75)
+        cotton = _blob(size, _random_point(sick, c, fov * 0.7), sick.uniform(5, 9) * scale, 0.8)
+        _paint(image, cotton, COTTON, 0.75)
+        _mark(masks, "soft_exudates", cotton)
     for _ in range(count(lesions.exudate_clusters)):
         centre = _random_point(sick, c, fov * 0.6)
         for _ in range(sick.integers(3, 8)):
             spot = (centre[0] + sick.normal(0, 5 * scale), centre[1] + sick.normal(0, 5 * scale))
-            _paint(image, _blob(size, spot, sick.uniform(1.5, 3.0) * scale, 0.3), EXUDATE, 0.95)
+            exudate = _blob(size, spot, sick.uniform(1.5, 3.0) * scale, 0.3)
+            _paint(image, exudate, EXUDATE, 0.95)
+            _mark(masks, "hard_exudates", exudate)
     for _ in range(count(lesions.haemorrhages)):
         spot = _random_point(sick, c, fov)
         radius = sick.uniform(4, 8) * scale
@@ -194,30 +230,41 @@ def _lesions(
         if sick.random() < 0.4:  # flame-shaped: stretched along a random direction, squeezed across it
             mask = cv2.warpAffine(mask, _stretch(spot, sick.uniform(0, math.pi), 2.2, 0.45), (size, size))
         _paint(image, mask, BLOOD, 0.9)
+        _mark(masks, "haemorrhages", mask)
     for _ in range(count(lesions.microaneurysms)):
         spot = _random_point(sick, c, fov)
-        _paint(image, _blob(size, spot, sick.uniform(1.8, 2.8) * scale, 0.25), BLOOD, 0.95)
+        aneurysm = _blob(size, spot, sick.uniform(1.8, 2.8) * scale, 0.25)
+        _paint(image, aneurysm, BLOOD, 0.95)
+        _mark(masks, "microaneurysms", aneurysm)
     if lesions.proliferative:
-        _proliferation(image, fov, disc, sick)
+        _proliferation(image, fov, disc, sick, masks)
 
 
-def _proliferation(image: np.ndarray, fov: float, disc: tuple[float, float], sick: np.random.Generator) -> None:
+def _proliferation(
+    image: np.ndarray, fov: float, disc: tuple[float, float], sick: np.random.Generator, masks: Masks | None
+) -> None:
     """New vessels at the disc and, often, a preretinal (boat-shaped) haemorrhage below the disc or arcade."""
     size = image.shape[0]
     scale, c = size / 256, size / 2
-    _paint(image, _neovascular_tangle(size, disc, sick), VESSEL * 0.9, 0.9)
+    tangle = _neovascular_tangle(size, disc, sick)
+    _paint(image, tangle, VESSEL * 0.9, 0.9)
+    _mark(masks, "vessels", tangle)
     if sick.random() < 0.6:
         spot = _random_point(sick, c, fov * 0.7)
         boat = np.zeros((size, size), np.float32)
         axes = (round(sick.uniform(14, 22) * scale * 16), round(sick.uniform(7, 11) * scale * 16))
         centre = (round(spot[0] * 16), round(spot[1] * 16))
         cv2.ellipse(boat, centre, axes, 0, 0, 180, 1.0, -1, cv2.LINE_AA, 4)
-        _paint(image, cv2.GaussianBlur(boat, (0, 0), 1.5 * scale), BLOOD * 0.85, 0.95)
+        bleed = cv2.GaussianBlur(boat, (0, 0), 1.5 * scale)
+        _paint(image, bleed, BLOOD * 0.85, 0.95)
+        _mark(masks, "haemorrhages", bleed)
 
 
-def _camera(image: np.ndarray, fov: float, rng: np.random.Generator) -> np.ndarray:
+def _camera(
+    image: np.ndarray, fov: float, rng: np.random.Generator, masks: Masks | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The photograph: exposure and colour balance, focus, noise, then the round field of view on black,
-    sometimes in a wide frame."""
+    sometimes in a wide frame (the masks, binarised inside the field, get the same frame)."""
     size = image.shape[0]
     scale, c = size / 256, size / 2
     image *= rng.uniform(0.75, 1.15) * np.array([1.0, rng.uniform(0.9, 1.1), rng.uniform(0.85, 1.15)], np.float32)
@@ -225,7 +272,37 @@ def _camera(image: np.ndarray, fov: float, rng: np.random.Generator) -> np.ndarr
     image += rng.normal(0, 3.0, image.shape).astype(np.float32)
     field = _blob(size, (c, c), fov, 0.02)
     photo = np.clip(image * field[..., None], 0, 255).astype(np.uint8)
+    binary: dict[str, np.ndarray] = {
+        k: np.where((m * field >= 0.5), 255, 0).astype(np.uint8) for k, m in (masks or {}).items()
+    }
     if rng.random() < 0.25:  # a wide camera frame: black margins left and right
         margin = int(size * rng.uniform(0.1, 0.25))
         photo = cv2.copyMakeBorder(photo, 0, 0, margin, margin, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    return photo
+        binary = {
+            k: cv2.copyMakeBorder(m, 0, 0, margin, margin, cv2.BORDER_CONSTANT, value=0) for k, m in binary.items()
+        }
+    return photo, binary
+
+
+def write_synthetic_segmentation(
+    root: Path, counts: dict[str, int], size: int = 256, classes: tuple[str, ...] = ("vessels",), seed: int = 0
+) -> Path:
+    """A segmentation folder as `ssit-dist segment` reads it: ROOT/SPLIT/images/NAME.png, masks/CLASS/NAME.png
+    (255 foreground) and fov/NAME.png, `counts` photographs per split, grades cycling 0-4 (lesion classes
+    need grades above 0 to have any foreground)."""
+    unknown = set(classes) - set(MASK_CLASSES)
+    if unknown:
+        raise ValueError(f"unknown mask classes {sorted(unknown)}: choose from {', '.join(MASK_CLASSES)}")
+    index = 0
+    for split, count in counts.items():
+        for name in ("images", "fov", *(f"masks/{c}" for c in classes)):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            image, masks = synthetic_fundus_with_masks(index % GRADES, seed * 1_000_003 + index, size)
+            name = f"synthetic_{index:05d}.png"
+            cv2.imwrite(str(root / split / "images" / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(root / split / "fov" / name), masks["fov"])
+            for c in classes:
+                cv2.imwrite(str(root / split / "masks" / c / name), masks[c])
+            index += 1
+    return root
