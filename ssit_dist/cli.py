@@ -563,6 +563,11 @@ def demo(
             )
         except (RuntimeError, ValueError, OSError) as e:
             _fail(str(e), 1)
+    _print_demo(result, output)
+
+
+def _print_demo(result: dict[str, Any], output: Path) -> None:
+    """The demo's table, chance levels, segmentation lines and pictures."""
     table = Table(title=f"DR grading on the {result['test_samples']} test photographs ({result['data']})")
     for column in ("encoder", "fine-tuned QWK", "fine-tuned accuracy", "kNN QWK", "kNN accuracy", "view retrieval"):
         table.add_column(column)
@@ -578,6 +583,11 @@ def demo(
         f"grade {chance['accuracy']:.3f}; QWK of any constant answer 0",
         highlight=False,
     )
+    for name, seg in result["segmentation"].items():
+        dice, auc_pr, floor = seg["dice"], seg["auc_pr"], seg["constant_dice"]
+        console.print(
+            f"vessels ({name}, synthetic): test Dice {dice:.3f}, AUC-PR {auc_pr:.3f}; all-foreground Dice {floor:.3f}"
+        )
     for name, path in result["pictures"].items():
         console.print(f"{name}: {path}", highlight=False, markup=False)
     console.print(f"[bold green]demo done[/] in {result['seconds']:.0f} s: {escape(str(output / 'results.json'))}")

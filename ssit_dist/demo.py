@@ -29,7 +29,7 @@ from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
 from ssit_dist.data.index import ShardIndex
 from ssit_dist.fields import Checked, option, require
-from ssit_dist.stage import cli_command, finetune_command, run_stage
+from ssit_dist.stage import cli_command, finetune_command, run_stage, segment_command
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ class DemoPlan(Checked):
     finetune_lr: float = option(3e-4, "fine-tuning learning rate", gt=0)
     knn_k: int = option(10, "neighbours of the kNN grading", ge=1)
     attention_images: int = option(4, "photographs in the attention picture", ge=1)
+    segment_photos: int = option(
+        32, "synthetic photographs with vessel masks: half train, a quarter val and test", ge=4
+    )
+    segment_iterations: int = option(240, "segmentation steps from each init", ge=4)
     ranks: int = option(2, "CPU ranks; on a GPU machine one rank per GPU, at most this many", ge=1)
     seed: int = option(0, "seeds generation, pretraining and fine-tuning", ge=0)
 
@@ -61,7 +65,15 @@ class DemoPlan(Checked):
 
 
 # `ssit-dist demo --quick`: every stage, about a minute; checks an installation, its numbers mean nothing.
-QUICK = DemoPlan(pretrain_images=64, graded_per_grade=12, pretrain_epochs=1, finetune_epochs=1, attention_images=2)
+QUICK = DemoPlan(
+    pretrain_images=64,
+    graded_per_grade=12,
+    pretrain_epochs=1,
+    finetune_epochs=1,
+    attention_images=2,
+    segment_photos=8,
+    segment_iterations=4,
+)
 
 
 @dataclass
@@ -366,6 +378,31 @@ def chance_levels(index: ShardIndex, test_samples: int, temperature: float, batc
     }
 
 
+def segment_vessels(demo: DemoRun, encoder: Path, random_arch: dict) -> dict[str, dict]:
+    """Vessels of synthetic photographs (the generator writes their masks), `ssit-dist segment` from the
+    SSiT export and from a random init: test Dice, AUC-PR and the constant-prediction Dice per init."""
+    from ssit_dist.data.packing.synthetic import write_synthetic_segmentation
+
+    plan = demo.plan
+    quarter = plan.segment_photos // 4
+    counts = {"train": plan.segment_photos - 2 * quarter, "val": quarter, "test": quarter}
+    data = write_synthetic_segmentation(demo.out / "synthetic_vessels", counts, plan.generate_size, seed=plan.seed + 1)
+    random_args = [f"arch={random_arch['arch']}", f"timm_kwargs={json.dumps(random_arch['timm_kwargs'])}"]
+    every = max(plan.segment_iterations // 4, 1)
+    results = {}
+    for label, init, args in (("SSiT pretrained", str(encoder), []), ("random init", "random", random_args)):
+        run_dir = demo.run_dir(f"segment_{'ssit' if init != 'random' else 'random'}")
+        overrides = [f"data={data}", f"init={init}", f"run_dir={run_dir}", f"img_size={plan.img_size}"]
+        overrides += [f"resize={plan.generate_size}", f"iterations={plan.segment_iterations}", f"eval_every={every}"]
+        overrides += [f"warmup={plan.segment_iterations // 10}", "workers=0", f"seed={plan.seed}", *args]
+        stage = Stage(f"segment vessels from {'the SSiT export' if init != 'random' else 'random init'}", 4, "checks")
+        count = lambda run=run_dir: _lines(run / "metrics.jsonl")  # noqa: E731
+        watch(segment_command(*overrides), demo.logs / f"{run_dir.name}.log", stage, count, demo.report)
+        vessels = json.loads((run_dir / "report.json").read_text())["test"]["classes"]["vessels"]
+        results[label] = {k: vessels[k] for k in ("dice", "auc_pr", "constant_dice")} | {"run": run_dir}
+    return results
+
+
 def run_demo(
     out: Path, report: Report, data: Path | None = None, labels: Path | None = None, plan: DemoPlan | None = None
 ) -> dict:
@@ -385,6 +422,9 @@ def run_demo(
     encoder = out / "encoder.safetensors"
     export_encoder(run_dir, encoder, overwrite=True)
     rows, runs, test_samples = compare_inits(demo, encoder, {"arch": tiny.model.arch, "timm_kwargs": timm_kwargs})
+    # Segmentation needs masks: the synthetic set has them, a folder of one's own photographs does not.
+    arch = {"arch": tiny.model.arch, "timm_kwargs": timm_kwargs}
+    vessels = segment_vessels(demo, encoder, arch) if demo.synthetic else {}
     photos = attention_photos(data, labels, demo.plan.attention_images)
     shown = pictures(out, run_dir, encoder, photos, "SYNTHETIC images" if demo.synthetic else data.name)
     result = {
@@ -399,7 +439,9 @@ def run_demo(
             "confusion (SSiT fine-tuned)": runs["SSiT pretrained"] / "confusion.png",
             "confusion (random init fine-tuned)": runs["random init"] / "confusion.png",
             "fine-tuning curves (SSiT)": runs["SSiT pretrained"] / "curves.png",
+            **({"vessel segmentation (SSiT)": vessels["SSiT pretrained"]["run"] / "overlays.png"} if vessels else {}),
         },
+        "segmentation": {label: {k: v for k, v in r.items() if k != "run"} for label, r in vessels.items()},
         "runs": {"pretrain": run_dir, **runs},
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -28,6 +28,11 @@ def finetune_command(*overrides: str) -> list[str]:
     return [sys.executable, "-m", "ssit_dist.train.finetune", *overrides]
 
 
+def segment_command(*overrides: str) -> list[str]:
+    """The command line of a one-process segmentation run with `field=value` overrides."""
+    return [sys.executable, "-m", "ssit_dist.train.segment", *overrides]
+
+
 def run_stage(name: str, command: list[str], log: Path, progress: Callable[[], None] | None = None) -> None:
     """Run `command` with its output (stdout and stderr) in `log`, calling `progress()` every half
     second while it runs; raise StageFailed naming `name` and the log if it fails."""

@@ -34,6 +34,11 @@ def test_demo_runs_every_stage_and_names_pictures_that_exist(tmp_path: Path) -> 
     metrics = (out / "runs" / "synthetic_pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len([m for m in metrics if "contrastive_loss" in m]) == (64 + info["splits"]["train"]["num_samples"]) // 16
     assert (out / "encoder.safetensors").is_file()
+    assert set(result["segmentation"]) == {"SSiT pretrained", "random init"}  # vessels of synthetic photographs
+    for seg in result["segmentation"].values():
+        assert 0 <= seg["dice"] <= 1 and 0 < seg["constant_dice"] < 1
+    masks = sorted((out / "synthetic_vessels" / "test" / "masks" / "vessels").iterdir())
+    assert len(masks) == 2 and all(cv2.imread(str(m), cv2.IMREAD_GRAYSCALE).max() == 255 for m in masks)
     flat = text.replace("\n", "")
     assert "SSiT pretrained" in flat and "random init" in flat
     for name, path in result["pictures"].items():
@@ -60,6 +65,7 @@ def test_demo_runs_on_a_folder_and_labels_of_ones_own(tmp_path: Path) -> None:
     metrics = (out / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len([m for m in metrics if "contrastive_loss" in m]) == splits["train"] // 16
     assert not (out / "images").exists() and not (out / "shards" / "pretrain").exists()
+    assert result["segmentation"] == {}  # no masks: no segmentation stage
     test_grades = info["splits"]["test"]["label_histogram"]
     assert result["chance"]["accuracy"] == max(test_grades.values()) / splits["test"]
 
