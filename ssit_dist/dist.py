@@ -169,6 +169,16 @@ def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` summed element-wise over every rank, through an all-reduce on `device` (integer counts stay
+    exact); returned where `tensor` lives."""
+    if not is_distributed():
+        return tensor
+    on_device = tensor.to(device)
+    torch_dist.all_reduce(on_device)
+    return on_device.to(tensor.device)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank."""
     return any_ranks([flag], device)[0]

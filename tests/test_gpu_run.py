@@ -76,7 +76,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
         timeout=900,
     )
     evaluation = _run(python, "bench/experiments/quality.py", "--features", out / "features.npz",
-                      "--images", unlabelled, "--eval-data", *folders, timeout=300)  # fmt: skip
+                      "--images", unlabelled, "--eval-data", *folders, "--resamples", 100, timeout=300)  # fmt: skip
     return {
         "manifest": json.loads(manifest.stdout),
         "report": json.loads((out / "gpu_run.json").read_text()),

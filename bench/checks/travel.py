@@ -99,9 +99,15 @@ def folder_bytes(folder: Path) -> int:
 
 
 def checkout_bytes() -> int:
-    """The tracked files' sizes: what travels besides the carried folder."""
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    return sum((ROOT / n).stat().st_size for n in names.decode().split("\0") if n and (ROOT / n).is_file())
+    """What travels besides the carried folder: the files git tracks or would track (not ignored); outside a
+    git checkout (an exported tree), every file but the environment, caches and travel folders."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True)
+    if listed.returncode == 0:
+        names = [ROOT / n for n in listed.stdout.decode().split("\0") if n]
+    else:
+        skip = {".git", ".venv", ".cache", ".travel", "__pycache__", ".pytest_cache"}
+        names = [p for p in ROOT.rglob("*") if not skip & set(p.relative_to(ROOT).parts)]
+    return sum(p.stat().st_size for p in names if p.is_file())
 
 
 def parse_args() -> argparse.Namespace:

@@ -170,6 +170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="Keep shards, runs and logs here.")
     parser.add_argument("--features", type=Path, default=None, help="Evaluate this features .npz instead.")
+    parser.add_argument("--resamples", type=int, default=1000, help="Patient-bootstrap resamples per interval.")
     return parser.parse_args()
 
 
@@ -218,13 +219,15 @@ def compare(work: Path, model: ModelConfig, graded: Graded, seeds: int, budget_s
     return Comparison(per_seed, pretraining, steps, features_s)
 
 
-def evaluate(features: dict[str, np.ndarray], floors: dict[str, np.ndarray], graded: Graded, seed: int) -> dict:
+def evaluate(
+    features: dict[str, np.ndarray], floors: dict[str, np.ndarray], graded: Graded, seed: int, resamples: int
+) -> dict:
     """ssit_dist/eval/crossval.py on one seed's features and the floors, every pair of interest judged."""
     from ssit_dist.eval.crossval import Protocol, evaluate_features
 
     methods = {**features, **floors}
     pairs = [(a, b) for a, b in PAIRS if a in methods and b in methods]
-    return evaluate_features(methods, graded.grades, graded.patients, pairs, Protocol(seed=seed))
+    return evaluate_features(methods, graded.grades, graded.patients, pairs, Protocol(seed=seed, resamples=resamples))
 
 
 def report(args: argparse.Namespace, model: ModelConfig, done: Comparison, evaluations: list[dict], wall: dict) -> dict:
@@ -262,7 +265,7 @@ def from_features_file(args: argparse.Namespace, graded: Graded, floors: dict[st
     rows = rows_of(keys, graded.keys, str(args.features))
     return {
         "features": str(args.features),
-        "evaluation": evaluate({m: x[rows] for m, x in features.items()}, floors, graded, 0),
+        "evaluation": evaluate({m: x[rows] for m, x in features.items()}, floors, graded, 0, args.resamples),
     }
 
 
@@ -289,7 +292,7 @@ def main() -> None:
         packed_s = time.perf_counter() - started
         done = compare(work, model, graded, args.seeds, args.budget * 60, started)
     evaluated = time.perf_counter()
-    evaluations = [evaluate(features, floors, graded, seed) for seed, features in enumerate(done.features)]
+    evaluations = [evaluate(f, floors, graded, seed, args.resamples) for seed, f in enumerate(done.features)]
     wall = {"packing": round(packed_s, 1), "evaluation": round(time.perf_counter() - evaluated, 1)}
     wall["total"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report(args, model, done, evaluations, wall), indent=1))

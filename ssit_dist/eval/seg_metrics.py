@@ -39,13 +39,10 @@ class PixelCounts:
 
     def merged(self, device: torch.device) -> PixelCounts:
         """The counts of every process summed (a collective where a process group exists)."""
-        from ssit_dist.dist import is_distributed
+        from ssit_dist.dist import sum_over_ranks
 
-        if is_distributed():
-            for t in (self.confusion, self.histogram):
-                on_device = t.to(device)
-                torch.distributed.all_reduce(on_device)
-                t.copy_(on_device.cpu())
+        self.confusion = sum_over_ranks(self.confusion, device)
+        self.histogram = sum_over_ranks(self.histogram, device)
         return self
 
     def summary(self, classes: tuple[str, ...]) -> dict[str, dict[str, float | int]]:

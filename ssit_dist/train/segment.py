@@ -46,7 +46,7 @@ from ssit_dist.data.loading.segmentation import (
     resize_sample,
 )
 from ssit_dist.data.loading.workers import worker_options
-from ssit_dist.dist import on_rank_zero
+from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.report import curves_png
 from ssit_dist.eval.seg_metrics import PixelCounts, constant_dice
 from ssit_dist.models.pretrained import load_encoder
@@ -191,7 +191,7 @@ def train(run: SegmentRun) -> None:
         run.step += 1
         if run.step % cfg.eval_every == 0 or run.step == cfg.iterations:
             since = cfg.eval_every if run.step % cfg.eval_every == 0 else run.step % cfg.eval_every
-            validate(run, float(accelerator.reduce(losses, "mean")) / since)
+            validate(run, mean_over_ranks(float(losses) / since, accelerator.device))  # read at validations only
             losses.zero_()
             run.model.train()
 
