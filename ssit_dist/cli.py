@@ -305,19 +305,20 @@ def finetune(
     --val, --test, --init, --run-dir (--out), --linear, --trust-pickle, ..."""
     from ssit_dist.config import FinetuneConfig
 
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.finetune", FinetuneConfig, ctx.args, config, nproc))
+
+
+def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path | None, nproc: int) -> int:
+    """A trainer module run with Accelerate, `--field value` flags as overrides of config class `kind`: in
+    this process for one, through `accelerate launch` for several; its exit code."""
+    import importlib
+
     try:
-        args = (["--config", str(config)] if config else []) + flags_as_overrides(ctx.args, FinetuneConfig)
+        args = (["--config", str(config)] if config else []) + flags_as_overrides(extra, kind)
     except ValueError as e:
         _fail(str(e), 2)
     if nproc == 1:
-        from ssit_dist.train.finetune import main
-
-        raise typer.Exit(main(args))
-    raise typer.Exit(_accelerate_launch("ssit_dist.train.finetune", args, nproc))
-
-
-def _accelerate_launch(module: str, args: list[str], nproc: int) -> int:
-    """`accelerate launch` of a trainer module on `nproc` local processes; its exit code."""
+        return int(importlib.import_module(module).main(args))
     port, env = _local_launch(nproc)
     # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
     command = [
@@ -354,15 +355,7 @@ def segment(
     --run-dir (--out), --linear, --iterations, ..."""
     from ssit_dist.config import SegmentConfig
 
-    try:
-        args = (["--config", str(config)] if config else []) + flags_as_overrides(ctx.args, SegmentConfig)
-    except ValueError as e:
-        _fail(str(e), 2)
-    if nproc == 1:
-        from ssit_dist.train.segment import main
-
-        raise typer.Exit(main(args))
-    raise typer.Exit(_accelerate_launch("ssit_dist.train.segment", args, nproc))
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", SegmentConfig, ctx.args, config, nproc))
 
 
 @app.command("data-plan")
