@@ -151,7 +151,13 @@ def shard(
         ..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."
     ),
     output: Path = typer.Argument(..., help="Folder for <split>-NNNNNN.tar shards and _info.json."),
-    labels: Path | None = typer.Option(None, help="CSV with columns image,grade (paths relative to INPUT)."),
+    labels: list[Path] | None = typer.Option(
+        None,
+        metavar="FILE",
+        help="Labels file: a CSV image,grade (paths relative to INPUT) or a public DR set's own (see "
+        "--labels-format); repeat it for a set's split files (DDR's train.txt, valid.txt, test.txt).",
+    ),
+    labels_format: str = _field_option(ShardOptions, "labels_format"),
     split: str | None = _field_option(ShardOptions, "split"),
     group_by: str | None = _field_option(ShardOptions, "group_by"),
     seed: int = _field_option(ShardOptions, "seed"),
@@ -174,6 +180,7 @@ def shard(
         jpeg_roundtrip=jpeg_roundtrip,
         quality=quality,
         seed=seed,
+        labels_format=labels_format,
         split=split,
         group_by=group_by,
         overwrite=overwrite,
@@ -181,8 +188,8 @@ def shard(
         strict=strict,
     )
     started = time.perf_counter()
-    index = _pack_with_progress(input, output, labels, opts)
-    _print_packed(index, input, output, labels, time.perf_counter() - started, opts.preview > 0)
+    index = _pack_with_progress(input, output, labels or [], opts)
+    _print_packed(index, input, output, time.perf_counter() - started, opts.preview > 0)
 
 
 def _shard_options(**values: Any) -> ShardOptions:
@@ -197,25 +204,23 @@ def _shard_options(**values: Any) -> ShardOptions:
         raise AssertionError from e  # unreachable: _fail exits
 
 
-def _pack_with_progress(input: Path, output: Path, labels: Path | None, opts: ShardOptions) -> ShardIndex:
+def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: ShardOptions) -> ShardIndex:
     """Find the inputs and pack them, with a progress bar on a terminal; a refused input fails the command."""
     from ssit_dist.data.packing.inputs import InputError, discover
     from ssit_dist.data.packing.shard import ShardError, pack
 
     try:
-        inputs = discover(input, labels, opts.split, opts.seed, opts.group_by)
+        inputs = discover(input, labels, opts.split, opts.seed, opts.group_by, opts.labels_format)
         columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
             task = progress.add_task("pack", total=len(inputs.items))
-            return pack(input, output, inputs, opts, labels, lambda _: progress.advance(task))
+            return pack(input, output, inputs, opts, lambda _: progress.advance(task))
     except (InputError, ShardError, ValueError) as e:
         _fail(str(e), 1)
         raise AssertionError from e  # unreachable: _fail exits
 
 
-def _print_packed(
-    index: ShardIndex, input: Path, output: Path, labels: Path | None, elapsed: float, preview: bool
-) -> None:
+def _print_packed(index: ShardIndex, input: Path, output: Path, elapsed: float, preview: bool) -> None:
     """What was packed: samples, shards and grades per split, what was skipped or left out, the rate and
     the normalisation statistics."""
     table = Table(title=f"{output}", title_justify="left")
@@ -229,10 +234,15 @@ def _print_packed(
     for skip in index.skipped:
         where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
         console.print(f"[yellow]skipped[/] {escape(str(where))}: {escape(skip['reason'])}", highlight=False)
+    labels = " ".join(index.parameters.get("labels") or [])
+    if index.ungradable:
+        console.print(
+            f"[yellow]excluded[/] {index.ungradable} photographs the labels mark ungradable ({escape(labels)})"
+        )
     if index.not_in_labels:
         console.print(
             f"[yellow]left out[/] {index.not_in_labels} images under {escape(str(input))} "
-            f"that {escape(str(labels))} does not name"
+            f"that {escape(labels)} does not name"
         )
     n = index.num_samples
     console.print(

@@ -139,7 +139,7 @@ def pack_folder(
     from ssit_dist.data.packing.shard import pack
 
     split = plan.split if labels else None
-    inputs = discover(images, labels, split, plan.seed)
+    inputs = discover(images, [labels] if labels else [], split, plan.seed)
     stage = Stage(f"pack {images.name}", len(inputs.items), "images")
     opts = ShardOptions(
         size=plan.pack_size, shard_size=256, workers=2, overwrite=True, split=split, seed=plan.seed, preview=preview
@@ -149,7 +149,7 @@ def pack_folder(
         stage.done += 1
         report(stage)
 
-    index = pack(images, out, inputs, opts, labels, advance)
+    index = pack(images, out, inputs, opts, advance)
     if index.skipped:
         stage.notes += [f"skipped {s['path']}: {s['reason']}" for s in index.skipped]
         report(stage)

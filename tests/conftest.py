@@ -6,6 +6,8 @@ import multiprocessing.process
 import os
 import subprocess
 import sys
+import tarfile
+from collections import defaultdict
 from collections.abc import Generator
 from pathlib import Path
 
@@ -92,6 +94,16 @@ def run_cli(*args: object, timeout: float = 600, check: bool = True) -> subproce
     return result
 
 
+def tar_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    """A shard's samples, {key: {ext: bytes}}, read with the standard library, not with our own code."""
+    out: dict[str, dict[str, bytes]] = defaultdict(dict)
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            out[key][ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return out
+
+
 def invoke_cli(*args: object, check: bool = True) -> Result:
     """Run the `ssit-dist` app in this process (typer's CliRunner), for commands that start nothing."""
     from ssit_dist.cli import app
@@ -117,7 +129,7 @@ def pack_real_subset(
     for name in sorted(p.name for p in graded_dir.glob("*.jpeg"))[:count]:
         (src / name).symlink_to(graded_dir / name)
     out = tmp_factory.mktemp("shards") / f"real{count}"
-    pack(src, out, discover(src, None, None, 0), ShardOptions(size=size, shard_size=shard_size))
+    pack(src, out, discover(src), ShardOptions(size=size, shard_size=shard_size))
     return out
 
 

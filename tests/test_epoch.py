@@ -113,7 +113,7 @@ def unlabelled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
 
     if not UNLABELLED.is_dir():
         pytest.skip(f"the unlabelled fundus photographs are not at {UNLABELLED} (../shared is absent here)")
-    inputs = discover(UNLABELLED, None, None, 0)
+    inputs = discover(UNLABELLED)
     assert len(inputs.items) == 2000
     packed = tmp_path_factory.mktemp("unlabelled") / "64"
     pack(UNLABELLED, packed, inputs, ShardOptions(size=32, shard_size=64, preview=0))

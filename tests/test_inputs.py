@@ -44,7 +44,7 @@ def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
         "c.jpg,1\n"  # line 6: malformed
         "d.jpg,two,x\n"  # line 7: not an integer
     )
-    labels = read_labels(csv, tmp_path)
+    labels = read_labels([csv], tmp_path)
     grades, problems = labels.grades, labels.problems
     assert grades == {"a.jpg": 0}
     by_line = {p.line: p.reason for p in problems}
@@ -59,14 +59,17 @@ def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
 
 def test_label_csv_without_the_columns_fails_fast(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("file,level\na.jpg,0\n")
-    with pytest.raises(InputError, match="'image' and 'grade'"):
-        read_labels(tmp_path / "labels.csv", tmp_path)
+    with pytest.raises(InputError) as refused:
+        read_labels([tmp_path / "labels.csv"], tmp_path)
+    said = str(refused.value)  # the file, the header it saw, the formats it knows
+    assert "labels.csv" in said and "['file', 'level']" in said
+    assert all(f"{name} (" in said for name in ("plain", "eyepacs", "aptos", "ddr", "messidor2", "idrid"))
 
 
 def test_images_the_csv_does_not_name_are_counted(tmp_path: Path) -> None:
     touch_images(tmp_path, ["a.jpg", "b.jpg", "c.png", "notes.txt"])
     (tmp_path / "labels.csv").write_text("image,grade\na.jpg,1\n")
-    inputs = discover(tmp_path, tmp_path / "labels.csv")
+    inputs = discover(tmp_path, [tmp_path / "labels.csv"])
     assert [i.rel for i in inputs.items] == ["a.jpg"] and inputs.items[0].grade == 1
     assert inputs.not_in_labels == 2 and inputs.labelled
 
@@ -129,7 +132,7 @@ def _patients(root: Path, count: int, seed: int = 0) -> dict[str, tuple[str, int
 def test_grouped_split_keeps_every_patient_whole_and_follows_the_ratios(tmp_path: Path) -> None:
     rows = _patients(tmp_path, 3000)
     ratios = {"train": 0.7, "val": 0.15, "test": 0.15}
-    inputs = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
+    inputs = discover(tmp_path, [tmp_path / "labels.csv"], "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
     assert len(inputs.items) == len(rows)
     splits_of: dict[str, set[str]] = {}
     for item in inputs.items:
@@ -147,9 +150,9 @@ def test_grouped_split_keeps_every_patient_whole_and_follows_the_ratios(tmp_path
     for split in ratios:
         in_split = [i for i in inputs.items if i.split == split]
         assert abs(sum(i.grade >= 2 for i in in_split) / len(in_split) - referable) < 0.02  # type: ignore[operator]
-    again = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
+    again = discover(tmp_path, [tmp_path / "labels.csv"], "train=0.7,val=0.15,test=0.15", seed=3, group_by="patient")
     assert again.items == inputs.items  # seeded: the same split every time
-    other = discover(tmp_path, tmp_path / "labels.csv", "train=0.7,val=0.15,test=0.15", seed=4, group_by="patient")
+    other = discover(tmp_path, [tmp_path / "labels.csv"], "train=0.7,val=0.15,test=0.15", seed=4, group_by="patient")
     assert [i.split for i in other.items] != [i.split for i in inputs.items]
 
 
@@ -158,13 +161,13 @@ def test_grouping_problems_are_named(tmp_path: Path) -> None:
     with pytest.raises(
         InputError, match=r"labels.csv: no column 'eye' to group by \(found \['image', 'grade', 'patient'\]\)"
     ):
-        discover(tmp_path, tmp_path / "labels.csv", "train=0.5,val=0.5", group_by="eye")
-    with pytest.raises(InputError, match="--group-by patient names a column of the labels CSV: give --labels"):
-        discover(tmp_path, None, "train=0.5,val=0.5", group_by="patient")
+        discover(tmp_path, [tmp_path / "labels.csv"], "train=0.5,val=0.5", group_by="eye")
+    with pytest.raises(InputError, match="--group-by patient names a column of the labels file: give --labels"):
+        discover(tmp_path, [], "train=0.5,val=0.5", group_by="patient")
     text = (tmp_path / "labels.csv").read_text().splitlines()
     text[3] = text[3].rsplit(",", 1)[0] + ","  # line 4: no patient
     (tmp_path / "labels.csv").write_text("\n".join(text) + "\n")
-    inputs = discover(tmp_path, tmp_path / "labels.csv", "train=0.5,val=0.5", group_by="patient")
+    inputs = discover(tmp_path, [tmp_path / "labels.csv"], "train=0.5,val=0.5", group_by="patient")
     assert [(p.line, p.reason) for p in inputs.problems] == [
         (4, f"empty patient for {text[3].split(',')[0]}: every photograph needs its group")
     ]
@@ -178,5 +181,5 @@ def test_split_folders_that_part_a_patient_are_refused(tmp_path: Path) -> None:
         InputError,
         match=r"group 'P1' is in two splits: test/1_right.jpeg \(test\) and train/1_left.jpeg \(train\); move",
     ):
-        discover(tmp_path, tmp_path / "labels.csv", group_by="patient")
-    assert len(discover(tmp_path, tmp_path / "labels.csv").items) == 3  # without grouping: as given
+        discover(tmp_path, [tmp_path / "labels.csv"], group_by="patient")
+    assert len(discover(tmp_path, [tmp_path / "labels.csv"]).items) == 3  # without grouping: as given

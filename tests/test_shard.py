@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 from opencv_reference import paper_saliency
 from PIL import Image
 
-from conftest import CLI, invoke_cli, run_cli
+from conftest import CLI, invoke_cli, run_cli, tar_samples
 from ssit_dist.data.index import read_index
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.preview import kept_patches
@@ -30,16 +29,6 @@ from ssit_dist.fields import ConfigError
 pytestmark = pytest.mark.multiprocess
 
 SPLIT = "train=0.7,val=0.15,test=0.15"
-
-
-def samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
-    """{key: {ext: bytes}} read with the standard library, not with our own code."""
-    out: dict[str, dict[str, bytes]] = defaultdict(dict)
-    with tarfile.open(tar_path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            out[key][ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    return out
 
 
 def link_subset(src: Path, dst: Path, names: list[str], grades: dict[str, int] | None = None) -> Path:
@@ -105,7 +94,7 @@ def test_index_fields_and_sha256(packed: tuple[Path, str]) -> None:
         assert sum(split["shard_lengths"]) == split["num_samples"]
         for name, digest, length in zip(split["filenames"], split["sha256"], split["shard_lengths"], strict=True):
             assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
-            assert len(samples(out / name)) == length
+            assert len(tar_samples(out / name)) == length
     assert not list(out.glob("*.tmp"))
     read_index(out, verify=True)
 
@@ -114,7 +103,7 @@ def test_every_sample_is_complete_and_graded_right(packed: tuple[Path, str], gra
     out, _ = packed
     keys: set[str] = set()
     for tar_path in sorted(out.glob("*.tar")):
-        for key, members in samples(tar_path).items():
+        for key, members in tar_samples(tar_path).items():
             assert set(members) == {"jpg", "sal.png", "cls", "json"}, key
             meta = json.loads(members["json"])
             assert int(members["cls"]) == grades[meta["source"]]
@@ -139,7 +128,7 @@ def test_timm_reads_the_labelled_shards(packed: tuple[Path, str], grades: dict[s
 
 def test_stored_saliency_is_opencv_on_the_stored_image(packed: tuple[Path, str]) -> None:
     out, _ = packed
-    for key, members in list(samples(out / "val-000000.tar").items())[:5]:
+    for key, members in list(tar_samples(out / "val-000000.tar").items())[:5]:
         image = cv2.imdecode(np.frombuffer(members["jpg"], np.uint8), cv2.IMREAD_COLOR)
         stored = cv2.imdecode(np.frombuffer(members["sal.png"], np.uint8), cv2.IMREAD_UNCHANGED)
         assert stored.dtype == np.uint8 and stored.shape == (512, 512)
@@ -150,7 +139,7 @@ def test_mean_std_are_those_of_the_train_images(packed: tuple[Path, str]) -> Non
     out, _ = packed
     # Per-channel sums of x and x^2 in float64, image by image (one array of every pixel would be 1.3 GB).
     count, total, squares = 0, np.zeros(3), np.zeros(3)
-    for member in samples(out / "train-000000.tar").values():
+    for member in tar_samples(out / "train-000000.tar").values():
         pixels = np.asarray(Image.open(io.BytesIO(member["jpg"])).convert("RGB")).reshape(-1, 3) / 255
         count, total, squares = count + len(pixels), total + pixels.sum(0), squares + (pixels**2).sum(0)
     mean = total / count
@@ -254,10 +243,10 @@ def test_evaluation_shards_without_saliency_maps(graded_dir: Path, grades: dict[
             "shard", src, tmp_path / saliency, "--labels", src / "labels.csv", "--size", 256, "--saliency", saliency
         )
     (bare,) = (tmp_path / "none").glob("*.tar")
-    members = samples(bare)
+    members = tar_samples(bare)
     assert len(members) == 12 and all(set(m) == {"jpg", "cls", "json"} for m in members.values())
     (full,) = (tmp_path / "fine_grained").glob("*.tar")
-    assert all(m["jpg"] == samples(full)[k]["jpg"] for k, m in members.items())  # the same photographs
+    assert all(m["jpg"] == tar_samples(full)[k]["jpg"] for k, m in members.items())  # the same photographs
     assert bare.stat().st_size < 0.6 * full.stat().st_size
     data = LabelledShards(SplitSource(tmp_path / "none", "train"), eval_transform(64, [0.5] * 3, [0.25] * 3))
     assert sorted(data.grades) == sorted(grades[n] for n in names)
@@ -283,7 +272,7 @@ def test_group_by_patient_keeps_both_eyes_of_every_patient_in_one_split(graded_d
     patients: dict[str, set[str]] = defaultdict(set)
     for name, info in index.splits.items():
         for tar in index.shard_paths(out, name):
-            for sample in samples(tar).values():
+            for sample in tar_samples(tar).values():
                 meta = json.loads(sample["json"])
                 row = rows[meta["source"]]
                 assert meta["group"] == row["patient"] and int(sample["cls"]) == int(row["grade"])
@@ -339,7 +328,9 @@ def test_other_image_modes_are_packed(retina: Image.Image, tmp_path: Path) -> No
     run_cli("shard", src, tmp_path / "out", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert info["num_samples"] == 5 and info["skipped"] == []
-    modes = {json.loads(m["json"])["original_mode"] for m in samples(tmp_path / "out" / "train-000000.tar").values()}
+    modes = {
+        json.loads(m["json"])["original_mode"] for m in tar_samples(tmp_path / "out" / "train-000000.tar").values()
+    }
     assert modes == {"L", "RGBA", "P", "CMYK", "I;16"}
 
 

@@ -76,7 +76,7 @@ def reference_layout(images: list[Path], work: Path) -> dict[str, float]:
 
 
 def ours(root: Path, labels: Path | None, work: Path, workers: int, limit: int) -> tuple[float, Path]:
-    inputs = discover(root, labels)
+    inputs = discover(root, [labels] if labels else [])
     inputs.items = inputs.items[:limit]
     out = work / f"ours{workers}"
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> None:
         ips1, _ = ours(args.images, labels, work, 1, args.limit)
         ips2, out2 = ours(args.images, labels, work, 2, args.limit)
         sizes = member_bytes(out2)
-        images = [args.images / i.rel for i in discover(args.images, labels).items[: args.limit]]
+        images = [args.images / i.rel for i in discover(args.images, [labels] if labels else []).items[: args.limit]]
         baseline = reference_layout(images, work)
     print(
         json.dumps(

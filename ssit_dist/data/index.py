@@ -45,7 +45,8 @@ class ShardIndex:
     mean: list[float]  # per channel RGB in [0, 1], over the train split (all samples if none)
     std: list[float]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"path", "reason"[, "line"]}
-    not_in_labels: int = 0  # images under the input that the labels CSV did not name
+    not_in_labels: int = 0  # images under the input that the labels did not name
+    ungradable: int = 0  # labels rows marked ungradable (DDR grade 5, Messidor-2 gradable 0), not packed
     format_version: int = FORMAT_VERSION
 
     @property

@@ -3,11 +3,13 @@
 Layouts understood (checked in this order):
 - split folders `train/`, `val/`, `test/` at the top (each flat or with grade folders inside);
 - grade folders `0/` ... `4/` at the top;
-- any other tree: every image below the folder, unlabelled unless a labels CSV is given.
-A labels CSV (`image,grade`, paths relative to the input folder, other columns ignored) overrides grade
-folders. Problems in the CSV are collected with their line numbers, never silently dropped.
+- any other tree: every image below the folder, unlabelled unless labels files are given.
+Labels files (label_formats: this project's `image,grade` CSV or a public DR set's own files) override grade
+folders; a row finds its photograph by path, file name, or name without extension. Problems in them are
+collected with their file and line, never silently dropped; rows the dataset marks ungradable are excluded
+and counted. A dataset's official splits (DDR, IDRiD) are kept; `--split` then divides its train split.
 
-With `group_by` (a column of the CSV, e.g. `patient`), each group's photographs go to one split: most DR
+With `group_by` (a column of the labels, e.g. `patient`), each group's photographs go to one split: most DR
 sets hold both eyes of a patient, and a split by image puts a test patient's other eye in training. Groups
 are stratified by their highest grade (a patient is as sick as the worse eye) and dealt, in a seeded
 order, to the split furthest below its share of the stratum's photographs: the grade proportions follow
@@ -16,12 +18,14 @@ the ratios as closely as whole groups allow.
 
 from __future__ import annotations
 
-import csv
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from ssit_dist.data.packing.label_formats import LabelFile, LabelFormatError, LabelRow, read_label_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -56,8 +60,11 @@ class Problem:
 class Inputs:
     items: list[Item]
     problems: list[Problem] = field(default_factory=list)
-    not_in_labels: int = 0  # images under the folder that the labels CSV does not name
+    not_in_labels: int = 0  # images under the folder that the labels files do not name
     labelled: bool = False
+    labels_format: str | None = None  # the labels files' format (label_formats.FORMATS), where given
+    labels_files: list[str] = field(default_factory=list)  # their names
+    ungradable: int = 0  # rows the labels mark ungradable (DDR grade 5, Messidor-2 gradable 0): excluded
 
 
 def sample_key(rel: str) -> str:
@@ -101,67 +108,127 @@ def _grade_folder(rel_parts: tuple[str, ...]) -> int | None:
 
 @dataclass
 class Labels:
-    """A labels CSV read: grades (and groups) by relative path, and the rows it could not use."""
+    """Labels files read: grades, groups and official splits by relative path, and what could not be used."""
 
+    format: str | None = None  # the files' format (label_formats.FORMATS)
+    files: list[str] = field(default_factory=list)  # their names, for the index
     grades: dict[str, int] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # only with `group_by`
+    splits: dict[str, str] = field(default_factory=dict)  # official splits, where the dataset defines them
+    ungradable: set[str] = field(default_factory=set)  # photographs a row marks ungradable: excluded
+    ungradable_rows: int = 0  # such rows, counted whether or not their photograph is under the folder
     problems: list[Problem] = field(default_factory=list)
 
 
-def read_labels(csv_path: Path, root: Path, group_by: str | None = None) -> Labels:
-    """Grades by relative path from a CSV with columns image,grade (and `group_by`); bad rows become Problems."""
+class _ImageNames:
+    """Find the photograph a labels row names: its path relative to the input folder, else its file
+    name, else (for formats that write none) its name without extension; a name two images share is
+    refused, not guessed."""
+
+    def __init__(self, rels: list[str], root: Path) -> None:
+        self.rels, self.root = set(rels), root
+        self.by_name: dict[str, list[str]] = defaultdict(list)
+        self.by_stem: dict[str, list[str]] = defaultdict(list)
+        for rel in rels:
+            name = rel.rsplit("/", 1)[-1].lower()
+            self.by_name[name].append(rel)
+            self.by_stem[name.rsplit(".", 1)[0]].append(rel)
+
+    def find(self, name: str, split_word: str | None = None) -> tuple[str | None, str | None]:
+        """(relative path, None) or (None, why not). `split_word`: a name two images share is the one in a
+        folder named like the official split (IDRiD numbers its training and testing sets alike)."""
+        if name in self.rels:
+            return name, None
+        base = name.rsplit("/", 1)[-1].lower()
+        found = self.by_name.get(base) or ([] if Path(base).suffix in IMAGE_SUFFIXES else self.by_stem.get(base, []))
+        if len(found) > 1 and split_word:
+            found = [rel for rel in found if split_word in rel.rsplit("/", 1)[0].lower()] or found
+        if len(found) == 1:
+            return found[0], None
+        if found:
+            return None, f"names {name}, which matches {len(found)} images ({', '.join(found[:3])}); give its path"
+        return None, f"names {name}, which is not an image under {self.root}"
+
+
+def read_labels(
+    files: Sequence[Path],
+    root: Path,
+    group_by: str | None = None,
+    labels_format: str = "auto",
+    images: list[str] | None = None,
+) -> Labels:
+    """Grades (groups, official splits) by relative path from labels files of one format; bad rows become
+    Problems with their file and line. `images`: the relative paths under `root`, where already listed."""
     try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read labels CSV {csv_path}: {e}") from None
-    rows = csv.reader(text.splitlines())
-    header = [h.strip().lower() for h in next(rows, [])]
-    if "image" not in header or "grade" not in header:
-        raise InputError(f"{csv_path}: line 1 must name the columns 'image' and 'grade' (found {header})")
-    if group_by is not None and group_by.lower() not in header:
-        raise InputError(f"{csv_path}: no column {group_by!r} to group by (found {header}); name one of them")
-    col_image, col_grade = header.index("image"), header.index("grade")
-    col_group = header.index(group_by.lower()) if group_by is not None else None
-    labels = Labels()
-    first_line: dict[str, int] = {}
-    name = csv_path.name
-    for line, row in enumerate(rows, start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            labels.problems.append(Problem(name, f"malformed row: {len(row)} fields, header has {len(header)}", line))
-            continue
-        rel, grade_text = row[col_image].strip().replace("\\", "/"), row[col_grade].strip()
-        problem = _row_problem(rel, grade_text, labels.grades, first_line, root)
-        group = row[col_group].strip() if col_group is not None else None
-        if problem is None and group == "":
-            problem = f"empty {group_by} for {rel}: every photograph needs its group"
-        if problem is not None:
-            labels.problems.append(Problem(name, problem, line))
-            continue
-        labels.grades[rel] = int(grade_text)
-        if group is not None:
-            labels.groups[rel] = group
-        first_line[rel] = line
+        read = [read_label_file(f, labels_format) for f in files]
+    except LabelFormatError as e:
+        raise InputError(str(e)) from None
+    formats = {f.format.name: f.path.name for f in read}
+    if len(formats) > 1:
+        raise InputError(f"labels files of different formats ({formats}): pack one dataset at a time")
+    names = _ImageNames(
+        [p.relative_to(root).as_posix() for p in _images_under(root)] if images is None else images, root
+    )
+    labels = Labels(format=read[0].format.name if read else None, files=[f.path.name for f in read])
+    first: dict[str, tuple[str, int]] = {}
+    for label_file in read:
+        _check_group_column(label_file, group_by)
+        before = len(labels.problems)
+        labels.problems += [Problem(label_file.path.name, why, line) for line, why in label_file.malformed]
+        for row in label_file.rows:
+            _add_row(labels, label_file, row, names, first, group_by)
+        labels.problems[before:] = sorted(labels.problems[before:], key=lambda p: p.line or 0)  # file order
     return labels
 
 
-def _row_problem(
-    rel: str, grade_text: str, grades: dict[str, int], first_line: dict[str, int], root: Path
-) -> str | None:
-    """Why a row's image and grade cannot be used, or None."""
-    if not rel:
-        return "malformed row: empty image path"
+def _check_group_column(label_file: LabelFile, group_by: str | None) -> None:
+    columns = list(label_file.rows[0].columns) if label_file.rows else [label_file.format.image]
+    if group_by is not None and group_by.lower() not in columns:
+        raise InputError(f"{label_file.path}: no column {group_by!r} to group by (found {columns}); name one of them")
+
+
+def _add_row(
+    labels: Labels,
+    label_file: LabelFile,
+    row: LabelRow,
+    names: _ImageNames,
+    first: dict[str, tuple[str, int]],
+    group_by: str | None,
+) -> None:
+    """One row's grade (group, split) under its photograph's path, or its Problem."""
+    found = names.find(row.image, label_file.split_word) if row.image else (None, "malformed row: empty image name")
+    rel, problem = found
+    if row.ungradable:
+        labels.ungradable_rows += 1
+        labels.ungradable |= {rel} if rel else set()
+        return
+    group = row.columns.get(group_by.lower(), "") if group_by is not None else None
+    if rel is not None:
+        problem = _row_problem(rel, row.grade, first, label_file.path.name)
+    if problem is None and group == "":
+        problem = f"empty {group_by} for {rel}: every photograph needs its group"
+    if problem is not None or rel is None:
+        labels.problems.append(Problem(label_file.path.name, str(problem), row.line))
+        return
+    labels.grades[rel] = int(row.grade)
+    if group is not None:
+        labels.groups[rel] = group
+    if label_file.split is not None:
+        labels.splits[rel] = label_file.split
+    first[rel] = (label_file.path.name, row.line)
+
+
+def _row_problem(rel: str, grade_text: str, first: dict[str, tuple[str, int]], file: str) -> str | None:
+    """Why a row's grade cannot be used for `rel`, or None."""
     try:
         grade = int(grade_text)
     except ValueError:
         return f"grade {grade_text!r} of {rel} is not an integer 0-4"
     if not 0 <= grade < NUM_GRADES:
         return f"grade {grade} of {rel} is outside 0-4"
-    if rel in grades:
-        return f"duplicate row for {rel} (first on line {first_line[rel]})"
-    if not ((root / rel).is_file() or (root / rel).is_symlink()):
-        return f"names {rel}, which is not a file under {root}"
+    if rel in first:
+        where, line = first[rel]
+        return f"duplicate row for {rel} (first on line {line}{'' if where == file else f' of {where}'})"
     return None
 
 
@@ -223,51 +290,83 @@ def _one_split_per_group(items: list[Item]) -> None:
 
 
 def discover(
-    root: Path, labels: Path | None = None, split: str | None = None, seed: int = 0, group_by: str | None = None
+    root: Path,
+    labels: Sequence[Path] = (),
+    split: str | None = None,
+    seed: int = 0,
+    group_by: str | None = None,
+    labels_format: str = "auto",
 ) -> Inputs:
     """Everything to pack under `root`, with grades, groups and splits (see the module docstring)."""
     if not root.is_dir():
         raise InputError(f"input folder {root} does not exist or is not a folder")
-    if group_by is not None and labels is None:
-        raise InputError(f"--group-by {group_by} names a column of the labels CSV: give --labels too")
-    split_dirs = [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
+    if group_by is not None and not labels:
+        raise InputError(f"--group-by {group_by} names a column of the labels file: give --labels too")
+    images = [p.relative_to(root).as_posix() for p in _images_under(root)]
+    read = read_labels(labels, root, group_by, labels_format, images) if labels else Labels()
+    # A dataset's official splits (DDR's files, IDRiD's train/test) win over folders named like splits.
+    split_dirs = [] if read.splits else [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
     if split_dirs and split:
         raise InputError(f"{root} already has split folders ({', '.join(split_dirs)}); drop --split")
-    read = read_labels(labels, root, group_by) if labels else Labels()
-    items, not_in_labels = _items(root, labels is not None, read, split_dirs)
+    items, not_in_labels = _items(images, bool(labels), read, split_dirs)
+    _check_keys_and_grades(root, items, bool(labels))
+    if split:
+        items = _assign_splits(items, parse_split(split), seed, group_by, read)
+    if group_by:
+        _one_split_per_group(items)
+    labelled = bool(labels) or any(i.grade is not None for i in items)
+    return Inputs(items, read.problems, not_in_labels, labelled, read.format, read.files, read.ungradable_rows)
+
+
+def _check_keys_and_grades(root: Path, items: list[Item], labelled: bool) -> None:
+    """Refuse two images with one sample key, and grade folders mixed with loose images."""
     seen: dict[str, str] = {}
     for item in items:
         if item.key in seen:
             raise InputError(f"{item.rel} and {seen[item.key]} map to the same sample key {item.key!r}; rename one")
         seen[item.key] = item.rel
     in_grade_folders = [i for i in items if i.grade is not None]
-    if not labels and in_grade_folders and len(in_grade_folders) != len(items):
+    if not labelled and in_grade_folders and len(in_grade_folders) != len(items):
         stray = next(i.rel for i in items if i.grade is None)
         raise InputError(
             f"{root} mixes grade folders 0-4 with images outside them (for example {stray}); "
             "move those images into a grade folder or give --labels"
         )
-    labelled = bool(labels) or bool(in_grade_folders)
-    if split:
-        ratios = parse_split(split)
-        items = _stratified_groups(items, ratios, seed) if group_by else _stratified(items, ratios, seed)
-    if group_by:
-        _one_split_per_group(items)
-    return Inputs(items, read.problems, not_in_labels, labelled)
 
 
-def _items(root: Path, labelled: bool, read: Labels, split_dirs: list[str]) -> tuple[list[Item], int]:
-    """Every image under `root` with its grade, group and split folder; and how many the labels left out."""
+def _assign_splits(
+    items: list[Item], ratios: dict[str, float], seed: int, group_by: str | None, read: Labels
+) -> list[Item]:
+    """`--split` ratios over the items; with official splits, over the official train split only (IDRiD's
+    train into train and val), the others kept as the dataset defines them."""
+    official = sorted(set(read.splits.values()))
+    kept = [i for i in items if i.split != "train"] if official else []
+    clash = sorted(set(ratios) & {i.split for i in kept})
+    if clash:
+        raise InputError(
+            f"--split names {', '.join(clash)}, an official split of these {read.format} labels: with official "
+            f"splits ({', '.join(official)}) --split divides the train split only, e.g. train=0.85,val=0.15"
+        )
+    to_split = [i for i in items if i.split == "train"] if official else items
+    assign = _stratified_groups if group_by else _stratified
+    return assign(to_split, ratios, seed) + kept
+
+
+def _items(images: list[str], labelled: bool, read: Labels, split_dirs: list[str]) -> tuple[list[Item], int]:
+    """Every image with its grade, group and split (official, else its split folder, else train); and how
+    many the labels leave out (the ones they mark ungradable are counted apart)."""
     items: list[Item] = []
     not_in_labels = 0
-    for path in _images_under(root):
-        rel = path.relative_to(root).as_posix()
+    for rel in images:
         parts = Path(rel).parts
-        item_split = parts[0] if split_dirs and parts[0] in split_dirs else "train"
+        folder_split = parts[0] if split_dirs and parts[0] in split_dirs else "train"
         in_split = parts[1:] if split_dirs and parts[0] in split_dirs else parts
+        if rel in read.ungradable:
+            continue
         if labelled and rel not in read.grades:
             not_in_labels += 1
             continue
         grade = read.grades[rel] if labelled else _grade_folder(in_split)
-        items.append(Item(sample_key(rel), rel, grade, item_split, read.groups.get(rel)))
+        split = read.splits.get(rel, folder_split)
+        items.append(Item(sample_key(rel), rel, grade, split, read.groups.get(rel)))
     return items, not_in_labels

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ssit_dist.data.packing.label_formats import LABEL_FORMAT_NAMES
 from ssit_dist.fields import Checked, option, require
 
 # "none": shards for fine-tuning and evaluation only, without maps (at 256 px a fine-grained map is about
@@ -29,15 +30,22 @@ class ShardOptions(Checked):
     jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
     quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
     seed: int = option(0, "seed for the split and the order inside shards", ge=0)
-    split: str | None = option(None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15")
+    labels_format: str = option(
+        "auto", f"format of the labels files: {', '.join(LABEL_FORMAT_NAMES)} (auto: recognised by the header)"
+    )
+    split: str | None = option(
+        None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15 (official splits: divides train)"
+    )
     group_by: str | None = option(
-        None, "labels CSV column whose photographs stay in one split, e.g. patient (both eyes together)"
+        None, "labels column whose photographs stay in one split, e.g. patient (both eyes together)"
     )
     overwrite: bool = option(False, "replace shards already in OUTPUT")
     preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
     strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
 
     def validate(self) -> None:
+        known = ", ".join(LABEL_FORMAT_NAMES)
+        require(self.labels_format in LABEL_FORMAT_NAMES, "labels_format", self.labels_format, f"one of {known}")
         ok = self.size >= 32 and self.size % 16 == 0
         require(ok, "size", self.size, "use a multiple of 16 of at least 32 (default 512)")
         no_maps = self.preview and self.saliency == "none"

@@ -240,7 +240,6 @@ def pack(
     out: Path,
     inputs: Inputs,
     opts: ShardOptions,
-    labels_file: Path | None = None,
     on_sample: Callable[[Packed], None] | None = None,
 ) -> ShardIndex:
     """Pack `inputs` (from `inputs.discover`) into shards under `out` and write its `_info.json`."""
@@ -252,7 +251,7 @@ def pack(
     split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
     if not split_infos:
         raise ShardError(f"every input under {root} was skipped; see the reasons above")
-    index = _index(inputs, opts, labels_file, writers, split_infos, failed)
+    index = _index(inputs, opts, writers, split_infos, failed)
     if previews:
         from ssit_dist.data.packing.preview import (
             write_preview,  # needs torch: imported only when a preview is asked for
@@ -264,10 +263,10 @@ def pack(
 
 
 def _check_inputs(root: Path, inputs: Inputs, strict: bool) -> None:
-    """Refuse a run with nothing to pack, or (strict) with bad rows in the labels CSV."""
+    """Refuse a run with nothing to pack, or (strict) with bad rows in the labels."""
     if strict and inputs.problems:
         lines = "\n".join(f"  {p}" for p in inputs.problems)
-        raise ShardError(f"--strict: the labels CSV has {len(inputs.problems)} bad rows:\n{lines}")
+        raise ShardError(f"--strict: the labels have {len(inputs.problems)} bad rows:\n{lines}")
     if not inputs.items:
         raise ShardError(f"no images to pack under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
@@ -318,7 +317,6 @@ def _write_samples(
 def _index(
     inputs: Inputs,
     opts: ShardOptions,
-    labels_file: Path | None,
     writers: dict[str, _SplitWriter],
     split_infos: dict[str, SplitInfo],
     failed: list[Packed],
@@ -328,7 +326,8 @@ def _index(
     stats_from = [writers["train"]] if "train" in split_infos else list(writers.values())
     mean, std = _mean_std(np.sum([w.histogram for w in stats_from], axis=0))
     params = {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "preview")}
-    params["labels"] = labels_file.name if labels_file else None
+    params["labels"] = inputs.labels_files or None
+    params["labels_format"] = inputs.labels_format  # the one `auto` recognised
     skipped = [{"path": p.path, "line": p.line, "reason": p.reason} for p in inputs.problems]
     skipped += [{"path": p.item.rel, "line": None, "reason": p.error} for p in failed]
     return ShardIndex(
@@ -339,4 +338,5 @@ def _index(
         std=std,
         skipped=sorted(skipped, key=lambda s: (s["path"], s["line"] or 0)),
         not_in_labels=inputs.not_in_labels,
+        ungradable=inputs.ungradable,
     )
