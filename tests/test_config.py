@@ -64,10 +64,11 @@ def test_batch_layout() -> None:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in DS.glob("*.json")))
 def test_every_shipped_ds_config_fills(name: str) -> None:
-    cfg = PretrainConfig(global_batch=32, micro_batch=4)
+    """Every field the run config owns comes from it, as field=value overrides (README, user guide 6)."""
+    cfg = load_config(None, ["global_batch=32", "micro_batch=4", "optim.clip_grad=0.5"])
     ds = deepspeed_config(DS / name, cfg, world=2)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
-    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 1.0
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(1e-3 * 32 / 512)
     assert "auto" not in json.dumps(ds)
 
