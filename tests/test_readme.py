@@ -1,0 +1,267 @@
+"""The README, checked where a machine can check it: every `ssit-dist` command, option and field override
+it writes exists (asked of the CLI itself), every path, module and link it names exists, every `make`
+target it names is in the Makefile. The README's prose is read by people; this keeps its code honest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from conftest import invoke_cli
+from ssit_dist.cli import app, flags_as_overrides
+from ssit_dist.config.loading import load_config
+from ssit_dist.config.schema import FinetuneConfig, PretrainConfig, SegmentConfig
+from ssit_dist.fields import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# The trainers whose extra arguments are field=value overrides (and, for the Accelerate ones, --field flags).
+TRAINERS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig}
+FLAG_FIELDS = ("finetune", "segment")  # `--run-dir X` is `run_dir=X` there (cli.flags_as_overrides)
+# Top-level entries a path in the README may start with; others (runs/, demo_out/, /data) are what its
+# commands write or a user's own.
+PROJECT_PATHS = re.compile(r"^(ssit_dist|launch|ds_configs|tests|bench|shards|\.ci)(/[\w.@-]*)*/?$")
+ROOT_FILES = {"Makefile", "README.md", "pyproject.toml", "requirements.lock", "LICENSE"}
+
+
+@dataclass(frozen=True)
+class Code:
+    heading: str  # the section it is in
+    text: str  # an inline code span, or one line of a code block (continuation lines joined)
+
+
+def code_in(markdown: str) -> Iterator[Code]:
+    """Inline code spans (a span may wrap lines) and code-block lines (indented 4, after a blank line)."""
+    heading, paragraph, block, previous_blank = "", [], [], True
+    for line in markdown.splitlines() + [""]:
+        indented = line.startswith("    ") and bool(line.strip())
+        if block and (indented or not line.strip()):  # a block runs until text that is not indented
+            block += [line.strip()] if indented else []
+            continue
+        if block:
+            yield from (Code(heading, text) for text in _block_lines(block))
+            block = []
+        if indented and previous_blank and not paragraph:
+            block = [line.strip()]
+            continue
+        if line.startswith("#") or not line.strip():
+            yield from (Code(heading, span) for span in re.findall(r"`([^`]+)`", " ".join(paragraph)))
+            paragraph = []
+            heading = line.lstrip("#").strip() if line.startswith("#") else heading
+        else:
+            paragraph.append(line.strip())
+        previous_blank = not line.strip()
+
+
+def _block_lines(lines: list[str]) -> list[str]:
+    """A code block's commands: lines ending in `\\` joined with the next."""
+    out, current = [], ""
+    for line in lines:
+        current += line.removesuffix("\\") + " "
+        if not line.endswith("\\"):
+            out.append(" ".join(current.split()))
+            current = ""
+    return out + ([current.strip()] if current.strip() else [])
+
+
+def invocations(code: Code) -> Iterator[list[str]]:
+    """The words after each `ssit-dist` (or `.venv/bin/ssit-dist`) up to the end of its command."""
+    words = code.text.split()
+    for i, word in enumerate(words):
+        if word.strip("`'\"").split("/")[-1] == "ssit-dist":
+            rest = []
+            for w in words[i + 1 :]:
+                if w in ("|", ";", "&&", "(or") or w.startswith("#"):
+                    break
+                rest.append(w)
+            yield rest
+
+
+def _commands() -> dict[str, click.Command]:
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}  # type: ignore[misc]
+
+
+def _options(command: click.Command) -> set[str]:
+    return {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")} | {"--help"}
+
+
+def _unknown_options(name: str, words: list[str], commands: dict[str, click.Command]) -> list[str]:
+    """The option words that `ssit-dist NAME` does not take (declared, or a trainer's field flags)."""
+    known, unknown = _options(commands[name]), []
+    for word in words:
+        option = word.strip("[]'\"").split("=")[0]
+        if not option.startswith("-") or option in known or option in ("-", "--"):
+            continue
+        if name in FLAG_FIELDS:
+            try:
+                flags_as_overrides([option, "x"], TRAINERS[name])
+                continue
+            except ValueError:
+                pass
+        unknown.append(option)
+    return unknown
+
+
+def _unknown_fields(name: str, words: list[str]) -> list[str]:
+    """The `field=value` words that are no field of trainer NAME's config (the loader's own check)."""
+    unknown = []
+    for word in words:
+        word = word.strip("[]'\"")
+        field, sep, _ = word.partition("=")
+        if not sep or not re.fullmatch(r"[a-z_][a-z0-9_.]*", field):
+            continue
+        try:
+            load_config(None, [f"{field}=null"], TRAINERS[name])
+        except ConfigError as e:
+            if "unknown field" in str(e):
+                unknown.append(field)
+    return unknown
+
+
+def test_every_ssit_dist_command_option_and_field_the_readme_writes_exists() -> None:
+    commands = _commands()
+    problems: list[str] = []
+    seen = 0
+    for code in code_in(README.read_text()):
+        for words in invocations(code):
+            if not words or words[0].startswith(("-", "[")):
+                continue
+            seen += 1
+            names = words[0].strip("`'\"").split("|")
+            if any(n not in commands for n in names):
+                problems.append(f"{code.heading}: `ssit-dist {' '.join(words)}`: no command {words[0]}")
+                continue
+            for name in names:
+                args = words[1:]
+                if name == "slurm":  # `ssit-dist slurm pretrain|finetune [options] ARGS`: ARGS go to the trainer
+                    trainers = args[0].split("|") if args else []
+                    problems += [f"`ssit-dist slurm {t}`: no trainer {t}" for t in trainers if t not in TRAINERS]
+                    for trainer in (t for t in trainers if t in TRAINERS):
+                        rest = [w for w in args[1:] if w.strip("[").split("=")[0] not in _options(commands["slurm"])]
+                        problems += [f"{code.text}: {o}" for o in _unknown_options(trainer, rest, commands)]
+                        problems += [f"{code.text}: {f}" for f in _unknown_fields(trainer, rest)]
+                    continue
+                problems += [f"{code.text}: no option {o} of {name}" for o in _unknown_options(name, args, commands)]
+                if name in TRAINERS:
+                    problems += [f"{code.text}: no field {f} of {name}" for f in _unknown_fields(name, args)]
+                if name == "config" and args and not args[0].startswith(("-", "(")):
+                    if invoke_cli("config", args[0].strip("`"), check=False).exit_code != 0:
+                        problems.append(f"{code.text}: `ssit-dist config {args[0]}` fails")
+    assert seen > 40, f"only {seen} ssit-dist commands found: is the README parsed?"
+    assert not problems, "\n".join(problems)
+
+
+def test_every_option_in_a_command_section_exists() -> None:
+    """A lone `--option` span in a section about `ssit-dist CMD` is an option of some ssit-dist command."""
+    commands = _commands()
+    every = set().union(*(_options(c) for c in commands.values()))
+    problems = []
+    for code in code_in(README.read_text()):
+        if not code.heading.startswith("`ssit-dist ") or not code.text.startswith("--"):
+            continue
+        option = code.text.split()[0].split("=")[0]
+        flags = any(not _unknown_options(t, [option], commands) for t in FLAG_FIELDS)
+        if option not in every and not flags:
+            problems.append(f"{code.heading}: `{code.text}`: no ssit-dist command takes {option}")
+    assert not problems, "\n".join(problems)
+
+
+def _wheel_paths() -> dict[str, str]:
+    """`ssit_dist/configs` -> `launch/configs`: folders that are packages only inside the wheel (read as
+    text, like test_layout: tomllib is Python 3.11+)."""
+    line = re.search(r"^package-dir = \{(.*)\}", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert line, "pyproject.toml has no [tool.setuptools] package-dir"
+    return {package.replace(".", "/"): folder for package, folder in re.findall(r'"([\w.]+)" = "([\w/]+)"', line[1])}
+
+
+def _named_paths(markdown: str) -> Iterator[tuple[str, str]]:
+    for code in code_in(markdown):
+        for word in code.text.split():
+            word = word.strip("`'\"[](),;:")
+            if PROJECT_PATHS.match(word) or word in ROOT_FILES:
+                yield code.heading, word
+    for target in re.findall(r"\]\(([^)#][^)]*)\)", markdown):
+        if not target.startswith(("http://", "https://")):
+            yield "link", target
+
+
+def test_every_project_path_the_readme_names_exists() -> None:
+    wheel = _wheel_paths()
+    problems, seen = [], 0
+    for heading, path in _named_paths(README.read_text()):
+        first = path.split("/")[0]
+        if first == "shards" and path.rstrip("/") not in ("shards", "shards/README.md"):
+            continue  # the folders under shards/ are what the README's `ssit-dist shard` commands write
+        for package, folder in wheel.items():  # a package only the wheel has, e.g. ssit_dist/configs
+            if path.rstrip("/") == package or path.startswith(package + "/"):
+                path = folder + path[len(package) :]
+        seen += 1
+        if not (ROOT / path).exists():
+            problems.append(f"{heading}: {path}")
+    assert seen > 50, f"only {seen} paths found: is the README parsed?"
+    assert not problems, "README names paths that do not exist:\n" + "\n".join(problems)
+
+
+def _defines(source: str, name: str) -> bool:
+    return re.search(rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]", source, re.M) is not None
+
+
+def test_every_module_and_function_the_readme_names_exists() -> None:
+    """`ssit_dist.models.batchnorm.convert_batchnorm(module)`: the module file exists and defines the name."""
+    problems, seen = [], 0
+    for code in code_in(README.read_text()):
+        for dotted in re.findall(r"\bssit_dist(?:\.\w+)+", code.text):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                base = ROOT / Path(*parts[:cut])
+                module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+                if module.is_file():
+                    break
+            else:
+                problems.append(f"{code.heading}: {dotted}: no such module")
+                continue
+            seen += 1
+            if cut < len(parts) and not _defines(module.read_text(), parts[cut]):
+                problems.append(f"{code.heading}: {dotted}: {module.relative_to(ROOT)} defines no {parts[cut]}")
+    assert seen > 15 and not problems, "\n".join(problems)
+
+
+def _anchor(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_every_link_into_the_readme_and_every_make_target_exists() -> None:
+    text = README.read_text()
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links and not [a for a in links if a not in anchors], f"links to no heading: {set(links) - anchors}"
+    targets = set(re.findall(r"^([\w.-]+):(?!=)", (ROOT / "Makefile").read_text(), re.M))
+    named = {
+        words[words.index("make") + 1]
+        for code in code_in(text)
+        for words in [code.text.split()]
+        if "make" in words[:-1] and "=" not in words[words.index("make") + 1]
+    }
+    assert len(named) >= 6, named
+    assert named <= targets, f"make targets the README names but the Makefile lacks: {sorted(named - targets)}"
+
+
+@pytest.mark.parametrize(
+    "markdown, found",
+    [
+        ("Run `ssit-dist shard A B --size 64` now.", ["ssit-dist shard A B --size 64"]),
+        ("A span that `wraps\nacross lines` here.", ["wraps across lines"]),
+        ("text\n\n    ssit-dist pretrain \\\n        --nproc 2\n\nafter", ["ssit-dist pretrain --nproc 2"]),
+    ],
+)
+def test_the_readme_parser_finds_spans_and_joined_block_lines(markdown: str, found: list[str]) -> None:
+    assert [c.text for c in code_in(markdown)][-len(found) :] == found
