@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -143,6 +144,22 @@ def shutdown() -> None:
     if is_distributed():
         torch_dist.destroy_process_group()
         time.sleep(0.2)
+
+
+def release_shared_memory_names(device: torch.device) -> None:
+    """DeepSpeed's CPU collectives give each rank a buffer in /dev/shm (about 70 MB, named
+    deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK) and never remove the name, so every CPU run leaks one
+    per rank until the machine's memory runs out. Every rank maps every buffer before its init returns;
+    once all ranks are past it (the barrier), each removes its own name: the mappings live on until the
+    processes exit, and nothing is left behind however they exit. Collective; call it right after
+    `deepspeed.init_distributed`."""
+    if device.type != "cpu" or not is_distributed():
+        return
+    barrier(device)
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{torch_dist.get_rank()}").unlink(
+        missing_ok=True
+    )
 
 
 def barrier(device: torch.device) -> None:

@@ -40,6 +40,7 @@ from ssit_dist.dist import (
     on_rank_zero,
     problems_on_ranks,
     rank,
+    release_shared_memory_names,
     world_size,
 )
 from ssit_dist.eval.retrieval import fixed_pairs
@@ -244,6 +245,7 @@ def start_process_group(cfg: PretrainConfig) -> torch.device:
 
     device = init_process_group(cfg.dist_timeout_s)
     deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
+    release_shared_memory_names(device)
     _log_placement(device)
     return device
 
