@@ -240,7 +240,10 @@ class TwoNodeSlurm(LocalSlurm):
     def stop(self) -> None:
         super().stop()
         time.sleep(1)  # the daemons leave their namespaces
-        for ns in self.namespaces:
+        # A namespace outlives `ip netns del` while any process still holds it, and with it the veth pair
+        # whose host end sits on the bridge: deleting that end deletes both.
+        for i, ns in enumerate(self.namespaces, 1):
+            subprocess.run(["ip", "link", "del", f"{self.bridge}v{i}"], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
