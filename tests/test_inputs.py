@@ -33,7 +33,7 @@ def test_parse_split_rejects_bad_specs() -> None:
 
 
 def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
-    touch_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    touch_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"])
     csv = tmp_path / "labels.csv"
     csv.write_text(
         "image,grade,source\n"
@@ -43,17 +43,18 @@ def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
         "a.jpg,2,x\n"  # line 5: duplicate of line 2
         "c.jpg,1\n"  # line 6: malformed
         "d.jpg,two,x\n"  # line 7: not an integer
+        "e.jpg,2.5,x\n"  # line 8: not an integer either (2.0 would be grade 2)
     )
     labels = read_labels([csv], tmp_path)
     grades, problems = labels.grades, labels.problems
     assert grades == {"a.jpg": 0}
     by_line = {p.line: p.reason for p in problems}
-    assert set(by_line) == {3, 4, 5, 6, 7}
+    assert set(by_line) == {3, 4, 5, 6, 7, 8}
     assert "outside 0-4" in by_line[3]
     assert "missing.jpg" in by_line[4]
     assert "first on line 2" in by_line[5]
     assert "malformed" in by_line[6]
-    assert "'two'" in by_line[7]
+    assert "'two'" in by_line[7] and "'2.5'" in by_line[8]
     assert str(problems[0]).startswith("labels.csv:3: ")
 
 

@@ -102,11 +102,12 @@ def test_ddr_split_files_keep_the_official_splits_and_exclude_ungradable(tmp_pat
 
 def test_messidor2_grades_file_excludes_ungradable_rows(tmp_path: Path) -> None:
     """messidor_data.csv `image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable`; ungradable rows
-    (gradable 0, no grade) excluded and counted; image_id with its extension, .png and .JPG on disk."""
+    (gradable 0, no grade) excluded and counted; image_id with its extension, .png and .JPG on disk; a
+    grade written 3.0 (as a pandas round trip of the file writes it) is grade 3."""
     names = [f"20051020_4{k:04d}_0100_PP.png" for k in range(8)] + [f"IM00{k:04d}.JPG" for k in range(4)]
     photographs(tmp_path / "IMAGES", names)
     rows = ["image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable"]
-    rows += [f"{n},,,0" if k in (2, 9) else f"{n},{k % 5},{k % 2},1" for k, n in enumerate(names)]
+    rows += [f"{n},,,0" if k in (2, 9) else f"{n},{k % 5}{'.0' * (k == 3)},{k % 2},1" for k, n in enumerate(names)]
     (tmp_path / "messidor_data.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     invoke_cli("shard", tmp_path, out, "--labels", tmp_path / "messidor_data.csv", *SMALL)

@@ -210,7 +210,7 @@ def _add_row(
     if problem is not None or rel is None:
         labels.problems.append(Problem(label_file.path.name, str(problem), row.line))
         return
-    labels.grades[rel] = int(row.grade)
+    labels.grades[rel] = int(float(row.grade))  # _row_problem accepted it: an integer, perhaps written 2.0
     if group is not None:
         labels.groups[rel] = group
     if label_file.split is not None:
@@ -219,11 +219,15 @@ def _add_row(
 
 
 def _row_problem(rel: str, grade_text: str, first: dict[str, tuple[str, int]], file: str) -> str | None:
-    """Why a row's grade cannot be used for `rel`, or None."""
+    """Why a row's grade cannot be used for `rel`, or None. `2.0` is grade 2: a spreadsheet or pandas
+    that saw an empty cell in the column writes every grade as a float."""
     try:
-        grade = int(grade_text)
+        value = float(grade_text)
     except ValueError:
+        value = 0.5
+    if not value.is_integer():
         return f"grade {grade_text!r} of {rel} is not an integer 0-4"
+    grade = int(value)
     if not 0 <= grade < NUM_GRADES:
         return f"grade {grade} of {rel} is outside 0-4"
     if rel in first:
