@@ -88,7 +88,8 @@ def test_index_fields_and_sha256(packed: tuple[Path, str]) -> None:
     info = json.loads((out / "_info.json").read_text())
     assert info["format_version"] == 1 and info["tool_version"]
     assert info["parameters"]["size"] == 512 and info["parameters"]["saliency"] == "fine_grained"
-    assert info["parameters"]["labels"] == "labels.csv" and info["parameters"]["split"] == SPLIT
+    assert info["parameters"]["labels"] == ["labels.csv"] and info["parameters"]["labels_format"] == "plain"
+    assert info["parameters"]["split"] == SPLIT
     for split in info["splits"].values():
         assert set(split) >= {"name", "num_samples", "filenames", "shard_lengths", "sha256", "label_histogram"}
         assert sum(split["shard_lengths"]) == split["num_samples"]
