@@ -18,6 +18,7 @@ the ratios as closely as whole groups allow.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import defaultdict
@@ -224,7 +225,7 @@ def _row_problem(rel: str, grade_text: str, first: dict[str, tuple[str, int]], f
     try:
         value = float(grade_text)
     except ValueError:
-        value = 0.5
+        value = math.nan
     if not value.is_integer():
         return f"grade {grade_text!r} of {rel} is not an integer 0-4"
     grade = int(value)
