@@ -15,14 +15,13 @@ On this CPU, within a time budget (default 38 minutes in all):
 `--features FILE` evaluates features computed elsewhere (an .npz of ssit_dist/eval/features_file.py,
 e.g. from the GPU run) with the same code, and skips steps 1-2.
 
-    python bench/experiments/quality.py [--images DIR] [--eval-data DIR ... [--labels CSV ...]]
+    python bench/experiments/quality.py [--images DIR] [--eval-data DIR ... [--labels FILE ...]]
         [--budget MIN] [--seeds 3] [--features FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import tempfile
@@ -34,7 +33,8 @@ import numpy as np
 import torch
 
 from ssit_dist.config import PretrainConfig, load_config
-from ssit_dist.data.packing.inputs import sample_key
+from ssit_dist.data.packing.inputs import read_labels, sample_key
+from ssit_dist.data.packing.label_formats import read_label_file
 from ssit_dist.eval.floors import floor_features_of_files
 from ssit_dist.info import collect
 from ssit_dist.models.ssit import ModelConfig
@@ -111,16 +111,21 @@ class Graded:
 
 
 def read_graded(folders: list[Path], labels: list[Path]) -> Graded:
-    """The labels CSVs (columns image,grade; patient optional) of the evaluation folders."""
+    """The labels of the evaluation folders, read as `ssit-dist shard` reads them (any format it knows,
+    ungradable rows excluded), so that the keys are the packed samples'; the patient from a `patient`
+    column (EyePACS: from the name) where there is one. Rows the packer skips are skipped here, named."""
     keys, files, grades, patients = [], [], [], []
-    for folder, csv_path in zip(folders, labels, strict=True):
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                keys.append(f"{folder.name}/{sample_key(row['image'])}")
-                files.append(folder / row["image"])
-                grades.append(int(row["grade"]))
-                patient = (row.get("patient") or "").strip()
-                patients.append(f"{folder.name}/{patient}" if patient else None)
+    for folder, path in zip(folders, labels, strict=True):
+        rows = read_label_file(path).rows
+        read = read_labels([path], folder, "patient" if rows and "patient" in rows[0].columns else None)
+        for problem in read.problems:
+            print(f"skipped {problem}", flush=True)
+        for rel, grade in read.grades.items():
+            keys.append(f"{folder.name}/{sample_key(rel)}")
+            files.append(folder / rel)
+            grades.append(grade)
+            patient = read.groups.get(rel)
+            patients.append(f"{folder.name}/{patient}" if patient else None)
     return Graded(keys, files, grades, patients, folders)
 
 
@@ -165,7 +170,13 @@ def parse_args() -> argparse.Namespace:
         default=[FUNDUS / "graded", FUNDUS / "graded_natural"],
         help="Folders of graded photographs, each with its labels.csv (image,grade[,patient]).",
     )
-    parser.add_argument("--labels", type=Path, nargs="+", default=None, help="A labels CSV per --eval-data folder.")
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="A labels file per --eval-data folder, in any format `ssit-dist shard` reads (default: its labels.csv).",
+    )
     parser.add_argument("--budget", type=float, default=38.0, help="Minutes for the whole benchmark.")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="Keep shards, runs and logs here.")
@@ -277,7 +288,7 @@ def main() -> None:
             print(json.dumps({"skipped": f"{folder} not found: pass --images / --eval-data (../shared is absent)"}))
             return
     if len(labels) != len(args.eval_data) or not all(p.is_file() for p in labels):
-        raise SystemExit(f"labels {labels}: give one CSV (image,grade[,patient]) per --eval-data folder")
+        raise SystemExit(f"labels {labels}: give one labels file (image,grade[,patient], or a public set's) per folder")
     started = time.perf_counter()
     graded = read_graded(args.eval_data, labels)
     floors = floor_features_of_files(graded.files)
