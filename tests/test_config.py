@@ -71,6 +71,8 @@ def test_every_shipped_ds_config_fills(name: str) -> None:
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(1e-3 * 32 / 512)
     assert "auto" not in json.dumps(ds)
+    # DeepSpeed's throughput timer syncs the device twice per micro-batch: every shipped config has it off.
+    assert json.loads((DS / name).read_text())["timers"] == {"throughput": {"enabled": False}}
 
 
 def test_bad_ds_configs_fail_fast_naming_the_key(tmp_path: Path) -> None:
@@ -90,6 +92,22 @@ def test_bad_ds_configs_fail_fast_naming_the_key(tmp_path: Path) -> None:
         deepspeed_config(bad, cfg, 2)
     with pytest.raises(ConfigError, match="ds_config .* not found"):
         deepspeed_config(tmp_path / "nope.json", cfg, 2)
+    bad.write_text(json.dumps({"timers": {"throughput": {"enabled": False, "synchronised": False}}}))
+    with pytest.raises(ConfigError, match="timers.throughput: .*synchronised"):
+        deepspeed_config(bad, cfg, 2)
+    bad.write_text(json.dumps({"timers": {"thruput": {"enabled": False}}}))
+    with pytest.raises(ConfigError, match="timers must be"):
+        deepspeed_config(bad, cfg, 2)
+
+
+def test_a_ds_config_without_timers_runs_with_the_throughput_timer_off(tmp_path: Path) -> None:
+    from deepspeed.utils.config import get_timers_config
+
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert get_timers_config(deepspeed_config(mine, PretrainConfig(global_batch=32), 2)).enabled is False
+    mine.write_text(json.dumps({"timers": {"throughput": {"enabled": True}}}))  # asked for: kept
+    assert get_timers_config(deepspeed_config(mine, PretrainConfig(global_batch=32), 2)).enabled is True
 
 
 def test_schedules() -> None:

@@ -6,12 +6,15 @@ so the two never disagree.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ssit_dist.config.loading import shipped_ds_config
 from ssit_dist.config.schema import PretrainConfig
 from ssit_dist.fields import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def batch_layout(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
@@ -56,7 +59,12 @@ DEEPSPEED_KEYS = {
     "comms_logger",
     "seq_parallel_communication_data_type",
     "dump_state",
+    "timers",
 }
+
+# DeepSpeed's throughput timer syncs the device at the start and end of every micro-batch (from the
+# second step on) unless the config turns it off; the run measures its own throughput without syncing
+# (metrics.jsonl). Off unless a config asks for it.
 
 
 def deepspeed_config(path: str | Path, cfg: PretrainConfig, world: int) -> dict[str, Any]:
@@ -78,6 +86,7 @@ def deepspeed_config(path: str | Path, cfg: PretrainConfig, world: int) -> dict[
         DeepSpeedZeroConfig(**zero)
     except Exception as e:  # pydantic's ValidationError names the offending key
         raise ConfigError(f"ds_config {path}: zero_optimization: {' '.join(str(e).split()[:12])}") from None
+    _check_timers(path, ds)
     stage = zero.get("stage", 0)
     if "offload_param" in zero and stage != 3:
         raise ConfigError(f"ds_config {path}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
@@ -102,3 +111,24 @@ def deepspeed_config(path: str | Path, cfg: PretrainConfig, world: int) -> dict[
         if params.get(key) == "auto":
             params[key] = value
     return ds
+
+
+def _check_timers(path: Path, ds: dict[str, Any]) -> None:
+    """`timers` checked as DeepSpeed reads it (only `throughput`, with its own fields), and filled with
+    the timer off where the config does not mention it."""
+    timers = ds.setdefault("timers", {"throughput": {"enabled": False}})
+    if not isinstance(timers, dict) or set(timers) - {"throughput"}:
+        raise ConfigError(f'ds_config {path}: timers must be {{"throughput": {{...}}}}, got {timers!r}')
+    try:
+        from deepspeed.utils.config import get_timers_config
+
+        throughput = get_timers_config(ds)
+    except Exception as e:  # pydantic's ValidationError names the offending key
+        raise ConfigError(f"ds_config {path}: timers.throughput: {' '.join(str(e).split()[:12])}") from None
+    if throughput.enabled and throughput.synchronized:
+        log.warning(
+            "ds_config %s turns DeepSpeed's throughput timer on: it syncs the device twice per micro-batch "
+            '(GPU idle while the host prepares the next one); "timers": {"throughput": {"enabled": false}} '
+            "turns it off, metrics.jsonl measures throughput without it",
+            path,
+        )

@@ -76,7 +76,8 @@ def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
             "shuffle_buffer": cfg.data.shuffle_buffer,
         },
         "model": asdict(cfg.model),
-        "ds_config": inputs.ds_config,
+        # DeepSpeed's timers change no number of the run: a resume may turn them on or off.
+        "ds_config": {key: value for key, value in inputs.ds_config.items() if key != "timers"},
         "shards": [
             {"url": url, "samples": n, "bytes": size, "sha256": digest}
             for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256, strict=True)
