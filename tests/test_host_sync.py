@@ -1,15 +1,19 @@
-"""The training loop's hot path never waits for the device between sync points.
+"""The training loops' hot paths never wait for the device between sync points.
 
-Two real gloo ranks each run `pretrain` (real DeepSpeed engine, real shards of real photographs) with
-every way a tensor's value can reach the host counted: `item`, `tolist`, `bool`, `float`, `int`,
-`cpu` and `numpy`. On a GPU each of these blocks the host until the device has caught up; on the CPU
-nothing blocks, so the count is what can be tested here, and it is the same code that runs on a GPU.
+Two real gloo ranks each run `pretrain` (real DeepSpeed engine, real shards of real photographs), or
+`finetune` (real Accelerate), with every way the host can wait for the device counted:
+- a tensor's value reaching the host: `item`, `tolist`, `bool`, `float`, `int`, `cpu` and `numpy`;
+- an explicit synchronisation: DeepSpeed's `get_accelerator().synchronize()`, `torch.cuda.synchronize`,
+  `torch.accelerator.synchronize`, and `synchronize` of a CUDA stream or event (or torch's generic ones).
+On a GPU each of these blocks the host until the device has caught up; on the CPU nothing blocks, so the
+count is what can be tested here, and it is the same code that runs on a GPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -26,51 +30,98 @@ pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFERS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-OFF_THE_HOT_PATH = {"save", "_view_retrieval"}  # loop.py's checkpoint and view retrieval, at sync points only
 
 
-def _where(frame) -> str | None:  # type: ignore[no-untyped-def]
-    """Who asked for the value: 'ssit_dist', 'deepspeed' or 'torch' (the caller's package), or None
-    where the loop was checkpointing or measuring retrieval, or outside the loop altogether."""
-    caller, in_loop = frame.f_code.co_filename, False
-    while frame is not None:
-        if frame.f_code.co_filename.endswith(os.path.join("ssit_dist", "train", "loop.py")):
-            if frame.f_code.co_name in OFF_THE_HOT_PATH:
-                return None
-            in_loop = in_loop or frame.f_code.co_name == "train"
-        frame = frame.f_back
-    if not in_loop:
-        return None
-    for package in ("ssit_dist", "deepspeed", "torch"):
-        if f"{os.sep}{package}{os.sep}" in caller:
-            return package
-    return "other"
+class Scope:
+    """Which calls count: those made (at any depth) inside `function` of the package file `path`, except
+    inside the functions named in `off_the_hot_path` (a checkpoint, a view retrieval: sync points only)."""
+
+    def __init__(self, path: str, function: str, off_the_hot_path: frozenset[str] = frozenset()):
+        self.path, self.function, self.off_the_hot_path = path, function, off_the_hot_path
+
+    def where(self, frame) -> str | None:  # type: ignore[no-untyped-def]
+        """Who asked: 'ssit_dist', 'deepspeed', 'accelerate' or 'torch' (the caller's package), or None
+        outside the scope."""
+        caller, inside = frame.f_code.co_filename, False
+        while frame is not None:
+            if frame.f_code.co_filename.endswith(self.path):
+                if frame.f_code.co_name in self.off_the_hot_path:
+                    return None
+                inside = inside or frame.f_code.co_name == self.function
+            frame = frame.f_back
+        if not inside:
+            return None
+        for package in ("ssit_dist", "deepspeed", "accelerate", "torch"):
+            if f"{os.sep}{package}{os.sep}" in caller:
+                return package
+        return "other"
 
 
-def _count_transfers(counts: Counter) -> None:
-    for name in TRANSFERS:
-        original = getattr(torch.Tensor, name)
+PRETRAIN_LOOP = Scope(os.path.join("ssit_dist", "train", "loop.py"), "train", frozenset({"save", "_view_retrieval"}))
+FINETUNE_EPOCH = Scope(os.path.join("ssit_dist", "train", "finetune_loop.py"), "train_one_epoch")
 
-        def counted(self, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
-            where = _where(sys._getframe(1))
+
+def _synchronizers() -> list[tuple[object, str, str]]:
+    """(owner, attribute, counted name) of every device synchronisation a training run can ask for.
+    torch's device-generic `torch.Stream` and `torch.Event` are C types that cannot be wrapped; the
+    package uses torch.cuda's (`test_the_package_uses_only_streams_the_count_sees`)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return [
+        (type(get_accelerator()), "synchronize", "accelerator.synchronize"),
+        (torch.cuda, "synchronize", "cuda.synchronize"),
+        (torch.cuda.Stream, "synchronize", "stream.synchronize"),
+        (torch.cuda.Event, "synchronize", "event.synchronize"),
+        (torch.accelerator, "synchronize", "torch.accelerator.synchronize"),
+        (torch.cpu, "synchronize", "cpu.synchronize"),
+    ]
+
+
+def _count(counts: Counter, scope: Scope) -> None:
+    """Wrap every read and synchronisation so that each call inside `scope` adds to `counts`."""
+    targets = [(torch.Tensor, name, name) for name in TRANSFERS] + _synchronizers()
+    for owner, attribute, label in targets:
+        original = getattr(owner, attribute)
+
+        def counted(*args, _original=original, _label=label, **kwargs):  # type: ignore[no-untyped-def]
+            where = scope.where(sys._getframe(1))
             if where is not None:
-                counts[f"{where}:{_name}"] += 1
-            return _original(self, *args, **kwargs)
+                counts[f"{where}:{_label}"] += 1
+            return _original(*args, **kwargs)
 
-        setattr(torch.Tensor, name, counted)
+        setattr(owner, attribute, counted)
 
 
-def _rank(rank: int, port: int, cfg: str, out: str) -> None:
+def test_the_package_uses_only_streams_the_count_sees() -> None:
+    uses = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "ssit_dist").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "torch.Stream" in line or "torch.Event" in line
+    ]
+    assert not uses, f"torch.Stream/torch.Event cannot be counted by this module; use torch.cuda's: {uses}"
+
+
+def syncs(counts: dict) -> dict:
+    """The explicit synchronisations among `counts`."""
+    return {key: n for key, n in counts.items() if key.split(":", 1)[1] not in TRANSFERS}
+
+
+def _rank(rank: int, port: int, cfg: str, out: str, task: str = "pretrain") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from ssit_dist.config import load_config
+    from ssit_dist.config import FinetuneConfig, load_config
     from ssit_dist.dist import shutdown
+    from ssit_dist.train.finetune import finetune
     from ssit_dist.train.pretrain import pretrain
 
     counts: Counter = Counter()
-    _count_transfers(counts)
+    _count(counts, PRETRAIN_LOOP if task == "pretrain" else FINETUNE_EPOCH)
     try:
-        pretrain(load_config(cfg))
+        if task == "pretrain":
+            pretrain(load_config(cfg))
+        else:
+            finetune(load_config(cfg, kind=FinetuneConfig))
     except Exception as e:  # what this rank raised, for the test to read
         Path(out, f"rank{rank}.error").write_text(f"{type(e).__name__}: {e}")
     finally:
@@ -104,19 +155,25 @@ def write_config(tmp_path: Path, shards: Path, name: str, **fields: object) -> P
     return cfg
 
 
-def start(cfg: Path, out: Path) -> mp.ProcessContext:
+def start(cfg: Path, out: Path, task: str = "pretrain") -> mp.ProcessContext:
     out.mkdir()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    return mp.start_processes(_rank, args=(free_port(), str(cfg), str(out)), nprocs=2, start_method="spawn", join=False)
+    args = (free_port(), str(cfg), str(out), task)
+    return mp.start_processes(_rank, args=args, nprocs=2, start_method="spawn", join=False)
+
+
+def counted_run(cfg: Path, out: Path, task: str = "pretrain") -> dict:
+    """Rank 0's counts of a run of `task` on 2 ranks."""
+    start(cfg, out, task).join()
+    assert not list(out.glob("*.error")), [e.read_text() for e in out.glob("*.error")]
+    return json.loads((out / "rank0.json").read_text())
 
 
 def run(tmp_path: Path, shards: Path, name: str, **fields: object) -> tuple[dict, list[dict]]:
-    out = tmp_path / f"{name}_counts"
-    start(write_config(tmp_path, shards, name, **fields), out).join()
-    assert not list(out.glob("*.error")), [e.read_text() for e in out.glob("*.error")]
+    counts = counted_run(write_config(tmp_path, shards, name, **fields), tmp_path / f"{name}_counts")
     metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((out / "rank0.json").read_text()), metrics
+    return counts, metrics
 
 
 def ours(counts: dict) -> int:
@@ -128,6 +185,7 @@ def test_the_loop_reads_the_device_once_per_log_interval(shards: Path, tmp_path:
     # 8 steps, log_every 4: sync points after steps 4 and 8, plus the one agreement on the run's very
     # first batch (no earlier batch to fall back on): 3 reads of the device, whatever the step count.
     assert ours(counts) == 3, counts
+    assert syncs(counts) == {}, counts  # and no synchronisation at all: DeepSpeed's throughput timer is off
     assert [r["step"] for r in metrics] == list(range(1, 9))  # every step still reported, at the sync points
     assert all(r["contrastive_loss"] > 0 and r["saliency_loss"] > 0 for r in metrics)
     assert all(r["pairs_per_s"] == metrics[0]["pairs_per_s"] for r in metrics[:4])  # the interval's average
@@ -141,11 +199,23 @@ def test_the_loop_reads_the_device_once_per_log_interval(shards: Path, tmp_path:
     assert sum(n for key, n in every_step.items() if not key.startswith("ssit_dist:")) == deepspeed
 
 
+def test_the_count_sees_deepspeeds_throughput_timer_when_a_config_turns_it_on(shards: Path, tmp_path: Path) -> None:
+    # The shipped configs turn the timer off. On, it syncs the device at the start (forward) and the end
+    # (step) of every micro-batch from its third on (it starts timing at global step 2): 2 x 6 of 8 steps.
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["timers"] = {"throughput": {"enabled": True}}
+    (tmp_path / "timer_on.json").write_text(json.dumps(ds))
+    counts, _ = run(tmp_path, shards, "timer_on", log_every=4, ds_config=str(tmp_path / "timer_on.json"))
+    assert syncs(counts) == {"deepspeed:accelerator.synchronize": 2 * (8 - 2)}, counts
+    assert ours(counts) == 3, counts
+
+
 def test_the_device_augmentation_path_trains_without_reading_the_device(shards: Path, tmp_path: Path) -> None:
     # data.augment_on=gpu: workers hand over JPEG bytes and drawn parameters, the training process decodes
     # and augments; everything it decides per sample comes from host-side numbers, so the count stays 3.
     counts, metrics = run(tmp_path, shards, "device_aug", log_every=4, data__augment_on="gpu")
     assert ours(counts) == 3, counts
+    assert syncs(counts) == {}, counts
     assert [r["step"] for r in metrics] == list(range(1, 9))
     assert all(0 < r["contrastive_loss"] < 10 and 0 < r["saliency_loss"] < 10 for r in metrics)
 
@@ -173,3 +243,55 @@ def test_a_rank_whose_loader_dies_stops_every_rank_at_the_next_sync_point(shards
     assert len(logged) % 4 == 0 and len(logged) < 400  # reported only at sync points, stopped long before the end
     latest = (tmp_path / "dies" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{len(logged):08d}"  # nothing saved after the last agreed step
+
+
+@pytest.fixture(scope="module")
+def labelled_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 real graded photographs at 32 px with their grades, split train / val (linked, never copied)."""
+    from conftest import run_cli
+
+    src = tmp_path_factory.mktemp("labelled_src")
+    rows = (graded_dir / "labels.csv").read_text().splitlines()
+    for row in rows[1:41]:
+        (src / row.split(",")[0]).symlink_to(graded_dir / row.split(",")[0])
+    (src / "labels.csv").write_text("\n".join(rows[:41]) + "\n")
+    out = tmp_path_factory.mktemp("labelled") / "graded32"
+    run_cli(
+        "shard",
+        src,
+        out,
+        "--size",
+        32,
+        "--shard-size",
+        16,
+        "--labels",
+        src / "labels.csv",
+        "--split",
+        "train=0.7,val=0.3",
+    )
+    shutil.rmtree(src)
+    return out
+
+
+def test_a_finetuning_epoch_never_waits_for_the_device(labelled_shards: Path, tmp_path: Path) -> None:
+    # Each epoch's losses add up on the device and are read once, after the epoch (train_epochs): nothing
+    # inside an epoch reads a tensor or synchronises, whatever the number of batches (7 per rank per
+    # epoch here, 2 epochs).
+    body = {
+        "run_dir": str(tmp_path / "finetune"),
+        "train": f"{labelled_shards}:train",
+        "val": f"{labelled_shards}:val",
+        "img_size": 32,
+        "timm_kwargs": {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2},
+        "epochs": 2,
+        "global_batch": 4,
+        "workers": 0,
+        "lr": 0.001,
+    }
+    cfg = tmp_path / "finetune.yaml"
+    cfg.write_text(yaml.safe_dump(body))
+    counts = counted_run(cfg, tmp_path / "finetune_counts", task="finetune")
+    epochs = [json.loads(line) for line in (tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(0 < e["train_loss"] < 100 for e in epochs)
+    assert syncs(counts) == {}, counts
+    assert ours(counts) == 0, counts

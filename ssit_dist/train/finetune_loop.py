@@ -100,8 +100,9 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
         rank = run.accelerator.process_index
         set_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
         run.order.manual_seed(cfg.seed + epoch)
-        losses = train_one_epoch(run)
-        train_loss = mean_over_ranks(float(np.mean(losses)), device)  # a NaN on any rank reaches all
+        loss_sum, batches = train_one_epoch(run)
+        # The epoch's one read of the device; a NaN on any rank reaches all.
+        train_loss = mean_over_ranks(loss_sum.item() / batches if batches else math.nan, device)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}; lower lr (now {cfg.resolved_lr})")
         val = evaluate(run.plain, run.eval_sets["val"], run.accelerator, cfg.eval_batch)["metrics"]
@@ -129,15 +130,18 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
     )
 
 
-def train_one_epoch(run: FinetuneRun) -> list[float]:
+def train_one_epoch(run: FinetuneRun) -> tuple[torch.Tensor, int]:
     """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
-    per optimizer step); the loss of each batch."""
+    per optimizer step); the sum of the batches' losses, on the device, and the number of batches.
+
+    Nothing here reads the device: the losses add up where they are, so the host can queue the next
+    batch while the GPU still computes this one (a `loss.item()` per batch would wait for it)."""
     model, accelerator, optimizer, clip_grad = run.model, run.accelerator, run.optimizer, run.cfg.clip_grad
     model.train()
     if run.cfg.linear:
         run.plain.encoder.eval()  # frozen: no dropout, fixed features
     trainable = [p for p in run.plain.parameters() if p.requires_grad]
-    losses = []
+    loss_sum, batches = torch.zeros((), device=accelerator.device), 0
     for images, grades, _ in run.loader:
         with accelerator.accumulate(model):
             loss = run.plain.loss(model(images), grades)
@@ -148,8 +152,9 @@ def train_one_epoch(run: FinetuneRun) -> list[float]:
             if accelerator.sync_gradients:
                 run.scheduler.step()
             optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+        loss_sum += loss.detach().float()
+        batches += 1
+    return loss_sum, batches
 
 
 def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, val: dict, improved: bool) -> None:
