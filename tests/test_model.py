@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -295,14 +296,29 @@ def test_attention_kernels_compute_the_same_function(attention: str) -> None:
 
 @pytest.mark.slow  # inductor compiles C++ in worker processes
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # dynamo's own probing
-def test_compiled_model_trains_like_the_eager_one() -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["blocks", "checkpointed"])
+def test_compiled_model_trains_like_the_eager_one(checkpointing: bool) -> None:
     from torch._dynamo.utils import counters
 
     from ssit_dist.models.compile import compile_model
 
     torch._dynamo.reset()
     counters.clear()
-    eager, compiled = tiny().train(), tiny().train()
+    eager, compiled = tiny(grad_checkpointing=checkpointing).train(), tiny(grad_checkpointing=checkpointing).train()
+    # Each call of a block counts itself as eager (slot 0) or compiled (slot 1): dynamo traces the hook
+    # with is_compiling() True, so the graph adds to slot 1 at every run; an eager call adds to slot 0.
+    # A tensor, not a list: dynamo would guard on a list's length and recompile at every call.
+    online_calls, momentum_calls = torch.zeros(2), torch.zeros(2)
+
+    def counter(calls: torch.Tensor) -> Callable[..., None]:
+        def count(*_: object) -> None:  # returns None: a pre-hook's result would replace the block's input
+            calls[int(torch.compiler.is_compiling())] += 1
+
+        return count
+
+    for calls, encoder in ((online_calls, compiled.online.encoder), (momentum_calls, compiled.momentum.encoder)):
+        for block in encoder.blocks:
+            block.register_forward_pre_hook(counter(calls))
     reason = compile_model(compiled.online.encoder, compiled.momentum, torch.device("cpu"), 0)
     if reason is not None and "C++ compiler" in reason:
         pytest.skip(reason)
@@ -316,8 +332,16 @@ def test_compiled_model_trains_like_the_eager_one() -> None:
         losses.append([v for s in steps for v in (s.contrastive.item(), s.saliency.item())])
     # Really compiled, not fallen back to eager: dynamo captured graphs and none of its frames failed;
     # the momentum update once for all three m (one graph each for the two encoders' blocks and it).
+    # With checkpointing the query blocks are called one by one: one graph serves both, and the hook of
+    # a block called on its own is a frame of its own (inside the stack's graph it is inlined).
     frames = counters["frames"]
-    assert counters["stats"]["unique_graphs"] == 3 and frames["ok"] == frames["total"], dict(counters)
+    graphs = 4 if checkpointing else 3
+    assert counters["stats"]["unique_graphs"] == graphs and frames["ok"] == frames["total"], dict(counters)
+    # Every block call of both encoders ran compiled: per step each query block once, and once more
+    # when the backward recomputes it; each key block once (no gradients: never checkpointed).
+    depth, steps = len(compiled.online.encoder.blocks), len(momenta)
+    assert online_calls.tolist() == [0, depth * steps * (2 if checkpointing else 1)]
+    assert momentum_calls.tolist() == [0, depth * steps]
     # Inductor fuses and reorders fp32 arithmetic (rounding ~1e-7 relative per op); after two steps at lr
     # 0.1 the losses still agree to 1e-4, while any change of function would move them by far more.
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-4)

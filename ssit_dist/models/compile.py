@@ -2,7 +2,10 @@
 the reason where it cannot.
 
 The blocks hold nearly all of a ViT's work, and their shapes are fixed for a run, so inductor compiles
-each encoder once; the patch embedding, the key network's salient-token selection (a data-dependent
+each encoder once. What is compiled is what models/vit.py `encode` calls: the block stack as one graph,
+or, with model.grad_checkpointing in a forward that records gradients, each block on its own through
+torch.utils.checkpoint (one graph serves every block of an encoder: they differ only in weights, which
+are graph inputs). The patch embedding, the key network's salient-token selection (a data-dependent
 gather) and the heads stay eager. The momentum update's seven memory-bound passes become one per
 tensor (a third of its time on a CPU).
 
@@ -34,7 +37,11 @@ def compile_model(
     # A graph that still fails at its first call runs eagerly instead of ending the run; dynamo logs why.
     torch._dynamo.config.suppress_errors = True
     for encoder in (online_encoder, momentum.encoder):
+        # Both units `encode` may call. A graph is built at its first call, so a run pays compile time
+        # only for the path it takes; inside the stack's graph the blocks' own compiled calls are inlined.
         encoder.blocks.compile()
+        for block in encoder.blocks:
+            block.compile()
     momentum.compile_update()
     return None
 

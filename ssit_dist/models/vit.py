@@ -39,7 +39,8 @@ def patch_size(vit: VisionTransformer) -> int:
 
 def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens after the final norm, (B, N, D). With `keep` (from salient_token_indices) only those tokens
-    enter the transformer; positional embeddings are added before the selection."""
+    enter the transformer; positional embeddings are added before the selection. Calls `vit.blocks`, or
+    each block through checkpoint: models/compile.py compiles both units."""
     tokens = vit._pos_embed(vit.patch_embed(x))
     if keep is not None:
         tokens = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
