@@ -107,3 +107,63 @@ def test_batchnorm_on_one_process_matches_torch_and_takes_bf16_weights() -> None
     out = converted(x.bfloat16())
     assert out.dtype == torch.bfloat16 and converted.running_mean.dtype == torch.float32
     torch.testing.assert_close(out, reference(x.bfloat16().float()).bfloat16())
+
+
+def near_constant_features() -> torch.Tensor:
+    """(6, 3), three rows per rank: 999.9 in every row, whose fp32 E[x^2] - mean^2 is -0.125 (each rank's
+    sums of three equal values round once in any order, so every CPU computes the same), a near-constant
+    feature of large magnitude (spread 1e-3 at 1000: the cancellation leaves rounding noise of either
+    sign), and an ordinary one."""
+    g = torch.Generator().manual_seed(0)
+    rows = 6
+    return torch.stack(
+        [torch.full((rows,), 999.9), 1000 + 1e-3 * torch.randn(rows, generator=g), torch.randn(rows, generator=g)], 1
+    )
+
+
+def _near_constant_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        bn = CrossRankBatchNorm1d(3)
+        x = near_constant_features()[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
+        y = bn(x)
+        (y * torch.arange(1.0, 4.0)).sum().backward()
+        torch.save({"out": y.detach(), "x_grad": x.grad, "running_var": bn.running_var}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_batchnorm_of_a_constant_feature_stays_finite_across_ranks(tmp_path: Path) -> None:
+    x = near_constant_features()
+    # What E[x^2] - mean^2 gives for the constant feature, summed as the two ranks sum it: below -eps,
+    # so without the clamp rsqrt(var + eps) is NaN.
+    halves = x[:3], x[3:]
+    total, squares = sum(h.sum(0) for h in halves), sum((h * h).sum(0) for h in halves)
+    assert isinstance(total, torch.Tensor) and isinstance(squares, torch.Tensor)
+    assert (squares / 6 - (total / 6) ** 2)[0] < -1e-3
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    mp.start_processes(
+        _near_constant_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    out, x_grad = torch.cat([r["out"] for r in ranks]), torch.cat([r["x_grad"] for r in ranks])
+    assert out.isfinite().all() and x_grad.isfinite().all(), (out, x_grad)
+    assert all((r["running_var"] >= 0).all() for r in ranks)
+    # A constant feature normalises to one value; the ordinary feature is as torch normalises it.
+    assert (out[:, 0] == out[0, 0]).all()
+    torch.testing.assert_close(out[:, 2], torch.nn.BatchNorm1d(3)(x)[:, 2])
+
+
+def test_batchnorm_of_a_constant_feature_stays_finite_on_one_process() -> None:
+    x = near_constant_features()[:3].clone().requires_grad_(True)
+    assert ((x * x).sum(0) / 3 - (x.sum(0) / 3) ** 2)[0] < -1e-3  # the same cancellation on one rank
+    bn = CrossRankBatchNorm1d(3)
+    y = bn(x)
+    y.sum().backward()
+    assert y.isfinite().all() and x.grad is not None and x.grad.isfinite().all(), (y, x.grad)
+    bn.eval()
+    assert bn(x).isfinite().all()  # the running variance it tracked is no NaN either

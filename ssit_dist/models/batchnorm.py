@@ -31,7 +31,9 @@ class CrossRankBatchNorm1d(nn.BatchNorm1d):
             features = x.shape[1]
             count = stats[-1]
             mean = stats[:features] / count
-            var = stats[features : 2 * features] / count - mean * mean
+            # E[x^2] - mean^2 cancels: where a feature's spread is tiny against its mean, rounding can take
+            # it below zero (999.9 in every row, in fp32: -0.125), and rsqrt(var + eps) of that is NaN.
+            var = (stats[features : 2 * features] / count - mean * mean).clamp_min(0)
             if self.training and self.running_mean is not None and self.running_var is not None:
                 self._track(mean.detach(), var.detach() * count / (count - 1))
         else:
