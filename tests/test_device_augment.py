@@ -61,7 +61,7 @@ def test_the_device_path_makes_the_cpu_paths_views_on_real_shards(shards: Path) 
     cpu = next(iter(pair_loader(PairStream(index, augment, plan, rank=0))))
     plan = dataclasses.replace(plan, workers=1)  # the same samples in the same order from one worker process
     encoded = next(iter(pair_loader(PairStream(index, augment, plan, rank=0, encoded=True))))
-    assert isinstance(encoded, EncodedBatch) and len(encoded.jpegs) == 8 and encoded.saliency.dtype == torch.uint8
+    assert isinstance(encoded, EncodedBatch) and len(encoded.jpegs()) == 8 and encoded.saliency().dtype == torch.uint8
     device = DevicePairAugment(64, index.mean, index.std)(encoded, CPU)
     for ours, theirs in zip(device, cpu, strict=True):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.float32
@@ -72,6 +72,32 @@ def test_the_device_path_makes_the_cpu_paths_views_on_real_shards(shards: Path) 
             assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.85
     s1 = device[2]
     assert s1.min() >= 0 and s1.max() <= 1 and s1.max() > 0.3
+
+
+@pytest.mark.multiprocess
+def test_a_worker_hands_a_batch_over_as_one_buffer_and_the_decoder_reads_it_in_place(shards: Path) -> None:
+    index = open_shards([shards])
+    augment = PairAugment(64, index.mean, index.std)
+    plan = EpochPlan(tuple(index.lengths), 1, 1, 8, 2, shuffle_buffer=4)  # type: ignore[arg-type]
+    batch = next(iter(pair_loader(PairStream(index, augment, plan, rank=0, encoded=True))))
+    assert batch.data.is_shared() and batch.data.dtype == torch.uint8 and batch.data.dim() == 1  # one segment
+    members = {}
+    for shard in index.paths:
+        with tarfile.open(shard) as tar:
+            members |= {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    start, end = batch.data.data_ptr(), batch.data.data_ptr() + batch.data.numel()
+    keys = [name.rsplit(":", 1)[1] for name in batch.names]
+    for key, jpeg in zip(keys, batch.jpegs(), strict=True):
+        assert start <= jpeg.data_ptr() < end and jpeg.is_contiguous()  # a view into the buffer, no copy
+        assert bytes(jpeg.numpy()) == members[f"{key}.jpg"]
+    maps = batch.saliency()
+    assert maps.shape == (8, 1, 128, 128) and start <= maps.data_ptr() < end
+    for key, sal in zip(keys, maps, strict=True):
+        np.testing.assert_array_equal(
+            sal[0].numpy(), cv2.imdecode(np.frombuffer(members[f"{key}.sal.png"], np.uint8), 0)
+        )
+    copies = [torch.frombuffer(bytearray(members[f"{key}.jpg"]), dtype=torch.uint8) for key in keys]
+    assert torch.equal(decode_jpegs(batch.jpegs(), CPU), decode_jpegs(copies, CPU))
 
 
 def test_geometry_moves_image_and_map_alike(photo: tuple[np.ndarray, np.ndarray]) -> None:
@@ -218,7 +244,7 @@ def test_the_encoded_stream_skips_and_names_a_truncated_jpeg(
     with caplog.at_level(logging.WARNING):
         batch = next(iter(pair_loader(stream)))
     assert f"skipping sample {truncated} from {bad_path}" in caplog.text and "not a whole JPEG" in caplog.text
-    assert len(batch.jpegs) == 3 and all(bytes(j[-2:].tolist()) == b"\xff\xd9" for j in batch.jpegs)
+    assert len(batch.jpegs()) == 3 and all(bytes(j[-2:].tolist()) == b"\xff\xd9" for j in batch.jpegs())
 
 
 def test_the_draw_order_is_pinned() -> None:

@@ -2,8 +2,9 @@
 
 At about 100 pairs/s per CPU core, the per-photograph OpenCV path (data/loading/augment.py) needs 30-60 cores to
 feed one GPU. Here the loader workers only read the tar bytes, decode the 8-bit saliency PNG and draw
-each view's parameters (`draw_view`, the same draws as the CPU path for the same seed); the device then
-decodes the JPEGs as one batch (nvjpeg on CUDA) and applies the recipe to the whole batch:
+each view's parameters (`draw_view`, the same draws as the CPU path for the same seed), and hand the batch
+over as one buffer (`EncodedBatch`); the device then decodes the JPEGs as one batch (nvjpeg on CUDA) and
+applies the recipe to the whole batch:
 - geometry: each sample's crop, resize, rotation and flips composed into one affine map, and image and
   saliency map warped together by one `grid_sample` (bilinear). Large crops are first box-filtered by
   the integer factor the CPU path shrinks them by, so they do not alias;
@@ -20,11 +21,13 @@ parameters on the host, so nothing here waits for the device.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 from ssit_dist.data.decode import decode_jpegs
 
@@ -37,18 +40,52 @@ GREY, SIGMA, SOLARIZE, ANGLE, HFLIP, VFLIP = 12, 13, 14, 15, 16, 17
 
 
 class EncodedBatch(NamedTuple):
-    """What the loader workers hand over on the GPU path."""
+    """What the loader workers hand over on the GPU path: the batch's bytes in one buffer. A tensor crosses
+    from a worker to the trainer as a shared-memory segment of its own with a file-descriptor handoff, so a
+    list of one tensor per JPEG costs the trainer one handoff per sample (bench/perf/pretrain.py measures
+    both). The JPEGs and maps are views into the buffer, made where they are used, after the loader has
+    pinned it (data.pin_memory): the decoder reads the JPEGs in place, and the maps copy to the device
+    asynchronously."""
 
-    jpegs: list[torch.Tensor]  # encoded JPEG bytes, one 1-D uint8 tensor per sample
-    saliency: torch.Tensor  # (B, 1, H, W) uint8
+    data: torch.Tensor  # 1-D uint8: the JPEGs end to end, then the saliency maps (B, 1, H, W)
+    ends: np.ndarray  # (B,) int64: where each JPEG ends in `data`; the maps start at ends[-1]
+    map_size: tuple[int, int]  # (H, W) of the saliency maps
     view1: np.ndarray  # (B, ViewParams.ROW) float64, the first view's parameters: host-side numbers, not a
     view2: np.ndarray  # tensor, so that nothing decided from them ever waits for a device
     names: list[str]  # url:key of each sample, for messages
 
+    def jpegs(self) -> list[torch.Tensor]:
+        """Each sample's encoded JPEG, a 1-D view into `data` (no copy)."""
+        starts = np.concatenate([[0], self.ends[:-1]])
+        return [self.data[int(a) : int(b)] for a, b in zip(starts, self.ends, strict=True)]
 
-def collate_encoded(samples: list[tuple]) -> EncodedBatch:
+    def saliency(self) -> torch.Tensor:
+        """The (B, 1, H, W) uint8 saliency maps, a view into `data`."""
+        return self.data[int(self.ends[-1]) :].view(len(self.ends), 1, *self.map_size)
+
+
+def collate_encoded(samples: Sequence[tuple[bytes, np.ndarray, np.ndarray, np.ndarray, str]]) -> EncodedBatch:
+    """Loader samples (JPEG bytes, (H, W) uint8 saliency map, view 1's and view 2's parameter rows, name)
+    -> one EncodedBatch. In a loader worker the buffer is made in shared memory from the start, as torch's
+    own collate does, so that handing it over copies nothing more."""
     jpegs, maps, view1, view2, names = zip(*samples, strict=True)
-    return EncodedBatch(list(jpegs), torch.stack(maps), np.stack(view1), np.stack(view2), list(names))
+    sizes = sorted({m.shape for m in maps})
+    if len(sizes) > 1:
+        raise ValueError(f"saliency maps of different sizes (H, W) in one batch: {sizes}; pack the shards at one size")
+    ends = np.cumsum([len(j) for j in jpegs], dtype=np.int64)
+    data = _uint8_buffer(int(ends[-1]) + sum(m.size for m in maps))
+    out = data.numpy()
+    out[: ends[-1]] = np.frombuffer(b"".join(jpegs), np.uint8)
+    np.stack(maps, out=out[ends[-1] :].reshape(len(maps), *sizes[0]))
+    return EncodedBatch(data, ends, sizes[0], np.stack(view1), np.stack(view2), list(names))
+
+
+def _uint8_buffer(size: int) -> torch.Tensor:
+    """An uninitialised 1-D uint8 tensor; in a loader worker, in shared memory (torch would otherwise copy it
+    there to send it)."""
+    if get_worker_info() is None:
+        return torch.empty(size, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
 
 
 class DevicePairAugment:
@@ -63,8 +100,8 @@ class DevicePairAugment:
     def __call__(
         self, batch: EncodedBatch, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        maps = batch.saliency.to(device, non_blocking=True)
-        images = decode_jpegs(batch.jpegs, device, batch.names)
+        maps = batch.saliency().to(device, non_blocking=True)
+        images = decode_jpegs(batch.jpegs(), device, batch.names)
         if images.shape[-2:] != maps.shape[-2:]:
             raise ValueError(
                 f"JPEGs of {tuple(images.shape[-2:])} px with saliency maps of {tuple(maps.shape[-2:])} px "
@@ -94,7 +131,9 @@ class DevicePairAugment:
         if (rows := _rows(params[:, SOLARIZE] > 0, device)) is not None:
             x[rows] = torch.where(x[rows] >= 128, 255 - x[rows], x[rows])
         x, s = x * visible, s * visible
-        return x * self.scale.to(device) + self.shift.to(device), s / 255
+        if self.scale.device != device:  # once: a copy from pageable host memory makes the host wait
+            self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        return x * self.scale + self.shift, s / 255
 
 
 def _rows(mask: np.ndarray, device: torch.device) -> torch.Tensor | None:

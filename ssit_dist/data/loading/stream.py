@@ -136,9 +136,10 @@ def decode_and_augment(sample: dict, augment: PairAugment, rng: np.random.Genera
 
 
 def jpeg_and_draws(sample: dict, augment: PairAugment, rng: np.random.Generator) -> tuple | None:
-    """(JPEG bytes, saliency map (1, H, W) uint8, view 1's and view 2's parameters, name) of one shard
-    sample, the parameters drawn as the CPU path draws them; None for a sample that cannot be used. The
-    JPEG itself is decoded on the training device (decode.decode_jpegs says what happens where it fails)."""
+    """(JPEG bytes, saliency map (H, W) uint8, view 1's and view 2's parameters, name) of one shard sample,
+    the parameters drawn as the CPU path draws them; None for a sample that cannot be used. No tensor per
+    sample: collate_encoded puts a batch in one buffer. The JPEG itself is decoded on the training device
+    (decode.decode_jpegs says what happens where it fails)."""
     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
     try:
         jpeg, sal = sample["jpg"], decode_gray(sample["sal.png"])
@@ -149,13 +150,7 @@ def jpeg_and_draws(sample: dict, augment: PairAugment, rng: np.random.Generator)
         log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), e)
         return None
     view1, view2 = augment.draw(rng, *sal.shape)
-    return (
-        torch.frombuffer(bytearray(jpeg), dtype=torch.uint8),
-        torch.from_numpy(sal).unsqueeze(0),
-        np.array(view1.row()),
-        np.array(view2.row()),
-        name,
-    )
+    return jpeg, sal, np.array(view1.row()), np.array(view2.row()), name
 
 
 def pair_loader(
