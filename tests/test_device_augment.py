@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -20,8 +22,10 @@ from ssit_dist.data.decode import decode_bgr, decode_jpegs
 from ssit_dist.data.loading.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
 from ssit_dist.data.loading.device_augment import DevicePairAugment, EncodedBatch, _hue, gaussian_blur, warp
 from ssit_dist.data.loading.epoch import EpochPlan
-from ssit_dist.data.loading.sources import open_shards
+from ssit_dist.data.loading.prefetch import Prefetcher
+from ssit_dist.data.loading.sources import SourceError, open_shards
 from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.workers import start_batches
 from ssit_dist.data.packing.saliency import saliency_map
 
 MEAN, STD = [0.45, 0.3, 0.2], [0.28, 0.2, 0.17]
@@ -98,6 +102,54 @@ def test_a_worker_hands_a_batch_over_as_one_buffer_and_the_decoder_reads_it_in_p
         )
     copies = [torch.frombuffer(bytearray(members[f"{key}.jpg"]), dtype=torch.uint8) for key in keys]
     assert torch.equal(decode_jpegs(batch.jpegs(), CPU), decode_jpegs(copies, CPU))
+
+
+def _loader_batches(shards: Path, skip: int = 0) -> Iterator[EncodedBatch]:
+    """The gpu path's batches of `shards` from a loader in this process, from batch `skip` of epoch 0."""
+    index = open_shards([shards])
+    plan = EpochPlan(tuple(index.lengths), 1, 0, 4, 4, shuffle_buffer=4)  # type: ignore[arg-type]
+    stream = PairStream(index, PairAugment(48, index.mean, index.std), plan, rank=0, encoded=True)
+    stream.set_position(0, skip_batches=skip)
+    return start_batches(pair_loader(stream))
+
+
+def test_prefetched_batches_are_the_loaders_in_order_and_a_resume_gets_the_same(shards: Path) -> None:
+    # The thread changes where a batch is made ready, never which batch comes when: the same tensors, bit
+    # for bit, as augmenting each loader batch on the spot; and a feed restarted at batch 2 (a resume)
+    # continues with them.
+    index = open_shards([shards])
+    augment = DevicePairAugment(48, index.mean, index.std)
+    direct = [augment(batch, CPU) for batch in itertools.islice(_loader_batches(shards), 4)]
+    prefetched = Prefetcher(_loader_batches(shards), lambda batch: augment(batch, CPU), CPU)
+    resumed = Prefetcher(_loader_batches(shards, skip=2), lambda batch: augment(batch, CPU), CPU)
+    try:
+        for expected, got in zip(direct, itertools.islice(prefetched, 4), strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+        for expected, got in zip(direct[2:], itertools.islice(resumed, 2), strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    finally:
+        prefetched.close()
+        resumed.close()
+    assert not prefetched._thread.is_alive() and not resumed._thread.is_alive()  # closed, though ahead
+
+
+def test_a_prefetched_failure_is_raised_at_its_own_batch(shards: Path) -> None:
+    # A loader that fails after two good batches: the thread meets the failure a batch ahead of the
+    # consumer, which must still get both good batches first, then the error at every later call.
+    def failing_after_two() -> Iterator[EncodedBatch]:
+        yield from itertools.islice(_loader_batches(shards), 2)
+        raise SourceError("shard gone")
+
+    index = open_shards([shards])
+    augment = DevicePairAugment(48, index.mean, index.std)
+    prefetched = Prefetcher(failing_after_two(), lambda batch: augment(batch, CPU), CPU)
+    try:
+        assert next(prefetched)[0].shape == next(prefetched)[0].shape == (4, 3, 48, 48)
+        for _ in range(2):
+            with pytest.raises(SourceError, match="shard gone"):
+                next(prefetched)
+    finally:
+        prefetched.close()
 
 
 def test_geometry_moves_image_and_map_alike(photo: tuple[np.ndarray, np.ndarray]) -> None:

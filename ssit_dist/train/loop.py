@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import resource
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -18,9 +17,10 @@ from typing import Any
 import torch
 
 from ssit_dist.config import PretrainConfig
+from ssit_dist.data.loading.prefetch import Prefetcher
 from ssit_dist.data.loading.sources import SourceError
 from ssit_dist.data.loading.stream import PairStream
-from ssit_dist.data.loading.workers import start_batches, stop_batches
+from ssit_dist.data.loading.workers import start_batches
 from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
@@ -118,7 +118,8 @@ def _feed_at(run: Run, step: int, feed: Feed | None) -> Feed:
     run.stream.set_position(epoch, skip_batches=in_epoch * run.accumulation)
     if feed is not None:
         feed.close()
-    return Feed(start_batches(run.loader), run.to_device, run.device, run.loader.timeout, feed)
+    batches = Prefetcher(start_batches(run.loader), run.to_device, run.device, run.loader.timeout)
+    return Feed(batches, run.device, feed)
 
 
 def _set_schedules(run: Run, step: int) -> dict[str, float]:
@@ -210,50 +211,35 @@ def _raise_if_diverged(diverged: bool, records: list[dict[str, Any]], run_dir: P
 
 
 class Feed:
-    """Micro batches from the loader, on the device, without a collective per batch.
+    """Micro batches on the device, one ahead (data/loading/prefetch.py), without a collective per batch.
 
     A rank whose loader fails (a starved source, a dead worker) must still join every collective of the
     steps up to the next sync point, or the others wait forever: it keeps the failure, trains on its last
     good batch until then, and the sync point stops every rank before anything is saved. Only the very
     first batch of a run has no batch to fall back on; there every rank agrees on the spot."""
 
-    def __init__(
-        self,
-        batches: Iterator,
-        to_device: Callable[[Any], Views],
-        device: torch.device,
-        stall_s: float = 0,
-        previous: Feed | None = None,
-    ):
-        """`stall_s`: the loader's timeout (0: none); a failure after waiting that long is a stall."""
-        self.batches, self.to_device, self.device, self.stall_s = batches, to_device, device, stall_s
+    def __init__(self, batches: Prefetcher, device: torch.device, previous: Feed | None = None):
+        self.batches, self.device = batches, device
         self.fallback: Views | None = previous.fallback if previous is not None else None
         self.failure: Exception | None = previous.failure if previous is not None else None
 
     def close(self) -> None:
-        """Shut the loader's workers down."""
-        stop_batches(self.batches)
+        """Stop prefetching and shut the loader's workers down."""
+        self.batches.close()
 
     def micro_batches(self, count: int, waits: list[float]) -> Iterator[Views]:
         for _ in range(count):
             waited = time.perf_counter()
             if self.failure is None:
                 try:
-                    batch = self.to_device(next(self.batches))
+                    batch = next(self.batches)
                 except Exception as e:  # reported at the next sync point, on every rank
                     self.failure = e
-                    if self.stall_s and time.perf_counter() - waited >= self.stall_s:
-                        self.failure = SourceError(
-                            f"the data loader delivered no batch for {self.stall_s:g} s (data.stall_timeout_s): a "
-                            "read hangs (a network file system, a dead mount) or a worker is stuck; check the shards' "
-                            f"storage on {socket.gethostname()}"
-                        )
-                        self.failure.__cause__ = e
             waits.append(time.perf_counter() - waited)
             if self.fallback is None and any_rank(self.failure is not None, self.device):
                 raise self.failure or SourceError("the data loader failed on another rank; see its log")
             if self.failure is None:
-                self.fallback = batch
+                self.fallback = batch  # type: ignore[assignment]
             yield self.fallback  # type: ignore[misc]
 
 
