@@ -82,10 +82,28 @@ def read_index(folder: Path, verify: bool = False) -> ShardIndex:
     if not path.is_file():
         raise ShardIndexError(f"{path} not found: is {folder} a folder written by `ssit-dist shard`?")
     try:
-        body = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text()
+    except OSError as e:
+        raise ShardIndexError(f"{path} cannot be read: {e}") from None
+    index = parse_index(text, str(path))
+    for split in index.splits.values():
+        for name, expected in zip(split.filenames, split.sha256, strict=True):
+            shard = folder / name
+            if not shard.is_file():
+                raise ShardIndexError(f"{path} lists {name}, which is missing from {folder}")
+            if verify and sha256_file(shard) != expected:
+                raise ShardIndexError(f"{shard}: sha256 does not match {path}; the shard changed or is corrupt")
+    return index
+
+
+def parse_index(text: str, path: str) -> ShardIndex:
+    """The index in `text` (read from `path`, named in errors), validated in itself: a remote index is
+    read this way, its shards not being files to look at."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ShardIndexError(f"{path} is not valid JSON: {e}") from None
-    version = body.get("format_version")
+    version = body.get("format_version") if isinstance(body, dict) else None
     if version != FORMAT_VERSION:
         raise ShardIndexError(f"{path}: format_version {version!r}, this ssit-dist reads {FORMAT_VERSION}")
     try:
@@ -101,10 +119,4 @@ def read_index(folder: Path, verify: bool = False) -> ShardIndex:
             raise ShardIndexError(f"{path}: split {split.name!r} num_samples != sum of shard_lengths")
         if split.offsets is not None and [len(o) for o in split.offsets] != split.shard_lengths:
             raise ShardIndexError(f"{path}: split {split.name!r} has sample offsets that disagree with shard_lengths")
-        for name, expected in zip(split.filenames, split.sha256, strict=True):
-            shard = folder / name
-            if not shard.is_file():
-                raise ShardIndexError(f"{path} lists {name}, which is missing from {folder}")
-            if verify and sha256_file(shard) != expected:
-                raise ShardIndexError(f"{shard}: sha256 does not match {path}; the shard changed or is corrupt")
     return index

@@ -1,12 +1,14 @@
 """Shard sources: the shard URLs a run reads (folders from `ssit-dist shard`, brace patterns of local
-tars or remote URLs), their sample counts and statistics from the index beside them, their check
-against that index before training, and reading one shard's samples.
+tars or remote URLs), their sample counts and statistics from the index beside them (for a remote shard,
+the `_info.json` beside it, fetched the same way), their check against that index before training, and
+reading one shard's samples.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 from braceexpand import braceexpand
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from ssit_dist.data.index import ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file
+from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, parse_index, read_index, sha256_file
 from ssit_dist.data.loading.tar_reader import ShardReader, is_remote, open_url, scan
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,11 @@ class ShardSet:
     def num_samples(self) -> int | None:
         return None if None in self.lengths else sum(self.lengths)  # type: ignore[arg-type]
 
+    @property
+    def sequential(self) -> tuple[bool, ...]:
+        """Per shard: readable only from its start (a remote source), as the epoch plan takes it."""
+        return tuple(map(is_remote, self.paths))
+
     def reader(self, keys_only: bool = False) -> ShardReader:
         """Reads samples by global id; see data/loading/tar_reader.py."""
         self.check_counted()
@@ -48,9 +55,10 @@ class ShardSet:
         if self.num_samples is None:
             unknown = self.paths[self.lengths.index(None)]
             raise ShardIndexError(
-                f"the sample count of {unknown} is unknown (a remote shard without an _info.json beside it): "
-                "an epoch reads every sample once and must know how many there are; copy the shards locally "
-                "or pack them with `ssit-dist shard`, which writes the index"
+                f"the sample count of {unknown} is unknown (a remote shard without an _info.json beside it "
+                f"that lists it, at {index_url(unknown) or 'no URL: it names no .tar file'}): an epoch reads "
+                "every sample once and must know how many there are; copy the shards locally, or put the "
+                "_info.json `ssit-dist shard` wrote beside them"
             )
 
 
@@ -70,26 +78,26 @@ class _Entry:
     offsets: list[int] | None = None
 
 
-def _has_saliency_maps(index: ShardIndex, folder: Path) -> None:
+def _has_saliency_maps(index: ShardIndex, where: str | Path) -> None:
     if index.parameters.get("saliency") == "none":
         raise ShardIndexError(
-            f"{folder} was packed with --saliency none: its samples have no saliency maps, which pretraining "
+            f"{where} was packed with --saliency none: its samples have no saliency maps, which pretraining "
             "needs; pack the photographs again with --saliency fine_grained (the default)"
         )
 
 
 def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet:
     """The shards named by `sources`: folders written by `ssit-dist shard` (their `split`), or brace
-    patterns of tar URLs. A local shard listed in an `_info.json` beside it takes its sample count and
-    mean/std from there; another local tar is counted from its headers; a remote one without an index
-    has no count (`ShardSet.reader` refuses it) and no statistics. Mean/std of several sources are the
-    sample-weighted average."""
+    patterns of tar URLs. A shard listed in an `_info.json` beside it (a remote one's fetched the same
+    way) takes its sample count and mean/std from there; another local tar is counted from its headers;
+    a remote one without an index has no count (`ShardSet.reader` refuses it) and no statistics. Mean/std
+    of several sources are the sample-weighted average."""
     if not sources:
         raise ShardIndexError("no shard sources given")
     paths: list[str] = []
     entries: list[_Entry] = []
     stats: list[tuple[list[float], list[float], int] | None] = []
-    indexes: dict[Path, ShardIndex | None] = {}
+    indexes: dict[str, ShardIndex | None] = {}
     for source in map(str, sources):
         if not is_pattern(source):
             folder = Path(source)
@@ -111,7 +119,7 @@ def open_shards(sources: Sequence[str | Path], split: str = "train") -> ShardSet
         entries += [entry for _, entry in found]
         first = found[0][0]  # the pattern's statistics are those of its first shard's folder
         if first is not None:
-            _has_saliency_maps(first, Path(urls[0]).parent)
+            _has_saliency_maps(first, (index_url(urls[0]) or urls[0]) if is_remote(urls[0]) else Path(urls[0]).parent)
         indexed = first is not None and all(entry.sha256 is not None for _, entry in found)
         stats.append((first.mean, first.std, sum(e.length for _, e in found)) if indexed else None)  # type: ignore[union-attr, misc]
     lengths = [e.length for e in entries]
@@ -134,23 +142,53 @@ def _entry(split: SplitInfo, i: int) -> _Entry:
     )
 
 
-def _indexed(url: str, indexes: dict[Path, ShardIndex | None]) -> tuple[ShardIndex | None, _Entry]:
-    """The `_info.json` beside a local shard (read once per folder) and what it says of the shard; a
-    local tar it does not list is counted from its headers."""
+_TAR_NAME = re.compile(r"[^/\s'\"=]+\.tar(?=$|[\s'\"?#;|])")  # a shard's file name inside a URL or command
+
+
+def index_url(url: str) -> str | None:
+    """Where the `_info.json` beside a remote shard is, read the same way: the URL or `pipe:` command with
+    the shard's file name (its last `*.tar`) replaced, e.g. `pipe:aws s3 cp s3://b/d/_info.json -`; None
+    where it names no tar."""
+    found = list(_TAR_NAME.finditer(url))
+    return None if not found else url[: found[-1].start()] + INFO_NAME + url[found[-1].end() :]
+
+
+def _indexed(url: str, indexes: dict[str, ShardIndex | None]) -> tuple[ShardIndex | None, _Entry]:
+    """The `_info.json` beside a shard (read once per folder) and what it says of the shard; a local tar
+    it does not list is counted from its headers."""
     if is_remote(url):
-        return None, _Entry(None)
-    path = Path(url)
-    if path.parent not in indexes:
-        try:
-            indexes[path.parent] = read_index(path.parent)
-        except ShardIndexError:
-            indexes[path.parent] = None
-    index = indexes[path.parent]
+        where, name = index_url(url), (_TAR_NAME.findall(url) or [""])[-1]
+        if where is not None and where not in indexes:
+            indexes[where] = _remote_index(where)
+        index = indexes.get(where or "")
+    else:
+        path = Path(url)
+        where, name = str(path.parent), path.name
+        if where not in indexes:
+            try:
+                indexes[where] = read_index(path.parent)
+            except ShardIndexError:
+                indexes[where] = None
+        index = indexes[where]
     for split in index.splits.values() if index else []:
-        if path.name in split.filenames:
-            return index, _entry(split, split.filenames.index(path.name))
+        if name in split.filenames:
+            entry = _entry(split, split.filenames.index(name))
+            return index, _Entry(entry.length, entry.size, entry.sha256) if is_remote(url) else entry
+    if is_remote(url):
+        return index, _Entry(None)
     offsets = scan(url)
     return index, _Entry(len(offsets), offsets=offsets)
+
+
+def _remote_index(url: str) -> ShardIndex | None:
+    """The index at `url` (`pipe:`, `https://`, ...), or None (logged) where there is none to read."""
+    try:
+        with open_url(url) as stream:
+            text = stream.read().decode()
+        return parse_index(text, url)
+    except Exception as e:  # gopen raises whatever its transport raises; a missing index is no error yet
+        log.info("no shard index at %s: %s", url, e)
+        return None
 
 
 def verify_shards(shards: ShardSet, mode: str, show_progress: bool = False) -> None:
