@@ -96,6 +96,7 @@ def epoch_plan(cfg: PretrainConfig, inputs: RunInputs, world: int) -> EpochPlan:
         cfg.seed,
         cfg.data.piece_size,
         cfg.data.shuffle_buffer,
+        inputs.shards.sequential,  # remote shards are read whole: they cannot seek
     )
 
 

@@ -33,7 +33,9 @@ def dry_run(
     n = shards.num_samples or 0
     steps = steps_per_epoch or max(n // global_batch, 1)
     lengths = tuple(cast(list[int], shards.lengths))  # check_counted refused any unknown length
-    plan = EpochPlan(lengths, world, workers, micro, steps * accumulation, seed, piece_size, shuffle_buffer)
+    plan = EpochPlan(
+        lengths, world, workers, micro, steps * accumulation, seed, piece_size, shuffle_buffer, shards.sequential
+    )
     reads = [_read_epoch(shards, plan, epoch) for epoch in range(epochs)]
     seen_ever = set().union(*(read.ids for read in reads))
     return {

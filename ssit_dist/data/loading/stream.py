@@ -47,7 +47,7 @@ class PairStream(IterableDataset):
         augmentation takes (data/loading/device_augment.py) instead of augmented pairs: the JPEG bytes, the
         decoded saliency map and both views' drawn parameters."""
         super().__init__()
-        if list(plan.lengths) != shards.lengths:
+        if list(plan.lengths) != shards.lengths or plan.sequential != shards.sequential:
             raise ValueError("the epoch plan was made for other shards")
         self.shards, self.augment, self.plan, self.encoded = shards, augment, plan, encoded
         self.empty_timeout_s = empty_timeout_s

@@ -4,10 +4,11 @@ one sample by its index (`ShardReader`) with as few bytes as the source allows.
 A sample is the run of consecutive members that share a key (`0001.jpg`, `0001.sal.png`), as webdataset
 groups them. A local tar is read by seeking: to the sample's byte offset where the shard's index records
 it, else by hopping over tar headers from the last sample this process found (each shard once). A remote
-source (`pipe:`, `http(s)://`, ...) cannot seek: it is read on from where it is and reopened only to go
-back, so a stream's consecutive pieces of one shard cost one pass. The reader counts the bytes it reads
-and the bytes of the samples it returns (their extent in the tar, headers included; member bytes for a
-remote source, whose headers it does not see), for `ssit-dist data-plan`.
+source (`pipe:`, `http(s)://`, ...) cannot seek: it is read on from where it is, passing over the
+samples before the one asked for, and reopened only to go back; the epoch plan (epoch.py) gives each
+stream its part of a remote shard as one run, so that the stream reads it in one pass. The reader
+counts the bytes it reads and the bytes of the samples it returns (their extent in the tar, headers
+included; member bytes for a remote source, whose headers it does not see), for `ssit-dist data-plan`.
 """
 
 from __future__ import annotations
