@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import shutil
@@ -13,9 +12,11 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from webdataset.tariterators import base_plus_ext
 
 from conftest import pack_real_subset
 from ssit_dist.data.index import ShardIndexError
@@ -95,24 +96,87 @@ def test_ranks_see_different_data_and_never_run_dry(shards: Path) -> None:
     assert not torch.equal(a[0][0], b[0][0])
 
 
-def test_a_bad_sample_is_logged_and_skipped(shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    bad_path = tmp_path / "bad.tar"
-    with tarfile.open(shards / "train-000000.tar") as good, tarfile.open(bad_path, "w") as bad:
-        for member in good.getmembers():
-            data = good.extractfile(member).read()  # type: ignore[union-attr]
-            if member.name.endswith(".jpg") and not list(bad.getmembers()):
-                data = b"not a jpeg"
-            info = tarfile.TarInfo(member.name)
-            info.size = len(data)
-            bad.addfile(info, io.BytesIO(data))
-    shard_set = open_shards([shards])
-    shard_set = type(shard_set)([str(bad_path)], [5], shard_set.mean, shard_set.std, [None], [None], [None])
-    plan = EpochPlan((5,), 1, 0, 4, 1, shuffle_buffer=1)
-    stream = PairStream(shard_set, PairAugment(32, shard_set.mean, shard_set.std), plan, rank=0)
+def with_bad_jpegs(folder: Path, copy: Path, keys: set[str]) -> Path:
+    """A copy of the shard folder in which the JPEGs of samples `keys` are overwritten with as many zero
+    bytes: undecodable, while every tar header, sample offset and size the index records stays true."""
+    shutil.copytree(folder, copy)
+    for shard in copy.glob("train-*.tar"):
+        with tarfile.open(shard) as tar:
+            named = [(base_plus_ext(member.name), member) for member in tar.getmembers()]
+            spans = [(member.offset_data, member.size) for (key, ext), member in named if ext == "jpg" and key in keys]
+        data = bytearray(shard.read_bytes())
+        for offset, size in spans:
+            data[offset : offset + size] = bytes(size)
+        shard.write_bytes(bytes(data))
+    return copy
+
+
+def key_of(name: str) -> str:
+    return name.rsplit(":", 1)[1]  # names are url:key
+
+
+def same_batch(a: tuple, b: tuple) -> bool:
+    """Equal batches, field by field: tensors, host arrays and names (the CPU path's and the GPU path's)."""
+    same = [
+        torch.equal(u, v)
+        if isinstance(u, torch.Tensor)
+        else bool(np.array_equal(u, v, equal_nan=True))
+        if isinstance(u, np.ndarray)
+        else u == v
+        for u, v in zip(a, b, strict=True)
+    ]
+    return all(same)
+
+
+def bad_copy(shards: Path, tmp_path: Path, epoch: int, batches: int, workers: int) -> tuple[Path, set[str]]:
+    """The shards with the JPEGs of the samples of the first `batches` batches of `epoch` (1 rank of 1,
+    `workers` loader workers, batches of 2) made undecodable, and those samples' keys."""
+    clean = make_stream(shards, workers=workers, world=1, micro=2, encoded=True)
+    clean.set_position(epoch)
+    keys = {key_of(name) for batch in take(clean, batches) for name in batch.names}
+    assert len(keys) == 2 * batches
+    return with_bad_jpegs(shards, tmp_path / "bad", keys), keys
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("encoded", [True, False], ids=["gpu-path", "cpu-path"])
+def test_a_resume_after_bad_samples_reads_what_the_uninterrupted_epoch_reads(
+    shards: Path, tmp_path: Path, encoded: bool
+) -> None:
+    # One rank, two loader workers, batches of 2: epoch 3 has 11 batches. The 4 samples of its first two
+    # batches do not decode; a run stopped after batch 4 resumes there (as the trainer does:
+    # set_position(epoch, skip_batches)) and must read from batch 4 on what the uninterrupted epoch read,
+    # in the same order, the bad samples' places included.
+    folder, bad_keys = bad_copy(shards, tmp_path, epoch=3, batches=2, workers=2)
+    stream = make_stream(folder, workers=2, world=1, micro=2, encoded=encoded)
+    stream.set_position(epoch=3)
+    uninterrupted = take(stream, 11)
+    stream.set_position(epoch=3, skip_batches=4)
+    resumed = take(stream, 7)
+    if encoded:  # the sample keys, batch by batch
+        assert [batch.names for batch in resumed] == [batch.names for batch in uninterrupted[4:]]
+    assert all(same_batch(a, b) for a, b in zip(uninterrupted[4:], resumed, strict=True))
+    if encoded:
+        keys = [key_of(name) for batch in uninterrupted for name in batch.names]
+        assert len(keys) == len(set(keys)) == 22  # still a pass over the data
+        assert set(keys[:4]) == bad_keys  # the bad samples kept their places: the first two batches
+    else:
+        x1, _, s1, _ = uninterrupted[0]  # batch 0: stand-ins, black with empty saliency maps
+        assert x1.flatten(2).std(2).max() == 0 and s1.max() == 0
+        assert all(x.flatten(2).std(2).min() > 0 for batch in uninterrupted[2:] for x in batch[:2])
+
+
+def test_a_bad_sample_is_named_and_a_black_stand_in_keeps_its_place(
+    shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, bad_keys = bad_copy(shards, tmp_path, epoch=0, batches=1, workers=0)
+    stream = make_stream(folder, world=1, micro=2)  # in this process, where its log is seen
     with caplog.at_level(logging.WARNING):
         batches = take(stream, 3)
-    assert len(batches) == 3
-    assert "skipping sample" in caplog.text and "undecodable" in caplog.text
+    assert len(batches) == 3 and all(len(x) == 2 for batch in batches for x in batch)
+    assert batches[0][0].flatten(2).std(2).max() == 0  # the two bad samples, black
+    for key in bad_keys:
+        assert f"skipping sample {key}" in caplog.text and f"stand-in takes the place of sample {key}" in caplog.text
 
 
 def test_missing_folder_and_split_are_named(shards: Path, tmp_path: Path) -> None:

@@ -5,10 +5,17 @@ epoch (every sample once over all streams, for any number of shards against any 
 which order. Everything random is a pure function of (seed, epoch, stream, position): the epoch's order,
 the shuffle buffer, and each sample's augmentation (its own generator). Resuming at batch k of an epoch
 therefore replays the same data: each stream drops the positions its first batches used, unread.
+
+A sample that cannot be used (an undecodable image, a missing member, a shard that ends early) keeps its
+position: a black stand-in takes its place in the batch. Were it dropped, the stream's later batches would
+each move up a sample, and a resume, which skips batch-count positions, would read another epoch than the
+uninterrupted run (the displaced samples twice). Stand-ins wait for the stream's next usable sample
+(whose size they take), so a source with no usable sample yields nothing and `empty_timeout_s` names it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -73,28 +80,58 @@ class PairStream(IterableDataset):
         stream = self.rank * self.plan.streams_per_rank + worker
         reader = self.shards.reader()
         last_good = time.monotonic()
+        unusable: list[tuple[int, dict | None]] = []  # (position, sample) waiting for a usable sample's size
         try:
             samples = read_stream(self.plan, self.epoch, self.rank, worker, self.skip_batches, reader)
             for position, sample in samples:
-                rng = np.random.default_rng([self.plan.seed, self.epoch, stream, position])
-                pair = None
-                if sample is not None:
-                    pair = (
-                        jpeg_and_draws(sample, self.augment, rng)
-                        if self.encoded
-                        else decode_and_augment(sample, self.augment, rng)
-                    )
-                if pair is not None:
-                    last_good = time.monotonic()
-                    yield pair
-                elif time.monotonic() - last_good > self.empty_timeout_s:
-                    raise SourceError(
-                        f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards (the last "
-                        f"one tried: {sample.get('__url__') if sample else '?'}): every sample was undecodable or "
-                        "lacked jpg/sal.png, or the shards end early (see the warnings above); check the shards"
-                    )
+                pair = None if sample is None else self._prepare(sample, stream, position)
+                if sample is None or pair is None:
+                    unusable.append((position, sample))
+                    if time.monotonic() - last_good > self.empty_timeout_s:
+                        raise SourceError(
+                            f"no usable sample for {self.empty_timeout_s:g} s from the shards of data.shards (the "
+                            f"last one tried: {sample.get('__url__') if sample else '?'}): every sample was "
+                            "undecodable or lacked jpg/sal.png, or the shards end early (see the warnings above); "
+                            "check the shards"
+                        )
+                    continue
+                last_good = time.monotonic()
+                for bad_position, bad in unusable:
+                    standing = self._prepare(stand_in(bad, sample), stream, bad_position)
+                    assert standing is not None  # a black photograph and an empty map always decode
+                    yield standing
+                unusable.clear()
+                yield pair
         finally:
             reader.close()
+
+    def _prepare(self, sample: dict, stream: int, position: int) -> tuple | None:
+        """What the loader yields for one sample, drawn from the position's own generator; None where the
+        sample cannot be used (logged)."""
+        rng = np.random.default_rng([self.plan.seed, self.epoch, stream, position])
+        if self.encoded:
+            return jpeg_and_draws(sample, self.augment, rng)
+        return decode_and_augment(sample, self.augment, rng)
+
+
+def stand_in(bad: dict | None, like: dict) -> dict:
+    """A black photograph with an empty saliency map, as large as the usable sample `like`, named as the
+    unusable sample `bad` (None: the reader found none) whose place it takes (see the module docstring)."""
+    names = {k: v for k, v in (bad or {}).items() if k in ("__key__", "__url__")}
+    log.warning("a black stand-in takes the place of sample %s from %s", names.get("__key__"), names.get("__url__"))
+    sal = decode_gray(like["sal.png"])
+    jpg, png = _black(*sal.shape)  # type: ignore[union-attr]  # `like` was usable: its map decodes
+    return {"__key__": "?", "__url__": "?", **names, "jpg": jpg, "sal.png": png}
+
+
+@functools.cache
+def _black(height: int, width: int) -> tuple[bytes, bytes]:
+    """A black JPEG and an all-zero PNG of height x width, encoded once per size."""
+    jpg, png = (
+        cv2.imencode(".jpg", np.zeros((height, width, 3), np.uint8)),
+        cv2.imencode(".png", np.zeros((height, width), np.uint8)),
+    )
+    return jpg[1].tobytes(), png[1].tobytes()
 
 
 def read_stream(
