@@ -383,7 +383,8 @@ def data_plan(
     shuffle_buffer: int = typer.Option(1000, help="data.shuffle_buffer."),
 ) -> None:
     """What a pretraining run will read, without training: per epoch the distinct samples, the samples read
-    twice and the bytes read per byte used, from the stream's own code on tar headers only. Prints JSON."""
+    twice and the bytes read per byte used, from the stream's own code on tar headers only (a `pipe:` or
+    `https://` source is read through, as the run would read it). Prints JSON."""
     from ssit_dist.data.index import ShardIndexError
     from ssit_dist.data.loading.dry_run import dry_run
     from ssit_dist.data.loading.sources import open_shards

@@ -1,6 +1,7 @@
 """What will my run read? The pretraining stream's own code (data/loading/stream.py `read_stream`, the epoch plan
 and the shard reader) run on tar headers only, for any world size, without training or decoding: per
-epoch the samples read, how many distinct, how many twice, and the bytes read per byte used."""
+epoch the samples read, how many distinct, how many twice, and the bytes read per byte used. A remote
+source (`pipe:`, `https://`) cannot skip bytes: it is read through, as the run would read it."""
 
 from __future__ import annotations
 
