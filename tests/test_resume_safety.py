@@ -18,6 +18,8 @@ import pytest
 
 from conftest import invoke_cli
 from ssit_dist.dist import free_port
+from ssit_dist.models.ssit import OnlineNetwork
+from ssit_dist.train.resume import ResumeError, choose_plan
 from tiny_runs import ROOT, env, launch, rows, short, torchrun
 
 pytestmark = pytest.mark.multiprocess
@@ -48,6 +50,20 @@ def test_a_changed_run_is_refused_by_name_and_force_resumes(shards: Path, short_
     assert "resume=force" in result.stderr and "global_batch: 8 -> 4" in result.stderr
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]  # no duplicate rows, continued at 3
     assert json.loads((run_dir / "fingerprint.json").read_text())["global_batch"] == 4
+
+
+@pytest.mark.parametrize("mode", ["auto", "force", "reshard"])
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_in_every_mode(tmp_path: Path, mode: str) -> None:
+    # As a checkpoint written before the momentum network's parameters had a group of their own records
+    # it: no `optimizer_groups`. DeepSpeed would fail deep inside its load (ZeRO 1/2: "parameter-alignment").
+    current = {"world_size": 2, "optimizer_groups": list(OnlineNetwork.OPTIMIZER_GROUPS)}
+    old = {"world_size": 4 if mode == "reshard" else 2}
+    with pytest.raises(ResumeError) as refused:
+        choose_plan("step-000002", 2, old, current, mode, tmp_path, zero_stage=2)
+    message = str(refused.value)
+    assert "one group of every parameter" in message and "encoder+projector" in message, message
+    assert "ssit-dist export" in message and "model.init=" in message, message
+    assert choose_plan("step-000002", 2, current, current, mode, tmp_path, zero_stage=2).mode == "resume"
 
 
 def test_a_dangling_latest_or_a_missing_rank_file_stops_every_rank(

@@ -92,9 +92,23 @@ class OnlineNetwork(nn.Module):
         # MoCo v3 mode (saliency off) has no saliency head at all: no parameters that never get a gradient.
         self.saliency_head = PixelHead(dim, patch_size(self.encoder)) if cfg.saliency else None
 
+    # The optimizer's parameter groups, in order; a run's fingerprint records them (train/pretrain.py): a
+    # checkpoint's optimizer state is laid out group by group and fits only this layout.
+    OPTIMIZER_GROUPS = ("encoder+projector", "predictor+saliency_head")
+
     def ema_source(self) -> list[nn.Module]:
         """The modules the momentum network averages, in its parameter order."""
         return [self.encoder, self.projector]
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Every parameter, in the two groups `OPTIMIZER_GROUPS` names: what the momentum network mirrors
+        (`ema_source`), then the rest. DeepSpeed's ZeRO keeps each group in flat partitions of its own, so
+        the momentum update gathers the first group alone, not the predictor and saliency head with it
+        (models/momentum.py). The groups set no hyperparameters: both take the ds_config's lr and weight
+        decay, as the single group did."""
+        mirrored = [p for module in self.ema_source() for p in module.parameters()]
+        ids = {id(p) for p in mirrored}
+        return [{"params": mirrored}, {"params": [p for p in self.parameters() if id(p) not in ids]}]
 
     def _check(self, x: torch.Tensor, saliency: torch.Tensor) -> None:
         if x.shape[-2:] != saliency.shape[-2:] or saliency.shape[:2] != (x.shape[0], 1):

@@ -48,7 +48,7 @@ from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
-from ssit_dist.models.ssit import SSiT
+from ssit_dist.models.ssit import OnlineNetwork, SSiT
 from ssit_dist.train import checkpoint
 from ssit_dist.train.loop import Run, StopRequested, train
 from ssit_dist.train.report import Reporter
@@ -76,6 +76,7 @@ def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
             "shuffle_buffer": cfg.data.shuffle_buffer,
         },
         "model": asdict(cfg.model),
+        "optimizer_groups": list(OnlineNetwork.OPTIMIZER_GROUPS),
         # DeepSpeed's timers change no number of the run: a resume may turn them on or off.
         "ds_config": {key: value for key, value in inputs.ds_config.items() if key != "timers"},
         "shards": [
@@ -115,7 +116,7 @@ def build_and_restore(cfg: PretrainConfig, ds_config: dict, plan: ResumePlan, de
     # bf16 weights DeepSpeed's bf16 engine gives it.
     convert_batchnorm(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model.online, model_parameters=model.online.parameters(), config=ds_config
+        model=model.online, model_parameters=model.online.optimizer_groups(), config=ds_config
     )
     momentum_net = model.momentum.to(device)
     if plan.tag is not None:

@@ -13,7 +13,11 @@ compares its own fingerprint with the one stored beside the latest checkpoint:
   steps_per_epoch; the stream is drawn anew from the new shards and batch layout);
 - a changed world size under ZeRO (DeepSpeed's partitions fit one data-parallel size) is refused even
   with force; `resume=reshard` resumes it through DeepSpeed's universal checkpoint (train/checkpoint.py
-  converts it), keeping what force keeps, optimizer state included, and re-deriving the same.
+  converts it), keeping what force keeps, optimizer state included, and re-deriving the same;
+- changed optimizer groups (`optimizer_groups`: checkpoints written before the momentum network's
+  parameters had a group of their own hold one group) are refused in every mode: DeepSpeed loads the
+  optimizer state group by group and fails deep inside (at ZeRO 1/2 with a message about parameter
+  alignment), so the refusal says what happened and what to do instead.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ def choose_plan(
     `stored`, relaunched with `current` and `resume=mode`. Raises ResumeError to refuse."""
     if tag is None:
         return ResumePlan(None, 0, "fresh")
+    if stored is not None and stored.get("optimizer_groups") != current.get("optimizer_groups"):
+        raise ResumeError(_groups_changed(tag, stored, current, where))
     changed = changed_fields(stored, current) if stored is not None else ["fingerprint: missing -> recorded"]
     if not changed:
         return ResumePlan(tag, step, "resume")
@@ -108,6 +114,16 @@ def choose_plan(
     else:
         hint = "pass resume=force to resume anyway (the README says what it keeps), or choose another run folder"
     raise ResumeError(f"{where}: checkpoint {tag} was written by a run that differs from this one:\n  {lines}\n{hint}")
+
+
+def _groups_changed(tag: str, stored: dict[str, Any], current: dict[str, Any], where: Path) -> str:
+    written = stored.get("optimizer_groups") or "one group of every parameter"
+    return (
+        f"{where}: checkpoint {tag} holds its optimizer state in the parameter groups {written}; this version "
+        f"of ssit-dist builds {current.get('optimizer_groups')}, and DeepSpeed loads optimizer state group by "
+        "group, so no resume mode can continue it. Finish the run with the ssit-dist version that wrote it, "
+        "or start a new run from its weights: `ssit-dist export` the checkpoint and pass model.init=<the export>"
+    )
 
 
 def agree_on_plan(
