@@ -334,26 +334,76 @@ def full_fp32_parameters(*modules: nn.Module) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class FlatMaster:
-    """ZeRO 1/2 (DeepSpeed's ZeRO optimizer and its bf16 optimizer): each parameter group's parameters
-    are views into one flat buffer, split into equal partitions over the data-parallel ranks, and this
-    rank's optimizer holds the fp32 master of its own partition only."""
+    """Where DeepSpeed keeps the fp32 master of some parameters as flat partitions, one per (sub)group on
+    each data-parallel rank, and how a whole parameter lies across the ranks' partitions:
+
+    - ZeRO 1/2 (its ZeRO optimizer and its bf16 optimizer): a group's parameters lie one after another
+      in one flat buffer cut into `world` equal partitions, and rank r holds the r-th. `places` give each
+      parameter's offset into the whole buffer; `pieces` is None.
+    - ZeRO-3: each parameter is cut into `world` equal pieces (the last one padded), and rank r's
+      partition of a sub group is the r-th piece of each of its parameters, one after another. `places`
+      give the offset of each parameter's piece in every rank's partition, `pieces` the piece sizes.
+
+    Only the groups that hold the parameters asked for are listed: a group of other parameters (the
+    predictor's) is never gathered for them."""
 
     partitions: list[torch.Tensor]  # per group, this rank's fp32 master partition (live: the optimizer's)
-    flat_numel: list[int]  # per group, the whole flat buffer's length
     group: Any  # the data-parallel process group
     rank: int  # this rank's partition
-    places: list[tuple[int, int]]  # per parameter asked for: (group, offset into the group's flat buffer)
+    world: int  # partitions per group
+    places: list[tuple[int, int]]  # per parameter asked for: (group, offset), as the class says
+    pieces: list[int] | None = None  # ZeRO-3: per parameter, the piece each rank holds
 
-    def span(self, group: int) -> tuple[int, int]:
-        """[start, end) of this rank's partition in group `group`'s flat buffer."""
-        size = self.partitions[group].numel()
-        return self.rank * size, (self.rank + 1) * size
+    def same_layout(self, other: FlatMaster) -> bool:
+        """Whether `other` lays the same parameters out the same way (partitions built for one fit the other)."""
+        mine, theirs = (
+            (self.places, self.pieces, self.rank, self.world),
+            (other.places, other.pieces, other.rank, other.world),
+        )
+        return mine == theirs
+
+    def scatter(self, tensors: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
+        """Writes this rank's share of each whole tensor (one per parameter, in `places` order) into
+        `parts` (laid out as `partitions`); positions no parameter covers (padding) keep their values."""
+        for i, (tensor, (group, offset)) in enumerate(zip(tensors, self.places, strict=True)):
+            flat, part = tensor.reshape(-1), parts[group]
+            if self.pieces is None:
+                start = self.rank * part.numel()
+                lo, hi = max(start, offset), min(start + part.numel(), offset + flat.numel())
+                if lo < hi:
+                    part[lo - start : hi - start].copy_(flat[lo - offset : hi - offset])
+            else:
+                first = self.rank * self.pieces[i]
+                size = max(0, min(self.pieces[i], flat.numel() - first))
+                part[offset : offset + size].copy_(flat[first : first + size])
+
+    def copy_into(self, wholes: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """Copies each parameter out of its group's whole flat buffer (`gather_partitions`: every rank's
+        partition, rank after rank) into `targets` (contiguous, one per parameter in `places` order),
+        casting to their dtype; no intermediate tensor."""
+        for i, (target, (group, offset)) in enumerate(zip(targets, self.places, strict=True)):
+            flat = target.view(-1)
+            if self.pieces is None:
+                flat.copy_(wholes[group][offset : offset + flat.numel()])
+                continue
+            # Row r of the (world, partition) table holds rank r's pieces: the parameter is its column
+            # block read row by row, the last row cut where the padding starts.
+            piece = self.pieces[i]
+            if piece == 0:
+                continue
+            block = wholes[group].view(self.world, -1)[:, offset : offset + piece]
+            rows, rest = divmod(flat.numel(), piece)
+            flat[: rows * piece].view(rows, piece).copy_(block[:rows])
+            if rest:
+                flat[rows * piece :].copy_(block[rows, :rest])
 
 
 def flat_master(optimizer: Any, params: list[nn.Parameter]) -> FlatMaster | None:
-    """The flat fp32 master partitions behind `params` where `optimizer` is DeepSpeed's ZeRO 1/2 or bf16
-    optimizer; None for anything else (ZeRO-0, ZeRO-3, expert parallelism), where the caller falls back
-    to `full_fp32_parameters`."""
+    """The flat fp32 master partitions behind `params` where `optimizer` is DeepSpeed's ZeRO 1/2, bf16 or
+    ZeRO-3 optimizer; None for anything else (ZeRO-0, expert parallelism, an optimizer swapped to NVMe),
+    where the caller falls back to `full_fp32_parameters`."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat") and hasattr(optimizer, "grad_position"):
+        return _zero3_master(optimizer, params)
     flats = getattr(optimizer, "bit16_groups_flat", None)
     partitions = getattr(optimizer, "single_partition_of_fp32_groups", None)
     if flats is None:
@@ -375,19 +425,51 @@ def flat_master(optimizer: Any, params: list[nn.Parameter]) -> FlatMaster | None
         if len(found) != 1:
             return None
         places.append(found[0])
+    used = sorted({g for g, _ in places})
+    index = {g: i for i, g in enumerate(used)}
     rank_in_group = torch_dist.get_rank(group=groups[0]) if is_distributed() else 0
-    return FlatMaster(list(partitions), [f.numel() for f in flats], groups[0], rank_in_group, places)
+    return FlatMaster(
+        [partitions[g] for g in used], groups[0], rank_in_group, world, [(index[g], o) for g, o in places]
+    )
+
+
+def _zero3_master(optimizer: Any, params: list[nn.Parameter]) -> FlatMaster | None:
+    """ZeRO-3: the optimizer's fp32 sub-group partitions, read directly (no per-parameter accessor: on a
+    GPU DeepSpeed's `_get_fp32_opt_state_partition` synchronises a stream at every call). They were last
+    written by the optimizer step on the compute stream, which orders every later read after it."""
+    if not params or any(not hasattr(p, "ds_id") or not p.requires_grad for p in params):
+        return None  # a frozen parameter has no fp32 master
+    positions = [optimizer.grad_position.get(optimizer.get_param_id(p)) for p in params]
+    if any(position is None for position in positions):
+        return None
+    used = sorted({group for group, _, _ in positions})
+    if any(optimizer._swappable_optimizer_subgroup(g) for g in used):
+        return None  # swapped out to NVMe between steps: only DeepSpeed's accessor brings it back
+    group = optimizer._get_param_partition_group(params[0])
+    if any(optimizer._get_param_partition_group(p) is not group for p in params):
+        return None
+    world = torch_dist.get_world_size(group=group) if is_distributed() else 1
+    rank_in_group = torch_dist.get_rank(group=group) if is_distributed() else 0
+    index = {g: i for i, g in enumerate(used)}
+    return FlatMaster(
+        [optimizer.fp32_partitioned_groups_flat[g] for g in used],
+        group,
+        rank_in_group,
+        world,
+        [(index[g], offset) for g, offset, _ in positions],
+        [piece for _, _, piece in positions],
+    )
 
 
 def gather_partitions(
     master: FlatMaster, parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
     """Per group, the whole flat buffer from every rank's `parts` (laid out as `master.partitions`),
-    in `dtype` on `device`: one all-gather per group."""
+    rank after rank, in `dtype` on `device`: one all-gather per group."""
     out = []
-    for part, numel in zip(parts, master.flat_numel, strict=True):
+    for part in parts:
         mine = part.to(device, dtype)
-        whole = torch.empty(numel, dtype=dtype, device=device)
+        whole = torch.empty(master.world * mine.numel(), dtype=dtype, device=device)
         if is_distributed():
             torch_dist.all_gather_into_tensor(whole, mine, group=master.group)
         else:

@@ -1,8 +1,10 @@
 """The momentum network's source of truth under DeepSpeed ZeRO: full fp32 parameters from partitions,
-and under ZeRO 1/2 the momentum network's own partitioned update, exactly the full update's.
+and under ZeRO 1, 2 and 3 the momentum network's own partitioned update, exactly the full update's, with
+one all-gather per step in the training precision of the query encoder's and projector's group alone.
 
-Two real gloo ranks, a real DeepSpeed engine around the online network: ZeRO stage 1 in bf16 (DeepSpeed's
-bf16 optimizer), 2 (fp32 master fragments) or 3 (parameters partitioned too).
+Two real gloo ranks, a real DeepSpeed engine around the online network with the trainer's optimizer
+groups: ZeRO stage 1 in bf16 (DeepSpeed's bf16 optimizer), 2 (fp32 master fragments) or 3 (parameters
+partitioned too) in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,14 +38,17 @@ TINY = ModelConfig(
 
 
 @contextlib.contextmanager
-def counting_collectives() -> Iterator[list[str]]:
-    """The names of the torch.distributed collectives called inside the block, in order."""
-    seen: list[str] = []
+def counting_collectives() -> Iterator[list[tuple[str, str, int, torch.dtype]]]:
+    """The torch.distributed collectives called inside the block, in order: name, calling function, and
+    the elements and dtype of the first tensor (the output of an all-gather)."""
+    seen: list[tuple[str, str, int, torch.dtype]] = []
     originals = {name: getattr(torch.distributed, name) for name in COLLECTIVES}
 
     def counted(name: str, call: Callable) -> Callable:
         def wrapper(*args: object, **kwargs: object) -> object:
-            seen.append(name)
+            tensor = args[0] if args else next(iter(kwargs.values()), None)
+            numel, dtype = (tensor.numel(), tensor.dtype) if isinstance(tensor, torch.Tensor) else (0, None)
+            seen.append((name, sys._getframe(1).f_code.co_name, numel, dtype))
             return call(*args, **kwargs)
 
         return wrapper
@@ -72,7 +78,7 @@ def _worker(rank: int, port: int, out: str, stage: int, bf16: bool) -> None:
     model = SSiT(TINY)
     convert_batchnorm(model)  # as the trainer does: BatchNorm over both ranks, taking bf16 weights
     original = [p.detach().clone() for m in model.online.ema_source() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(model.online.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.online.optimizer_groups(), lr=1e-2)  # as the trainer builds it
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -93,11 +99,26 @@ def _worker(rank: int, port: int, out: str, stage: int, bf16: bool) -> None:
     g = torch.Generator().manual_seed(rank)
     x1, x2 = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
     s1, s2 = torch.rand(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    # DeepSpeed's per-parameter fp32 accessor synchronises a stream at each call on a GPU (not on CPU
+    # ranks, so the calls are counted): the trainer's step must not use it.
+    accessor_calls = [0]
+    if stage == 3:
+        accessor = engine.optimizer._get_fp32_opt_state_partition
+
+        def counted_accessor(*args: object, **kwargs: object) -> object:
+            accessor_calls[0] += 1
+            return accessor(*args, **kwargs)
+
+        engine.optimizer._get_fp32_opt_state_partition = counted_accessor
     # The trainer's step, twice: its momentum update (from the full fp32 weights, before the engine's
     # step) moves the momentum network at the second step, once the weights have changed.
+    steps = []
     for _ in range(2):
         reference.update(full_fp32_parameters(*engine.module.ema_source()), 0.5)
-        train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.5, 1.0, 1.0, torch.bfloat16 if bf16 else None)
+        calls_before = accessor_calls[0]
+        with counting_collectives() as step_collectives:
+            train_step(engine, model.momentum, [(x1, x2, s1, s2)], 0.5, 1.0, 1.0, torch.bfloat16 if bf16 else None)
+        steps.append({"collectives": step_collectives, "accessor_calls": accessor_calls[0] - calls_before})
     partitioned = model.momentum._average is not None
     model.momentum.materialize()
     torch.save(
@@ -110,13 +131,24 @@ def _worker(rank: int, port: int, out: str, stage: int, bf16: bool) -> None:
             "original": original,
             "full": full,
             "shard_sizes": shard_sizes,
-            "collectives": collectives,
+            "collectives": [name for name, *_ in collectives],
+            "ema_gathers": [
+                [
+                    (numel, str(dtype))
+                    for _, caller, numel, dtype in step["collectives"]
+                    if caller == "gather_partitions"
+                ]
+                for step in steps
+            ],
+            "accessor_calls": [step["accessor_calls"] for step in steps],
+            "ema_numel": sum(t.numel() for t in original),
+            "online_numel": sum(getattr(p, "ds_numel", p.numel()) for p in model.online.parameters()),
         },
         f"{out}/rank{rank}.pt",
     )
 
 
-@pytest.mark.parametrize("stage, bf16", [(1, True), (2, False), (3, False)])
+@pytest.mark.parametrize("stage, bf16", [(1, True), (2, False), (3, False), (3, True)])
 def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: Path, stage: int, bf16: bool) -> None:
     args = (free_port(), str(tmp_path), stage, bf16)
     mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
@@ -130,9 +162,17 @@ def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: 
             assert full.dtype == torch.float32 and full.shape == original.shape
             # A bf16 engine keeps its fp32 master from the bf16 weights it was given.
             torch.testing.assert_close(full, original.bfloat16().float() if bf16 else original, rtol=0, atol=0)
-        # ZeRO 1/2: each rank averaged its own partition, and the gathered fp32 average is the plain
-        # update's to the last bit, compensation included; ZeRO-3 takes the plain update.
-        assert r["partitioned"] == (stage < 3)
+        # Each rank averaged its own partition, and the gathered fp32 average is the plain update's to
+        # the last bit, compensation included.
+        assert r["partitioned"]
+        # One all-gather a step, in the training precision, of the query encoder's and projector's group:
+        # their parameters and the partitions' padding, none of the predictor's and saliency head's.
+        dtype = str(torch.bfloat16 if bf16 else torch.float32)
+        for gathers in r["ema_gathers"]:
+            assert len(gathers) == 1 and gathers[0][1] == dtype, gathers
+            assert r["ema_numel"] <= gathers[0][0] < r["ema_numel"] + 64, (gathers, r["ema_numel"], r["online_numel"])
+        assert r["online_numel"] - r["ema_numel"] > 64
+        assert r["accessor_calls"] == [0, 0]
         for name in ("exact", "compensation"):
             for ours, plain in zip(
                 r[name], r["reference" if name == "exact" else "reference_compensation"], strict=True

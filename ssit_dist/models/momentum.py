@@ -3,12 +3,16 @@
 It lives outside any training engine on purpose: inside DeepSpeed's bf16 engine it would be cast to
 bf16, where the (1 - m) updates round away (at m = 0.99 the rounding error exceeds the whole EMA
 movement). Two ways to update it, the same fp32 arithmetic element by element:
-- `update`, from the full fp32 parameters (`ssit_dist.dist.full_fp32_parameters`: ZeRO 0 and 3);
-- `update_partition` under ZeRO 1/2, where each rank's optimizer holds the fp32 master of one partition
-  of the flat parameters: each rank keeps the fp32 average of its own partition only, updates it
-  locally, and one all-gather in the training precision gives every rank the weights the keys are
-  computed with (the key encoder runs under autocast anyway). Where the all-reduce of the whole fp32
-  network sent 2(W-1)/W x 4 bytes per parameter, this sends (W-1)/W x 2 in bf16.
+- `update`, from the full fp32 parameters (`ssit_dist.dist.full_fp32_parameters`: ZeRO-0 and plain
+  modules);
+- `update_partition` under ZeRO 1, 2 and 3, where each rank's optimizer holds the fp32 master of one
+  partition of the parameters (`ssit_dist.dist.FlatMaster` says how they are laid out): each rank keeps
+  the fp32 average of its own partition only, updates it locally, and one all-gather in the training
+  precision gives every rank the weights the keys are computed with (the key encoder runs under
+  autocast anyway). Where the all-reduce of the whole fp32 network sent 2(W-1)/W x 4 bytes per
+  parameter (the all-gather of ZeRO-3's fp32 partitions (W-1)/W x 4), this sends (W-1)/W x 2 in bf16,
+  for the query encoder and projector only: the trainer gives them an optimizer group of their own
+  (`OnlineNetwork.optimizer_groups`), so the predictor's and saliency head's partitions are not sent.
   `materialize` gathers the exact fp32 average back into the parameters before a checkpoint.
 """
 
@@ -47,7 +51,7 @@ class MomentumNetwork(nn.Module):
         self._compiled: Callable[..., None] | None = None
         self._weight = torch.zeros(())  # m - 1 for the compiled update
         # update_partition's state: this rank's fp32 average and compensation, one flat tensor per
-        # parameter group, laid out as the optimizer's master partitions (None: build from the parameters).
+        # (sub)group, laid out as the optimizer's master partitions (None: build from the parameters).
         self._master: FlatMaster | None = None
         self._average: list[torch.Tensor] | None = None
         self._average_compensation: list[torch.Tensor] = []
@@ -64,19 +68,17 @@ class MomentumNetwork(nn.Module):
 
     @torch.no_grad()
     def update_partition(self, master: FlatMaster, m: float, dtype: torch.dtype) -> None:
-        """`update` under ZeRO 1/2: this rank's partition of the fp32 average follows `master` (the
-        optimizer's fp32 master partitions of the query encoder and projector, `master.places` in
-        `parameters()` order), then one all-gather per parameter group in `dtype` sets the parameters.
-        Collective: every rank calls it."""
+        """`update` under ZeRO 1, 2 and 3: this rank's partition of the fp32 average follows `master`
+        (the optimizer's fp32 master partitions of the query encoder and projector, `master.places` in
+        `parameters()` order), locally and with no host read, then one all-gather per group in `dtype`
+        sets the parameters. Collective: every rank calls it."""
         mine: list[torch.Tensor] = list(self.parameters())
-        if self._average is None or self._master is None or self._master.places != master.places:
+        if self._average is None or self._master is None or not self._master.same_layout(master):
             self._average = self._partition(master, mine)
             self._average_compensation = self._partition(master, self._compensation, fill=0.0)
         self._master = master
         self._follow(self._average, master.partitions, self._average_compensation, m)
-        wholes = gather_partitions(master, self._average, dtype, mine[0].device)
-        for p, (group, offset) in zip(mine, master.places, strict=True):
-            p.copy_(wholes[group][offset : offset + p.numel()].view_as(p))
+        master.copy_into(gather_partitions(master, self._average, dtype, mine[0].device), mine)
 
     @torch.no_grad()
     def materialize(self) -> None:
@@ -85,22 +87,18 @@ class MomentumNetwork(nn.Module):
         training-precision copy). A no-op otherwise."""
         if self._average is None or self._master is None:
             return
-        mine, device = list(self.parameters()), next(self.parameters()).device
-        average = gather_partitions(self._master, self._average, torch.float32, device)
+        mine: list[torch.Tensor] = list(self.parameters())
+        device = mine[0].device
+        self._master.copy_into(gather_partitions(self._master, self._average, torch.float32, device), mine)
         compensation = gather_partitions(self._master, self._average_compensation, torch.float32, device)
-        for p, c, (group, offset) in zip(mine, self._compensation, self._master.places, strict=True):
-            p.copy_(average[group][offset : offset + p.numel()].view_as(p))
-            c.copy_(compensation[group][offset : offset + p.numel()].view_as(c))
+        self._master.copy_into(compensation, self._compensation)
 
     def _partition(self, master: FlatMaster, full: list[torch.Tensor], fill: float | None = None) -> list[torch.Tensor]:
         """This rank's partition of `full` (tensors in `parameters()` order) laid out as `master.partitions`:
-        positions no tensor covers (the predictor, padding) take the master's values, or `fill`."""
+        positions no tensor covers (padding; other parameters where they share a group) take the master's
+        values, or `fill`."""
         parts = [t.detach().clone() if fill is None else torch.full_like(t, fill) for t in master.partitions]
-        for tensor, (group, offset) in zip(full, master.places, strict=True):
-            start, end = master.span(group)
-            lo, hi = max(start, offset), min(end, offset + tensor.numel())
-            if lo < hi:
-                parts[group][lo - start : hi - start].copy_(tensor.reshape(-1)[lo - offset : hi - offset])
+        master.scatter(full, parts)
         return parts
 
     def _follow(

@@ -75,9 +75,9 @@ class StepLosses:
 
 
 def update_momentum(engine: Engine, momentum_net: MomentumNetwork, m: float, dtype: torch.dtype) -> None:
-    """Collective. The momentum network follows the query side's fp32 weights: under ZeRO 1/2 from each
-    rank's own master partition with one all-gather in `dtype` (the training precision), otherwise from
-    the full fp32 weights (ZeRO-3 partitions and plain modules alike, see full_fp32_parameters)."""
+    """Collective. The momentum network follows the query side's fp32 weights: under ZeRO 1, 2 and 3
+    from each rank's own master partition with one all-gather in `dtype` (the training precision),
+    otherwise from the full fp32 weights (ZeRO-0 and plain modules, see full_fp32_parameters)."""
     sources = engine.module.ema_source()
     optimizer = getattr(engine, "optimizer", None)
     params = [p for module in sources for p in module.parameters()]
