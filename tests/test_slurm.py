@@ -2,7 +2,8 @@
 ranks. One node: a pretraining job equals the same run under torchrun; a preemption signal (as SLURM sends
 it before the time limit) checkpoints, requeues, resumes and ends with the uninterrupted run's weights;
 fine-tuning reports. Two nodes, one network namespace each: one rank per node trains exactly as the
-single-node run does, and a killed rank fails the job naming rank and node, leaving nothing behind."""
+single-node run does, a killed rank fails the job naming rank and node, leaving nothing behind, and plain
+srun from a script of its own, with no MASTER_ADDR, forms the group on the step's first node."""
 
 from __future__ import annotations
 
@@ -235,3 +236,37 @@ def test_a_process_outside_srun_runs_as_one_instead_of_waiting_for_the_jobs_task
     log = (tmp_path / "out.txt").read_text()
     assert job["JobState"] == "COMPLETED" and "world 1" in log, log[-2000:]
     assert "outside srun" in log and "2 tasks" in log
+
+
+def test_plain_srun_across_two_nodes_finds_its_rendezvous_without_master_addr(
+    two_nodes: TwoNodeSlurm, tmp_path: Path
+) -> None:
+    # A site's own script (or an salloc session): plain srun over two nodes, no MASTER_ADDR or MASTER_PORT.
+    # The ranks must meet on the step's first node, as the shipped scripts' scontrol line arranges.
+    script = tmp_path / "plain_srun.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        "unset MASTER_ADDR MASTER_PORT\n"
+        'srun --label "$SSIT_PYTHON" -c "import os, socket, torch\n'
+        "from ssit_dist.dist import init_process_group, rank, shutdown, sum_over_ranks\n"
+        "device = init_process_group(30)\n"
+        "total = int(sum_over_ranks(torch.ones(1), device).item())\n"
+        "where = os.environ['MASTER_ADDR'] + ':' + os.environ['MASTER_PORT']\n"
+        "print('rank', rank(), 'on', socket.gethostname(), 'met at', where, 'sum', total)\n"
+        'shutdown()"\n'
+    )
+    job_id = two_nodes.submit(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        *CORES,
+        f"--chdir={tmp_path}",
+        f"--output={tmp_path}/out.txt",
+        str(script),
+        env=job_env(),
+    )
+    job = two_nodes.wait(job_id, timeout=90)
+    log = (tmp_path / "out.txt").read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    # Step 0 of the job: the port the shipped scripts would have chosen.
+    where = f"met at ssitn1:{20000 + int(job_id) % 20000} sum 2"
+    assert f"0: rank 0 on ssitn1 {where}" in log and f"1: rank 1 on ssitn2 {where}" in log, log
