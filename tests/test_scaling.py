@@ -119,7 +119,7 @@ def test_measured_bytes_become_one_payload_whatever_the_world() -> None:
     # collectives.py's ZeRO-2 counts at world 2 and 4 (sent bytes: ring shares of the payload).
     runs = [
         {"world": 2, "zero_stage": 2, "sent_bytes_per_rank_per_step": {"gradients": 86430981, "ema": 43215488}},
-        {"world": 4, "zero_stage": 2, "sent_bytes_per_rank_per_step": {"gradients": 129646472, "ema": 64823232}},
+        {"world": 4, "zero_stage": 2, "sent_bytes_per_rank_per_step": {"gradients": 129646471, "ema": 64823232}},
     ]
     scale = {"gradients": 1.0, "parameters": 1.0, "ema": 1.0}
     two, four = (measured_traffic(run, scale) for run in runs)
@@ -130,10 +130,14 @@ def test_measured_bytes_become_one_payload_whatever_the_world() -> None:
 
 def test_counts_that_disagree_with_the_measurement_are_refused() -> None:
     counts = model_counts("vit_small_patch16_224", 64)
-    run = {"world": 2, "zero_stage": 2, "sent_bytes_per_rank_per_step": {"batchnorm": 544872, "loss_gathers": 4096}}
+    sent = {"batchnorm": 544872, "loss_gathers": 4096}  # collectives.py's counts at world 2
+    run = {"world": 2, "zero_stage": 2, "sent_bytes_per_rank_per_step": sent}
     assert check_counted(run, counts)["batchnorm"]["counted_payload"] == 544872
-    run["sent_bytes_per_rank_per_step"]["batchnorm"] = 2 * 544872  # a BatchNorm layer the count misses
+    sent["batchnorm"] = 2 * 544872  # a BatchNorm layer the count misses
     with pytest.raises(SystemExit, match="batchnorm"):
+        check_counted(run, counts)
+    sent["batchnorm"], run["online_parameters"] = 544872, 2 * counts.online  # another model was measured
+    with pytest.raises(SystemExit, match="online_parameters"):
         check_counted(run, counts)
 
 

@@ -61,8 +61,9 @@ ARCHS = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224"}
 # What collectives.py runs (PretrainConfig(global_batch=2 * world), img_size 64): the measured bytes are
 # turned into bytes per parameter of this model, and its loss gathers are those of this micro batch.
 MEASURED_ARCH, MEASURED_IMG, MEASURED_MICRO_BATCH = "vit_small_patch16_224", 64, 2
-# Calls per optimizer step by kind, counted by collectives.py's wrapper (its per-rank `calls`) at world 2
-# and 4, 2026-12-06; its JSON does not carry them yet. A run's own `calls_per_rank_per_step` wins.
+# Calls per optimizer step by kind, counted by collectives.py's wrapper (its per-rank `calls`; the same at
+# world 2 and 4) on commit fdac1d7, 2026-12-06: its JSON does not carry them yet. A run's own
+# `calls_per_rank_per_step` wins. BatchNorm and the loss gathers are counted from the model.
 MEASURED_CALLS = {
     0: {"gradients": 2},
     1: {"gradients": 3, "parameters": 1, "ema": 1},
@@ -379,7 +380,8 @@ REMEDIES = {
     ),
     "parameters": (
         "All-gathers have no tree in NCCL: their latency grows with the node count. ZeRO-3 gathers per module "
-        "(about 116 calls per step), far past the compute: ViT-S/B and their heads fit every GPU, so use "
+        "(about 116 calls per step; the model puts them one after the other, where DeepSpeed prefetches some "
+        "beside compute, so it is an upper bound), far past the compute: ViT-S/B and their heads fit every GPU, so use "
         "ZeRO-1/2, or ZeRO++'s hierarchical partitioning (zero_hpz_partition_size: 8, a copy of the weights per "
         "node, so the forward's gathers stay on NVLink). Under ZeRO-1/2 it is one all-gather of the updated "
         "weights per step; ZeRO-0 needs none (its gradient all-reduce can run as a tree: see the stage-0 rows)."
@@ -404,24 +406,23 @@ REMEDIES = {
 
 
 def bottleneck_notes(scenarios: list[dict], threshold: float = 0.02) -> list[str]:
-    """Kinds that stop scaling: at the largest GPU count at least `threshold` of the compute time and
-    either latency-bound (latency share >= 0.5) or growing bytes (the loss gathers); the worst case of
-    each, with its remedy."""
+    """The kinds that stop scaling: at the largest GPU count at least `threshold` of the compute time and
+    latency-bound (latency share >= 0.5) or of growing bytes (the loss gathers); for each, its worst
+    case, how it grew from the smallest GPU count, and the remedy."""
     worst: dict[str, tuple[float, str]] = {}
     for s in scenarios:
         first, last = s["predictions"][0], s["predictions"][-1]
         for kind, ms in last["comm_ms"].items():
-            share = ms / s["compute_ms"]
-            latency_bound = last["latency_share"][kind] >= 0.5
-            if share < threshold or not (latency_bound or kind == "loss_gathers"):
+            share, latency = ms / s["compute_ms"], last["latency_share"][kind]
+            if share < threshold or not (latency >= 0.5 or kind == "loss_gathers"):
                 continue
             if share > worst.get(kind, (0.0, ""))[0]:
                 where = f"{s['arch']}, ZeRO-{s['zero_stage']}, {s['ib_gbit_s']:g} Gb/s"
                 worst[kind] = (
                     share,
-                    f"{kind} stops scaling: {ms:.2f} ms per step at {last['gpus']} GPUs ({where}; "
-                    f"{first['comm_ms'][kind]:.2f} ms at {first['gpus']}), {share:.0%} of the compute time, "
-                    f"{last['latency_share'][kind]:.0%} of it latency. {REMEDIES[kind]}",
+                    f"{kind}: {first['comm_ms'][kind]:.2f} ms per step at {first['gpus']} GPUs, {ms:.2f} ms at "
+                    f"{last['gpus']} ({share:.0%} of the compute time, {latency:.0%} of it latency; worst case "
+                    f"{where}). {REMEDIES[kind]}",
                 )
     return [text for _, text in sorted(worst.values(), reverse=True)]
 
@@ -449,12 +450,26 @@ def batchnorm_remedies(step: Step, gpus: list[int], fabric: Fabric) -> dict:
     return out
 
 
+LEGEND = {
+    "payload_mb": "bytes per optimizer step over all calls of each kind, at the smallest GPU count (the loss "
+    "gathers' whole grows with the count)",
+    "comm_ms": "each kind's predicted time per step, by its fastest algorithm (`algorithm`)",
+    "latency_share": "the part of comm_ms that latency costs (the rest: bandwidth)",
+    "comm_ms_total_ring_only": "the same step with every collective on one flat ring (NCCL_ALGO=Ring)",
+    "step_ms, efficiency": "no_overlap: compute + every collective; overlap: the gradient reduction hidden under "
+    "the backward up to its length. Efficiency: compute / step time (1 on one GPU)",
+    "batchnorm_remedies": "ZeRO-2 efficiency (no overlap) with BatchNorm as it is, both views' statistics in one "
+    "all-reduce per layer, and statistics over each node's 8 GPUs only",
+}
+
+
 def read_collectives(path: Path | None, stages: list[int]) -> tuple[dict, str]:
     """collectives.py's JSON from `path` (its stdout saved: log lines before the JSON are skipped), or
     from running it at world 2 on `stages`."""
     if path is None:
         command = [sys.executable, str(COLLECTIVES), "--worlds", "2", "--stages", *map(str, stages), "--steps", "1"]
-        text, source = subprocess.run(command, check=True, capture_output=True, text=True).stdout, " ".join(command[1:])
+        source = " ".join(command[1:])
+        text = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     else:
         text, source = path.read_text(), str(path)
     lines = text.splitlines()
@@ -540,10 +555,10 @@ def main() -> None:
             "collectives": source,
             "collectives_machine": doc.get("cpu"),
             "collectives_model": doc.get("model"),
-            "runs_used": [{"zero_stage": r["zero_stage"], "world": r["world"]} for r in runs],
+            "runs_used": [{k: r[k] for k in ("zero_stage", "world", "sent_bytes_per_rank_per_step")} for r in runs],
             "calls": "the runs' calls_per_rank_per_step"
             if all("calls_per_rank_per_step" in r for r in runs)
-            else "MEASURED_CALLS (collectives.py's counts at world 2 and 4, 2026-12-06)",
+            else "MEASURED_CALLS (collectives.py's counts at world 2 and 4, fdac1d7)",
             "vit_b": "ViT-S's measured gradients / parameters / EMA bytes scaled by parameter count; BatchNorm "
             "and loss gathers counted from the model",
         },
@@ -556,7 +571,7 @@ def main() -> None:
             "backward_share": round(args.backward_share, 4),
             "sources": SOURCES,
         },
-        "formulas": __doc__.split("Collective times", 1)[1].split("Usage:", 1)[0].strip(),
+        "formulas": "Collective times" + __doc__.split("Collective times", 1)[1].split("Usage:", 1)[0].rstrip(),
         "checks": {
             "counted_vs_measured": [{"zero_stage": r["zero_stage"], **check_counted(r, measured)} for r in runs],
             "extrapolation": extrapolation_checks(doc["runs"]),
@@ -564,6 +579,7 @@ def main() -> None:
         "scenarios": predicted,
         "batchnorm_remedies": remedies,
         "notes": bottleneck_notes(predicted),
+        "legend": LEGEND,
     }
     text = json.dumps(result, indent=1)
     if args.out:
