@@ -78,11 +78,15 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/ssit-dist demo
 
+# scaling.py (the scaling model past 8 GPUs) reads the counts collectives.py has just made, from
+# $(CACHE)/collectives.json, instead of running the ranks again.
 bench: setup
 	$(PY) bench/perf/shard.py
 	$(PY) bench/perf/pretrain.py
 	$(PY) bench/perf/model_step.py
-	$(PY) bench/perf/collectives.py
+	$(PY) bench/perf/collectives.py > $(CACHE)/collectives.json
+	cat $(CACHE)/collectives.json
+	$(PY) bench/perf/scaling.py --collectives $(CACHE)/collectives.json
 
 # On a CUDA machine: NCCL collectives, ZeRO-2/3 bf16 pretraining with a stop and resume, export and bf16
 # fine-tuning, as JSON. Without CUDA it prints a skip line. Needs labelled shards (see bench/checks/gpu_check.py).
