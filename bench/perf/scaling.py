@@ -4,8 +4,9 @@ No machine here has more than one GPU, so the scale is planned on paper, from th
 
 - traffic: what bench/perf/collectives.py counts per collective kind per optimizer step (gradients,
   parameters, EMA, BatchNorm, loss gathers) on real DeepSpeed engines of SSiT ViT-S/16 (64 px views,
-  2 samples per rank), read from its JSON (`--collectives FILE`, its stdout saved) or, without that
-  flag, by running it (world 2, ZeRO 1-3: about 3 minutes on 2 cores). Gradients and parameters scale
+  2 samples per rank), read from its JSON (`--collectives FILE`, its stdout saved; `make bench` does so)
+  or, without that flag, by running it (world 2, ZeRO 1-3: a few minutes on 2 cores); calls per kind
+  from the run where it records them, else MEASURED_CALLS. Gradients and parameters scale
   to other encoders by the online network's parameter count, the EMA by the mirrored one's (encoder +
   projector): ViT-B is ViT-S's counts scaled so, not run (the counter runs a whole DeepSpeed step per
   stage; ViT-B's would take several times as long here and move the same collectives, 12 blocks each).
@@ -281,7 +282,7 @@ def loss_traffic(counts: ModelCounts, micro_batch: int) -> Traffic:
 
 
 def _op(kind: str, stage: int) -> str:
-    """The collective DeepSpeed or ssit_dist runs for a kind (as collectives.py's per-op counts show)."""
+    """The collective DeepSpeed or ssit_dist runs for a kind (the ops collectives.py's wrapper saw)."""
     if kind == "gradients":
         return "reduce_scatter" if stage == 3 else "all_reduce"
     if kind in ("parameters", "ema", "loss_gathers"):
@@ -458,6 +459,11 @@ LEGEND = {
     "comm_ms_total_ring_only": "the same step with every collective on one flat ring (NCCL_ALGO=Ring)",
     "step_ms, efficiency": "no_overlap: compute + every collective; overlap: the gradient reduction hidden under "
     "the backward up to its length. Efficiency: compute / step time (1 on one GPU)",
+    "checks": "counted_vs_measured: BatchNorm and loss-gather payloads counted from the model against "
+    "collectives.py's; extrapolation: each stage's smallest world's counts as payloads, priced again at its "
+    "largest world, against that world's counts, i.e. the payloads the code hands to the collectives do not "
+    "change with the world size (the ring shares themselves are collectives.py's accounting, not a wire "
+    "measurement)",
     "batchnorm_remedies": "ZeRO-2 efficiency (no overlap) with BatchNorm as it is, both views' statistics in one "
     "all-reduce per layer, and statistics over each node's 8 GPUs only",
 }
@@ -540,7 +546,13 @@ def arguments() -> argparse.Namespace:
 def main() -> None:
     args = arguments()
     args.gpus = sorted(args.gpus)
-    fabric = Fabric(args.gpus_per_node, args.nvlink_gb_s, 0.0, args.nvlink_us, args.ib_us, args.call_us)
+    fabric = Fabric(
+        gpus_per_node=args.gpus_per_node,
+        nvlink_gb_s=args.nvlink_gb_s,
+        nvlink_us=args.nvlink_us,
+        ib_us=args.ib_us,
+        call_us=args.call_us,
+    )  # ib_gbit_s: one scenario per --ib-gbit-s
     doc, source = read_collectives(args.collectives, args.stages)
     # Per stage the run at the largest world: the nearest to the GPU counts predicted.
     runs = [
