@@ -5,7 +5,8 @@ configs of each ZeRO stage (zero0_fp32, zero1_bf16, zero2_bf16, zero3_bf16), run
 `train_step` on random views (64 px: the collectives' sizes depend on the parameters, not the image).
 Every torch.distributed collective is wrapped and attributed by its caller:
 
-- ema: the momentum network's update (dist.full_fp32_parameters; under ZeRO 1/2 dist.gather_partitions),
+- ema: the momentum network's update (dist.gather_partitions under ZeRO 1-3; dist.full_fp32_parameters
+  where it falls back),
 - batchnorm: the cross-rank BatchNorm statistics (dist._SumOverRanks, forward and backward),
 - loss_gathers: the contrastive loss's key gathers (dist.all_gather_cat),
 - gradients / parameters: DeepSpeed's reductions (all_reduce, reduce_scatter, reduce) and its
@@ -14,10 +15,15 @@ Every torch.distributed collective is wrapped and attributed by its caller:
 and counted as the bytes a rank sends under ring algorithms: all-reduce 2(W-1)/W of the tensor,
 all-gather and reduce-scatter (W-1)/W of the whole, broadcast and reduce the tensor. Host syncs are the
 calls that read a tensor's value on the host (`item`, `tolist`, `cpu`, `numpy`, `bool`, `float`, `int`)
-inside `train_step`, by the caller's package. Targets (issue 23): ema at most 0.5 x gradients, zero host
-syncs per step. One warm-up step, then `--steps` measured.
+inside `train_step`, by the caller's package (`--where`: by its file and line), and the calls that
+synchronise a stream on a GPU only (DeepSpeed's per-parameter ZeRO-3 fp32 accessor). Targets (issues 23, 34):
+ema at most 0.5 x gradients where gradients are all-reduced (ZeRO 0-2; ZeRO-3 reduce-scatters them, half
+the bytes, and a bf16 all-gather of the mirrored parameters cannot be less than about that), no host read
+per parameter. The engine is built as the trainer builds it (`OnlineNetwork.optimizer_groups`). Two
+warm-up steps (ZeRO-3 records its parameter trace over the first two and checks it across ranks once,
+with one host read per parameter), then `--steps` measured.
 
-Usage: python bench/perf/collectives.py [--worlds 2 4] [--stages 0 1 2 3] [--steps 2]
+Usage: python bench/perf/collectives.py [--worlds 2 4] [--stages 0 1 2 3] [--steps 2] [--where]
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ COLLECTIVES = {  # name -> share of the (largest) tensor a rank sends, as a func
     "broadcast": lambda w: 1.0,
     "reduce": lambda w: 1.0,
 }
+WARMUP = 2
 TRANSFERS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 OURS = {
     "full_fp32_parameters": "ema",
@@ -95,23 +102,40 @@ def _wrap(sent: Counter, calls: Counter, world: int, active: list[bool]) -> None
             setattr(module, name, counted)
 
 
-def _count_host_reads(reads: Counter, active: list[bool]) -> None:
+def _count_host_reads(reads: Counter, active: list[bool], where: bool) -> None:
     for name in TRANSFERS:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
             if active[0]:
-                caller = sys._getframe(1).f_code.co_filename
+                frame = sys._getframe(1)
+                caller = frame.f_code.co_filename
                 package = next(
                     (p for p in ("ssit_dist", "deepspeed", "torch") if f"{os.sep}{p}{os.sep}" in caller), "other"
                 )
-                reads[f"{package}:{_name}"] += 1
+                at = f":{caller.split(f'{os.sep}{package}{os.sep}')[-1]}:{frame.f_lineno}" if where else ""
+                reads[f"{package}:{_name}{at}"] += 1
             return _original(self, *args, **kwargs)
 
         setattr(torch.Tensor, name, counted)
 
 
-def _rank(rank: int, world: int, port: int, stage: int, steps: int, out: str) -> None:
+def _count_gpu_syncs(optimizer: object, reads: Counter, active: list[bool]) -> None:
+    """Calls that synchronise a stream on a GPU and nothing on CPU ranks, so that no tensor read shows
+    them here: DeepSpeed's ZeRO-3 accessor of one parameter's fp32 partition."""
+    accessor = getattr(optimizer, "_get_fp32_opt_state_partition", None)
+    if accessor is None:
+        return
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if active[0]:
+            reads["deepspeed:stream_sync_on_gpu:_get_fp32_opt_state_partition"] += 1
+        return accessor(*args, **kwargs)
+
+    optimizer._get_fp32_opt_state_partition = counted  # type: ignore[attr-defined]
+
+
+def _rank(rank: int, world: int, port: int, stage: int, steps: int, out: str, where: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -128,7 +152,7 @@ def _rank(rank: int, world: int, port: int, stage: int, steps: int, out: str) ->
     reads: Counter = Counter()
     active = [False]
     _wrap(sent, calls, world, active)
-    _count_host_reads(reads, active)
+    _count_host_reads(reads, active, where)
     device = init_process_group(600)
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = PretrainConfig(global_batch=2 * world)
@@ -137,31 +161,37 @@ def _rank(rank: int, world: int, port: int, stage: int, steps: int, out: str) ->
     torch.manual_seed(0)
     model = SSiT(cfg.model)
     convert_batchnorm(model)
-    engine, *_ = deepspeed.initialize(model=model.online, model_parameters=model.online.parameters(), config=ds)
+    parameters = sum(p.numel() for p in model.online.parameters())  # before ZeRO-3 partitions them
+    groups = model.online.optimizer_groups()
+    mirrored = sum(p.numel() for p in groups[0]["params"])  # what the momentum network averages
+    engine, *_ = deepspeed.initialize(model=model.online, model_parameters=groups, config=ds)
     momentum = model.momentum.to(device)
+    _count_gpu_syncs(engine.optimizer, reads, active)
     precision = torch.bfloat16 if engine.bfloat16_enabled() else None
     generator = torch.Generator().manual_seed(rank)
     views = [torch.randn(2, 3, 64, 64, generator=generator) for _ in range(2)]
     maps = [torch.rand(2, 1, 64, 64, generator=generator) for _ in range(2)]
     batch = (views[0], views[1], maps[0], maps[1])
     try:
-        for step in range(steps + 1):
-            active[0] = step > 0  # the first step is warm-up
+        for step in range(steps + WARMUP):
+            active[0] = step >= WARMUP
             train_step(engine, momentum, [batch], 0.99, 1.0, 10.0, precision)
         active[0] = False
-        parameters = sum(p.numel() for p in model.online.parameters())
         Path(out, f"rank{rank}.json").write_text(
-            json.dumps({"sent": sent, "calls": calls, "reads": reads, "online_parameters": parameters})
+            json.dumps(
+                {"sent": sent, "calls": calls, "reads": reads, "online_parameters": parameters, "mirrored": mirrored}
+            )
         )
     finally:
         shutdown()
 
 
-def measure(world: int, stage: int, steps: int) -> dict:
+def measure(world: int, stage: int, steps: int, where: bool) -> dict:
     from ssit_dist.dist import free_port
 
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_rank, args=(world, free_port(), stage, steps, out), nprocs=world, start_method="spawn")
+        args = (world, free_port(), stage, steps, out, where)
+        mp.start_processes(_rank, args=args, nprocs=world, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     sent = {
         k: round(sum(r["sent"].get(k, 0) for r in ranks) / world / steps)
@@ -175,6 +205,7 @@ def measure(world: int, stage: int, steps: int) -> dict:
         "zero_stage": stage,
         "ds_config": SHIPPED[stage],
         "online_parameters": ranks[0]["online_parameters"],
+        "mirrored_parameters": ranks[0]["mirrored"],
         "sent_bytes_per_rank_per_step": sent,
         "ema_over_gradients": round(sent.get("ema", 0) / sent["gradients"], 3) if sent.get("gradients") else None,
         "host_syncs_per_step": {k: v / world / steps for k, v in sorted(reads.items())},
@@ -186,12 +217,13 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--where", action="store_true", help="host reads by file and line, not by package")
     args = parser.parse_args()
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
         platform.processor(),
     )
-    runs = [measure(world, stage, args.steps) for world in args.worlds for stage in args.stages]
+    runs = [measure(world, stage, args.steps, args.where) for world in args.worlds for stage in args.stages]
     print(json.dumps({"cpu": cpu, "model": "vit_small_patch16_224 (SSiT, 64 px views)", "runs": runs}, indent=2))
 
 
