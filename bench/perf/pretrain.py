@@ -9,6 +9,13 @@ Both augmentation paths: `cpu` (OpenCV in the workers) and `gpu` (workers read t
 saliency PNG and draw parameters; the training device decodes the JPEGs and augments the batch), the
 device-side part measured on the training device (here whatever `--device` is).
 
+The gpu path's input side, for sizing `data.workers` and SLURM's `--cpus-per-task`: the handoff of a batch
+of 64 (a GPU's micro batch in the ViT-S recipe) from 2 workers, as one tensor per JPEG (the former
+EncodedBatch) and as one buffer (collate_encoded), alternately in one run: CPU milliseconds per batch of the
+thread that takes the batch. Then what one worker does per sample (read, saliency PNG decode, checks and
+draws, collate: CPU time of this thread), the pairs per CPU-second of a worker process (psutil), and the
+workers each target rate needs with 1.5x headroom (`--target`, beside the recipes' 3,000 and 1,500 pairs/s).
+
 End to end (launch/pretrain.py, ViT-S/16 at 224, global batch 8, fp32, a few steps after a warm-up step):
 pairs/s for 1 rank x 2 threads and 2 ranks x 1 thread (ZeRO 0), and peak RSS per rank under ZeRO 0, 2, 3,
 and 1 rank x 2 threads with the gpu path; `loader_keeps_up`, per path: the 2-worker loader's pairs/s
@@ -17,7 +24,8 @@ compile off/on, cpu vs gpu augmentation, one rank on one GPU: pairs/s, MFU (FLOP
 torch.utils.flop_counter over the GPU's dense bf16 peak) and peak memory.
 `--no-end-to-end` measures the data pipeline only.
 
-Usage: python bench/perf/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--no-end-to-end] [--cuda]
+Usage: python bench/perf/pretrain.py [--images DIR] [--limit N] [--batches N] [--steps N] [--target PAIRS_PER_S]
+       [--no-end-to-end] [--cuda]
 """
 
 from __future__ import annotations
@@ -26,29 +34,41 @@ import argparse
 import io
 import itertools
 import json
+import math
+import os
 import random
+import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from ssit_dist.data.decode import decode_gray
 from ssit_dist.data.loading.augment import PairAugment
-from ssit_dist.data.loading.device_augment import DevicePairAugment
+from ssit_dist.data.loading.device_augment import DevicePairAugment, collate_encoded
 from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.prefetch import Prefetcher
 from ssit_dist.data.loading.sources import ShardSet, open_shards
-from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.stream import PairStream, jpeg_and_draws, pair_loader
+from ssit_dist.data.loading.workers import worker_options
 from ssit_dist.data.packing.inputs import discover
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.shard import pack
+from ssit_dist.info import collect
 
 BATCH = 16
+HANDOFF_BATCH = 64  # a GPU's micro batch in the ViT-S recipe: global batch 512 on 8 GPUs
+HEADROOM = 1.5  # workers are sized for this multiple of the target rate
+RECIPE_TARGETS = {"vit_small_patch16_224": 3000, "vit_base_patch16_224": 1500}  # pairs/s per GPU
+TRAINER_CORES = 2  # the training process itself: its main thread, the prefetch and pin-memory threads
 
 
 class ReferenceStyle(Dataset):
@@ -101,11 +121,133 @@ def rate(loader, batches: int) -> float:  # type: ignore[no-untyped-def]
     return batches * BATCH / (time.perf_counter() - start)
 
 
-def one_rank_stream(shards: ShardSet, augment: PairAugment, workers: int, encoded: bool = False) -> PairStream:
-    """One rank's stream with `workers` loader processes, epochs of BATCH-sized batches."""
-    batches = max((shards.num_samples or 0) // BATCH, 1)
-    plan = EpochPlan(tuple(shards.lengths), 1, workers, BATCH, batches, shuffle_buffer=64)  # type: ignore[arg-type]
+def one_rank_stream(
+    shards: ShardSet, augment: PairAugment, workers: int, encoded: bool = False, batch: int = BATCH
+) -> PairStream:
+    """One rank's stream with `workers` loader processes, epochs of `batch`-sized batches."""
+    batches = max((shards.num_samples or 0) // batch, 1)
+    plan = EpochPlan(tuple(shards.lengths), 1, workers, batch, batches, shuffle_buffer=64)  # type: ignore[arg-type]
     return PairStream(shards, augment, plan, rank=0, encoded=encoded)
+
+
+def collate_as_list(samples: list[tuple]) -> tuple:
+    """The handoff before EncodedBatch's one buffer: one 1-D tensor per JPEG and the stacked maps."""
+    jpegs, maps, view1, view2, names = zip(*samples, strict=True)
+    tensors = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+    stacked = torch.stack([torch.from_numpy(m).unsqueeze(0) for m in maps])
+    return tensors, stacked, np.stack(view1), np.stack(view2), list(names)
+
+
+def handoff_ms(stream: PairStream, collate, batches: int, prefetch: bool = False) -> list[float]:  # type: ignore[no-untyped-def]
+    """CPU milliseconds of this thread per batch taken from `stream`'s workers, `collate` making the batches;
+    with `prefetch`, taken by the trainer's Prefetcher thread and handed to this one. CPU time, not wall
+    time: waiting for a worker costs none, unpickling and receiving the shared memory do."""
+    loader = DataLoader(
+        stream, batch_size=stream.batch_size, drop_last=True, collate_fn=collate, **worker_options(stream.plan.workers)
+    )
+    it = iter(loader)
+    if prefetch:
+        it = Prefetcher(it, lambda batch: (batch.data,), torch.device("cpu"))
+    next(it)  # start-up
+    times = []
+    for _ in range(batches):
+        start = time.thread_time()
+        next(it)
+        times.append((time.thread_time() - start) * 1e3)
+    if prefetch:
+        it.close()
+    del it
+    return times
+
+
+def handoffs(shards: ShardSet, augment: PairAugment, batches: int, rounds: int = 2) -> dict:
+    """Both handoffs of the gpu path from 2 workers, batch HANDOFF_BATCH, alternately (`rounds` each), so
+    that the machine's load weighs on both alike, and what is left of the one buffer's on the training
+    thread when the Prefetcher's thread takes the batches: medians of the per-batch CPU milliseconds."""
+    ways = {
+        "list_of_tensors": (collate_as_list, False),
+        "one_buffer": (collate_encoded, False),
+        "one_buffer_training_thread_with_prefetcher": (collate_encoded, True),
+    }
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, (collate, prefetch) in ways.items():
+            stream = one_rank_stream(shards, augment, workers=2, encoded=True, batch=HANDOFF_BATCH)
+            times[way] += handoff_ms(stream, collate, batches, prefetch)
+    median = {way: round(statistics.median(t), 2) for way, t in times.items()}
+    return {
+        "batch": HANDOFF_BATCH,
+        "workers": 2,
+        "thread_cpu_ms_per_batch": median,
+        "speedup": round(median["list_of_tensors"] / median["one_buffer"], 2),
+        "batches_each": len(times["one_buffer"]),
+    }
+
+
+def worker_breakdown(shards: ShardSet, augment: PairAugment) -> dict:
+    """CPU milliseconds per sample of what a gpu-path worker does, in this thread, over every packed sample:
+    the saliency PNG decode is most of it."""
+    reader = shards.reader()
+    start = time.thread_time()
+    samples = [reader.read(i) for i in range(shards.num_samples or 0)]
+    read = time.thread_time() - start
+    reader.close()
+    start = time.thread_time()
+    for sample in samples:
+        decode_gray(sample["sal.png"])
+    png = time.thread_time() - start
+    start = time.thread_time()
+    items = [jpeg_and_draws(s, augment, np.random.default_rng([0, 0, 0, i])) for i, s in enumerate(samples)]
+    prepare = time.thread_time() - start
+    start, collated = time.thread_time(), 0
+    while collated < 10 * HANDOFF_BATCH:  # a fresh buffer each time, as in a worker: page faults included
+        collated += len(collate_encoded(items[:HANDOFF_BATCH]).names)  # type: ignore[arg-type]
+    collate = (time.thread_time() - start) / collated * len(items)
+    per_sample = {
+        "read": read,
+        "saliency_png_decode": png,
+        "checks_and_draws": prepare - png,  # jpeg_and_draws decodes the map too
+        "collate_one_buffer": collate,
+    }
+    out = {key: round(value / len(samples) * 1e3, 3) for key, value in per_sample.items()}
+    total = sum(per_sample.values())
+    return {
+        "cpu_ms_per_sample": out,
+        "saliency_png_share": round(png / total, 2),
+        "jpeg_kb": round(float(np.mean([len(s["jpg"]) for s in samples])) / 1e3, 1),
+        "saliency_png_kb": round(float(np.mean([len(s["sal.png"]) for s in samples])) / 1e3, 1),
+    }
+
+
+def worker_rate(shards: ShardSet, augment: PairAugment, batches: int, repeats: int = 3) -> dict:
+    """The gpu path's loader with one worker process, `repeats` times: pairs/s (wall) and pairs per
+    CPU-second of the worker (psutil: user + system), the rate a core of its own gives, which others' load
+    moves much less than the wall-clock rate. Medians, and each run's CPU-time rate."""
+    wall_rates, cpu_rates = [], []
+    for _ in range(repeats):
+        it = iter(pair_loader(one_rank_stream(shards, augment, workers=1, encoded=True)))
+        next(it)  # start-up
+        worker = psutil.Process(it._workers[0].pid)  # type: ignore[attr-defined]
+        cpu, start = sum(worker.cpu_times()[:2]), time.perf_counter()
+        done = sum(1 for _ in itertools.islice(it, batches))
+        wall, cpu = time.perf_counter() - start, sum(worker.cpu_times()[:2]) - cpu
+        del it
+        wall_rates.append(done * BATCH / wall)
+        cpu_rates.append(done * BATCH / cpu)
+    return {
+        "pairs_per_s": round(statistics.median(wall_rates), 1),
+        "pairs_per_cpu_s": round(statistics.median(cpu_rates), 1),
+        "pairs_per_cpu_s_each_run": [round(r, 1) for r in cpu_rates],
+    }
+
+
+def workers_needed(per_worker: float, targets: dict[str, float]) -> dict:
+    """Loader workers per GPU for each target rate with HEADROOM, and the cores per rank that asks for."""
+    out = {}
+    for name, target in targets.items():
+        workers = math.ceil(target * HEADROOM / per_worker)
+        out[name] = {"target_pairs_per_s": target, "workers": workers, "cpus_per_task": workers + TRAINER_CORES}
+    return out
 
 
 def device_rate(stream: PairStream, augment: DevicePairAugment, device: torch.device, batches: int) -> float:
@@ -139,7 +281,6 @@ def end_to_end(
     workers: int = 1,
 ) -> dict[str, float]:
     """One short pretraining run through launch/pretrain.py; medians over the steps after the first."""
-    import os
     import socket
     import subprocess
     import sys
@@ -277,10 +418,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false")
     parser.add_argument("--cuda", action="store_true", help="Also the GPU runs (ViT-S/B, bf16 ZeRO-2, compile, paths).")
+    parser.add_argument("--target", type=float, default=3000, help="Pairs/s per GPU to size the workers for.")
     args = parser.parse_args()
     if not args.images.is_dir():
         raise SystemExit(f"{args.images} not found: pass --images DIR with fundus photographs")
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]  # others' load slows the wall-clock rates; the CPU-time ones much less
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         inputs = discover(args.images)
@@ -292,6 +435,9 @@ def main() -> None:
         ours2 = rate(pair_loader(one_rank_stream(shards, augment, workers=2)), args.batches)
         encoded = one_rank_stream(shards, augment, workers=2, encoded=True)
         encoded2 = rate(pair_loader(encoded), args.batches)
+        handoff = handoffs(shards, augment, args.batches)
+        one_worker = worker_rate(shards, augment, args.batches)
+        breakdown = worker_breakdown(shards, augment)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.set_num_threads(2)  # the training process's share of this machine, as in the 1-rank run
         on_device = device_rate(encoded, DevicePairAugment(224, shards.mean, shards.std), device, args.batches)
@@ -331,9 +477,12 @@ def main() -> None:
         cuda = None
         if args.cuda and torch.cuda.is_available():
             cuda = cuda_runs(work / "shards", work, args.steps)
+    targets = RECIPE_TARGETS | {"target": args.target}
     print(
         json.dumps(
             {
+                "machine": collect()["cpu"] | {"torch": torch.__version__},
+                "load_average_1_min": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
                 "images": index.num_samples,
                 "batch": BATCH,
                 "view_size": 224,
@@ -353,6 +502,13 @@ def main() -> None:
                     "per_worker_pairs_per_s": round(encoded2 / 2, 1),
                     "device": str(device),
                     "device_decode_and_augment_pairs_per_s": round(on_device, 1),
+                    "handoff": handoff,
+                    "one_worker": one_worker,
+                    "worker_breakdown": breakdown,
+                    # Sized by the CPU-time rate: what a worker with a core of its own prepares.
+                    "workers_needed": workers_needed(one_worker["pairs_per_cpu_s"], targets),
+                    "headroom": HEADROOM,
+                    "trainer_cores": TRAINER_CORES,
                 },
                 "reported_reference": {"in_process_pairs_per_s": 81.7, "workers_2_pairs_per_s": 140.5},
                 "speedup_in_process": round(ours0 / ref0, 2),
