@@ -644,7 +644,9 @@ def slurm(
     nodes: int = typer.Option(1, help="Nodes."),
     gpus_per_node: int | None = typer.Option(None, help="GPUs per node (one rank each)."),
     ranks_per_node: int | None = typer.Option(None, help="Ranks per node (default: GPUs per node, else 1)."),
-    cpus_per_rank: int | None = typer.Option(None, help="Cores per rank for it and its loader workers (script: 8)."),
+    cpus_per_rank: int | None = typer.Option(
+        None, help="Cores per rank, its loader workers included (scripts: pretrain 15, finetune 8)."
+    ),
     mem_per_cpu: str | None = typer.Option(None, help="Memory per core, e.g. 4G (script: 4G)."),
     partition: str | None = typer.Option(None, help="SLURM partition."),
     account: str | None = typer.Option(None, help="SLURM account."),

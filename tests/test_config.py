@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,7 @@ def test_old_names_are_read_with_a_deprecation_warning() -> None:
 
 
 def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
+    sbatch = (DS.parent / "launch" / "slurm" / "pretrain.sbatch").read_text()
     for name in ("ssit_vit_s", "ssit_vit_b"):
         cfg = load_config(name)  # a bare name: the shipped config
         assert (cfg.epochs, cfg.optim.warmup_epochs, cfg.global_batch, cfg.model.img_size) == (300, 40, 512, 224)
@@ -194,9 +196,11 @@ def test_shipped_configs_and_ds_config_names(tmp_path: Path) -> None:
         ds = deepspeed_config(cfg.ds_config, cfg, world=8)
         assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
         # Nothing to compile on first contact (torch's fused AdamW, not DeepSpeed's nvcc-built FusedAdam), and
-        # the augmentation on the GPU, which a GPU's worth of CPU cores can feed.
+        # the augmentation on the GPU from pinned batches, its workers and the training process within the
+        # cores per rank the SLURM script asks for.
         assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]
-        assert cfg.data.augment_on == "gpu" and cfg.data.workers <= 7
+        assert cfg.data.augment_on == "gpu" and cfg.data.pin_memory
+        assert cfg.data.workers + 2 <= int(re.search(r"#SBATCH --cpus-per-task=(\d+)", sbatch)[1])  # type: ignore[index]
     for shipped in DS.glob("*.json"):  # every shipped DeepSpeed config: no optimizer that needs a build
         assert json.loads(shipped.read_text())["optimizer"]["params"]["torch_adam"] is True, shipped
     defaults = PretrainConfig()

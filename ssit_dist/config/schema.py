@@ -37,7 +37,10 @@ class DataConfig(Checked):
     )
     workers: int = option(2, "loader processes per rank (0: load in the training process)", ge=0)
     prefetch: int = option(2, "batches each loader worker prepares ahead", ge=1)
-    pin_memory: bool = option(False, "pin host batches for faster copies to the GPU")
+    pin_memory: bool = option(
+        False,
+        "page-lock host batches, so that their copies to the GPU run beside compute (non_blocking); off on a CPU",
+    )
     shuffle_buffer: int = option(1000, "samples held for shuffling, per loader worker", ge=1)
     piece_size: int = option(
         64,

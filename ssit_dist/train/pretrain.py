@@ -208,7 +208,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
         engine=engine,
         momentum_net=momentum_net,
         stream=stream,
-        loader=pair_loader(stream, cfg.data.prefetch, cfg.data.pin_memory, cfg.stall_timeout_s()),
+        loader=pair_loader(
+            stream, cfg.data.prefetch, cfg.data.pin_memory and device.type == "cuda", cfg.stall_timeout_s()
+        ),
         run_dir=Path(cfg.run_dir),
         device=device,
         precision=precision,
