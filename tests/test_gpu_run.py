@@ -110,6 +110,9 @@ def test_every_part_of_the_run_reports(smoke: dict) -> None:
     step = report["step"]["vit_tiny_patch16_224"]["fp32"]
     assert step["ssit_dist"]["pairs_per_s"] > 0 and step["reference_style"]["pairs_per_s"] > 0
     assert "no CUDA" in report["check"]["skipped"]
+    waits = report["host_waits"]
+    assert waits["throughput_timer_off"]["pairs_per_s"] > 0 and waits["throughput_timer_on"]["pairs_per_s"] > 0
+    assert waits["timer_on_over_off"] > 0
     assert report["features"]["photographs"] == 60 and report["features"]["missing"] == []
 
 

@@ -15,7 +15,9 @@ evidence comes first, the checks after, so that a slow start costs a check, not 
 4. step: bench/perf/model_step.py, ViT-S/16 and ViT-B/16, bf16, batch 256, eager and compiled, against a
    reference-style step;
 5. check: bench/checks/gpu_check.py (collectives on NCCL, ZeRO-2/3 bf16 pretraining with a resume, bf16
-   fine-tuning on the train/val/test split of the first graded folder).
+   fine-tuning on the train/val/test split of the first graded folder);
+6. host_waits: ViT-S/16 end to end uncompiled, DeepSpeed's throughput timer off (as shipped) and on: what
+   its two device syncs per micro-batch cost.
 The JSON is rewritten after each part (a command cut short still brings back what it did); a part that
 would end past the deadline is recorded as skipped.
 
@@ -59,6 +61,7 @@ class Plan:
     batch: int
     bench_steps: int
     workers: int  # loader processes of the end-to-end runs
+    log_every: int  # the end-to-end runs' sync points: on a GPU every one makes the host wait for the device
     bf16: bool
     compile: bool
     quality_config: str
@@ -74,6 +77,7 @@ GPU = Plan(
     batch=256,
     bench_steps=20,
     workers=8,
+    log_every=5,
     bf16=True,
     compile=True,
     quality_config="launch/configs/ssit_vit_s.yaml",
@@ -94,6 +98,7 @@ SMOKE = Plan(
     batch=4,
     bench_steps=2,
     workers=1,
+    log_every=1,
     bf16=False,
     compile=False,
     quality_config="launch/configs/tiny_cpu.yaml",
@@ -141,7 +146,7 @@ def throughput(plan: Plan, travel: Path, work: Path) -> dict:
         try:
             run = end_to_end(
                 travel / "pretrain", work, 1, 8 if plan.device == "cuda" else 2, 2, plan.bench_steps, "gpu",
-                arch, plan.batch, plan.bf16, plan.compile, plan.workers,
+                arch, plan.batch, plan.bf16, plan.compile, plan.workers, plan.log_every,
             )  # fmt: skip
         except subprocess.CalledProcessError as e:  # one that fails (memory) does not end the others
             out[arch] = {"failed": f"exit {e.returncode}"}
@@ -156,6 +161,21 @@ def throughput(plan: Plan, travel: Path, work: Path) -> dict:
             )
         out[arch] = run
     return out
+
+
+def host_waits(plan: Plan, travel: Path, work: Path) -> dict:
+    """The first architecture end to end, uncompiled (a compile per run would cost more than the runs), with
+    DeepSpeed's throughput timer off (the shipped configs) and on (its two device syncs per micro-batch):
+    what the host waiting for the device costs in pairs/s."""
+    arch, out = plan.archs[0], {}
+    for timer in (False, True):
+        run = end_to_end(
+            travel / "pretrain", work, 1, 8 if plan.device == "cuda" else 2, 2, plan.bench_steps, "gpu",
+            arch, plan.batch, plan.bf16, False, plan.workers, plan.log_every, throughput_timer=timer,
+        )  # fmt: skip
+        out[f"throughput_timer_{'on' if timer else 'off'}"] = run
+    off, on = out["throughput_timer_off"]["pairs_per_s"], out["throughput_timer_on"]["pairs_per_s"]
+    return {"arch": arch, **out, "timer_on_over_off": round(on / off, 3)}
 
 
 def quality(plan: Plan, travel: Path, work: Path, step_s: float | None) -> dict:
@@ -286,6 +306,7 @@ def run_parts(plan: Plan, travel: Path, work: Path, out: Path) -> int:
         part("features", 40, lambda: features(plan, travel, trained["exports"], out, img_size))
     part("step", 100, lambda: step(plan, travel, work))
     part("check", 120, lambda: check(plan, travel, work))
+    part("host_waits", 90, lambda: host_waits(plan, travel, work))
     print(json.dumps(report, indent=1))
     failed = [k for k, v in report.items() if isinstance(v, dict) and "failed" in v]
     return 1 if failed or "features" not in report else 0

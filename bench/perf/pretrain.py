@@ -279,15 +279,20 @@ def end_to_end(
     bf16: bool = False,
     compile_blocks: bool = False,
     workers: int = 1,
+    log_every: int = 1,
+    throughput_timer: bool = False,
 ) -> dict[str, float]:
-    """One short pretraining run through launch/pretrain.py; medians over the steps after the first."""
+    """One short pretraining run through launch/pretrain.py; medians over the steps after the first
+    `log_every` (start-up). The loop reads the device once per `log_every` steps: on a GPU, 1 makes
+    every step wait for the one before it. `throughput_timer`: DeepSpeed's, which syncs the device twice
+    per micro-batch (off in every shipped config)."""
     import socket
     import subprocess
     import sys
 
     import yaml
 
-    ds = work / f"zero{stage}.json"
+    ds = work / f"zero{stage}_timer{int(throughput_timer)}.json"
     ds.write_text(
         json.dumps(
             {
@@ -298,10 +303,12 @@ def end_to_end(
                 "bf16": {"enabled": bf16},
                 "steps_per_print": 10**6,
                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+                "timers": {"throughput": {"enabled": throughput_timer}},
             }
         )
     )
     run = work / f"run_r{ranks}_t{threads}_z{stage}_{augment_on}_{arch}_{global_batch}_{bf16}_{compile_blocks}"
+    run = run.with_name(f"{run.name}_timer{int(throughput_timer)}")
     cfg = work / f"{run.name}.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -310,9 +317,9 @@ def end_to_end(
                 "ds_config": str(ds),
                 "global_batch": global_batch,
                 "epochs": 1,
-                "steps_per_epoch": steps + 1,
+                "steps_per_epoch": steps + log_every,
                 "checkpoint_every": 10**6,
-                "log_every": 1,  # per-step times: the first step (start-up) is left out of the medians
+                "log_every": log_every,  # the first interval (start-up) is left out of the medians
                 "model": {"arch": arch, "img_size": 224, "compile": compile_blocks},
                 "data": {
                     "shards": [str(shards)],
@@ -342,7 +349,7 @@ def end_to_end(
             str(cfg),
         ]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][log_every:]
     median = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
     return {
         "pairs_per_s": round(median("pairs_per_s"), 2),
@@ -399,7 +406,7 @@ def cuda_runs(shards: Path, work: Path, steps: int) -> dict:
             for augment_on in ("cpu", "gpu"):
                 key = f"{arch}_b{batch}_{'compiled' if compiled else 'eager'}_{augment_on}_augmentation"
                 try:
-                    run = end_to_end(shards, work, 1, 8, 2, steps, augment_on, arch, batch, True, compiled)
+                    run = end_to_end(shards, work, 1, 8, 2, steps, augment_on, arch, batch, True, compiled, log_every=5)
                 except Exception as e:  # one configuration that fails (memory) does not end the others
                     out[key] = {"failed": str(e)[-300:]}
                     continue
