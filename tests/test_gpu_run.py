@@ -113,6 +113,9 @@ def test_every_part_of_the_run_reports(smoke: dict) -> None:
     waits = report["host_waits"]
     assert waits["throughput_timer_off"]["pairs_per_s"] > 0 and waits["throughput_timer_on"]["pairs_per_s"] > 0
     assert waits["timer_on_over_off"] > 0
+    counted = waits["host_waits_per_step"]
+    assert counted["steps"] == 2 and counted["syncs"] == {}, counted  # tiny_cpu: zero0_fp32, timer off
+    assert counted["per_step"]["ssit_dist:tolist"] > 0  # the loop's sync points are seen (log_every 1)
     assert report["features"]["photographs"] == 60 and report["features"]["missing"] == []
 
 

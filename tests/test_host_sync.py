@@ -1,12 +1,10 @@
 """The training loops' hot paths never wait for the device between sync points.
 
 Two real gloo ranks each run `pretrain` (real DeepSpeed engine, real shards of real photographs), or
-`finetune` (real Accelerate), with every way the host can wait for the device counted:
-- a tensor's value reaching the host: `item`, `tolist`, `bool`, `float`, `int`, `cpu` and `numpy`;
-- an explicit synchronisation: DeepSpeed's `get_accelerator().synchronize()`, `torch.cuda.synchronize`,
-  `torch.accelerator.synchronize`, and `synchronize` of a CUDA stream or event (or torch's generic ones).
-On a GPU each of these blocks the host until the device has caught up; on the CPU nothing blocks, so the
-count is what can be tested here, and it is the same code that runs on a GPU.
+`finetune` (real Accelerate), with every read of a tensor's value and every device synchronisation counted
+(bench/checks/sync_count.py, the counter `make gpu-run` runs on a GPU). On a GPU each blocks the host until
+the device has caught up; on the CPU nothing blocks, so the count is what can be tested here, and it is
+the same code that runs on a GPU.
 """
 
 from __future__ import annotations
@@ -14,82 +12,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 import yaml
 
+from bench.checks.sync_count import FINETUNE_EPOCH, PRETRAIN_LOOP, count, syncs
 from ssit_dist.dist import free_port
 
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-TRANSFERS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-
-class Scope:
-    """Which calls count: those made (at any depth) inside `function` of the package file `path`, except
-    inside the functions named in `off_the_hot_path` (a checkpoint, a view retrieval: sync points only)."""
-
-    def __init__(self, path: str, function: str, off_the_hot_path: frozenset[str] = frozenset()):
-        self.path, self.function, self.off_the_hot_path = path, function, off_the_hot_path
-
-    def where(self, frame) -> str | None:  # type: ignore[no-untyped-def]
-        """Who asked: 'ssit_dist', 'deepspeed', 'accelerate' or 'torch' (the caller's package), or None
-        outside the scope."""
-        caller, inside = frame.f_code.co_filename, False
-        while frame is not None:
-            if frame.f_code.co_filename.endswith(self.path):
-                if frame.f_code.co_name in self.off_the_hot_path:
-                    return None
-                inside = inside or frame.f_code.co_name == self.function
-            frame = frame.f_back
-        if not inside:
-            return None
-        for package in ("ssit_dist", "deepspeed", "accelerate", "torch"):
-            if f"{os.sep}{package}{os.sep}" in caller:
-                return package
-        return "other"
-
-
-PRETRAIN_LOOP = Scope(os.path.join("ssit_dist", "train", "loop.py"), "train", frozenset({"save", "_view_retrieval"}))
-FINETUNE_EPOCH = Scope(os.path.join("ssit_dist", "train", "finetune_loop.py"), "train_one_epoch")
-
-
-def _synchronizers() -> list[tuple[object, str, str]]:
-    """(owner, attribute, counted name) of every device synchronisation a training run can ask for.
-    torch's device-generic `torch.Stream` and `torch.Event` are C types that cannot be wrapped; the
-    package uses torch.cuda's (`test_the_package_uses_only_streams_the_count_sees`)."""
-    from deepspeed.accelerator import get_accelerator
-
-    return [
-        (type(get_accelerator()), "synchronize", "accelerator.synchronize"),
-        (torch.cuda, "synchronize", "cuda.synchronize"),
-        (torch.cuda.Stream, "synchronize", "stream.synchronize"),
-        (torch.cuda.Event, "synchronize", "event.synchronize"),
-        (torch.accelerator, "synchronize", "torch.accelerator.synchronize"),
-        (torch.cpu, "synchronize", "cpu.synchronize"),
-    ]
-
-
-def _count(counts: Counter, scope: Scope) -> None:
-    """Wrap every read and synchronisation so that each call inside `scope` adds to `counts`."""
-    targets = [(torch.Tensor, name, name) for name in TRANSFERS] + _synchronizers()
-    for owner, attribute, label in targets:
-        original = getattr(owner, attribute)
-
-        def counted(*args, _original=original, _label=label, **kwargs):  # type: ignore[no-untyped-def]
-            where = scope.where(sys._getframe(1))
-            if where is not None:
-                counts[f"{where}:{_label}"] += 1
-            return _original(*args, **kwargs)
-
-        setattr(owner, attribute, counted)
 
 
 def test_the_package_uses_only_streams_the_count_sees() -> None:
@@ -99,12 +35,7 @@ def test_the_package_uses_only_streams_the_count_sees() -> None:
         for n, line in enumerate(path.read_text().splitlines(), 1)
         if "torch.Stream" in line or "torch.Event" in line
     ]
-    assert not uses, f"torch.Stream/torch.Event cannot be counted by this module; use torch.cuda's: {uses}"
-
-
-def syncs(counts: dict) -> dict:
-    """The explicit synchronisations among `counts`."""
-    return {key: n for key, n in counts.items() if key.split(":", 1)[1] not in TRANSFERS}
+    assert not uses, f"torch.Stream/torch.Event cannot be counted (sync_count.py); use torch.cuda's: {uses}"
 
 
 def _rank(rank: int, port: int, cfg: str, out: str, task: str = "pretrain") -> None:
@@ -116,7 +47,7 @@ def _rank(rank: int, port: int, cfg: str, out: str, task: str = "pretrain") -> N
     from ssit_dist.train.pretrain import pretrain
 
     counts: Counter = Counter()
-    _count(counts, PRETRAIN_LOOP if task == "pretrain" else FINETUNE_EPOCH)
+    count(counts, PRETRAIN_LOOP if task == "pretrain" else FINETUNE_EPOCH)
     try:
         if task == "pretrain":
             pretrain(load_config(cfg))

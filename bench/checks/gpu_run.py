@@ -17,7 +17,8 @@ evidence comes first, the checks after, so that a slow start costs a check, not 
 5. check: bench/checks/gpu_check.py (collectives on NCCL, ZeRO-2/3 bf16 pretraining with a resume, bf16
    fine-tuning on the train/val/test split of the first graded folder);
 6. host_waits: ViT-S/16 end to end uncompiled, DeepSpeed's throughput timer off (as shipped) and on: what
-   its two device syncs per micro-batch cost.
+   its two device syncs per micro-batch cost; then, per step, every read and synchronisation the training
+   loop made (bench/checks/sync_count.py, with torch's own sync detection on CUDA).
 The JSON is rewritten after each part (a command cut short still brings back what it did); a part that
 would end past the deadline is recorded as skipped.
 
@@ -175,7 +176,26 @@ def host_waits(plan: Plan, travel: Path, work: Path) -> dict:
         )  # fmt: skip
         out[f"throughput_timer_{'on' if timer else 'off'}"] = run
     off, on = out["throughput_timer_off"]["pairs_per_s"], out["throughput_timer_on"]["pairs_per_s"]
-    return {"arch": arch, **out, "timer_on_over_off": round(on / off, 3)}
+    out["timer_on_over_off"] = round(on / off, 3)
+    # Per step, everything that made the training loop's host wait (bench/checks/sync_count.py); on CUDA
+    # with torch's own sync detection. As shipped: the throughput timer off.
+    overrides = [
+        f"run_dir={work / 'sync_count'}",
+        f"data.shards=[{travel / 'pretrain'}]",
+        f"model.arch={arch}",
+        "model.img_size=224",
+        "model.compile=false",
+        f"global_batch={plan.batch}",
+        f"data.workers={plan.workers}",
+        "epochs=1",
+        f"steps_per_epoch={plan.bench_steps}",
+        f"log_every={plan.log_every}",
+        "checkpoint_every_minutes=null",
+        f"checkpoint_every={10**6}",
+    ]
+    command = [sys.executable, "-m", "bench.checks.sync_count", "--config", str(ROOT / plan.quality_config)]
+    out["host_waits_per_step"] = _json_of([*command, *overrides], work / "sync_count.log")
+    return {"arch": arch, **out}
 
 
 def quality(plan: Plan, travel: Path, work: Path, step_s: float | None) -> dict:
