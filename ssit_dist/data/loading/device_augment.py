@@ -72,10 +72,12 @@ def collate_encoded(samples: Sequence[tuple[bytes, np.ndarray, np.ndarray, np.nd
     sizes = sorted({m.shape for m in maps})
     if len(sizes) > 1:
         raise ValueError(f"saliency maps of different sizes (H, W) in one batch: {sizes}; pack the shards at one size")
-    ends = np.cumsum([len(j) for j in jpegs], dtype=np.int64)
+    lengths = np.array([len(j) for j in jpegs], dtype=np.int64)
+    ends = np.cumsum(lengths)
     data = _uint8_buffer(int(ends[-1]) + sum(m.size for m in maps))
     out = data.numpy()
-    out[: ends[-1]] = np.frombuffer(b"".join(jpegs), np.uint8)
+    for jpeg, start, end in zip(jpegs, ends - lengths, ends, strict=True):
+        out[start:end] = np.frombuffer(jpeg, np.uint8)  # straight into the buffer: no joined copy first
     np.stack(maps, out=out[ends[-1] :].reshape(len(maps), *sizes[0]))
     return EncodedBatch(data, ends, sizes[0], np.stack(view1), np.stack(view2), list(names))
 
