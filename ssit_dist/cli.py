@@ -20,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ssit_dist import atomic
-from ssit_dist.data.index import ShardIndex
+from ssit_dist.data.index import INFO_NAME, ShardIndex
+from ssit_dist.data.packing.inputs import Inputs
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.eval.knn import KnnConfig
 
@@ -188,8 +189,8 @@ def shard(
         strict=strict,
     )
     started = time.perf_counter()
-    index = _pack_with_progress(input, output, labels or [], opts)
-    _print_packed(index, input, output, time.perf_counter() - started, opts.preview > 0)
+    inputs, index = _pack_with_progress(input, output, labels or [], opts)
+    _print_packed(index, inputs, input, output, time.perf_counter() - started, opts.preview > 0)
 
 
 def _shard_options(**values: Any) -> ShardOptions:
@@ -204,7 +205,7 @@ def _shard_options(**values: Any) -> ShardOptions:
         raise AssertionError from e  # unreachable: _fail exits
 
 
-def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: ShardOptions) -> ShardIndex:
+def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: ShardOptions) -> tuple[Inputs, ShardIndex]:
     """Find the inputs and pack them, with a progress bar on a terminal; a refused input fails the command."""
     from ssit_dist.data.packing.inputs import InputError, discover
     from ssit_dist.data.packing.shard import ShardError, pack
@@ -214,15 +215,20 @@ def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: Sha
         columns = (TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
             task = progress.add_task("pack", total=len(inputs.items))
-            return pack(input, output, inputs, opts, lambda _: progress.advance(task))
+            return inputs, pack(input, output, inputs, opts, lambda _: progress.advance(task))
     except (InputError, ShardError, ValueError) as e:
         _fail(str(e), 1)
         raise AssertionError from e  # unreachable: _fail exits
 
 
-def _print_packed(index: ShardIndex, input: Path, output: Path, elapsed: float, preview: bool) -> None:
+_SKIPS_SHOWN = 10  # skipped inputs printed one a line; the index lists them all
+_ABSENT_SHOWN = 5  # labels rows naming an absent photograph printed; the file beside the shards lists them all
+
+
+def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, elapsed: float, preview: bool) -> None:
     """What was packed: samples, shards and grades per split, what was skipped or left out, the rate and
-    the normalisation statistics."""
+    the normalisation statistics. Long lists are cut: the index and the list of absent photographs beside
+    it hold them whole."""
     table = Table(title=f"{output}", title_justify="left")
     grouped = index.parameters.get("group_by")
     for column in ("split", "samples", "shards", "grades 0/1/2/3/4", *([f"{grouped}s"] if grouped else [])):
@@ -231,10 +237,26 @@ def _print_packed(index: ShardIndex, input: Path, output: Path, elapsed: float, 
         grades = "/".join(str(s.label_histogram[str(g)]) for g in range(5)) if s.label_histogram else "-"
         table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades, *([str(s.groups)] if grouped else []))
     console.print(table)
-    for skip in index.skipped:
+    for skip in index.skipped[:_SKIPS_SHOWN]:
         where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
         console.print(f"[yellow]skipped[/] {escape(str(where))}: {escape(skip['reason'])}", highlight=False)
+    if len(index.skipped) > _SKIPS_SHOWN:
+        console.print(
+            f"[yellow]skipped[/] {len(index.skipped) - _SKIPS_SHOWN} more, each with its reason under "
+            f'"skipped" in {escape(str(output / INFO_NAME))}',
+            highlight=False,
+        )
     labels = " ".join(index.parameters.get("labels") or [])
+    if index.missing_photographs:
+        console.print(
+            f"[yellow]absent[/] {index.missing_photographs} photographs that {escape(labels)} names are not under "
+            f"{escape(str(input))} (a partial download?), for example:",
+            highlight=False,
+        )
+        for row in inputs.missing[:_ABSENT_SHOWN]:
+            console.print(f"  {row.file}:{row.line}: {row.image}", markup=False, highlight=False)
+        listed = output / str(index.missing_photographs_file)
+        console.print(f"  every one in {listed}", markup=False, highlight=False)
     if index.ungradable:
         console.print(
             f"[yellow]excluded[/] {index.ungradable} photographs the labels mark ungradable ({escape(labels)})"

@@ -49,9 +49,9 @@ def test_label_csv_problems_carry_line_numbers(tmp_path: Path) -> None:
     grades, problems = labels.grades, labels.problems
     assert grades == {"a.jpg": 0}
     by_line = {p.line: p.reason for p in problems}
-    assert set(by_line) == {3, 4, 5, 6, 7, 8}
+    assert set(by_line) == {3, 5, 6, 7, 8}
     assert "outside 0-4" in by_line[3]
-    assert "missing.jpg" in by_line[4]
+    assert [(m.file, m.line, m.image) for m in labels.missing] == [("labels.csv", 4, "missing.jpg")]
     assert "first on line 2" in by_line[5]
     assert "malformed" in by_line[6]
     assert "'two'" in by_line[7] and "'2.5'" in by_line[8]

@@ -345,11 +345,44 @@ def test_label_csv_problems_are_reported_with_line_numbers(
     )
     result = run_cli("shard", src, tmp_path / "out", "--labels", src / "labels.csv", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
-    assert {s["line"] for s in info["skipped"]} == {3, 4, 5, 6}
+    assert {s["line"] for s in info["skipped"]} == {3, 5, 6} and info["missing_photographs"] == 1  # line 4
     assert info["num_samples"] == 2 and info["not_in_labels"] == 3  # names[1], [2], [4] left out
     assert "labels.csv:3: grade 9" in result.stdout
     strict = run_cli("shard", src, tmp_path / "strict", "--labels", src / "labels.csv", "--strict", check=False)
-    assert strict.returncode != 0 and "labels.csv:4" in strict.stderr
+    assert strict.returncode != 0 and "labels.csv:3" in strict.stderr and "missing.jpeg (labels.csv:4)" in strict.stderr
+
+
+def test_a_partial_download_is_summed_up_and_its_absent_photographs_listed_in_one_file(
+    graded_dir: Path, grades: dict[str, int], tmp_path: Path
+) -> None:
+    """EyePACS's trainLabels.csv beside a tenth of its photographs: the command says how many rows name an
+    absent photograph, shows a few, and lists every one in one file beside the shards; the index keeps the
+    count, not the list."""
+    names = sorted(grades)[:60]
+    src = link_subset(graded_dir, tmp_path / "in", names[::10])  # 6 photographs of 60 rows
+    stem = {n: n.rsplit(".", 1)[0] for n in names}
+    (src / "trainLabels.csv").write_text("image,level\n" + "".join(f"{stem[n]},{grades[n]}\n" for n in names))
+    out = tmp_path / "out"
+    result = run_cli("shard", src, out, "--labels", src / "trainLabels.csv", "--size", 64)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    absent = [(k + 2, stem[n]) for k, n in enumerate(names) if n not in names[::10]]  # (line, image)
+    assert f"absent {len(absent)} photographs that trainLabels.csv names" in result.stdout
+    assert sum(stem[n] in result.stdout for n in names) <= 5
+    with open(out / "missing_photographs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["labels"], int(r["line"]), r["image"]) for r in rows] == [("trainLabels.csv", *a) for a in absent]
+    info = json.loads((out / "_info.json").read_text())
+    assert info["missing_photographs"] == 54 and info["missing_photographs_file"] == "missing_photographs.csv"
+    assert info["num_samples"] == 6 and info["skipped"] == [] and not any(image in str(info) for _, image in absent)
+    strict = run_cli("shard", src, tmp_path / "strict", "--labels", src / "trainLabels.csv", "--strict", check=False)
+    assert strict.returncode == 1 and "--strict: 54 labels rows name a photograph that is not under" in strict.stderr
+    assert sum(image in strict.stderr for _, image in absent) == 10  # the first ten, then the count
+    # A run that finds every photograph leaves no stale list behind.
+    (src / "trainLabels.csv").write_text("image,level\n" + "".join(f"{stem[n]},{grades[n]}\n" for n in names[::10]))
+    again = run_cli("shard", src, out, "--labels", src / "trainLabels.csv", "--size", 64, "--overwrite")
+    assert not (out / "missing_photographs.csv").exists() and "absent" not in again.stdout
+    assert read_index(out).missing_photographs == 0
 
 
 def test_existing_output_is_refused_without_overwrite(retina: Image.Image, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 The layout follows timm's WebDataset info schema (`splits.<name>.name / num_samples / filenames /
 shard_lengths`), so `timm.data.create_dataset("wds/<name>", root=folder, split=...)` reads our shards,
 extended with what ssit-dist needs: format and tool versions, packing parameters, sha256 per shard, the
-label histogram per split, per-channel mean/std of the packed images, and every skipped input.
+label histogram per split, per-channel mean/std of the packed images, every skipped input, and the count of
+labels rows whose photograph is absent (their list is a file beside the index).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class ShardIndex:
     std: list[float]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"path", "reason"[, "line"]}
     not_in_labels: int = 0  # images under the input that the labels did not name
+    # Labels rows naming a photograph absent from the input (a partial download): the count here, every row
+    # in the file beside the shards that `missing_photographs_file` names (tens of thousands of rows would
+    # make an index of megabytes that every reader parses).
+    missing_photographs: int = 0
+    missing_photographs_file: str | None = None
     ungradable: int = 0  # labels rows marked ungradable (DDR grade 5, Messidor-2 gradable 0), not packed
     format_version: int = FORMAT_VERSION
 

@@ -14,6 +14,7 @@ Sample layout (`<key>.<ext>` members of `<split>-NNNNNN.tar`):
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import io
 import json
@@ -32,15 +33,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ssit_dist import __version__
+from ssit_dist import __version__, atomic
 from ssit_dist.data.decode import BadImage, decode_bgr
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
 from ssit_dist.data.packing.fundus import crop_to_disc
-from ssit_dist.data.packing.inputs import IMAGE_SUFFIXES, Inputs, Item
+from ssit_dist.data.packing.inputs import IMAGE_SUFFIXES, Inputs, Item, Missing
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.saliency import saliency_map
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
+MISSING_NAME = "missing_photographs.csv"  # beside the shards: the labels rows whose photograph is absent
+LISTED = 10  # bad rows an error message lists before it counts the rest
 
 
 class ShardError(RuntimeError):
@@ -222,7 +225,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         except ShardIndexError:
             named = [out / INFO_NAME]  # unreadable: replace the index, leave the tars we cannot attribute
         named.append(out / "preview.png")
-    for path in named + sorted(out.glob("*.tar.tmp")):
+    # The list of absent photographs is ours by its name: a stale one must not outlive the run that wrote it.
+    for path in named + sorted(out.glob("*.tar.tmp")) + [out / MISSING_NAME]:
         path.unlink(missing_ok=True)
 
 
@@ -258,15 +262,37 @@ def pack(
         )
 
         write_preview(out / "preview.png", [p.members for p in previews if p.members], Path(root).resolve().name)
+    if inputs.missing:
+        write_missing(out / MISSING_NAME, inputs.missing)
     write_index(out, index)
     return index
 
 
+def write_missing(path: Path, missing: list[Missing]) -> Path:
+    """The labels rows whose photograph is absent, as CSV `labels,line,image`, atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("labels", "line", "image"))
+    writer.writerows((m.file, m.line, m.image) for m in missing)
+    return atomic.write_text(path, text.getvalue())
+
+
 def _check_inputs(root: Path, inputs: Inputs, strict: bool) -> None:
-    """Refuse a run with nothing to pack, or (strict) with bad rows in the labels."""
-    if strict and inputs.problems:
-        lines = "\n".join(f"  {p}" for p in inputs.problems)
-        raise ShardError(f"--strict: the labels have {len(inputs.problems)} bad rows:\n{lines}")
+    """Refuse a run with nothing to pack, or (strict) with bad rows in the labels or rows naming absent
+    photographs, each list cut after its first LISTED rows."""
+    if strict and (inputs.problems or inputs.missing):
+        said = []
+        if inputs.problems:
+            lines = "".join(f"\n  {p}" for p in inputs.problems[:LISTED])
+            more = f"\n  ... and {len(inputs.problems) - LISTED} more" if len(inputs.problems) > LISTED else ""
+            said.append(f"the labels have {len(inputs.problems)} bad rows:{lines}{more}")
+        if inputs.missing:
+            first = ", ".join(f"{m.image} ({m.file}:{m.line})" for m in inputs.missing[:LISTED])
+            said.append(
+                f"{len(inputs.missing)} labels rows name a photograph that is not under {root}, first {first}: "
+                "add the photographs, or leave out --strict to pack those present"
+            )
+        raise ShardError("--strict: " + "\n".join(said))
     if not inputs.items:
         raise ShardError(f"no images to pack under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
@@ -339,4 +365,6 @@ def _index(
         skipped=sorted(skipped, key=lambda s: (s["path"], s["line"] or 0)),
         not_in_labels=inputs.not_in_labels,
         ungradable=inputs.ungradable,
+        missing_photographs=len(inputs.missing),
+        missing_photographs_file=MISSING_NAME if inputs.missing else None,
     )
