@@ -266,10 +266,11 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
             f"[yellow]left out[/] {index.not_in_labels} images under {escape(str(input))} "
             f"that {escape(labels)} does not name"
         )
+    # The rate of photographs decoded and written: label rows cost next to nothing and would inflate it.
     n = index.num_samples
     console.print(
-        f"packed {n} samples in {elapsed:.1f} s ({(n + len(index.skipped)) / elapsed:.1f} inputs/s), "
-        f"{len(index.skipped)} skipped; mean {index.mean} std {index.std}",
+        f"packed {n} photographs in {elapsed:.1f} s ({n / elapsed:.1f} photographs/s); "
+        f"mean {index.mean} std {index.std}",
         highlight=False,
     )
     if preview:

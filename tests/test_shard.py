@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -369,6 +370,11 @@ def test_a_partial_download_is_summed_up_and_its_absent_photographs_listed_in_on
     absent = [(k + 2, stem[n]) for k, n in enumerate(names) if n not in names[::10]]  # (line, image)
     assert f"absent {len(absent)} photographs that trainLabels.csv names" in result.stdout
     assert sum(stem[n] in result.stdout for n in names) <= 5
+    # The closing rate counts photographs packed, not label rows (printed to 0.1: the bounds allow that rounding).
+    closing = re.search(r"packed (\d+) photographs in ([\d.]+) s \(([\d.]+) photographs/s\)", result.stdout)
+    assert closing, result.stdout
+    packed, t, r = int(closing[1]), float(closing[2]), float(closing[3])
+    assert packed == 6 and 6 / (t + 0.05) - 0.05 <= r <= 6 / max(t - 0.05, 1e-9) + 0.05, (t, r)
     with open(out / "missing_photographs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["labels"], int(r["line"]), r["image"]) for r in rows] == [("trainLabels.csv", *a) for a in absent]
