@@ -266,6 +266,8 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
             f"[yellow]left out[/] {index.not_in_labels} images under {escape(str(input))} "
             f"that {escape(labels)} does not name"
         )
+    if index.photograph_sizes:
+        _print_sizes(index.photograph_sizes, index.parameters["size"])
     # The rate of photographs decoded and written: label rows cost next to nothing and would inflate it.
     n = index.num_samples
     console.print(
@@ -275,6 +277,32 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
     )
     if preview:
         console.print(f"preview: {output / 'preview.png'}", markup=False)
+
+
+def _print_sizes(sizes: dict[str, Any], size: int) -> None:
+    """The photographs' sizes and the packed sides; those kept below --size, and what mixed sides mean."""
+
+    def spread(low: str, median: str, high: str) -> str:
+        return low if low == high else f"{low} to {high} (median {median})"
+
+    source, side = sizes["source"], sizes["packed_side"]
+    seen = spread(*("x".join(map(str, source[k])) for k in ("min", "median", "max")))
+    packed = spread(*(str(side[k]) for k in ("min", "median", "max")))
+    console.print(f"photographs {seen}, packed at {packed} px", highlight=False)
+    if sizes["kept_own_size"]:
+        console.print(
+            f"[yellow]kept[/] {sizes['kept_own_size']} photographs smaller than --size {size} at their own size: "
+            "none is enlarged",
+            highlight=False,
+        )
+    if side["min"] != side["max"]:
+        # The device augmentation decodes a batch as one tensor: it refuses JPEGs of several sizes.
+        fit = side["min"] // 16 * 16
+        console.print(
+            "[yellow]mixed sizes[/]: pretraining with data.augment_on=cpu takes them, augment_on=gpu needs one size"
+            + (f": --size {fit} packs every photograph at {fit} px" if fit >= 32 else ""),
+            highlight=False,
+        )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

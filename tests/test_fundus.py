@@ -49,6 +49,15 @@ def test_crop_resizes_and_reports_provenance(retina: Image.Image) -> None:
     assert out.original_size == retina.size and out.original_mode == "RGB"
 
 
+def test_a_crop_smaller_than_the_size_is_not_enlarged_where_asked(retina: Image.Image) -> None:
+    small = encode(retina.resize((200, 200)), "PNG")
+    assert crop_to_disc(small, 512, enlarge=False).image.shape == (200, 200, 3)
+    assert np.array_equal(crop_to_disc(small, 512, enlarge=False).image, np.asarray(Image.open(io.BytesIO(small))))
+    assert crop_to_disc(small, 512).image.shape == (512, 512, 3)  # enlarged: the default of other callers
+    large = encode(retina, "JPEG", quality=90)  # 1411 px: shrunk to the size either way
+    assert crop_to_disc(large, 512, enlarge=False).image.shape == crop_to_disc(large, 512).image.shape == (512, 512, 3)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
 def test_other_modes_are_converted_not_skipped(retina: Image.Image, mode: str) -> None:
     small = retina.resize((96, 96))

@@ -114,6 +114,60 @@ def test_every_sample_is_complete_and_graded_right(packed: tuple[Path, str], gra
     assert len(keys) == 300
 
 
+def test_photographs_smaller_than_the_size_keep_their_own_size(packed: tuple[Path, str]) -> None:
+    """The graded photographs are 256 px and the command ran with the default --size 512: none is enlarged
+    (an enlarged copy holds no more detail in several times the bytes), and the command says so."""
+    out, stdout = packed
+    for tar_path in sorted(out.glob("*.tar")):
+        for key, members in tar_samples(tar_path).items():
+            assert Image.open(io.BytesIO(members["jpg"])).size == (256, 256), key
+            assert Image.open(io.BytesIO(members["sal.png"])).size == (256, 256), key
+    sizes = json.loads((out / "_info.json").read_text())["photograph_sizes"]
+    assert sizes == {
+        "source": {"min": [256, 256], "median": [256, 256], "max": [256, 256]},
+        "packed_side": {"min": 256, "median": 256, "max": 256},
+        "kept_own_size": 300,
+    }
+    assert "photographs 256x256, packed at 256 px" in stdout
+    assert "kept 300 photographs smaller than --size 512 at their own size: none is enlarged" in stdout
+
+
+def test_mixed_sizes_feed_cpu_pretraining_and_the_summary_says_what_the_gpu_path_needs(
+    graded_dir: Path, grades: dict[str, int], retina: Image.Image, tmp_path: Path
+) -> None:
+    """Three 256 px photographs and one of 1411 px at --size 320: packed at 256 and 320. The CPU pair
+    augmentation takes each sample at its own size; the device path batches one size and refuses two, as
+    the summary warns, and the repack it proposes feeds it."""
+    from ssit_dist.data.loading.augment import PairAugment
+    from ssit_dist.data.loading.device_augment import DevicePairAugment
+    from ssit_dist.data.loading.epoch import EpochPlan
+    from ssit_dist.data.loading.sources import open_shards
+    from ssit_dist.data.loading.stream import PairStream, pair_loader
+
+    src = link_subset(graded_dir, tmp_path / "in", sorted(grades)[:3])
+    retina.save(src / "retina.png")
+    result = invoke_cli("shard", src, tmp_path / "mixed", "--size", 320, "--workers", 1)
+    sizes = read_index(tmp_path / "mixed").photograph_sizes
+    assert sizes is not None and sizes["packed_side"] == {"min": 256, "median": 256, "max": 320}
+    assert sizes["source"]["max"] == [1411, 1411] and sizes["kept_own_size"] == 3
+    assert "mixed sizes" in result.stdout and "--size 256 packs every photograph at 256 px" in result.stdout
+
+    def batch(folder: Path, encoded: bool) -> object:
+        shard_set = open_shards([folder])
+        plan = EpochPlan(tuple(shard_set.lengths), 1, 0, 4, 1, shuffle_buffer=4)
+        augment = PairAugment(32, shard_set.mean, shard_set.std)
+        return next(iter(pair_loader(PairStream(shard_set, augment, plan, rank=0, encoded=encoded))))
+
+    x1, x2, s1, s2 = batch(tmp_path / "mixed", encoded=False)  # type: ignore[misc]
+    assert x1.shape == x2.shape == (4, 3, 32, 32) and s1.shape == s2.shape == (4, 1, 32, 32)
+    with pytest.raises(ValueError, match="pack the shards at one size"):
+        batch(tmp_path / "mixed", encoded=True)
+    invoke_cli("shard", src, tmp_path / "one", "--size", 256, "--workers", 1)
+    index = read_index(tmp_path / "one")
+    x1, *_ = DevicePairAugment(32, index.mean, index.std)(batch(tmp_path / "one", encoded=True), "cpu")  # type: ignore[arg-type]
+    assert x1.shape == (4, 3, 32, 32)
+
+
 # webdataset's tar reader inside timm leaves its file objects to the garbage collector.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_timm_reads_the_labelled_shards(packed: tuple[Path, str], grades: dict[str, int]) -> None:

@@ -52,6 +52,9 @@ class ShardIndex:
     # make an index of megabytes that every reader parses).
     missing_photographs: int = 0
     missing_photographs_file: str | None = None
+    # The sizes seen (packing.shard.photograph_sizes): source [width, height] and packed side, min, median
+    # and max, and how many photographs smaller than --size kept their own size (absent in older indexes).
+    photograph_sizes: dict[str, Any] | None = None
     ungradable: int = 0  # labels rows marked ungradable (DDR grade 5, Messidor-2 gradable 0), not packed
     format_version: int = FORMAT_VERSION
 

@@ -21,7 +21,7 @@ Box = tuple[int, int, int, int]  # left, upper, right, lower (PIL convention)
 
 @dataclass(frozen=True)
 class Cropped:
-    image: np.ndarray  # (size, size, 3) uint8 RGB
+    image: np.ndarray  # (side, side, 3) uint8 RGB
     box: Box  # crop box in the original image
     original_size: tuple[int, int]  # width, height
     original_mode: str  # PIL mode before conversion to RGB
@@ -51,12 +51,14 @@ def disc_box(img: Image.Image) -> Box:
     return box
 
 
-def crop_to_disc(data: bytes, size: int) -> Cropped:
-    """Decode, crop to the fundus disc and resize to (size, size) with Lanczos. Bytes that are not a usable
-    photograph raise BadImage (data/decode.py: decode_rgb)."""
+def crop_to_disc(data: bytes, size: int, enlarge: bool = True) -> Cropped:
+    """Decode, crop to the fundus disc and resize to (size, size) with Lanczos. With `enlarge` False a crop
+    narrower than `size` keeps its own shorter side instead: enlarging invents no detail, only bytes.
+    Bytes that are not a usable photograph raise BadImage (data/decode.py: decode_rgb)."""
     img, mode = decode_rgb(data)
     box = disc_box(img)
-    resized = img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+    side = size if enlarge else min(size, box[2] - box[0], box[3] - box[1])
+    resized = img.crop(box).resize((side, side), Image.Resampling.LANCZOS)
     return Cropped(np.asarray(resized), box, img.size, mode)
 
 

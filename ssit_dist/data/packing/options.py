@@ -19,7 +19,11 @@ class ShardOptions(Checked):
     """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
     recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
 
-    size: int = option(512, "side of the square crop in pixels, a multiple of 16 of at least 32")
+    size: int = option(
+        512,
+        "side of the square crop in pixels, a multiple of 16 of at least 32; a smaller photograph keeps its own "
+        "size (none is enlarged)",
+    )
     shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
     workers: int = option(1, "worker processes (0: one per available core)", ge=0)
     saliency: SaliencyMethod = option(

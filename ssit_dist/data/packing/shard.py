@@ -1,12 +1,13 @@
 """Pack fundus photographs into WebDataset tar shards with precomputed saliency maps.
 
-One pass per image in worker processes: decode, crop to the disc, resize, encode the JPEG that training
-will read, decode it again and compute the saliency map from exactly those pixels. Results come back in
+One pass per image in worker processes: decode, crop to the disc, resize (shrink only: a photograph smaller
+than `--size` keeps its own size), encode the JPEG that training will read, decode it again and compute the
+saliency map from exactly those pixels. Results come back in
 input order whatever the number of workers, and tar headers carry no time or owner, so the same inputs
 and options always give byte-identical shards and index.
 
 Sample layout (`<key>.<ext>` members of `<split>-NNNNNN.tar`):
-    jpg      RGB JPEG of the (size, size) crop
+    jpg      RGB JPEG of the (side, side) crop, side = --size or the photograph's own if smaller
     sal.png  uint8 saliency map, 0 outside the disc (absent with `--saliency none`: evaluation-only shards)
     cls      grade 0-4 as ASCII text (labelled sets only; timm reads it)
     json     source path, original size and mode, crop box
@@ -28,6 +29,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -58,6 +60,8 @@ class Packed:
     members: dict[str, bytes] | None = None
     histogram: np.ndarray | None = None  # (3, 256) int64 counts of each RGB channel's values
     error: str | None = None
+    source_size: tuple[int, int] | None = None  # the photograph's width, height
+    side: int | None = None  # the packed crop's side
 
 
 def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
@@ -68,7 +72,7 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     except OSError as e:
         return Packed(item, error=f"cannot read: {e.strerror or e}")
     try:
-        cropped = crop_to_disc(data, opts.size)
+        cropped = crop_to_disc(data, opts.size, enlarge=False)
     except BadImage as e:
         return Packed(item, error=str(e))
     buf = io.BytesIO()
@@ -97,7 +101,8 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     if item.grade is not None:
         members["cls"] = str(item.grade).encode()
-    return Packed(item, members, histogram.astype(np.int64))
+    side = len(cropped.image)
+    return Packed(item, members, histogram.astype(np.int64), source_size=cropped.original_size, side=side)
 
 
 def _init_worker() -> None:
@@ -251,11 +256,12 @@ def pack(
     _prepare_output(out, opts.overwrite)
     splits, ordered = _packing_order(inputs.items, opts.seed)
     writers = {s: _SplitWriter(out, s, opts.shard_size) for s in splits}
-    failed, previews = _write_samples(root, ordered, opts, writers, on_sample)
+    failed, previews, sizes = _write_samples(root, ordered, opts, writers, on_sample)
     split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
     if not split_infos:
         raise ShardError(f"every input under {root} was skipped; see the reasons above")
     index = _index(inputs, opts, writers, split_infos, failed)
+    index.photograph_sizes = photograph_sizes(sizes, opts.size)
     if previews:
         from ssit_dist.data.packing.preview import (
             write_preview,  # needs torch: imported only when a preview is asked for
@@ -316,11 +322,13 @@ def _write_samples(
     opts: ShardOptions,
     writers: dict[str, _SplitWriter],
     on_sample: Callable[[Packed], None] | None,
-) -> tuple[list[Packed], list[Packed]]:
-    """Process `items` and add each to its split's writer; the samples that failed, and the first
-    `opts.preview` that did not. Interrupted or failed, it removes the partial shards before raising."""
+) -> tuple[list[Packed], list[Packed], list[tuple[int, int, int]]]:
+    """Process `items` and add each to its split's writer; the samples that failed, the first `opts.preview`
+    that did not, and each packed photograph's (width, height, packed side). Interrupted or failed, it
+    removes the partial shards before raising."""
     failed: list[Packed] = []
     previews: list[Packed] = []
+    sizes: list[tuple[int, int, int]] = []
     try:
         for packed in _results(root, items, opts):
             if packed.error is not None:
@@ -329,6 +337,8 @@ def _write_samples(
                 failed.append(packed)
             else:
                 writers[packed.item.split].add(packed)
+                assert packed.source_size is not None and packed.side is not None
+                sizes.append((*packed.source_size, packed.side))
                 if len(previews) < opts.preview:
                     previews.append(packed)
             if on_sample:
@@ -337,7 +347,21 @@ def _write_samples(
         for writer in writers.values():
             writer.abandon()
         raise
-    return failed, previews
+    return failed, previews, sizes
+
+
+def photograph_sizes(sizes: list[tuple[int, int, int]], size: int) -> dict[str, Any]:
+    """The sizes seen, for the index and the summary: the photographs' smallest, median and largest
+    [width, height] (ordered by shorter side, then area), the packed sides' smallest, median and largest,
+    and how many photographs were smaller than `size` and kept their own size."""
+    by_side = sorted(sizes, key=lambda s: (min(s[0], s[1]), s[0] * s[1]))
+    sides = sorted(s[2] for s in sizes)
+    middle = len(sizes) // 2
+    return {
+        "source": {name: list(by_side[k][:2]) for name, k in (("min", 0), ("median", middle), ("max", -1))},
+        "packed_side": {"min": sides[0], "median": sides[middle], "max": sides[-1]},
+        "kept_own_size": sum(side < size for side in sides),
+    }
 
 
 def _index(
