@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,8 +109,9 @@ def export(graded_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return tmp / "encoder.safetensors"
 
 
-def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: int = 1) -> dict:
-    run_cli(
+def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: int = 1) -> tuple[dict, str]:
+    """The run's report.json and what it printed."""
+    result = run_cli(
         "finetune",
         "--train",
         shards,
@@ -130,12 +132,12 @@ def finetune(out: Path, shards: Path, init: Path | str, *extra: object, nproc: i
         *extra,
         timeout=600,
     )
-    return json.loads((out / "report.json").read_text())
+    return json.loads((out / "report.json").read_text()), result.stdout + result.stderr
 
 
 def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path, export: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
-    report = finetune(out, graded_shards, export, "grad_accumulation=2")  # micro batches of 8
+    report, console = finetune(out, graded_shards, export, "grad_accumulation=2")  # micro batches of 8
     for name in (
         "config.yaml",
         "metrics.jsonl",
@@ -151,6 +153,10 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
     assert report["init"]["kind"] == "export" and report["test"]["samples"] == 45
+    # The console rounds for the eye, metrics.jsonl keeps full precision (45 samples: accuracies of k/45).
+    lines = [line for line in console.splitlines() if re.search(r"ssit_dist.finetune: epoch \d+:", line)]
+    assert len(lines) == 4 and not re.search(r"\d\.\d{5}", "\n".join(lines)), lines
+    assert any(re.search(r"\d\.\d{5}", str(e["train_loss"])) for e in epochs), epochs
 
     # QWK and accuracy recomputed from predictions.csv by scikit-learn equal the report's.
     with open(out / "predictions.csv") as f:
@@ -241,7 +247,7 @@ def test_two_processes_evaluate_every_sample_exactly_once(graded_shards: Path, t
 
 def test_linear_probe_and_knn_report_qwk_and_accuracy(graded_shards: Path, export: Path, tmp_path: Path) -> None:
     # Two processes through `accelerate launch` (gloo on CPU), bf16 autocast through Accelerate.
-    report = finetune(
+    report, _ = finetune(
         tmp_path / "linear", graded_shards, export, "--linear", "epochs=2", "lr=0.01", "mixed_precision=bf16", nproc=2
     )
     assert (

@@ -14,6 +14,12 @@ import numpy as np
 log = logging.getLogger("ssit_dist.report")
 
 
+def number(value: float | None, places: int = 4) -> str:
+    """A metric as a reader reads it on the console: `places` decimals (0.3043, not 0.30434782608695654), "n/a"
+    where it is undefined. The files keep full precision (metrics.jsonl, report.json); this is for the eye."""
+    return "n/a" if value is None else f"{value:.{places}f}"
+
+
 def write_predictions(
     path: Path, keys: list[str], grades: np.ndarray, predictions: np.ndarray, scores: np.ndarray
 ) -> None:
@@ -149,13 +155,12 @@ def summary_table(title: str, rows: dict[str, dict]) -> None:
     for column in ("split", "samples", "accuracy", "QWK", "macro AUC", "recall per grade"):
         table.add_column(column)
     for split, m in rows.items():
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         table.add_row(
             split,
             str(m["samples"]),
-            fmt(m["accuracy"]),
-            fmt(m["qwk"]),
-            fmt(m["macro_auc"]),
+            number(m["accuracy"]),
+            number(m["qwk"]),
+            number(m["macro_auc"]),
             " ".join("-" if r is None else f"{r:.2f}" for r in m["per_grade_recall"]),
         )
     Console().print(table)

@@ -27,6 +27,7 @@ from ssit_dist.data.loading.labelled import LabelledShards
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.grading_report import write_grading_report
 from ssit_dist.eval.predict import evaluate
+from ssit_dist.eval.report import number
 from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderSource
 from ssit_dist.train.finetune_state import save_state
@@ -164,7 +165,11 @@ def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, va
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     log.info(
-        "epoch %d: train loss %.4f, val qwk %s, accuracy %s", epoch, row["train_loss"], val["qwk"], val["accuracy"]
+        "epoch %d: train loss %.4f, val qwk %s, accuracy %s",
+        epoch,
+        row["train_loss"],
+        number(val["qwk"]),
+        number(val["accuracy"]),
     )
     if improved:
         meta = {**run.meta, "epoch": epoch, "val": val, "select_by": selection.select_by}

@@ -47,7 +47,7 @@ from ssit_dist.data.loading.segmentation import (
 )
 from ssit_dist.data.loading.workers import worker_options
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
-from ssit_dist.eval.report import curves_png
+from ssit_dist.eval.report import curves_png, number
 from ssit_dist.eval.seg_metrics import PixelCounts, constant_dice
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.models.segmenter import Segmenter
@@ -156,7 +156,8 @@ def resume(run: SegmentRun) -> None:
     run.optimizer.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.history, run.best = state["step"], state["history"], state["best"]
-    log.info("resumed at step %d of %d (best val Dice %s)", run.step, run.cfg.iterations, run.best.get("dice"))
+    dice = number(run.best.get("dice"))
+    log.info("resumed at step %d of %d (best val Dice %s)", run.step, run.cfg.iterations, dice)
 
 
 def train(run: SegmentRun) -> None:
