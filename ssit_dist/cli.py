@@ -258,13 +258,18 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
         listed = output / str(index.missing_photographs_file)
         console.print(f"  every one in {listed}", markup=False, highlight=False)
     if index.ungradable:
+        console.print(f"[yellow]excluded[/] {index.ungradable} rows marked ungradable in {escape(labels)}")
+    if inputs.refused:
         console.print(
-            f"[yellow]excluded[/] {index.ungradable} photographs the labels mark ungradable ({escape(labels)})"
+            f"[yellow]left out[/] {inputs.refused} photographs under {escape(str(input))} whose rows in "
+            f"{escape(labels)} are skipped (a grade that is not 0-4, a malformed row; listed above)",
+            highlight=False,
         )
     if index.not_in_labels:
         console.print(
-            f"[yellow]left out[/] {index.not_in_labels} images under {escape(str(input))} "
-            f"that {escape(labels)} does not name"
+            f"[yellow]left out[/] {index.not_in_labels} photographs under {escape(str(input))} "
+            f"that no row of {escape(labels)} names",
+            highlight=False,
         )
     if index.photograph_sizes:
         _print_sizes(index.photograph_sizes, index.parameters["size"])

@@ -95,7 +95,7 @@ def test_ddr_split_files_keep_the_official_splits_and_exclude_ungradable(tmp_pat
     assert index.ungradable == 3 and index.not_in_labels == 0 and index.skipped == []
     assert (
         index.parameters["labels_format"] == "ddr"
-        and "excluded 3 photographs the labels mark ungradable" in result.output
+        and "excluded 3 rows marked ungradable in train.txt valid.txt test.txt" in result.output
     )
     assert index.parameters["labels"] == ["train.txt", "valid.txt", "test.txt"]
 

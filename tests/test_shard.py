@@ -271,10 +271,15 @@ def test_bad_images_are_skipped_listed_and_strict_fails(
     for name in reasons:
         assert f"skipped {name}: " in result.stdout
 
-    strict = run_cli("shard", src, tmp_path / "strict", "--size", 64, "--strict", check=False)
-    assert strict.returncode != 0 and "--strict" in strict.stderr
-    assert not (tmp_path / "strict" / "_info.json").exists()
-    assert not list((tmp_path / "strict").glob("*.tar*"))
+    one_bad = link_subset(graded_dir, tmp_path / "one_bad", names[:3])
+    (one_bad / "truncated.jpeg").write_bytes(whole[: len(whole) // 2])
+    strict = run_cli("shard", one_bad, tmp_path / "strict" / "out", "--size", 64, "--strict", check=False)
+    assert strict.returncode == 1 and f"--strict: {one_bad / 'truncated.jpeg'}: cannot decode" in strict.stderr
+    assert not (tmp_path / "strict").exists()  # the folders this run made are gone with it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file\n")
+    strict = run_cli("shard", one_bad, tmp_path / "mine", "--size", 64, "--strict", check=False)
+    assert strict.returncode == 1 and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_an_error_naming_a_path_that_looks_like_markup_is_printed_as_it_is(tmp_path: Path) -> None:
@@ -401,8 +406,11 @@ def test_label_csv_problems_are_reported_with_line_numbers(
     result = run_cli("shard", src, tmp_path / "out", "--labels", src / "labels.csv", "--size", 64)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert {s["line"] for s in info["skipped"]} == {3, 5, 6} and info["missing_photographs"] == 1  # line 4
-    assert info["num_samples"] == 2 and info["not_in_labels"] == 3  # names[1], [2], [4] left out
+    # names[1] (grade 9) and names[2] (malformed row) are named, by rows that are skipped; names[4] is not named.
+    assert info["num_samples"] == 2 and info["not_in_labels"] == 1
     assert "labels.csv:3: grade 9" in result.stdout
+    assert f"left out 2 photographs under {src} whose rows in labels.csv are skipped" in result.stdout
+    assert f"left out 1 photographs under {src} that no row of labels.csv names" in result.stdout
     strict = run_cli("shard", src, tmp_path / "strict", "--labels", src / "labels.csv", "--strict", check=False)
     assert strict.returncode != 0 and "labels.csv:3" in strict.stderr and "missing.jpeg (labels.csv:4)" in strict.stderr
 
@@ -443,6 +451,10 @@ def test_a_partial_download_is_summed_up_and_its_absent_photographs_listed_in_on
     again = run_cli("shard", src, out, "--labels", src / "trainLabels.csv", "--size", 64, "--overwrite")
     assert not (out / "missing_photographs.csv").exists() and "absent" not in again.stdout
     assert read_index(out).missing_photographs == 0
+    (tmp_path / "empty").mkdir()  # the labels beside a folder that holds none of their photographs: say so
+    wrong = invoke_cli("shard", tmp_path / "empty", tmp_path / "none", "--labels", src / "trainLabels.csv", check=False)
+    assert wrong.exit_code == 1 and "trainLabels.csv names 6 photographs and none is under" in wrong.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def test_existing_output_is_refused_without_overwrite(retina: Image.Image, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ class ShardIndex:
     mean: list[float]  # per channel RGB in [0, 1], over the train split (all samples if none)
     std: list[float]
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"path", "reason"[, "line"]}
-    not_in_labels: int = 0  # images under the input that the labels did not name
+    not_in_labels: int = 0  # images under the input that no labels row names, skipped rows included
     # Labels rows naming a photograph absent from the input (a partial download): the count here, every row
     # in the file beside the shards that `missing_photographs_file` names (tens of thousands of rows would
     # make an index of megabytes that every reader parses).

@@ -73,7 +73,8 @@ class Inputs:
     items: list[Item]
     problems: list[Problem] = field(default_factory=list)
     missing: list[Missing] = field(default_factory=list)  # rows whose photograph is absent, in file order
-    not_in_labels: int = 0  # images under the folder that the labels files do not name
+    not_in_labels: int = 0  # images under the folder that no row of the labels files names
+    refused: int = 0  # images under the folder named only by rows that are problems (bad grade, malformed)
     labelled: bool = False
     labels_format: str | None = None  # the labels files' format (label_formats.FORMATS), where given
     labels_files: list[str] = field(default_factory=list)  # their names
@@ -132,6 +133,7 @@ class Labels:
     ungradable_rows: int = 0  # such rows, counted whether or not their photograph is under the folder
     problems: list[Problem] = field(default_factory=list)
     missing: list[Missing] = field(default_factory=list)  # rows naming no photograph under the folder
+    refused: set[str] = field(default_factory=set)  # photographs named only by rows that are problems
 
 
 class _ImageNames:
@@ -189,7 +191,10 @@ def read_labels(
     for label_file in read:
         _check_group_column(label_file, group_by)
         before = len(labels.problems)
-        labels.problems += [Problem(label_file.path.name, why, line) for line, why in label_file.malformed]
+        for line, why, image in label_file.malformed:
+            labels.problems.append(Problem(label_file.path.name, why, line))
+            rel = names.find(image, label_file.split_word)[0] if image else None
+            labels.refused |= {rel} if rel else set()
         for row in label_file.rows:
             _add_row(labels, label_file, row, names, first, group_by)
         labels.problems[before:] = sorted(labels.problems[before:], key=lambda p: p.line or 0)  # file order
@@ -227,6 +232,7 @@ def _add_row(
         problem = f"empty {group_by} for {rel}: every photograph needs its group"
     if problem is not None or rel is None:
         labels.problems.append(Problem(label_file.path.name, str(problem), row.line))
+        labels.refused |= {rel} if rel else set()
         return
     labels.grades[rel] = int(float(row.grade))  # _row_problem accepted it: an integer, perhaps written 2.0
     if group is not None:
@@ -330,7 +336,7 @@ def discover(
     split_dirs = [] if read.splits else [d for d in SPLIT_FOLDERS if (root / d).is_dir()]
     if split_dirs and split:
         raise InputError(f"{root} already has split folders ({', '.join(split_dirs)}); drop --split")
-    items, not_in_labels = _items(images, bool(labels), read, split_dirs)
+    items, not_in_labels, refused = _items(images, bool(labels), read, split_dirs)
     _check_keys_and_grades(root, items, bool(labels))
     if split:
         items = _assign_splits(items, parse_split(split), seed, group_by, read)
@@ -338,7 +344,15 @@ def discover(
         _one_split_per_group(items)
     labelled = bool(labels) or any(i.grade is not None for i in items)
     return Inputs(
-        items, read.problems, read.missing, not_in_labels, labelled, read.format, read.files, read.ungradable_rows
+        items,
+        problems=read.problems,
+        missing=read.missing,
+        not_in_labels=not_in_labels,
+        refused=refused,
+        labelled=labelled,
+        labels_format=read.format,
+        labels_files=read.files,
+        ungradable=read.ungradable_rows,
     )
 
 
@@ -376,11 +390,12 @@ def _assign_splits(
     return assign(to_split, ratios, seed) + kept
 
 
-def _items(images: list[str], labelled: bool, read: Labels, split_dirs: list[str]) -> tuple[list[Item], int]:
-    """Every image with its grade, group and split (official, else its split folder, else train); and how
-    many the labels leave out (the ones they mark ungradable are counted apart)."""
+def _items(images: list[str], labelled: bool, read: Labels, split_dirs: list[str]) -> tuple[list[Item], int, int]:
+    """Every image with its grade, group and split (official, else its split folder, else train); how many
+    no row of the labels names, and how many only refused rows name (the ones they mark ungradable are
+    counted apart)."""
     items: list[Item] = []
-    not_in_labels = 0
+    not_in_labels = refused = 0
     for rel in images:
         parts = Path(rel).parts
         folder_split = parts[0] if split_dirs and parts[0] in split_dirs else "train"
@@ -388,9 +403,10 @@ def _items(images: list[str], labelled: bool, read: Labels, split_dirs: list[str
         if rel in read.ungradable:
             continue
         if labelled and rel not in read.grades:
-            not_in_labels += 1
+            refused += rel in read.refused
+            not_in_labels += rel not in read.refused
             continue
         grade = read.grades[rel] if labelled else _grade_folder(in_split)
         split = read.splits.get(rel, folder_split)
         items.append(Item(sample_key(rel), rel, grade, split, read.groups.get(rel)))
-    return items, not_in_labels
+    return items, not_in_labels, refused

@@ -92,7 +92,9 @@ class LabelFile:
     split: str | None  # the official split the file holds, where its dataset defines them
     split_word: str | None = None  # the word of the file's name that gave it (`training`): its folder has it too
     rows: list[LabelRow] = field(default_factory=list)
-    malformed: list[tuple[int, str]] = field(default_factory=list)  # (line, why)
+    # (line, why, the cell where the header has the image column, if the row reaches it): a refused row still
+    # names its photograph, which is then not "a photograph the labels do not name"
+    malformed: list[tuple[int, str, str | None]] = field(default_factory=list)
 
 
 def known_formats() -> str:
@@ -181,7 +183,11 @@ def _read_rows(out: LabelFile, header: list[str], rows: Iterable[list[str]], ski
             skip_header = False
             continue
         if len(cells) != len(header):
-            out.malformed.append((line, f"malformed row: {len(cells)} fields, the header has {len(header)}"))
+            at = header.index(fmt.image)
+            image_cell = cells[at].replace("\\", "/") if len(cells) > at and cells[at] else None
+            out.malformed.append(
+                (line, f"malformed row: {len(cells)} fields, the header has {len(header)}", image_cell)
+            )
             continue
         columns = dict(zip(header, cells, strict=True))
         image = columns[fmt.image].replace("\\", "/")

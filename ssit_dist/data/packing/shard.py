@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import tarfile
 from collections import Counter, deque
@@ -251,15 +252,29 @@ def pack(
     opts: ShardOptions,
     on_sample: Callable[[Packed], None] | None = None,
 ) -> ShardIndex:
-    """Pack `inputs` (from `inputs.discover`) into shards under `out` and write its `_info.json`."""
+    """Pack `inputs` (from `inputs.discover`) into shards under `out` and write its `_info.json`. A run that
+    fails (--strict, every photograph skipped, an interrupt) removes the folders it created."""
     _check_inputs(root, inputs, opts.strict)
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        return _pack(root, out, inputs, opts, on_sample)
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)  # the outermost: everything below is this run's
+        raise
+
+
+def _pack(
+    root: Path, out: Path, inputs: Inputs, opts: ShardOptions, on_sample: Callable[[Packed], None] | None
+) -> ShardIndex:
     _prepare_output(out, opts.overwrite)
     splits, ordered = _packing_order(inputs.items, opts.seed)
     writers = {s: _SplitWriter(out, s, opts.shard_size) for s in splits}
     failed, previews, sizes = _write_samples(root, ordered, opts, writers, on_sample)
     split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
     if not split_infos:
-        raise ShardError(f"every input under {root} was skipped; see the reasons above")
+        reasons = "; ".join(f"{p.item.rel}: {p.error}" for p in failed[:3])
+        raise ShardError(f"none of the {len(failed)} photographs under {root} could be packed ({reasons}, ...)")
     index = _index(inputs, opts, writers, split_infos, failed)
     index.photograph_sizes = photograph_sizes(sizes, opts.size)
     if previews:
@@ -299,8 +314,17 @@ def _check_inputs(root: Path, inputs: Inputs, strict: bool) -> None:
                 "add the photographs, or leave out --strict to pack those present"
             )
         raise ShardError("--strict: " + "\n".join(said))
-    if not inputs.items:
-        raise ShardError(f"no images to pack under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    if inputs.items:
+        return
+    labels = " ".join(inputs.labels_files)
+    if inputs.missing and not (inputs.not_in_labels or inputs.refused):
+        raise ShardError(
+            f"{labels} names {len(inputs.missing)} photographs and none is under {root}: is it the folder that "
+            f"holds them? (first named: {inputs.missing[0].image})"
+        )
+    if inputs.not_in_labels or inputs.refused:
+        raise ShardError(f"no row of {labels} gives a usable grade to any of the images under {root}")
+    raise ShardError(f"no images to pack under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
 
 def _packing_order(items: list[Item], seed: int) -> tuple[list[str], list[Item]]:
