@@ -10,7 +10,9 @@ the same code that runs on a GPU.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -43,9 +45,13 @@ def _rank(rank: int, port: int, cfg: str, out: str, task: str = "pretrain") -> N
     os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     from ssit_dist.config import FinetuneConfig, load_config
     from ssit_dist.dist import shutdown
+    from ssit_dist.train import finetune_loop
     from ssit_dist.train.finetune import finetune
     from ssit_dist.train.pretrain import pretrain
 
+    # A progress line after every batch, and the rank's log in a file: what the user sees, read by the test.
+    finetune_loop.PROGRESS_EVERY_S = 0.0
+    logging.basicConfig(filename=Path(out, f"rank{rank}.log"), level=logging.INFO, format="%(name)s: %(message)s")
     counts: Counter = Counter()
     count(counts, PRETRAIN_LOOP if task == "pretrain" else FINETUNE_EPOCH)
     try:
@@ -207,7 +213,7 @@ def labelled_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_a_finetuning_epoch_never_waits_for_the_device(labelled_shards: Path, tmp_path: Path) -> None:
     # Each epoch's losses add up on the device and are read once, after the epoch (train_epochs): nothing
     # inside an epoch reads a tensor or synchronises, whatever the number of batches (7 per rank per
-    # epoch here, 2 epochs).
+    # epoch here, 2 epochs), progress lines after every batch included.
     body = {
         "run_dir": str(tmp_path / "finetune"),
         "train": f"{labelled_shards}:train",
@@ -226,3 +232,8 @@ def test_a_finetuning_epoch_never_waits_for_the_device(labelled_shards: Path, tm
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 < e["train_loss"] < 100 for e in epochs)
     assert syncs(counts) == {}, counts
     assert ours(counts) == 0, counts
+    logs = [(tmp_path / "finetune_counts" / f"rank{r}.log").read_text() for r in (0, 1)]
+    shown = re.findall(r"epoch (\d): batch (\d)/7 \((\d+)%\), [\d.]+/s, about \d+ s left", logs[0])
+    assert [(e, b) for e, b, _ in shown] == [(e, b) for e in "12" for b in "123456"], logs[0]
+    assert [int(p) for _, b, p in shown[:6]] == [100 * int(b) // 7 for b in "123456"]
+    assert ": batch " not in logs[1], logs[1]  # process 0 alone

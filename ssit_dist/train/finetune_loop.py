@@ -31,8 +31,10 @@ from ssit_dist.eval.report import number
 from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderSource
 from ssit_dist.train.finetune_state import save_state
+from ssit_dist.train.progress import Progress
 
 log = logging.getLogger("ssit_dist.finetune")
+PROGRESS_EVERY_S = 30.0  # a line within a long epoch; tests set 0 for one per batch
 
 
 @dataclass(kw_only=True)
@@ -101,7 +103,7 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
         rank = run.accelerator.process_index
         set_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
         run.order.manual_seed(cfg.seed + epoch)
-        loss_sum, batches = train_one_epoch(run)
+        loss_sum, batches = train_one_epoch(run, epoch)
         # The epoch's one read of the device; a NaN on any rank reaches all.
         train_loss = mean_over_ranks(loss_sum.item() / batches if batches else math.nan, device)
         if not math.isfinite(train_loss):
@@ -131,9 +133,10 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
     )
 
 
-def train_one_epoch(run: FinetuneRun) -> tuple[torch.Tensor, int]:
+def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
     """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
     per optimizer step); the sum of the batches' losses, on the device, and the number of batches.
+    Process 0 logs its progress every PROGRESS_EVERY_S seconds.
 
     Nothing here reads the device: the losses add up where they are, so the host can queue the next
     batch while the GPU still computes this one (a `loss.item()` per batch would wait for it)."""
@@ -143,6 +146,7 @@ def train_one_epoch(run: FinetuneRun) -> tuple[torch.Tensor, int]:
         run.plain.encoder.eval()  # frozen: no dropout, fixed features
     trainable = [p for p in run.plain.parameters() if p.requires_grad]
     loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+    progress = Progress(log, f"epoch {epoch}", "batch", len(run.loader), accelerator.is_main_process, PROGRESS_EVERY_S)
     for images, grades, _ in run.loader:
         with accelerator.accumulate(model):
             loss = run.plain.loss(model(images), grades)
@@ -155,6 +159,7 @@ def train_one_epoch(run: FinetuneRun) -> tuple[torch.Tensor, int]:
             optimizer.zero_grad()
         loss_sum += loss.detach().float()
         batches += 1
+        progress.update(batches)
     return loss_sum, batches
 
 
