@@ -1,4 +1,5 @@
-"""Training-curve PNGs (ssit_dist.eval.report): axis ranges, run folders, `ssit-dist plot`."""
+"""Pictures of ssit_dist.eval.report: the confusion matrix; training curves (axis ranges, run folders,
+`ssit-dist plot`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,29 @@ import numpy as np
 import pytest
 
 from conftest import invoke_cli
-from ssit_dist.eval.report import axis_range, run_curves
+from ssit_dist.eval.report import axis_range, confusion_cells, confusion_png, run_curves
+
+
+def test_the_confusion_matrix_colours_by_count_and_writes_row_percentages(tmp_path: Path) -> None:
+    # A 2 alone in its row and a 59 in a full row: per-row colours made both the darkest; by count, the 59
+    # is darker, and every cell's colour orders as its count does, whichever rows they sit in.
+    confusion = np.array([[59, 3, 0, 0, 0], [2, 0, 0, 0, 0], [10, 20, 30, 5, 0], [0, 0, 0, 0, 0], [1, 0, 2, 3, 12]])
+    cells = confusion_cells(confusion)
+    flat = [c for row in cells for c in row]
+    assert [c.count for c in flat] == confusion.ravel().tolist()
+    by_count = sorted(flat, key=lambda c: c.count)
+    assert [c.strength for c in by_count] == sorted(c.strength for c in flat)
+    assert cells[1][0].strength < cells[2][2].strength < cells[0][0].strength == 1.0
+    assert cells[3][0].strength == 0.0
+    # Each cell says its count and its share of the true grade's row; an empty row has no shares.
+    assert cells[0][0].texts == ("59", "95%") and cells[1][0].texts == ("2", "100%")
+    assert cells[2][3].texts == ("5", "8%") and cells[4][4].texts == ("12", "67%")
+    assert all(c.texts == ("0", "-") for c in cells[3])
+
+    path = tmp_path / "confusion.png"
+    confusion_png(path, confusion, "test split")
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 5 * 80 and image.shape[1] > 5 * 80
 
 
 @pytest.mark.parametrize(

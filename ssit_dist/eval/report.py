@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -34,37 +35,71 @@ def write_predictions(
             )
 
 
+@dataclass(frozen=True)
+class ConfusionCell:
+    """One cell of the confusion picture: its count, that count as a share of its true grade's row, and
+    its colour's strength, the count over the matrix's largest (so a 2 reads paler than a 59 in any row)."""
+
+    count: int
+    row_share: float | None  # None in a row without samples
+    strength: float  # 0 (white) to 1 (the darkest blue)
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        """What the cell says: the count, and the row percentage under it."""
+        return str(self.count), "-" if self.row_share is None else f"{100 * self.row_share:.0f}%"
+
+
+def confusion_cells(confusion: np.ndarray) -> list[list[ConfusionCell]]:
+    """The cells of `confusion` (rows: true grade, columns: predicted), as confusion_png draws them."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    rows, top = counts.sum(1), max(int(counts.max(initial=0)), 1)
+    return [
+        [ConfusionCell(int(c), float(c / rows[i]) if rows[i] else None, float(c / top)) for c in counts[i]]
+        for i in range(len(counts))
+    ]
+
+
 def confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
-    n = len(confusion)
-    cell, margin = 80, 90
-    image = np.full((margin + n * cell + 20, margin + n * cell + 20, 3), 255, np.uint8)
-    rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    for i in range(n):
-        for j in range(n):
-            shade = int(255 - 200 * rows[i, j])
+    """The confusion matrix as a picture: each cell's count and its share of the true grade's row, coloured
+    by count over the whole matrix, with a colour bar that says so."""
+    cells = confusion_cells(confusion)
+    n, cell, margin, font = len(cells), 80, 90, cv2.FONT_HERSHEY_SIMPLEX
+    black, grey = (0, 0, 0), (80, 80, 80)
+    size = margin + n * cell
+    image = np.full((size + 100, size + 80, 3), 255, np.uint8)  # room for the row totals and the colour bar
+    for i, row in enumerate(cells):
+        for j, c in enumerate(row):
             x, y = margin + j * cell, margin + i * cell
-            cv2.rectangle(image, (x, y), (x + cell, y + cell), (255, shade, shade), -1)
+            cv2.rectangle(image, (x, y), (x + cell, y + cell), _blue(c.strength), -1)
             cv2.rectangle(image, (x, y), (x + cell, y + cell), (160, 160, 160), 1)
-            text = str(int(confusion[i, j]))
-            colour = (255, 255, 255) if rows[i, j] > 0.6 else (0, 0, 0)
-            cv2.putText(
-                image,
-                text,
-                (x + cell // 2 - 9 * len(text), y + cell // 2 + 8),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.7,
-                colour,
-                2,
-            )
-        cv2.putText(
-            image, str(i), (margin - 25, margin + i * cell + cell // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1
-        )
-        cv2.putText(
-            image, str(i), (margin + i * cell + cell // 2 - 6, margin - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1
-        )
-    cv2.putText(image, title, (10, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
-    cv2.putText(image, "true (rows) vs predicted (columns)", (10, 50), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (80, 80, 80), 1)
+            colour = (255, 255, 255) if c.strength > 0.6 else black
+            count, share = c.texts
+            cv2.putText(image, count, (x + cell // 2 - 9 * len(count), y + cell // 2), font, 0.7, colour, 2)
+            cv2.putText(image, share, (x + cell // 2 - 5 * len(share), y + cell // 2 + 24), font, 0.45, colour, 1)
+        cv2.putText(image, str(i), (margin - 25, margin + i * cell + cell // 2 + 6), font, 0.6, black, 1)
+        cv2.putText(image, str(i), (margin + i * cell + cell // 2 - 6, margin - 10), font, 0.6, black, 1)
+        total = f"n={sum(c.count for c in row)}"
+        cv2.putText(image, total, (size + 8, margin + i * cell + cell // 2 + 6), font, 0.45, grey, 1)
+    cv2.putText(image, title, (10, 25), font, 0.6, black, 1)
+    cv2.putText(image, "true (rows) vs predicted (columns)", (10, 50), font, 0.5, grey, 1)
+    # The colour bar: white at 0 to the darkest blue at the largest count.
+    top = max((c.count for row in cells for c in row), default=0)
+    bar_y, bar_w = size + 30, n * cell
+    for k in range(bar_w):
+        cv2.line(image, (margin + k, bar_y), (margin + k, bar_y + 14), _blue(k / max(bar_w - 1, 1)), 1)
+    cv2.rectangle(image, (margin, bar_y), (margin + bar_w, bar_y + 14), (160, 160, 160), 1)
+    cv2.putText(image, "0", (margin - 4, bar_y + 32), font, 0.45, grey, 1)
+    cv2.putText(image, str(top), (margin + bar_w - 9 * len(str(top)), bar_y + 32), font, 0.45, grey, 1)
+    legend = "colour: the count, over the whole matrix; %: the count's share of its true grade's row"
+    cv2.putText(image, legend, (10, bar_y + 56), font, 0.4, grey, 1)
     write_png(path, image)
+
+
+def _blue(strength: float) -> tuple[int, int, int]:
+    """BGR from white (0) to the darkest blue (1)."""
+    shade = int(255 - 200 * strength)
+    return 255, shade, shade
 
 
 def axis_range(values: np.ndarray) -> tuple[float, float]:
