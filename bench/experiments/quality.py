@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from ssit_dist.config import PretrainConfig, load_config
-from ssit_dist.data.packing.inputs import read_labels, sample_key
+from ssit_dist.data.packing.inputs import Labels, read_labels, sample_key
 from ssit_dist.data.packing.label_formats import read_label_file
 from ssit_dist.eval.floors import floor_features_of_files
 from ssit_dist.info import collect
@@ -113,13 +114,13 @@ class Graded:
 def read_graded(folders: list[Path], labels: list[Path]) -> Graded:
     """The labels of the evaluation folders, read as `ssit-dist shard` reads them (any format it knows,
     ungradable rows excluded), so that the keys are the packed samples'; the patient from a `patient`
-    column (EyePACS: from the name) where there is one. Rows the packer skips are skipped here, named."""
+    column (EyePACS: from the name) where there is one. Rows the packer skips are skipped here, and said
+    in one summary per labels file on stderr (stdout holds the JSON alone)."""
     keys, files, grades, patients = [], [], [], []
     for folder, path in zip(folders, labels, strict=True):
         rows = read_label_file(path).rows
         read = read_labels([path], folder, "patient" if rows and "patient" in rows[0].columns else None)
-        for problem in read.problems:
-            print(f"skipped {problem}", flush=True)
+        say_skipped(path, folder, read)
         for rel, grade in read.grades.items():
             keys.append(f"{folder.name}/{sample_key(rel)}")
             files.append(folder / rel)
@@ -127,6 +128,19 @@ def read_graded(folders: list[Path], labels: list[Path]) -> Graded:
             patient = read.groups.get(rel)
             patients.append(f"{folder.name}/{patient}" if patient else None)
     return Graded(keys, files, grades, patients, folders)
+
+
+def say_skipped(path: Path, folder: Path, read: Labels, shown: int = 3) -> None:
+    """One summary on stderr of the rows of `path` left out: bad rows and rows naming an absent photograph
+    (a partial download has tens of thousands), each counted with its first few."""
+    if read.problems:
+        first = "; ".join(map(str, read.problems[:shown]))
+        print(f"skipped {len(read.problems)} rows of {path} ({first}{'; ...' if len(read.problems) > shown else ''})",
+              file=sys.stderr)  # fmt: skip
+    if read.missing:
+        first = ", ".join(f"{m.image} (line {m.line})" for m in read.missing[:shown])
+        print(f"skipped {len(read.missing)} rows of {path} naming a photograph not under {folder} "
+              f"({first}{', ...' if len(read.missing) > shown else ''})", file=sys.stderr)  # fmt: skip
 
 
 def encoder_features(work: Path, init: str, seed: int, model: ModelConfig, graded: Graded) -> np.ndarray:
