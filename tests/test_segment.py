@@ -40,9 +40,14 @@ def _truth(folder: Path) -> tuple[int, int]:
 @pytest.mark.multiprocess
 def test_a_fine_tuned_random_init_beats_the_constant_prediction(vessels: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    run_cli("segment", "--data", vessels, "--out", out, "iterations=150", "warmup=15", "eval_every=50", *SMALL)
+    done = run_cli("segment", "--data", vessels, "--out", out, "iterations=150", "warmup=15", "eval_every=50", *SMALL)
     report = json.loads((out / "report.json").read_text())
     test = report["test"]["classes"]["vessels"]
+    # The last line says how it went and where the files are.
+    last = done.stdout.strip().splitlines()[-1]
+    assert f"test split, 4 photographs, weights of step {report['best']['step']}" in last, last
+    assert f"vessels Dice {test['dice']:.4f} (all-foreground {test['constant_dice']:.4f})" in last, last
+    assert f"Written to {out}/" in last, last
     assert (test["pixels"], test["foreground_pixels"]) == _truth(vessels / "test")
     assert test["dice"] > test["constant_dice"] + 0.15, test  # measured: 0.47 against 0.16
     assert 0 < test["auc_pr"] <= 1 and 0 <= test["iou"] <= test["dice"] and test["specificity"] > 0.8

@@ -311,7 +311,24 @@ def final_report(run: SegmentRun) -> dict[str, Any]:
         curves_png(run.out / "curves.png", series, "step", f"segmentation of {Path(run.cfg.data).name}")
 
     on_rank_zero(write, run.accelerator.device, f"writing {run.out / 'report.json'}")
+    if run.accelerator.is_main_process:
+        print(closing_line(report, run.out), flush=True)
     return report
+
+
+def closing_line(report: dict[str, Any], out: Path) -> str:
+    """The run's last line: the best weights' metrics on the test split (val where there is none), and
+    where the files are."""
+    split = "test" if "test" in report else "val"
+    classes = "; ".join(
+        f"{name} Dice {number(m['dice'])} (all-foreground {number(m['constant_dice'])}), AUC-PR {number(m['auc_pr'])}"
+        for name, m in report[split]["classes"].items()
+    )
+    best = report["best"]
+    return (
+        f"{split} split, {report['photographs'][split]} photographs, weights of step {best.get('step')} "
+        f"(val Dice {number(best.get('dice'))}): {classes}. Written to {out}/: report.json, overlays.png, curves.png"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
