@@ -36,17 +36,17 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
 
 
-def _local_launch(nproc: int) -> tuple[int, dict[str, str]]:
-    """A free port and the environment for `nproc` processes started by a launcher on this machine:
-    without GPUs each gets a fair share of the cores as OpenMP threads (launchers leave it unset)."""
+def _launch_ranks(module: str, args: list[str], nproc: int) -> int:
+    """`nproc` ranks of the trainer `module` on this machine (ssit_dist/local_launch.py); without GPUs each
+    gets a fair share of the cores as OpenMP threads."""
     import torch
 
-    from ssit_dist.dist import free_port
+    from ssit_dist.local_launch import launch
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
-    return free_port(), env
+    return launch(module, args, nproc, env)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -316,23 +316,19 @@ def pretrain(
     config: Path | None = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
     nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
 ) -> None:
-    """Pretrain SSiT with DeepSpeed on this machine (starts the deepspeed launcher with the right flags)."""
-    port, env = _local_launch(nproc)
-    # DeepSpeed's launcher starts one CPU process unless told `--num_gpus`. The trainer is a module of
-    # the package, so an installed ssit-dist (a wheel, no source tree) runs the same way.
-    command = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(port),
-        "--module",
-        "ssit_dist.train.pretrain",
-    ]
-    command += (["--config", str(config)] if config else []) + list(ctx.args)
-    raise typer.Exit(subprocess.call(command, env=env))
+    """Pretrain SSiT with DeepSpeed on this machine: `nproc` ranks, stopped together by Ctrl-C or SIGTERM
+    (each saves, exit 0; a second Ctrl-C stops at once)."""
+    from ssit_dist.config import ConfigError, PretrainConfig, load_config
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.train.pretrain import check_inputs
+
+    args = (["--config", str(config)] if config else []) + list(ctx.args)
+    # What every rank would check first, checked here once, before any rank starts.
+    try:
+        check_inputs(load_config(config, list(ctx.args), PretrainConfig), nproc)
+    except (ConfigError, ShardIndexError) as e:
+        _fail(str(e), 2)
+    raise typer.Exit(_launch_ranks("ssit_dist.train.pretrain", args, nproc))
 
 
 @app.command()
@@ -376,7 +372,8 @@ def finetune(
 
 def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path | None, nproc: int) -> int:
     """A trainer module run with Accelerate, `--field value` flags as overrides of config class `kind`: in
-    this process for one, through `accelerate launch` for several; its exit code."""
+    this process for one, as `nproc` ranks for several (Accelerate reads their torch.distributed
+    environment, as under srun); its exit code."""
     import importlib
 
     try:
@@ -385,28 +382,7 @@ def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path 
         _fail(str(e), 2)
     if nproc == 1:
         return int(importlib.import_module(module).main(args))
-    port, env = _local_launch(nproc)
-    # `--multi_gpu` is Accelerate's multi-process mode; without GPUs it runs gloo CPU processes.
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(nproc),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        module,
-        *args,
-    ]
-    return subprocess.call(command, env=env)
+    return _launch_ranks(module, args, nproc)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -168,11 +168,11 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     killed_at = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert killed_at < 8
 
-    # Resumed through the deepspeed launcher, as `ssit-dist pretrain --nproc 2` starts it.
+    # Resumed as `ssit-dist pretrain --nproc 2` starts it (ssit_dist/local_launch.py).
     result = run_cli("pretrain", "--config", cfg, "--nproc", 2, timeout=300)
     # DeepSpeed's CPU collectives (the launcher's runs) map a /dev/shm buffer per rank; their names are
     # gone once the ranks have started, so no run leaves them behind (dist.release_shared_memory_names).
-    port = re.search(r"--master_port=(\d+)", result.stdout + result.stderr)
+    port = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", result.stderr)
     assert port, "the launcher's command line names no port"
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port[1]}_*"))
     resumed = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """The pretraining loop, MAE's `train_one_epoch` for SSiT under DeepSpeed: from the resumed step to the
 end, each optimizer step sets the schedules, runs SSiT's step (train/step.py) over the step's micro
-batches, agrees across ranks on a non-finite loss or a stop signal, reports and checkpoints. Setting a
+batches, agrees across ranks on a non-finite loss or a stop, reports and checkpoints. Setting a
 run up (process group, shards, engine, resume) is train/pretrain.py's part.
 """
 
@@ -25,13 +25,14 @@ from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
+from ssit_dist.stop import StopRequest, StopVote
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.step import Views, train_step
 
 
 class StopRequested(Exception):
-    """SIGTERM / SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
+    """A stop was asked for (ssit_dist/stop.py): a checkpoint was saved and the run stops cleanly."""
 
 
 @dataclass(kw_only=True)
@@ -56,16 +57,18 @@ class Run:
     retrieval_pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # rank 0 only, where configured
 
 
-def train(run: Run, stop: dict[str, bool]) -> None:
-    """Train from `run.start_step` to `run.total_steps`. `stop["requested"]` is set by the signal
-    handlers; once any rank has it, every rank saves and raises StopRequested at the next sync point.
+def train(run: Run, stop: StopRequest) -> None:
+    """Train from `run.start_step` to `run.total_steps`. `stop` is set by a signal or the launcher's end;
+    the step after any rank has it, every rank saves and raises StopRequested.
 
     The hot path never waits for the device: each step's losses stay there, and only at a sync point
     (every `log_every` steps, and before a checkpoint, a view retrieval or the end) does the host read
-    them, with one collective that tells every rank whether any had a non-finite loss, a stop signal or
-    a failed loader. Nothing is reported or saved before that agreement."""
+    them, with one collective that tells every rank whether any had a non-finite loss or a failed loader.
+    Nothing is reported or saved before that agreement. A stop is voted on every step (StopVote: a tiny
+    all-reduce whose outcome the host reads a step later, without waiting for the device)."""
     cfg = run.cfg
     feed: Feed | None = None
+    vote = StopVote(run.device)
     try:
         step = run.start_step
         interval = Interval(time.perf_counter())
@@ -95,11 +98,12 @@ def train(run: Run, stop: dict[str, bool]) -> None:
             )
             every = cfg.checkpoint_every
             checkpoint_due = (every is not None and step % every == 0) or step == run.total_steps
-            if not (step % cfg.log_every == 0 or checkpoint_due or retrieval_due):
+            stopping = vote.cast(stop.requested)
+            if not (step % cfg.log_every == 0 or checkpoint_due or retrieval_due or stopping):
                 continue
             minutes = cfg.checkpoint_every_minutes
             clock_due = minutes is not None and time.monotonic() - last_save >= 60 * minutes
-            if _sync_point(run, step, interval, feed, stop["requested"], checkpoint_due or clock_due, retrieval_due):
+            if _sync_point(run, step, interval, feed, stopping, checkpoint_due or clock_due, retrieval_due):
                 last_save = time.monotonic()
             interval = Interval(time.perf_counter())  # checkpoints and retrieval are not the steps' time
     finally:
@@ -138,13 +142,13 @@ def _set_schedules(run: Run, step: int) -> dict[str, float]:
 
 
 def _sync_point(
-    run: Run, step: int, interval: Interval, feed: Feed, stop: bool, save_due: bool, retrieval_due: bool
+    run: Run, step: int, interval: Interval, feed: Feed, stopping: bool, save_due: bool, retrieval_due: bool
 ) -> bool:
     """Collective: one agreement over the ranks (and one read of the device), then the interval's
-    records reported, a checkpoint where one is due (by step, by time, or for a stop) and the stop
-    itself. A checkpoint by time is agreed on here: clocks differ between hosts, and every rank must
-    save at the same step. Returns whether a checkpoint was saved."""
-    records, diverged, stopping, save_due = interval.agree(feed.failure is not None, stop, save_due, run.device)
+    records reported, a checkpoint where one is due (by step, by time, or for a stop every rank voted
+    for) and the stop itself. A checkpoint by time is agreed on here: clocks differ between hosts, and
+    every rank must save at the same step. Returns whether a checkpoint was saved."""
+    records, diverged, save_due = interval.agree(feed.failure is not None, save_due, run.device)
     if feed.failure is not None:
         raise feed.failure
     _raise_if_diverged(diverged, records, run.run_dir)
@@ -160,8 +164,8 @@ def _sync_point(
             run.reporter.step(record)
     if save_due or stopping:
         save(run, step)
-    if stopping:
-        raise StopRequested(f"stopped by signal after step {step}; relaunch to resume")
+    if stopping and step < run.total_steps:  # a stop at the last step is the end
+        raise StopRequested(f"stopped at step {step}; relaunch to resume")
     return save_due or stopping
 
 
@@ -177,23 +181,21 @@ class Interval:
         self.losses.append(losses)
         self.records.append(record)
 
-    def agree(
-        self, loader_failed: bool, stop: bool, save: bool, device: torch.device
-    ) -> tuple[list[dict[str, Any]], bool, bool, bool]:
+    def agree(self, loader_failed: bool, save: bool, device: torch.device) -> tuple[list[dict[str, Any]], bool, bool]:
         """Collective. The interval's records with their losses, whether any rank had a non-finite loss,
-        whether any wants to stop, and whether any wants a checkpoint now. Raises SourceError when another
-        rank's loader failed (this rank's own failure is the caller's to raise)."""
+        and whether any wants a checkpoint now. Raises SourceError when another rank's loader failed (this
+        rank's own failure is the caller's to raise)."""
         losses = torch.stack(self.losses)  # (steps, 2)
-        flags = torch.tensor([0, int(loader_failed), int(stop), int(save)], dtype=torch.float32, device=device)
+        flags = torch.tensor([0, int(loader_failed), int(save)], dtype=torch.float32, device=device)
         flags[0] = (~torch.isfinite(losses)).any()
         flags = max_over_ranks(flags)
         values = torch.cat([flags, losses.flatten().float()]).tolist()  # the interval's only host read
-        diverged, failed, stopping, saving = (bool(v) for v in values[:4])
+        diverged, failed, saving = (bool(v) for v in values[:3])
         if failed and not loader_failed:
             raise SourceError("the data loader failed on another rank; see its log")
         for i, record in enumerate(self.records):
-            record["contrastive_loss"], record["saliency_loss"] = values[4 + 2 * i], values[5 + 2 * i]
-        return self.records, diverged, stopping, saving
+            record["contrastive_loss"], record["saliency_loss"] = values[3 + 2 * i], values[4 + 2 * i]
+        return self.records, diverged, saving
 
 
 def _raise_if_diverged(diverged: bool, records: list[dict[str, Any]], run_dir: Path) -> None:

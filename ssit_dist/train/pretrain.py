@@ -4,15 +4,15 @@
 shards, takes the resume decision (train/checkpoint.py, train/resume.py), builds the DeepSpeed engine and
 the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
 train/loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
-end, and when SIGTERM or SIGUSR1 arrives (SLURM's warning before the time limit); a relaunch resumes
-from the latest complete checkpoint at the same schedule and data position.
+end, and after the step at which a stop is asked for (Ctrl-C, SIGTERM, SLURM's SIGUSR1 before the time
+limit, the launcher's end: ssit_dist/stop.py); a relaunch resumes from the latest complete checkpoint at
+the same schedule and data position.
 `python -m ssit_dist.train.pretrain --config FILE [field=value]`.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from ssit_dist import stop as stop_signals
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.loading.augment import PairAugment
@@ -32,7 +33,6 @@ from ssit_dist.data.loading.epoch import EpochPlan
 from ssit_dist.data.loading.labelled import SplitSource
 from ssit_dist.data.loading.sources import ShardSet, open_shards, verify_shards
 from ssit_dist.data.loading.stream import PairStream, pair_loader
-from ssit_dist.data.loading.workers import PREEMPTION_SIGNALS
 from ssit_dist.dist import (
     any_rank,
     gather_objects,
@@ -186,7 +186,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     """Run (or resume) pretraining as `cfg` says; returns the run folder."""
     # First: a signal during start-up (SLURM preempting a job that is still waiting for its peers or
     # loading) means exit cleanly at the first point where every rank can agree, without training.
-    stop = stop_on_signals()
+    stop = stop_signals.install()
     device = start_process_group(cfg)
     world = world_size()
     inputs = check_inputs(cfg, world)
@@ -225,7 +225,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         to_device=views_on_device(cfg, inputs, device),
         retrieval_pairs=retrieval_pairs(cfg, inputs, stream.augment, device),
     )
-    if any_rank(stop["requested"], device):
+    if any_rank(stop.requested, device):
         if run.reporter is not None:
             run.reporter.close()
         raise StopRequested(f"stopped by signal during start-up, before step {plan.step + 1}; relaunch to resume")
@@ -233,15 +233,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
     train(run, stop)
     return run.run_dir
-
-
-def stop_on_signals() -> dict[str, bool]:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) set the flag the loop reads at each
-    sync point."""
-    stop = {"requested": False}
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, lambda *_: stop.update(requested=True))
-    return stop
 
 
 def start_process_group(cfg: PretrainConfig) -> torch.device:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ssit_dist.stop import STOP_SIGNALS
+
 
 def worker_options(workers: int, setup: Callable[[], None] | None = None, rank: int = 0) -> dict[str, Any]:
     """DataLoader keyword arguments for `workers` processes (none: load in the calling process).
@@ -63,16 +65,14 @@ def _exit_with(pid: int) -> None:
     os._exit(0)
 
 
-PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
-
-
 def ignore_preemption() -> None:
-    """SLURM signals every process of a job step; the trainer decides when to stop, so a loader worker
-    must not die on the preemption signal before the trainer has saved its checkpoint. The signals
-    were blocked since the worker's birth (start_batches); ignoring them discards any that came."""
-    for sig in PREEMPTION_SIGNALS:
+    """SLURM signals every process of a job step, and Ctrl-C every process of the terminal's group; the
+    trainer decides when to stop (ssit_dist/stop.py), so a loader worker must not die of a stop signal
+    before the trainer has saved its checkpoint. The signals were blocked since the worker's birth
+    (start_batches); ignoring them discards any that came."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def start_batches(loader: DataLoader) -> Iterator:
@@ -82,12 +82,12 @@ def start_batches(loader: DataLoader) -> Iterator:
     handler. The trainer's own pending signal is delivered when the block lifts. The forkserver keeps
     the mask it was started with, so the first loader of a process must start through here. End the
     iterator with `stop_batches` before the process exits."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # The resource tracker ignores SIGTERM but would die of SIGUSR1: started here, it keeps
         # SIGUSR1 blocked for life. Starting it unblocks SIGTERM in the caller: block again.
         resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if loader.num_workers:
             forkserver.ensure_running()
         return iter(loader)
