@@ -21,6 +21,7 @@ from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.loading.sources import SourceError
 from ssit_dist.dist import PlacementError, RankFailure, shutdown
 from ssit_dist.models.pretrained import EncoderInitError
+from ssit_dist.runtime import apply_process_defaults
 from ssit_dist.train.finetune_state import CheckpointWriteError
 from ssit_dist.train.loop import StopRequested
 from ssit_dist.train.resume import ResumeError
@@ -43,6 +44,7 @@ def run_trainer(
     parser.add_argument("overrides", nargs="*", help="field=value (section.field=value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    apply_process_defaults()  # threads per rank and DeepSpeed's build folder, before anything runs
     try:
         train(load_config(args.config, args.overrides, kind))
     except StopRequested as e:
