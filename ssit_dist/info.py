@@ -109,6 +109,9 @@ def _deepspeed() -> dict[str, Any]:
     from deepspeed.git_version_info import installed_ops
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
+    from ssit_dist.runtime import use_versioned_extensions_dir
+
+    extensions = use_versioned_extensions_dir(os.environ)  # the folder a trainer started from here builds into
     accelerator = get_accelerator()
     ops = {}
     for name, builder in ALL_OPS.items():
@@ -124,7 +127,7 @@ def _deepspeed() -> dict[str, Any]:
     return {
         "accelerator": accelerator.device_name(),
         "communication_backend": accelerator.communication_backend_name(),
-        "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR", "(torch default)"),
+        "torch_extensions_dir": extensions,
         "ops": ops,
     }
 

@@ -1,5 +1,6 @@
 """Process-level defaults of a trainer process, whatever launched it (deepspeed, torchrun, srun, accelerate,
-or plain python), set once before the first step. What the environment sets explicitly always wins.
+or plain python), set once before the first step and before DeepSpeed builds an op. What the
+environment sets explicitly always wins.
 
 - Intra-op threads. torch gives every process a pool as large as the machine's cores, so N ranks on
   one node run N such pools on the same cores: on CPU, two DeepSpeed ranks trained about ten times
@@ -8,6 +9,10 @@ or plain python), set once before the first step. What the environment sets expl
   the cores this process may run on divided by the ranks on this node. The same rule on GPUs: the
   rank's CPU work (collation, host-side ops) and its loader workers share those cores with the other
   ranks, and a full-size pool per rank only oversubscribes them.
+- DeepSpeed's op builds. torch's default folder (~/.cache/torch_extensions/pyXY_cuZ) is shared by
+  every checkout and every torch and DeepSpeed version, and a build made for one set of versions is
+  rebuilt (minutes) whenever another set starts. Where TORCH_EXTENSIONS_DIR is unset (the Makefile and
+  the sbatch scripts set their own), each set of versions gets a folder of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, MutableMapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 
@@ -29,9 +37,10 @@ LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE
 
 
 def apply_process_defaults() -> None:
-    """Set this trainer process's thread count where the environment leaves it unset (the module
-    docstring says why); the first rank of each node says what it chose."""
+    """Set this trainer process's thread count and extensions folder where the environment leaves them
+    unset (the module docstring says why); the first rank of each node says what it chose."""
     threads = intra_op_threads(os.environ, len(os.sched_getaffinity(0)))
+    folder = use_versioned_extensions_dir(os.environ)
     speaks = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
     if threads is not None:
         torch.set_num_threads(threads)
@@ -42,6 +51,8 @@ def apply_process_defaults() -> None:
                 len(os.sched_getaffinity(0)),
                 ranks_on_this_node(os.environ),
             )
+    if speaks:
+        log.info("DeepSpeed builds its ops into %s", folder)
 
 
 def intra_op_threads(env: Mapping[str, str], cores: int) -> int | None:
@@ -100,3 +111,28 @@ def tasks_per_node(spec: str) -> list[int]:
             return []
         counts.extend([int(match[1])] * int(match[2] or 1))
     return counts
+
+
+def versioned_extensions_dir(env: Mapping[str, str]) -> Path:
+    """A folder for DeepSpeed's op builds of exactly these versions of Python, torch (its build: CUDA,
+    ROCm or CPU) and DeepSpeed, under the user's cache (XDG_CACHE_HOME, else ~/.cache)."""
+    try:
+        deepspeed = version("deepspeed")
+    except PackageNotFoundError:
+        deepspeed = "none"
+    if torch.version.cuda:
+        accelerator = f"cuda{torch.version.cuda}"
+    else:
+        accelerator = f"hip{torch.version.hip}" if torch.version.hip else "cpu"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    key = f"py{python}-torch{torch.__version__}-{accelerator}-deepspeed{deepspeed}"
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ssit-dist" / "torch_extensions" / key
+
+
+def use_versioned_extensions_dir(env: MutableMapping[str, str]) -> str:
+    """TORCH_EXTENSIONS_DIR in `env` (this process's environment, which DeepSpeed's builds read and
+    every process it starts inherits): the one set there, or else `versioned_extensions_dir`, set."""
+    if not env.get("TORCH_EXTENSIONS_DIR"):
+        env["TORCH_EXTENSIONS_DIR"] = str(versioned_extensions_dir(env))
+    return env["TORCH_EXTENSIONS_DIR"]

@@ -1,10 +1,88 @@
-"""A trainer process's own defaults: threads per rank from each launcher's environment."""
+"""A trainer process's own defaults, under real launchers: threads per rank and DeepSpeed's build folder.
+The probe is a trainer entry
+(`run_trainer`, as launch/pretrain.py and the fine-tuning scripts run it) whose training reports what
+the process was given."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
 
+import pytest
+import torch
+
+from ssit_dist.dist import free_port
 from ssit_dist.runtime import intra_op_threads, ranks_on_this_node, tasks_per_node
+
+PROBE = """
+import json, os, sys
+import torch
+from torch.utils.cpp_extension import _get_build_directory
+from ssit_dist.config import PretrainConfig
+from ssit_dist.train.entry import run_trainer
+
+def report(cfg):
+    built = _get_build_directory("probe_op", verbose=False)  # where DeepSpeed's op loader builds
+    print(json.dumps({"threads": torch.get_num_threads(), "build": built}), flush=True)
+
+sys.exit(run_trainer(report, PretrainConfig, "probe", sys.argv[1:]))
+"""
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("probe") / "probe.py"
+    path.write_text(PROBE)
+    return path
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The test's environment without what the test decides: threads, build folder, rank variables."""
+    drop = {"OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "XDG_CACHE_HOME": str(tmp / "cache"), **extra}
+
+
+def _deepspeed(probe: Path, nproc: int, port: int) -> list[str]:
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
+    return [*runner, "--master_port", str(port), str(probe)]
+
+
+def _reports(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.multiprocess
+def test_each_rank_takes_its_share_of_the_cores_and_a_build_folder_of_its_versions(probe: Path, tmp_path: Path) -> None:
+    # DeepSpeed's launcher sets no OMP_NUM_THREADS: without the trainer's own default each rank would
+    # run torch's pool of every core (2 ranks on 2 cores: 3-6 pairs/s against 42-47 at one thread each).
+    # Three ranks, so that the share differs from torch's default on any machine of more than one core.
+    result = subprocess.run(
+        _deepspeed(probe, 3, free_port()), capture_output=True, text=True, timeout=180, env=_env(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = _reports(result.stdout)
+    assert [r["threads"] for r in ranks] == [max(1, CORES // 3)] * 3, (CORES, ranks)
+    folder = tmp_path / "cache" / "ssit-dist" / "torch_extensions"
+    built = {Path(r["build"]) for r in ranks}
+    assert len(built) == 1 and next(iter(built)).parent.parent == folder, built
+    key = next(iter(built)).parent.name
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert f"py{py}" in key and f"torch{torch.__version__}" in key and f"deepspeed{version('deepspeed')}" in key
+    assert f"{CORES // 3 or 1} intra-op threads per rank ({CORES} cores here / 3 ranks" in result.stderr
+
+    # One process (plain python): every core. A folder set in the environment (the Makefile's) wins.
+    own = tmp_path / "own_extensions"
+    env = _env(tmp_path, MASTER_PORT=str(free_port()), TORCH_EXTENSIONS_DIR=str(own))
+    result = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _reports(result.stdout) == [{"threads": CORES, "build": str(own / "probe_op")}]
 
 
 @pytest.mark.parametrize(
