@@ -205,10 +205,24 @@ def init_process_group(timeout_s: float) -> torch.device:
         kwargs: dict[str, Any] = {}
         if device.type == "cuda" and int(os.environ["WORLD_SIZE"]) > 1:
             kwargs["device_id"] = device
-        torch_dist.init_process_group(
-            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s), **kwargs
-        )
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        try:
+            torch_dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        except torch_dist.DistNetworkError as error:
+            if "EADDRINUSE" not in str(error):
+                raise
+            raise PlacementError(_port_in_use()) from error
     return device
+
+
+def _port_in_use() -> str:
+    """What to do when rank 0 cannot listen on MASTER_PORT: another run (or program) holds it."""
+    port, host, free = os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"], free_port()
+    return (
+        f"port {port} on {host} (MASTER_PORT) is in use, by another run on this machine or another program: "
+        f"relaunch with a free one, e.g. MASTER_PORT={free} (the deepspeed and torchrun launchers: "
+        f"--master_port {free}; accelerate launch: --main_process_port {free})"
+    )
 
 
 def shutdown() -> None:

@@ -1,5 +1,5 @@
-"""A trainer process's own defaults, under real launchers: threads per rank and DeepSpeed's build folder.
-The probe is a trainer entry
+"""A trainer process's own defaults, under real launchers: threads per rank, DeepSpeed's build folder, and
+the one-line answer to a rendezvous port that another program holds. The probe is a trainer entry
 (`run_trainer`, as launch/pretrain.py and the fine-tuning scripts run it) whose training reports what
 the process was given."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from importlib.metadata import version
@@ -23,9 +24,12 @@ import json, os, sys
 import torch
 from torch.utils.cpp_extension import _get_build_directory
 from ssit_dist.config import PretrainConfig
+from ssit_dist.dist import init_process_group
 from ssit_dist.train.entry import run_trainer
 
 def report(cfg):
+    if os.environ.get("PROBE_JOIN"):
+        init_process_group(60)
     built = _get_build_directory("probe_op", verbose=False)  # where DeepSpeed's op loader builds
     print(json.dumps({"threads": torch.get_num_threads(), "build": built}), flush=True)
 
@@ -83,6 +87,24 @@ def test_each_rank_takes_its_share_of_the_cores_and_a_build_folder_of_its_versio
     result = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _reports(result.stdout) == [{"threads": CORES, "build": str(own / "probe_op")}]
+
+
+@pytest.mark.multiprocess
+def test_a_rendezvous_port_in_use_is_one_line_naming_what_to_set(probe: Path, tmp_path: Path) -> None:
+    # Another program (here a plain socket; often another run's rank 0) holds the port the launcher
+    # hands its ranks: rank 0 cannot listen there.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = _env(tmp_path, PROBE_JOIN="1", OMP_NUM_THREADS="1")
+        result = subprocess.run(_deepspeed(probe, 2, port), capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]  # a run that cannot start (entry.py)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"port {port} on 127.0.0.1 (MASTER_PORT) is in use" in errors[0], result.stderr
+    for fix in ("MASTER_PORT=", "--master_port ", "--main_process_port "):
+        assert fix in errors[0], errors[0]
+    assert "Traceback" not in result.stderr and "EADDRINUSE" not in result.stderr
 
 
 @pytest.mark.parametrize(
