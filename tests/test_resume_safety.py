@@ -211,6 +211,32 @@ def test_shard_overwrite_keeps_foreign_files_and_export_keeps_names(
     assert refused.exit_code != 0 and "incomplete" in refused.stderr
 
 
+def test_tensorboard_holds_each_step_once_after_a_resume(shards: Path, short_run: Path, tmp_path: Path) -> None:
+    # A run killed after it logged step 2 and before that step's checkpoint was complete: `latest` names
+    # step 1, and the relaunch trains and logs step 2 again, beside the killed run's event file.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = short(tmp_path, shards, "run")
+    shutil.copytree(short_run, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "latest").write_text("step00000001")
+    result = launch(cfg)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = rows(run_dir)
+    assert [r["step"] for r in logged] == [1, 2]  # metrics.jsonl was trimmed to step 1, then step 2 appended
+
+    def points(purge: bool) -> dict[str, list[tuple[int, float]]]:
+        board = EventAccumulator(str(run_dir / "tensorboard"), purge_orphaned_data=purge).Reload()
+        return {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert [step for step, _ in points(purge=False)["contrastive_loss"]] == [1, 2, 2]  # both runs wrote step 2
+    shown = points(purge=True)  # what TensorBoard shows: the killed run's step 2 purged by the relaunch
+    assert "contrastive_loss" in shown and all([step for step, _ in p] == [1, 2] for p in shown.values()), shown
+    for step, value in shown["contrastive_loss"]:
+        assert value == pytest.approx(logged[step - 1]["contrastive_loss"], rel=1e-6)  # stored as float32
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 3 MB file system (tmpfs) at tmp_path/run/checkpoints: room for one tiny checkpoint, not two."""

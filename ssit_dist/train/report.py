@@ -25,7 +25,9 @@ class Reporter:
             kept = [line for line in path.read_text().splitlines() if 0 < _step_of(line) <= start_step]
             atomic.write_text(path, "".join(line + "\n" for line in kept))
         self.metrics = open(path, "a")
-        self.board = SummaryWriter(str(run_dir / "tensorboard"))
+        # TensorBoard reads every event file in the folder: the purge step drops the points an earlier
+        # start (a killed run) logged after the step this run resumes from, as the trim above does.
+        self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self.total = total_steps
         self.progress: Progress | None = None
         if sys.stdout.isatty():
@@ -57,6 +59,7 @@ class Reporter:
             self.board.add_scalar(key, record[key], step)
         if "view_retrieval" in record:
             self.board.add_scalar("view_retrieval", record["view_retrieval"], step)
+        self.board.flush()  # as metrics.jsonl: after a kill, TensorBoard holds every step it logged
         status = (
             f"contrastive {record['contrastive_loss']:.4f} saliency {record['saliency_loss']:.4f} "
             f"lr {record['lr']:.2e} momentum {record['momentum']:.5f} {record['pairs_per_s']} pairs/s"
