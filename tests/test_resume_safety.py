@@ -237,6 +237,21 @@ def test_tensorboard_holds_each_step_once_after_a_resume(shards: Path, short_run
         assert value == pytest.approx(logged[step - 1]["contrastive_loss"], rel=1e-6)  # stored as float32
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_files_follow_the_umask(short_run: Path, tmp_path: Path, umask: int, mode: int) -> None:
+    # safetensors creates its files 0600; colleagues on a shared file system must read what the umask lets them.
+    shutil.copytree(short_run, tmp_path / "run")
+    before = os.umask(umask)
+    try:
+        invoke_cli("export", tmp_path / "run", "-o", tmp_path / "files" / "encoder")
+        invoke_cli("export", tmp_path / "run", "-o", tmp_path / "timm", "--format", "timm")
+    finally:
+        os.umask(before)
+    written = [*(tmp_path / "files").iterdir(), *(tmp_path / "timm").iterdir()]
+    assert {p.name for p in written} >= {"encoder.safetensors", "encoder.json", "model.safetensors", "config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(mode) for p in written}
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 3 MB file system (tmpfs) at tmp_path/run/checkpoints: room for one tiny checkpoint, not two."""
