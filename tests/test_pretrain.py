@@ -112,6 +112,10 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     momentum_bytes = (z3 / "momentum.pt").stat().st_size
     rank_files = list(z3.glob("zero_pp_rank_*_model_states.pt"))
     assert len(rank_files) == 2 and all(f.stat().st_size < momentum_bytes / 2 for f in rank_files)
+    # DeepSpeed leaves its zero_to_fp32.py beside ZeRO 1-3 checkpoints only (README: `ssit-dist export` for all;
+    # test_resume_safety.py checks that the tool's weights are the export's).
+    tools = [(tmp_path / f"z{stage}" / "checkpoints" / "zero_to_fp32.py").is_file() for stage in range(4)]
+    assert tools == [False, True, True, True]
 
     # ZeRO-3's weights, reassembled from shards by `ssit-dist export`, load into plain timm.
     out = tmp_path / "export3" / "encoder"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import invoke_cli
 from ssit_dist.dist import free_port
@@ -235,6 +236,28 @@ def test_tensorboard_holds_each_step_once_after_a_resume(shards: Path, short_run
     assert "contrastive_loss" in shown and all([step for step, _ in p] == [1, 2] for p in shown.values()), shown
     for step, value in shown["contrastive_loss"]:
         assert value == pytest.approx(logged[step - 1]["contrastive_loss"], rel=1e-6)  # stored as float32
+
+
+def test_deepspeeds_zero_to_fp32_gives_the_exports_weights(short_run: Path, tmp_path: Path) -> None:
+    # The tool DeepSpeed users know, as DeepSpeed leaves it beside ZeRO 1-3 checkpoints (under ZeRO-0
+    # it leaves none, and its module fails): the same encoder as `ssit-dist export`, under the online
+    # network's key names ("encoder." before timm's).
+    from safetensors.torch import load_file
+
+    shutil.copytree(short_run, tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    tool = [sys.executable, str(folder / "zero_to_fp32.py"), str(folder), str(tmp_path / "fp32")]
+    result = subprocess.run(
+        [*tool, "--tag", "step00000002", "--safe_serialization"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    invoke_cli("export", tmp_path / "run", "-o", tmp_path / "encoder", "--tag", "step00000002")
+    ours = load_file(str(tmp_path / "encoder.safetensors"))
+    encoder = {k.removeprefix("encoder."): v for k, v in theirs.items() if k.startswith("encoder.")}
+    assert encoder.keys() == ours.keys() and len(ours) > 10
+    for key in ours:
+        assert torch.equal(encoder[key], ours[key]), key
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
