@@ -273,10 +273,9 @@ def _pack(
     failed, previews, sizes = _write_samples(root, ordered, opts, writers, on_sample)
     split_infos = {s: w.finish(inputs.labelled) for s, w in writers.items() if w.lengths}
     if not split_infos:
-        reasons = "; ".join(f"{p.item.rel}: {p.error}" for p in failed[:3])
-        raise ShardError(f"none of the {len(failed)} photographs under {root} could be packed ({reasons}, ...)")
-    index = _index(inputs, opts, writers, split_infos, failed)
-    index.photograph_sizes = photograph_sizes(sizes, opts.size)
+        reasons = "; ".join(f"{p.item.rel}: {p.error}" for p in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        raise ShardError(f"none of the {len(failed)} photographs under {root} could be packed ({reasons})")
+    index = _index(inputs, opts, writers, split_infos, failed, sizes)
     if previews:
         from ssit_dist.data.packing.preview import (
             write_preview,  # needs torch: imported only when a preview is asked for
@@ -394,8 +393,10 @@ def _index(
     writers: dict[str, _SplitWriter],
     split_infos: dict[str, SplitInfo],
     failed: list[Packed],
+    sizes: list[tuple[int, int, int]],
 ) -> ShardIndex:
-    """The `_info.json` of a finished run: options, splits, normalisation statistics, what was skipped."""
+    """The `_info.json` of a finished run: options, splits, normalisation statistics, what was skipped and
+    the sizes seen."""
     # Normalisation statistics come from the training split, like everything else that is fitted.
     stats_from = [writers["train"]] if "train" in split_infos else list(writers.values())
     mean, std = _mean_std(np.sum([w.histogram for w in stats_from], axis=0))
@@ -415,4 +416,5 @@ def _index(
         ungradable=inputs.ungradable,
         missing_photographs=len(inputs.missing),
         missing_photographs_file=MISSING_NAME if inputs.missing else None,
+        photograph_sizes=photograph_sizes(sizes, opts.size),
     )
