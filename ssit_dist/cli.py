@@ -385,11 +385,20 @@ def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path 
     return _launch_ranks(module, args, nproc)
 
 
+SYNTHETIC_VESSELS = {"train": 12, "val": 4, "test": 4}  # `segment --synthetic`: as many as tests/test_segment.py's
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def segment(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
     nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+    synthetic: bool = typer.Option(
+        False,
+        "--synthetic",
+        help="No data needed: 20 synthetic photographs with vessel masks (12 train, 4 val, 4 test), written "
+        "at `resize` px to RUN_DIR/synthetic_vessels, are the data.",
+    ),
 ) -> None:
     """Segmentation evaluation of an encoder (vessels, lesions: Dice, IoU, AUC-PR) with Accelerate.
 
@@ -397,7 +406,28 @@ def segment(
     --run-dir (--out), --linear, --iterations, ..."""
     from ssit_dist.config import SegmentConfig
 
-    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", SegmentConfig, ctx.args, config, nproc))
+    extra = list(ctx.args)
+    if synthetic:
+        extra.append(f"data={_synthetic_vessels(config, extra)}")
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", SegmentConfig, extra, config, nproc))
+
+
+def _synthetic_vessels(config: Path | None, extra: list[str]) -> Path:
+    """`segment --synthetic`'s data, written once here before any process starts: the demo's generator
+    (data/packing/synthetic.py) paints vessels and writes their masks, the same photographs every time."""
+    from ssit_dist.config import ConfigError, SegmentConfig, load_config
+    from ssit_dist.data.packing.synthetic import write_synthetic_segmentation
+
+    try:
+        cfg = load_config(config, flags_as_overrides(extra, SegmentConfig), SegmentConfig)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e), 2)
+    if cfg.data != SegmentConfig().data:
+        _fail(f"--synthetic writes its own data: leave out data ({cfg.data}), or --synthetic", 2)
+    root = Path(cfg.run_dir) / "synthetic_vessels"
+    count = sum(SYNTHETIC_VESSELS.values())
+    console.print(f"writing {count} synthetic photographs at {cfg.resize} px to {root}", markup=False, soft_wrap=True)
+    return write_synthetic_segmentation(root, SYNTHETIC_VESSELS, cfg.resize)
 
 
 @app.command("data-plan")

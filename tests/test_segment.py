@@ -65,6 +65,23 @@ def test_a_fine_tuned_random_init_beats_the_constant_prediction(vessels: Path, t
 
 
 @pytest.mark.multiprocess
+def test_synthetic_vessels_need_no_data(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run_cli("segment", "--synthetic", "--out", out, "iterations=4", "warmup=1", "eval_every=4", *SMALL)
+    data = out / "synthetic_vessels"
+    counts = {split: len(list((data / split / "images").iterdir())) for split in ("train", "val", "test")}
+    assert counts == {"train": 12, "val": 4, "test": 4}
+    assert all(cv2.imread(str(p)).shape[0] == 128 for p in (data / "test" / "images").iterdir())  # resize=128
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == str(data) and report["photographs"] == counts and report["steps"] == 4
+    assert f"Written to {out}/" in done.stdout.strip().splitlines()[-1]
+    # Data of one's own as well: which one was meant cannot be guessed.
+    both = run_cli("segment", "--synthetic", "--data", tmp_path, "--out", tmp_path / "both", *SMALL, check=False)
+    assert both.returncode == 2 and "--synthetic writes its own data" in both.stderr, both.stderr
+    assert not (tmp_path / "both").exists()
+
+
+@pytest.mark.multiprocess
 def test_two_processes_count_every_test_pixel_once(vessels: Path, tmp_path: Path) -> None:
     out = tmp_path / "two"
     run_cli(
