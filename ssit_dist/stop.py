@@ -42,6 +42,11 @@ LAUNCHERS = (
 )
 
 
+class StopRequested(Exception):
+    """A stop was asked for and every rank has stopped where it said (a checkpoint saved, or why not):
+    the run ends with exit 0 and its message."""
+
+
 @dataclass
 class StopRequest:
     """Why this process was asked to stop (None: it was not), set by a signal handler or the launcher watch."""

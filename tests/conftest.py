@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing.process
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -138,6 +139,32 @@ def shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 real photographs at 32 px in shards of 8, unlabelled: what the tiny trainer runs read (tests
     that need other shards define their own `shards`)."""
     return pack_real_subset(graded_dir, tmp_path_factory, 24, size=32, shard_size=8)
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 real graded photographs at 32 px with their grades, split train / val (linked, never copied)."""
+    src = tmp_path_factory.mktemp("labelled_src")
+    rows = (graded_dir / "labels.csv").read_text().splitlines()
+    for row in rows[1:41]:
+        (src / row.split(",")[0]).symlink_to(graded_dir / row.split(",")[0])
+    (src / "labels.csv").write_text("\n".join(rows[:41]) + "\n")
+    out = tmp_path_factory.mktemp("labelled") / "graded32"
+    run_cli(
+        "shard",
+        src,
+        out,
+        "--size",
+        32,
+        "--shard-size",
+        16,
+        "--labels",
+        src / "labels.csv",
+        "--split",
+        "train=0.7,val=0.3",
+    )
+    shutil.rmtree(src)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -180,34 +179,6 @@ def test_a_rank_whose_loader_dies_stops_every_rank_at_the_next_sync_point(shards
     assert len(logged) % 4 == 0 and len(logged) < 400  # reported only at sync points, stopped long before the end
     latest = (tmp_path / "dies" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{len(logged):08d}"  # nothing saved after the last agreed step
-
-
-@pytest.fixture(scope="module")
-def labelled_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 real graded photographs at 32 px with their grades, split train / val (linked, never copied)."""
-    from conftest import run_cli
-
-    src = tmp_path_factory.mktemp("labelled_src")
-    rows = (graded_dir / "labels.csv").read_text().splitlines()
-    for row in rows[1:41]:
-        (src / row.split(",")[0]).symlink_to(graded_dir / row.split(",")[0])
-    (src / "labels.csv").write_text("\n".join(rows[:41]) + "\n")
-    out = tmp_path_factory.mktemp("labelled") / "graded32"
-    run_cli(
-        "shard",
-        src,
-        out,
-        "--size",
-        32,
-        "--shard-size",
-        16,
-        "--labels",
-        src / "labels.csv",
-        "--split",
-        "train=0.7,val=0.3",
-    )
-    shutil.rmtree(src)
-    return out
 
 
 def test_a_finetuning_epoch_never_waits_for_the_device(labelled_shards: Path, tmp_path: Path) -> None:

@@ -1,16 +1,20 @@
 """The trainers' command line, once for both: `--config FILE field=value ...`, the run, and what its end
 means as an exit code, the same for pretraining and fine-tuning:
 
-- 0: done, or stopped by SIGTERM / SIGUSR1 after saving (SLURM's preemption): relaunch to resume;
+- 0: done, or stopped (Ctrl-C, SIGTERM, SLURM's SIGUSR1; ssit_dist/stop.py) where it saved or said why:
+  relaunch to resume;
 - 2: the run as given cannot start (a config field, the shards, a resume that would be wrong, where the
   process sits in the job, the initial weights): the message names what to change;
 - 1: it started and failed (a non-finite loss, a rank's failed work, a data source that gave up).
+- 130: Ctrl-C before the run had started, or a second Ctrl-C: stopped at once, nothing saved.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +26,8 @@ from ssit_dist.data.loading.sources import SourceError
 from ssit_dist.dist import PlacementError, RankFailure, shutdown
 from ssit_dist.models.pretrained import EncoderInitError
 from ssit_dist.runtime import apply_process_defaults
+from ssit_dist.stop import StopRequested
 from ssit_dist.train.finetune_state import CheckpointWriteError
-from ssit_dist.train.loop import StopRequested
 from ssit_dist.train.resume import ResumeError
 
 CANNOT_START = (ConfigError, ShardIndexError, ResumeError, PlacementError, EncoderInitError)
@@ -48,8 +52,12 @@ def run_trainer(
     try:
         train(load_config(args.config, args.overrides, kind))
     except StopRequested as e:
-        print(e, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same place: say it once
+            print(e, file=sys.stderr)
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed: nothing ran yet
+        print("stopped during start-up; nothing to save", file=sys.stderr)
+        return 128 + signal.SIGINT
     except FAILED as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -27,14 +27,16 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from ssit_dist import atomic
+from ssit_dist import stop as stop_signals
 from ssit_dist.config import ConfigError, FinetuneConfig, save_config
 from ssit_dist.data.index import ShardIndex, read_index, sha256_file
 from ssit_dist.data.loading.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.loading.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
-from ssit_dist.data.loading.workers import worker_options
+from ssit_dist.data.loading.workers import ignore_preemption, worker_options
 from ssit_dist.dist import adopt_srun_environment, bind_gpu, on_rank_zero
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import load_encoder
+from ssit_dist.stop import StopRequest
 from ssit_dist.train.finetune_loop import FinetuneRun, Selection, final_report, train_epochs
 from ssit_dist.train.finetune_state import load_state, plan_resume
 from ssit_dist.train.schedule import learning_rate
@@ -44,13 +46,13 @@ log = logging.getLogger("ssit_dist.finetune")
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train, select, test; returns the report (also written to RUN_DIR/report.json on the main process)."""
-    run = set_up(cfg)
+    run = set_up(cfg, stop_signals.install())
     selection = resume(run)
     train_epochs(run, selection)
     return final_report(run, selection)
 
 
-def set_up(cfg: FinetuneConfig) -> FinetuneRun:
+def set_up(cfg: FinetuneConfig, stop: StopRequest) -> FinetuneRun:
     """Accelerate, the data (checked before anything trains), the grader, its loader and optimizer."""
     accelerator = start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s, cfg.grad_accumulation)
     set_seed(cfg.seed)
@@ -84,7 +86,7 @@ def set_up(cfg: FinetuneConfig) -> FinetuneRun:
         drop_last=True,
         collate_fn=collate_labelled,
         generator=order,  # the same on every rank: the distributed sampler permutes alike, then splits
-        **worker_options(cfg.workers, rank=accelerator.process_index),
+        **worker_options(cfg.workers, ignore_preemption, rank=accelerator.process_index),
     )
     trainable = [p for p in grader.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.resolved_lr, weight_decay=cfg.resolved_weight_decay)
@@ -103,6 +105,7 @@ def set_up(cfg: FinetuneConfig) -> FinetuneRun:
         meta=grader_meta(cfg, grader, asdict(source), indexes["train"]),
         source=source,
         fingerprint=run_fingerprint(cfg, accelerator.num_processes, sources, indexes),
+        stop=stop,
     )
 
 

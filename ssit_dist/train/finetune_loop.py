@@ -30,6 +30,7 @@ from ssit_dist.eval.predict import evaluate
 from ssit_dist.eval.report import number
 from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderSource
+from ssit_dist.stop import StopRequest, StopRequested, StopVote
 from ssit_dist.train.finetune_state import save_state
 from ssit_dist.train.progress import Progress
 
@@ -54,6 +55,7 @@ class FinetuneRun:
     meta: dict[str, Any]  # written beside best/final weights
     source: EncoderSource
     fingerprint: dict[str, Any]
+    stop: StopRequest  # set by a signal or the launcher's end (ssit_dist/stop.py)
 
 
 @dataclass
@@ -136,7 +138,9 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
 def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
     """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
     per optimizer step); the sum of the batches' losses, on the device, and the number of batches.
-    Process 0 logs its progress every PROGRESS_EVERY_S seconds.
+    Process 0 logs its progress every PROGRESS_EVERY_S seconds. A stop is voted on every batch
+    (StopVote, no device read) and ends the epoch unsaved: checkpoints come at epoch ends, and a
+    relaunch repeats this epoch from its start, exactly.
 
     Nothing here reads the device: the losses add up where they are, so the host can queue the next
     batch while the GPU still computes this one (a `loss.item()` per batch would wait for it)."""
@@ -147,6 +151,7 @@ def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
     trainable = [p for p in run.plain.parameters() if p.requires_grad]
     loss_sum, batches = torch.zeros((), device=accelerator.device), 0
     progress = Progress(log, f"epoch {epoch}", "batch", len(run.loader), accelerator.is_main_process, PROGRESS_EVERY_S)
+    vote = StopVote(accelerator.device)
     for images, grades, _ in run.loader:
         with accelerator.accumulate(model):
             loss = run.plain.loss(model(images), grades)
@@ -160,6 +165,12 @@ def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
         loss_sum += loss.detach().float()
         batches += 1
         progress.update(batches)
+        if vote.cast(run.stop.requested):
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch had ended"
+            raise StopRequested(
+                f"stopped in epoch {epoch} after batch {batches} of {len(run.loader)}; fine-tuning saves at the "
+                f"end of each epoch and {kept}: relaunch to resume from the start of epoch {epoch}"
+            )
     return loss_sum, batches
 
 

@@ -25,14 +25,10 @@ from ssit_dist.dist import any_rank, max_over_ranks
 from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
-from ssit_dist.stop import StopRequest, StopVote
+from ssit_dist.stop import StopRequest, StopRequested, StopVote
 from ssit_dist.train import checkpoint, schedule
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.step import Views, train_step
-
-
-class StopRequested(Exception):
-    """A stop was asked for (ssit_dist/stop.py): a checkpoint was saved and the run stops cleanly."""
 
 
 @dataclass(kw_only=True)

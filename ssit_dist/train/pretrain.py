@@ -50,7 +50,7 @@ from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import OnlineNetwork, SSiT
 from ssit_dist.train import checkpoint
-from ssit_dist.train.loop import Run, StopRequested, train
+from ssit_dist.train.loop import Run, train
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
 from ssit_dist.train.step import Views
@@ -228,7 +228,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if any_rank(stop.requested, device):
         if run.reporter is not None:
             run.reporter.close()
-        raise StopRequested(f"stopped by signal during start-up, before step {plan.step + 1}; relaunch to resume")
+        raise stop_signals.StopRequested(f"stopped during start-up, before step {plan.step + 1}; relaunch to resume")
     if plan.tag is not None:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
     train(run, stop)

@@ -35,6 +35,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 
 from ssit_dist import atomic
+from ssit_dist import stop as stop_signals
 from ssit_dist.config import ConfigError, SegmentConfig, save_config
 from ssit_dist.data.loading.segmentation import (
     SegmentationCrops,
@@ -45,12 +46,13 @@ from ssit_dist.data.loading.segmentation import (
     read_sample,
     resize_sample,
 )
-from ssit_dist.data.loading.workers import worker_options
+from ssit_dist.data.loading.workers import ignore_preemption, worker_options
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.report import curves_png, number
 from ssit_dist.eval.seg_metrics import PixelCounts, constant_dice
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.models.segmenter import Segmenter
+from ssit_dist.stop import StopRequest, StopRequested, StopVote
 from ssit_dist.train.finetune import start_accelerate
 from ssit_dist.train.schedule import learning_rate
 
@@ -69,7 +71,9 @@ class SegmentRun:
     mean: list[float]
     std: list[float]
     encoder: dict[str, Any]  # where the encoder came from
+    stop: StopRequest  # set by a signal or the launcher's end (ssit_dist/stop.py)
     step: int = 0
+    pending_loss: float = 0.0  # the training losses summed since the last validation, kept by a stop
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)  # {"step", "dice"} of the kept weights
 
@@ -80,13 +84,13 @@ class SegmentRun:
 
 def segment(cfg: SegmentConfig) -> dict[str, Any]:
     """Train, select by validation Dice, test; returns the report (RUN_DIR/report.json)."""
-    run = set_up(cfg)
+    run = set_up(cfg, stop_signals.install())
     resume(run)
     train(run)
     return final_report(run)
 
 
-def set_up(cfg: SegmentConfig) -> SegmentRun:
+def set_up(cfg: SegmentConfig, stop: StopRequest) -> SegmentRun:
     """Accelerate, the data (every photograph and mask checked before anything trains), model, Adam."""
     accelerator = start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s)
     set_seed(cfg.seed)
@@ -120,7 +124,7 @@ def set_up(cfg: SegmentConfig) -> SegmentRun:
     encoder_info = {"init": cfg.init, "kind": source.kind, "arch": source.arch, "timm_kwargs": source.timm_kwargs}
     return SegmentRun(
         cfg=cfg, accelerator=accelerator, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
-        mean=mean, std=std, encoder=encoder_info,
+        mean=mean, std=std, encoder=encoder_info, stop=stop,
     )  # fmt: skip
 
 
@@ -156,12 +160,14 @@ def resume(run: SegmentRun) -> None:
     run.optimizer.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.history, run.best = state["step"], state["history"], state["best"]
+    run.pending_loss = state.get("pending_loss", 0.0)
     dice = number(run.best.get("dice"))
     log.info("resumed at step %d of %d (best val Dice %s)", run.step, run.cfg.iterations, dice)
 
 
 def train(run: SegmentRun) -> None:
-    """Steps from run.step to cfg.iterations, validating (and checkpointing) every eval_every steps."""
+    """Steps from run.step to cfg.iterations, validating (and checkpointing) every eval_every steps. A stop
+    is voted on every step (StopVote, no device read): every process checkpoints that step and stops."""
     cfg, accelerator = run.cfg, run.accelerator
     crops = SegmentationCrops(
         run.data.splits["train"],
@@ -176,8 +182,9 @@ def train(run: SegmentRun) -> None:
         crops, range(run.step * cfg.global_batch + accelerator.process_index, len(crops), accelerator.num_processes)
     )
     micro = cfg.global_batch // accelerator.num_processes
-    loader = DataLoader(mine, batch_size=micro, **worker_options(cfg.workers))
-    losses = torch.zeros((), device=accelerator.device)
+    loader = DataLoader(mine, batch_size=micro, **worker_options(cfg.workers, ignore_preemption))
+    losses = torch.full((), run.pending_loss, device=accelerator.device)
+    vote = StopVote(accelerator.device)
     run.model.train()
     for x, y in loader:
         x, y = x.to(accelerator.device), y.to(accelerator.device)
@@ -195,6 +202,10 @@ def train(run: SegmentRun) -> None:
             validate(run, mean_over_ranks(float(losses) / since, accelerator.device))  # read at validations only
             losses.zero_()
             run.model.train()
+        if vote.cast(run.stop.requested) and run.step < cfg.iterations:
+            run.pending_loss = mean_over_ranks(float(losses), accelerator.device)  # validation takes the mean too
+            save_checkpoint(run, better=False)
+            raise StopRequested(f"stopped at step {run.step}; relaunch to resume")
 
 
 def pixel_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -213,10 +224,16 @@ def validate(run: SegmentRun, train_loss: float) -> None:
     row = {"step": run.step, "train_loss": round(train_loss, 6), "val_dice": round(dice, 6)}
     run.history.append(row)
     log.info("step %d/%d loss %.4f val Dice %.4f", run.step, run.cfg.iterations, train_loss, dice)
-    model = run.accelerator.unwrap_model(run.model)
     better = not run.best or dice > run.best["dice"]
     if better:
         run.best = {"step": run.step, "dice": dice}
+    run.pending_loss = 0.0
+    save_checkpoint(run, better)
+
+
+def save_checkpoint(run: SegmentRun, better: bool) -> None:
+    """The checkpoint (and where `better`, the best weights) and metrics.jsonl, written by process 0."""
+    model = run.accelerator.unwrap_model(run.model)
 
     def write() -> None:
         if better:
@@ -226,6 +243,7 @@ def validate(run: SegmentRun, train_loss: float) -> None:
             "optimizer": run.optimizer.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "step": run.step,
+            "pending_loss": run.pending_loss,
             "history": run.history,
             "best": run.best,
             "fingerprint": json.loads(json.dumps(fingerprint(run))),
