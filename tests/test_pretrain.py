@@ -253,6 +253,11 @@ def test_a_wrong_config_ends_the_trainer_with_exit_code_2_naming_the_field(tiny_
     result = _launch_one(config(tmp_path, tiny_shards, "odd", ds_config(tmp_path, 0), global_batch=7))
     assert result.returncode == 2 and "global_batch 7" in result.stderr
     assert not (tmp_path / "odd" / "metrics.jsonl").exists()
+    # `ssit-dist pretrain` checks the same before it starts any rank: the error once, no rendezvous.
+    cfg = config(tmp_path, tiny_shards, "cli", ds_config(tmp_path, 0))
+    result = run_cli("pretrain", "--config", cfg, "--nproc", 2, "optim.lrr=1", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("optim.lrr") == 1 and "rendezvous" not in result.stderr, result.stderr
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, tmp_path: Path) -> None:
