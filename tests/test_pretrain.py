@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import invoke_cli, pack_real_subset, run_cli
 from ssit_dist.dist import free_port
-from tiny_runs import ROOT, config, ds_config, env, torchrun, train
+from tiny_runs import ROOT, assert_same_encoders, config, ds_config, env, torchrun, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -183,13 +183,7 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     assert resumed[-1]["step"] == 8
     whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert resumed[-1]["contrastive_loss"] == pytest.approx(whole[-1]["contrastive_loss"], rel=1e-6)
-    for name in ("whole", "killed"):
-        invoke_cli("export", tmp_path / name, "-o", tmp_path / f"{name}_export" / "encoder")
-    a = load_file(str(tmp_path / "whole_export" / "encoder.safetensors"))
-    b = load_file(str(tmp_path / "killed_export" / "encoder.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_encoders(tmp_path, "whole", "killed")
 
 
 def _launch_one(cfg: Path) -> subprocess.CompletedProcess[str]:

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 from stopping import TOTAL_STEPS, Started, assert_saved_where_it_stopped, run_config, steps
 
-from conftest import CLI, invoke_cli
+from conftest import CLI
+from tiny_runs import assert_same_encoders
 
 pytestmark = pytest.mark.multiprocess
 
@@ -44,13 +43,7 @@ def test_ctrl_c_to_ssit_dist_pretrain_saves_exits_0_and_resumes_exactly(shards: 
     resumed = Started(_pretrain_cli(cfg), tmp_path, "resumed")
     assert resumed.wait(timeout=400) == 0, resumed.stderr()[-3000:]
     assert steps(tmp_path / "stopped") == list(range(1, TOTAL_STEPS + 1))
-    for name in ("whole", "stopped"):
-        invoke_cli("export", tmp_path / name, "-o", tmp_path / f"{name}_export" / "encoder")
-    a = load_file(str(tmp_path / "whole_export" / "encoder.safetensors"))
-    b = load_file(str(tmp_path / "stopped_export" / "encoder.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_encoders(tmp_path, "whole", "stopped")
 
 
 def test_sigterm_to_ssit_dist_pretrain_alone_saves_at_a_slow_step(shards: Path, tmp_path: Path) -> None:

@@ -106,3 +106,19 @@ def rows(run_dir: Path) -> list[dict]:
 def short(tmp: Path, shards: Path, name: str, **extra: object) -> Path:
     body = {"epochs": 1, "steps_per_epoch": 2, "checkpoint_every": 1, "dist_timeout_s": 60, **extra}
     return config(tmp, shards, name, ds_config(tmp, 2), **body)
+
+
+def assert_same_encoders(tmp: Path, a: str, b: str) -> None:
+    """`ssit-dist export` of the run folders tmp/a and tmp/b give bit-identical encoders."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ssit_dist.train.checkpoint import export_encoder
+
+    weights = []
+    for name in (a, b):
+        export_encoder(tmp / name, tmp / f"{name}_export" / "encoder", None, False, "query", "files")
+        weights.append(load_file(str(tmp / f"{name}_export" / "encoder.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0, msg=key)
