@@ -9,12 +9,15 @@ session of its own and signal that group (`os.killpg`), or the command's process
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from stopping import TOTAL_STEPS, Started, assert_saved_where_it_stopped, run_config, steps
+import torch
+from safetensors.torch import load_file
+from stopping import TOTAL_STEPS, Started, assert_saved_where_it_stopped, latest, run_config, steps
 
 from conftest import CLI
 from tiny_runs import assert_same_encoders
@@ -69,24 +72,37 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(shards: Path, tmp_path: Pa
     assert run.left_behind() == []
 
 
-def test_sigterm_to_ssit_dist_finetune_ends_the_epoch_unsaved_and_exits_0(
+def test_sigterm_to_ssit_dist_finetune_saves_in_the_epoch_and_resumes_exactly(
     labelled_shards: Path, tmp_path: Path
 ) -> None:
-    # Fine-tuning checkpoints at epoch ends: a stop in an epoch keeps the last one and says so.
-    run_dir = tmp_path / "finetune"
     tiny = {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}
-    command = [str(CLI), "finetune", "--nproc", "2", "--train", f"{labelled_shards}:train"]
-    command += ["--val", f"{labelled_shards}:val", "--init", "random", "--run-dir", str(run_dir)]
-    command += ["img_size=32", "epochs=50", "global_batch=4", "workers=1", f"timm_kwargs={json.dumps(tiny)}"]
-    run = Started(command, tmp_path, "finetune")
-    run.wait_for_step(run_dir, 1)  # one epoch ended
+
+    def finetune(run_dir: Path) -> list[str]:
+        command = [str(CLI), "finetune", "--nproc", "2", "--train", f"{labelled_shards}:train"]
+        command += ["--val", f"{labelled_shards}:val", "--init", "random", "--run-dir", str(run_dir)]
+        return command + ["img_size=32", "epochs=6", "global_batch=4", "workers=1", f"timm_kwargs={json.dumps(tiny)}"]
+
+    whole = Started(finetune(tmp_path / "whole"), tmp_path, "whole")
+    assert whole.wait(timeout=400) == 0, whole.stderr()[-3000:]
+    run = Started(finetune(tmp_path / "stopped"), tmp_path, "stopped")
+    run.wait_for_step(tmp_path / "stopped", 1)  # one epoch ended: the stop comes within a later one
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait() == 0, run.stderr()[-3000:]
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    stopped_in = epochs[-1] + 1
-    assert f"stopped in epoch {stopped_in} after batch" in run.stderr()
-    assert f"the checkpoint of epoch {epochs[-1]} is kept" in run.stderr()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("epoch"))[-1] == (
-        f"epoch{epochs[-1]:04d}"
-    )
+    stop = re.search(r"stopped in epoch (\d+) after batch (\d+) of \d+; relaunch to resume", run.stderr())
+    assert stop, run.stderr()[-3000:]
+    epoch, batch = int(stop[1]), int(stop[2])
+    assert latest(tmp_path / "stopped") == f"epoch{epoch - 1:04d}-batch{batch:06d}"
     assert run.left_behind() == []
+
+    resumed = Started(finetune(tmp_path / "stopped"), tmp_path, "resumed")
+    assert resumed.wait(timeout=400) == 0, resumed.stderr()[-3000:]
+    rows = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("whole", "stopped")
+    ]
+    assert [r["epoch"] for r in rows[1]] == list(range(1, 7))
+    for a, b in zip(*rows, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6) and b["val_qwk"] == a["val_qwk"]
+    final = [load_file(str(tmp_path / name / "final.safetensors")) for name in ("whole", "stopped")]
+    for key in final[0]:
+        torch.testing.assert_close(final[0][key], final[1][key], rtol=0, atol=0, msg=key)

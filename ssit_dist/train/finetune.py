@@ -100,6 +100,7 @@ def set_up(cfg: FinetuneConfig, stop: StopRequest) -> FinetuneRun:
         optimizer=optimizer,
         scheduler=warmup_cosine(cfg, optimizer, len(loader)),
         loader=loader,
+        train_set=train_set,
         order=order,
         eval_sets=eval_sets,
         meta=grader_meta(cfg, grader, asdict(source), indexes["train"]),
@@ -222,7 +223,8 @@ def resume(run: FinetuneRun) -> Selection:
         run.optimizer.load_state_dict(optimizer_state)
         run.scheduler.load_state_dict(state["scheduler"])
         selection.restore(state)
-        log.info("resumed after epoch %d of %d", state["epoch"], cfg.epochs)
+        within = f" and batch {selection.start_batch} of epoch {selection.start}" if selection.start_batch else ""
+        log.info("resumed after epoch %d of %d%s", state["epoch"], cfg.epochs, within)
 
     def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
         save_config(cfg, out)

@@ -50,6 +50,7 @@ class FinetuneRun:
     optimizer: Any
     scheduler: Any
     loader: DataLoader
+    train_set: LabelledShards  # the loader's dataset
     order: torch.Generator  # the loader's shuffling, reseeded every epoch
     eval_sets: dict[str, LabelledShards]
     meta: dict[str, Any]  # written beside best/final weights
@@ -61,18 +62,23 @@ class FinetuneRun:
 @dataclass
 class Selection:
     """Model selection so far, carried from epoch to epoch and through a checkpoint: the best validation
-    score and its epoch, the per-epoch history, and the first epoch still to train."""
+    score and its epoch, the per-epoch history, and where training goes on: the first epoch still to
+    train, and where a stop saved in the middle of it, the batches of it already trained and the mean
+    over the processes of their summed losses."""
 
     select_by: str
     best_score: float = -math.inf
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     start: int = 1
+    start_batch: int = 0
+    loss_so_far: float = 0.0
 
     def restore(self, state: dict[str, Any]) -> None:
         """From a checkpoint's state.json (see `checkpoint_state`)."""
         self.best_score = state["best_score"] if state["best_score"] is not None else -math.inf
         self.best_epoch, self.history, self.start = state["best_epoch"], state["history"], state["epoch"] + 1
+        self.start_batch, self.loss_so_far = state.get("batch", 0), state.get("loss_so_far", 0.0)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -101,11 +107,11 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
     cfg, out, device = run.cfg, run.out, run.accelerator.device
     for epoch in range(selection.start, cfg.epochs + 1):
         started = time.perf_counter()
-        # Augmentation in this process and dropout: a function of (seed, epoch, rank), other on every rank.
         rank = run.accelerator.process_index
         set_seed(int(np.random.SeedSequence([cfg.seed, epoch, rank]).generate_state(1)[0]))
-        run.order.manual_seed(cfg.seed + epoch)
-        loss_sum, batches = train_one_epoch(run, epoch)
+        run.order.manual_seed(cfg.seed + epoch)  # the epoch's order, the same on every process
+        run.train_set.augment_seed = (cfg.seed, epoch)  # each sample's augmentation: (seed, epoch, index)
+        loss_sum, batches = train_one_epoch(run, selection, epoch)
         # The epoch's one read of the device; a NaN on any rank reaches all.
         train_loss = mean_over_ranks(loss_sum.item() / batches if batches else math.nan, device)
         if not math.isfinite(train_loss):
@@ -135,12 +141,13 @@ def train_epochs(run: FinetuneRun, selection: Selection) -> None:
     )
 
 
-def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
+def train_one_epoch(run: FinetuneRun, selection: Selection, epoch: int) -> tuple[torch.Tensor, int]:
     """One epoch of fine-tuning through Accelerate (gradient accumulation, clipping, one scheduler step
-    per optimizer step); the sum of the batches' losses, on the device, and the number of batches.
-    Process 0 logs its progress every PROGRESS_EVERY_S seconds. A stop is voted on every batch
-    (StopVote, no device read) and ends the epoch unsaved: checkpoints come at epoch ends, and a
-    relaunch repeats this epoch from its start, exactly.
+    per optimizer step), from the batch a stop saved at where this is the epoch it stopped in; the sum of
+    the batches' losses, on the device, and the number of batches. Process 0 logs its progress every
+    PROGRESS_EVERY_S seconds. Dropout draws from a seed of (seed, epoch, process, batch), so a resumed
+    epoch trains exactly as the uninterrupted one. A stop is voted on every batch (StopVote, no device
+    read); every process saves after the optimizer step it agreed on and raises StopRequested.
 
     Nothing here reads the device: the losses add up where they are, so the host can queue the next
     batch while the GPU still computes this one (a `loss.item()` per batch would wait for it)."""
@@ -149,10 +156,15 @@ def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
     if run.cfg.linear:
         run.plain.encoder.eval()  # frozen: no dropout, fixed features
     trainable = [p for p in run.plain.parameters() if p.requires_grad]
-    loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+    loader, batches, loss_sum = run.loader, 0, torch.zeros((), device=accelerator.device)
+    if epoch == selection.start and selection.start_batch:
+        batches = selection.start_batch
+        loader = accelerator.skip_first_batches(run.loader, batches)
+        loss_sum += selection.loss_so_far
     progress = Progress(log, f"epoch {epoch}", "batch", len(run.loader), accelerator.is_main_process, PROGRESS_EVERY_S)
-    vote = StopVote(accelerator.device)
-    for images, grades, _ in run.loader:
+    vote, stopping, process = StopVote(accelerator.device), False, accelerator.process_index
+    for images, grades, _ in loader:
+        torch.manual_seed(int(np.random.SeedSequence([run.cfg.seed, epoch, process, batches]).generate_state(1)[0]))
         with accelerator.accumulate(model):
             loss = run.plain.loss(model(images), grades)
             accelerator.backward(loss)
@@ -165,13 +177,28 @@ def train_one_epoch(run: FinetuneRun, epoch: int) -> tuple[torch.Tensor, int]:
         loss_sum += loss.detach().float()
         batches += 1
         progress.update(batches)
-        if vote.cast(run.stop.requested):
-            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch had ended"
-            raise StopRequested(
-                f"stopped in epoch {epoch} after batch {batches} of {len(run.loader)}; fine-tuning saves at the "
-                f"end of each epoch and {kept}: relaunch to resume from the start of epoch {epoch}"
-            )
+        stopping = vote.cast(run.stop.requested) or stopping
+        if stopping and accelerator.sync_gradients and batches < len(run.loader):  # never within an accumulation
+            _save_in_epoch(run, selection, epoch, batches, loss_sum)
+            where = f"epoch {epoch} after batch {batches} of {len(run.loader)}"
+            raise StopRequested(f"stopped in {where}; relaunch to resume")
     return loss_sum, batches
+
+
+def _save_in_epoch(run: FinetuneRun, selection: Selection, epoch: int, batches: int, loss_sum: torch.Tensor) -> None:
+    """Collective: the checkpoint of a stop within `epoch`, after `batches` of its batches."""
+    device = run.accelerator.device
+    state = {
+        "scheduler": run.scheduler.state_dict(),
+        **selection.checkpoint_state(),
+        "fingerprint": run.fingerprint,
+        "loss_so_far": mean_over_ranks(loss_sum.item(), device),  # read once, at the stop
+    }
+
+    def save() -> None:
+        save_state(run.out, epoch - 1, run.plain.state_dict(), run.optimizer.state_dict(), state, batch=batches)
+
+    on_rank_zero(save, device, f"saving epoch {epoch} at batch {batches} under {run.out}")
 
 
 def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, val: dict, improved: bool) -> None:

@@ -1,10 +1,11 @@
-"""Resumable state of a fine-tuning run, saved after every epoch.
+"""Resumable state of a fine-tuning run, saved after every epoch and where a stop came within one.
 
-RUN_DIR/checkpoints/epochNNNN/ holds the model (safetensors), the optimizer state (tensors and numbers
-only, read back with weights_only=True) and state.json (epoch, schedule, best score so far, the
-per-epoch history). The folder is written under a temporary name and renamed, then `latest` is replaced
-atomically, then older epochs are removed: a kill at any moment leaves a complete checkpoint to resume
-from. Only the main process writes; every process reads.
+RUN_DIR/checkpoints/epochNNNN/ (epochNNNN-batchBBBBBB/ for a stop: NNNN epochs and BBBBBB batches of the
+next) holds the model (safetensors), the optimizer state (tensors and numbers only, read back with
+weights_only=True) and state.json (epoch, batch, schedule, best score so far, the per-epoch history).
+The folder is written under a temporary name and renamed, then `latest` is replaced atomically, then
+older checkpoints are removed: a kill at any moment leaves a complete checkpoint to resume from. Only
+the main process writes; every process reads.
 """
 
 from __future__ import annotations
@@ -30,17 +31,23 @@ class CheckpointWriteError(RuntimeError):
 
 
 def save_state(
-    run_dir: Path, epoch: int, model: dict[str, torch.Tensor], optimizer: dict[str, Any], state: dict[str, Any]
+    run_dir: Path,
+    epoch: int,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    state: dict[str, Any],
+    batch: int = 0,
 ) -> str:
+    """Checkpoint `epoch` complete epochs (and `batch` batches of the next one); returns its tag."""
     folder = checkpoint_dir(run_dir)
-    tag = f"epoch{epoch:04d}"
+    tag = f"epoch{epoch:04d}" + (f"-batch{batch:06d}" if batch else "")
     tmp = folder / f"{tag}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}, indent=2) + "\n")
+        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "batch": batch}, indent=2) + "\n")
         atomic.replace_folder(tmp, folder / tag)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)

@@ -61,10 +61,15 @@ def check_labels(source: SplitSource, num_classes: int) -> ShardIndex:
 class LabelledShards(Dataset):
     """(image tensor, grade, index) for every sample of one split. `transform` maps an RGB uint8
     (3, H, W) tensor to the model's input. A sample whose JPEG does not decode comes back with image
-    None (logged with its key); `collate_labelled` leaves it out of the batch and callers report it."""
+    None (logged with its key); `collate_labelled` leaves it out of the batch and callers report it.
+
+    `augment_seed` (seed, epoch), where set, makes each sample's random transform a function of (seed,
+    epoch, index) alone: whichever worker or process draws it, however many came before, so that an
+    epoch resumed in the middle gives the samples the same augmentation as the uninterrupted one."""
 
     def __init__(self, source: SplitSource, transform: Callable[[torch.Tensor], torch.Tensor], num_classes: int = 5):
         self.source, self.transform = source, transform
+        self.augment_seed: tuple[int, int] | None = None
         self.index = check_labels(source, num_classes)
         self.keys: list[str] = []
         self.grades: list[int] = []
@@ -129,7 +134,11 @@ class LabelledShards(Dataset):
             log.warning("sample %s in %s does not decode; left out", self.keys[i], shard)
             return None, self.grades[i], i
         rgb = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)
-        return self.transform(rgb), self.grades[i], i
+        if self.augment_seed is None:
+            return self.transform(rgb), self.grades[i], i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([*self.augment_seed, i]).generate_state(1)[0]))
+            return self.transform(rgb), self.grades[i], i
 
 
 def _grade(raw: bytes, shard: Path, key: str) -> int:
