@@ -21,6 +21,7 @@ from stopping import TOTAL_STEPS, Started, assert_saved_where_it_stopped, latest
 
 from conftest import CLI
 from tiny_runs import assert_same_encoders
+from tiny_runs import rows as metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -96,13 +97,39 @@ def test_sigterm_to_ssit_dist_finetune_saves_in_the_epoch_and_resumes_exactly(
 
     resumed = Started(finetune(tmp_path / "stopped"), tmp_path, "resumed")
     assert resumed.wait(timeout=400) == 0, resumed.stderr()[-3000:]
-    rows = [
-        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        for name in ("whole", "stopped")
-    ]
+    rows = [metrics(tmp_path / "whole"), metrics(tmp_path / "stopped")]
     assert [r["epoch"] for r in rows[1]] == list(range(1, 7))
     for a, b in zip(*rows, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6) and b["val_qwk"] == a["val_qwk"]
     final = [load_file(str(tmp_path / name / "final.safetensors")) for name in ("whole", "stopped")]
     for key in final[0]:
         torch.testing.assert_close(final[0][key], final[1][key], rtol=0, atol=0, msg=key)
+
+
+def test_ctrl_c_to_ssit_dist_segment_saves_the_step_and_resumes_exactly(tmp_path: Path) -> None:
+    tiny = 'timm_kwargs={"patch_size": 16, "embed_dim": 48, "depth": 2, "num_heads": 3}'
+
+    def segment(out: Path) -> list[str]:
+        command = [str(CLI), "segment", "--nproc", "2", "--synthetic", "--init", "random", "--out", str(out)]
+        return command + ["iterations=60", "warmup=5", "eval_every=10", "img_size=64", "resize=128", "workers=1", tiny]
+
+    whole = Started(segment(tmp_path / "whole"), tmp_path, "whole")
+    assert whole.wait(timeout=400) == 0, whole.stderr()[-3000:]
+    run = Started(segment(tmp_path / "stopped"), tmp_path, "stopped")
+    run.wait_for_step(tmp_path / "stopped", 1)  # the first validation is written
+    run.signal_group(signal.SIGINT)
+    assert run.wait() == 0, run.stderr()[-3000:]
+    stop = re.search(r"stopped at step (\d+); relaunch to resume", run.stderr())
+    assert stop and 10 <= int(stop[1]) < 60, run.stderr()[-3000:]
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] == int(stop[1])
+    assert run.left_behind() == []
+
+    resumed = Started(segment(tmp_path / "stopped"), tmp_path, "resumed")
+    assert resumed.wait(timeout=400) == 0, resumed.stderr()[-3000:]
+    rows = [metrics(tmp_path / "whole"), metrics(tmp_path / "stopped")]
+    assert [r["step"] for r in rows[1]] == list(range(10, 61, 10))
+    for a, b in zip(*rows, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5) and b["val_dice"] == a["val_dice"]
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("whole", "stopped")]
+    assert reports[1]["test"] == reports[0]["test"]
