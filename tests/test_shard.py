@@ -166,6 +166,17 @@ def test_mixed_sizes_feed_cpu_pretraining_and_the_summary_says_what_the_gpu_path
     index = read_index(tmp_path / "one")
     x1, *_ = DevicePairAugment(32, index.mean, index.std)(batch(tmp_path / "one", encoded=True), "cpu")  # type: ignore[arg-type]
     assert x1.shape == (4, 3, 32, 32)
+    # A GPU-path run on the mixed shards stops before it starts, naming the repack, not at its first batch.
+    from ssit_dist.config import ConfigError, load_config
+    from ssit_dist.train.pretrain import check_inputs
+    from tiny_runs import config, ds_config
+
+    cfg = config(tmp_path, tmp_path / "mixed", "gpu", ds_config(tmp_path, 0), data__augment_on="gpu")
+    with pytest.raises(ConfigError, match=r"--size 256`, or set data.augment_on=cpu"):
+        check_inputs(load_config(cfg), world=1)
+    check_inputs(
+        load_config(config(tmp_path, tmp_path / "one", "gpu_one", ds_config(tmp_path, 0), data__augment_on="gpu")), 1
+    )
 
 
 # webdataset's tar reader inside timm leaves its file objects to the garbage collector.

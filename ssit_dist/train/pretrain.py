@@ -26,12 +26,12 @@ import torch.distributed as torch_dist
 
 from ssit_dist import stop as stop_signals
 from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
-from ssit_dist.data.index import ShardIndexError
+from ssit_dist.data.index import ShardIndexError, read_index
 from ssit_dist.data.loading.augment import PairAugment
 from ssit_dist.data.loading.device_augment import DevicePairAugment
 from ssit_dist.data.loading.epoch import EpochPlan
 from ssit_dist.data.loading.labelled import SplitSource
-from ssit_dist.data.loading.sources import ShardSet, open_shards, verify_shards
+from ssit_dist.data.loading.sources import ShardSet, is_pattern, open_shards, verify_shards
 from ssit_dist.data.loading.stream import PairStream, pair_loader
 from ssit_dist.dist import (
     any_rank,
@@ -174,12 +174,34 @@ def check_inputs(cfg: PretrainConfig, world: int) -> RunInputs:
             "set both (RGB in [0, 1], as `ssit-dist shard` computed for them)"
         )
     shards.check_counted()
+    if cfg.data.augment_on == "gpu":
+        _check_one_size(cfg.data.shards)
     held_out = None
     if cfg.retrieval.shards is not None:
         source = SplitSource.parse(cfg.retrieval.shards, "train")
         held_out = open_shards([source.folder], source.split)
     steps_per_epoch = cfg.steps_per_epoch or max(shards.num_samples // cfg.global_batch, 1)  # type: ignore[operator]
     return RunInputs(micro, accumulation, ds_config, shards, list(mean), list(std), held_out, steps_per_epoch)
+
+
+def _check_one_size(sources: list[str]) -> None:
+    """data.augment_on=gpu decodes each batch as one tensor: the shards' photographs must share one size.
+    Shards packed from photographs smaller than `--size` keep their own (packing/shard.py); their index
+    says so, and the run stops here rather than at the first batch that mixes two sizes."""
+    sides: dict[str, tuple[int, int]] = {}
+    for source in sources:
+        if not is_pattern(source):  # a pattern has no index of sizes; a mixed batch names them
+            sizes = read_index(Path(source)).photograph_sizes
+            if sizes is not None:
+                sides[source] = (sizes["packed_side"]["min"], sizes["packed_side"]["max"])
+    seen = sorted({side for pair in sides.values() for side in pair})
+    if len(seen) > 1:
+        where = "; ".join(f"{source}: {low}-{high} px" for source, (low, high) in sides.items())
+        raise ConfigError(
+            f"data.augment_on=gpu decodes each batch as one tensor, of one size, but the shards hold photographs "
+            f"packed at {seen[0]} to {seen[-1]} px ({where}): pack them again with `ssit-dist shard ... --size "
+            f"{seen[0]}`, or set data.augment_on=cpu"
+        )
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
