@@ -234,7 +234,7 @@ def _encoder_state(run_dir: Path, tag: str, zero_stage: int, encoder: str) -> di
     folder = checkpoint_dir(run_dir)
     if encoder == "momentum":
         if not (folder / tag / MOMENTUM).is_file():
-            raise FileNotFoundError(f"{folder / tag} keeps no {MOMENTUM} (written by ssit-dist 0.3 and later)")
+            raise FileNotFoundError(f"{folder / tag} keeps no {MOMENTUM}: an older checkpoint, from before it was kept")
         state = torch.load(folder / tag / MOMENTUM, map_location="cpu", weights_only=True)
     else:
         state = _full_fp32_state(folder, tag, zero_stage)
@@ -320,7 +320,7 @@ def load(engine: Any, run_dir: Path, plan: ResumePlan, device: torch.device) -> 
     if client_state is None:
         raise ResumeError(f"checkpoint {folder / plan.tag} could not be loaded by DeepSpeed")
     momentum = checkpoint_dir(run_dir) / plan.tag / MOMENTUM
-    if momentum.is_file():  # checkpoints before ssit-dist 0.3 kept it in the client state
+    if momentum.is_file():  # older checkpoints kept it in the client state
         client_state["momentum"] = torch.load(momentum, map_location="cpu", weights_only=True)
     if plan.mode == "reshard":
         barrier(device)
