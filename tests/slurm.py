@@ -85,7 +85,8 @@ SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-KillWait=5
+# SIGTERM to SIGKILL (30 s by default): time for a cancelled job's ranks to save under load.
+KillWait=10
 MinJobAge=600
 FirstJobId={first_job_id}
 MailProg=/bin/true
@@ -95,8 +96,14 @@ SlurmctldPidFile={f}/run/slurmctld.pid
 SlurmdPidFile={f}/run/slurmd-%n.pid
 SlurmctldLogFile={f}/log/slurmctld.log
 SlurmdLogFile={f}/log/slurmd-%n.log
+# Preemption as sites set it up: a job in `urgent` requeues the `debug` jobs in its way, whose tasks get
+# SIGTERM at once and GraceTime seconds to save (a tiny run saves in about one) before SLURM ends and
+# requeues the job.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 {node_lines}
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """)
 
     def _start_munge(self) -> None:

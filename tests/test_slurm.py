@@ -1,14 +1,16 @@
 """launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/slurm.py) with CPU
-ranks. One node: a pretraining job equals the same run under torchrun; a preemption signal (as SLURM sends
-it before the time limit) checkpoints, requeues, resumes and ends with the uninterrupted run's weights;
-fine-tuning reports. Two nodes, one network namespace each: one rank per node trains exactly as the
-single-node run does, a killed rank fails the job naming rank and node, leaving nothing behind, and plain
-srun from a script of its own, with no MASTER_ADDR, forms the group on the step's first node."""
+ranks. One node: a pretraining job equals the same run under torchrun; a user's SIGUSR1 checkpoints,
+requeues and resumes, SLURM's own preemption requeues the job once more, and it ends with the uninterrupted
+run's weights; `scancel` saves and cancels, never requeues; fine-tuning reports. Two
+nodes, one network namespace each: one rank per node trains exactly as the single-node run does, a killed
+rank fails the job naming rank and node, leaving nothing behind, and plain srun from a script of its own,
+with no MASTER_ADDR, forms the group on the step's first node."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -19,7 +21,7 @@ import torch
 
 from conftest import run_cli
 from slurm import LocalSlurm, TwoNodeSlurm, unavailable
-from ssit_dist.train.checkpoint import export_encoder
+from ssit_dist.train.checkpoint import export_encoder, latest_tag
 from tiny_runs import ROOT, config, ds_config, rows, train
 
 pytestmark = pytest.mark.slurm
@@ -52,13 +54,34 @@ def job_env() -> dict[str, str]:
     return {**env, "SSIT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
-def submit(cluster: LocalSlurm, folder: Path, cfg: Path, nodes: int = 1) -> str:
+def submit(cluster: LocalSlurm, folder: Path, cfg: Path, *options: str, nodes: int = 1) -> str:
     """pretrain.sbatch, unmodified, as a user submits it: 2 tasks (CPU ranks) on one or two nodes, one core
-    each (the script asks for 8, more than these nodes have)."""
+    each (the script asks for 15, more than these nodes have)."""
     per_node = f"--ntasks-per-node={2 // nodes}"
     return cluster.submit(
-        f"--nodes={nodes}", per_node, *CORES, f"--chdir={folder}", str(SCRIPT), "--config", str(cfg), env=job_env()
+        f"--nodes={nodes}",
+        per_node,
+        *CORES,
+        f"--chdir={folder}",
+        *options,
+        str(SCRIPT),
+        "--config",
+        str(cfg),
+        env=job_env(),
     )
+
+
+def wait_for_steps(cluster: LocalSlurm, job_id: str, run_dir: Path, steps: int, timeout: float = 600) -> None:
+    """Until the job's run has logged `steps` steps. Starting two ranks takes 20-60 s here and minutes
+    under load, hence the long deadline; a job that ends first fails at once, with its log."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        job = cluster.job(job_id)
+        if job.get("JobState") not in ("PENDING", "CONFIGURING", "RUNNING"):
+            log = Path(job["StdOut"]).read_text() if Path(job.get("StdOut", "")).is_file() else ""
+            raise AssertionError(f"job {job_id} {job.get('JobState')} before step {steps}: {log[-3000:]}")
+        assert time.monotonic() < deadline, f"job {job_id} did not reach step {steps} in {timeout} s"
+        time.sleep(0.5)
 
 
 STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "log_every": 2, "dist_timeout_s": 60}
@@ -83,7 +106,7 @@ def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, refe
     # The same run as a SLURM job: 2 tasks on one node, the script unmodified.
     plain = config(tmp_path, shards, "slurm", ds_config(tmp_path, 0), **STEPS)
     job_id = submit(cluster, tmp_path, plain)
-    job = cluster.wait(job_id, timeout=240)
+    job = cluster.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert "0: step 12/12" in log and "1: " in log  # both ranks' output, labelled by srun
@@ -98,7 +121,7 @@ def test_two_nodes_train_exactly_as_one_node_does(
     # One rank per node; each node reaches the other only through the bridge, by its own hostname.
     cfg = config(tmp_path, shards, "two_nodes", ds_config(tmp_path, 0), **STEPS)
     job_id = submit(two_nodes, tmp_path, cfg, nodes=2)
-    job = two_nodes.wait(job_id, timeout=240)
+    job = two_nodes.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     assert f"on ssitn[1-2], rendezvous ssitn1:{20000 + int(job_id) % 20000}" in log
@@ -111,25 +134,49 @@ def test_two_nodes_train_exactly_as_one_node_does(
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(
+def test_usr1_requeues_then_slurm_preemption_requeues_and_the_run_ends_with_the_same_weights(
     cluster: LocalSlurm, shards: Path, reference: Path, tmp_path: Path
 ) -> None:
-    preempted = config(tmp_path, shards, "preempted", ds_config(tmp_path, 0), **STEPS)
-    job_id = submit(cluster, tmp_path, preempted)
-    metrics, deadline = tmp_path / "preempted" / "metrics.jsonl", time.monotonic() + 180
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.monotonic() < deadline, "the job did not start training"
-        time.sleep(0.2)
-    # SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit.
+    chained = config(tmp_path, shards, "chained", ds_config(tmp_path, 0), **STEPS)
+    job_id = submit(cluster, tmp_path, chained)
+    log = tmp_path / f"ssit-pretrain-{job_id}.out"
+    wait_for_steps(cluster, job_id, tmp_path / "chained", 3)
+    # A user's SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit: save, requeue.
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = cluster.wait(job_id, timeout=300, settle_s=10)  # it requeues itself once
-    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", (job, log[-3000:])
-    assert "stopped by signal after step" in log and "requeueing job" in log and "resumed (resume)" in log
-    assert [r["step"] for r in rows(tmp_path / "preempted")] == list(range(1, 13))  # no step lost or repeated
-    a, b = weights(reference, tmp_path), weights(tmp_path / "preempted", tmp_path)
+    # Once the requeued run's ranks exist, an urgent job takes the node: SLURM preempts this one (PreemptMode
+    # REQUEUE), its ranks get SIGTERM and stop; the script must leave the job to SLURM's own requeue.
+    deadline = time.monotonic() + 600
+    while len(_rank_processes(job_id, restart=1)) < 2:
+        assert time.monotonic() < deadline, f"the requeued run did not start: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    urgent = cluster.submit("--partition=urgent", "--ntasks=1", f"--output={tmp_path}/urgent.out", "--wrap=true")
+    job = cluster.wait(job_id, timeout=600, settle_s=10)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "2", (job, text[-3000:])
+    assert cluster.job(urgent)["JobState"] == "COMPLETED"
+    assert text.count("checkpoint saved; requeueing job") == 1, text[-3000:]
+    assert text.count("is being preempted: SLURM requeues or cancels it") == 1, text[-3000:]
+    assert "relaunch to resume" in text and "resumed (resume)" in text and "(restart 2)" in text
+    assert [r["step"] for r in rows(tmp_path / "chained")] == list(range(1, 13))  # no step lost or repeated
+    a, b = weights(reference, tmp_path), weights(tmp_path / "chained", tmp_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_scancel_saves_and_cancels_without_requeue(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    steps = {"epochs": 1, "steps_per_epoch": 400, "checkpoint_every": 1000, "dist_timeout_s": 60}
+    cfg = config(tmp_path, shards, "cancelled", ds_config(tmp_path, 0), **steps)
+    job_id = submit(cluster, tmp_path, cfg)
+    wait_for_steps(cluster, job_id, tmp_path / "cancelled", 3)
+    cluster.run("scancel", job_id)  # SIGTERM to the batch script and to every rank
+    job = cluster.wait(job_id, timeout=120, settle_s=5)  # a job requeued on its way out would be PENDING
+    log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
+    assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", (job, log[-3000:])
+    assert "SIGTERM received (scancel, or SLURM ending the job): asking every rank to save and stop" in log
+    assert "no requeue from here" in log and "requeueing" not in log
+    # The ranks saved within KillWait, at the step they stopped at (no checkpoint is due before step 1000).
+    stopped = re.findall(r"stopped \D*step (\d+); relaunch to resume", log)  # "at step N", "by signal after step N"
+    assert stopped and latest_tag(tmp_path / "cancelled") == f"step{int(stopped[0]):08d}", log[-3000:]
 
 
 def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, graded_dir: Path, tmp_path: Path) -> None:
@@ -162,7 +209,7 @@ def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, gra
         f"timm_kwargs={tiny}",
         env=job_env(),
     )
-    job = cluster.wait(job_id, timeout=240)
+    job = cluster.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-finetune-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
     report = json.loads((tmp_path / "grading" / "report.json").read_text())
@@ -184,12 +231,12 @@ def _job_processes(job_id: str) -> dict[int, tuple[bytes, dict[bytes, bytes]]]:
     return found
 
 
-def _rank_processes(job_id: str) -> dict[int, int]:
-    """pid of every rank of job `job_id`, by SLURM_PROCID."""
+def _rank_processes(job_id: str, restart: int = 0) -> dict[int, int]:
+    """pid of every rank of job `job_id` in its run after `restart` requeues, by SLURM_PROCID."""
     return {
         int(environ[b"SLURM_PROCID"]): pid
         for pid, (cmdline, environ) in _job_processes(job_id).items()
-        if b"ssit_dist.train.pretrain" in cmdline
+        if b"ssit_dist.train.pretrain" in cmdline and int(environ.get(b"SLURM_RESTART_COUNT", b"0")) == restart
     }
 
 
