@@ -710,6 +710,12 @@ def slurm(
         None, help="Cores per rank, its loader workers included (scripts: pretrain 15, finetune 8)."
     ),
     mem_per_cpu: str | None = typer.Option(None, help="Memory per core, e.g. 4G (script: 4G)."),
+    max_timeouts: int | None = typer.Option(
+        None,
+        min=0,
+        help="pretrain: requeues at the time limit, at most (default 3; 0: the job ends at its first time "
+        "limit). A job requeued by preemption or by `scancel --signal=USR1 --batch` is not counted.",
+    ),
     partition: str | None = typer.Option(None, help="SLURM partition."),
     account: str | None = typer.Option(None, help="SLURM account."),
     time_limit: str | None = typer.Option(None, "--time", help="Time limit, e.g. 24:00:00."),
@@ -719,14 +725,20 @@ def slurm(
     --config FILE and field=value, for finetune train=... init=... run_dir=... field=value."""
     if job not in ("pretrain", "finetune"):
         _fail(f"job {job!r}: choose pretrain or finetune", 2)
+    if job == "finetune" and max_timeouts is not None:
+        _fail("--max-timeouts: a finetune job is never requeued at its time limit (it resumes when submitted again)")
+    script = _sbatch_script(job)
+    env: dict[str, str] = {}
+    if job == "pretrain":
+        env["SSIT_MAX_TIMEOUTS"] = str(3 if max_timeouts is None else max_timeouts)
     ranks = ranks_per_node or gpus_per_node or 1
     command = ["sbatch", f"--nodes={nodes}", f"--ntasks-per-node={ranks}"]
     command += [f"--gpus-per-node={gpus_per_node}"] * bool(gpus_per_node)
     options: list[tuple[str, object]] = [("--cpus-per-task", cpus_per_rank), ("--mem-per-cpu", mem_per_cpu)]
     options += [("--partition", partition), ("--account", account), ("--time", time_limit)]
-    for flag, value in options:
-        command += [f"{flag}={value}"] * (value is not None)
-    command += [str(_sbatch_script(job)), *ctx.args]
-    print(shlex.join(command), flush=True)  # plain: a command to copy, not rich markup
+    command += [f"{flag}={value}" for flag, value in options if value is not None]
+    command += [str(script), *ctx.args]
+    assignments = [f"{name}={shlex.quote(value)}" for name, value in env.items()]
+    print(" ".join([*assignments, shlex.join(command)]), flush=True)  # plain: a command to copy, not rich markup
     if submit:
-        raise typer.Exit(subprocess.call(command))
+        raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shlex
 from pathlib import Path
 
 import cv2
@@ -59,7 +60,7 @@ def test_config_lists_every_field_with_type_default_and_help() -> None:
 
 
 def test_slurm_prints_the_exact_sbatch_command() -> None:
-    script = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "pretrain.sbatch"
+    scripts = Path(__file__).resolve().parents[1] / "launch" / "slurm"
     shown = invoke_cli(
         "slurm",
         "pretrain",
@@ -71,6 +72,8 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
         16,
         "--mem-per-cpu",
         "8G",
+        "--max-timeouts",
+        0,
         "--partition",
         "gpu",
         "--time",
@@ -80,16 +83,27 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
         "optim.lr=5e-4",
     ).stdout.strip()
     assert shown == (
+        "SSIT_MAX_TIMEOUTS=0 "
         "sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=16 --mem-per-cpu=8G "
-        f"--partition=gpu --time=24:00:00 {script} "
+        f"--partition=gpu --time=24:00:00 {scripts / 'pretrain.sbatch'} "
         "--config run.yaml optim.lr=5e-4"
-    )
-    cpu = invoke_cli("slurm", "finetune", "--ranks-per-node", 2, "train=shards/graded").stdout.strip()
-    assert cpu.startswith("sbatch --nodes=1 --ntasks-per-node=2 ") and cpu.endswith(
-        "finetune.sbatch train=shards/graded"
     )
     bad = invoke_cli("slurm", "evaluate", check=False)
     assert bad.exit_code == 2 and "job 'evaluate': choose pretrain or finetune" in bad.stderr
+
+
+def test_slurm_prints_the_time_limit_requeues() -> None:
+    """Pretraining's line says how many time-limit requeues the job may make (3 unless told); fine-tuning
+    never requeues itself and refuses the option."""
+    scripts = Path(__file__).resolve().parents[1] / "launch" / "slurm"
+    for job, extra in (("pretrain", "SSIT_MAX_TIMEOUTS=3 "), ("finetune", "")):
+        shown = invoke_cli("slurm", job, "--ranks-per-node", 2, "run_dir=r").stdout.strip()
+        assert shown == f"{extra}sbatch --nodes=1 --ntasks-per-node=2 {scripts / f'{job}.sbatch'} run_dir=r"
+    # Parsed back by a shell, the line keeps every word (a path with a space stays one argument).
+    words = shlex.split(invoke_cli("slurm", "pretrain", "--config", "my run.yaml").stdout)
+    assert words[0] == "SSIT_MAX_TIMEOUTS=3" and words[-2:] == ["--config", "my run.yaml"]
+    refused = invoke_cli("slurm", "finetune", "--max-timeouts", 2, "train=x", check=False)
+    assert refused.exit_code == 2 and "a finetune job is never requeued at its time limit" in refused.stderr
 
 
 def test_finetune_flags_are_the_config_fields() -> None:

@@ -1,7 +1,8 @@
 """launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/slurm.py) with CPU
 ranks. One node: a pretraining job equals the same run under torchrun; a user's SIGUSR1 checkpoints,
 requeues and resumes, SLURM's own preemption requeues the job once more, and it ends with the uninterrupted
-run's weights; `scancel` saves and cancels, never requeues; fine-tuning reports. Two
+run's weights; `scancel` saves and cancels, never requeues; at the time limit the job requeues itself up to
+SSIT_MAX_TIMEOUTS times, then ends; fine-tuning reports. Two
 nodes, one network namespace each: one rank per node trains exactly as the single-node run does, a killed
 rank fails the job naming rank and node, leaving nothing behind, and plain srun from a script of its own,
 with no MASTER_ADDR, forms the group on the step's first node."""
@@ -84,6 +85,10 @@ def wait_for_steps(cluster: LocalSlurm, job_id: str, run_dir: Path, steps: int, 
         time.sleep(0.5)
 
 
+def comment(cluster: LocalSlurm, job_id: str) -> str:
+    return cluster.run("squeue", "-h", "--states=all", "-j", job_id, "-o", "%k").strip()
+
+
 STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "log_every": 2, "dist_timeout_s": 60}
 
 
@@ -109,6 +114,7 @@ def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, refe
     job = cluster.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
+    assert "time-limit requeues 0 of 3" in log
     assert "0: step 12/12" in log and "1: " in log  # both ranks' output, labelled by srun
     got = rows(tmp_path / "slurm")
     assert [r["step"] for r in got] == list(range(1, 13))
@@ -141,7 +147,7 @@ def test_usr1_requeues_then_slurm_preemption_requeues_and_the_run_ends_with_the_
     job_id = submit(cluster, tmp_path, chained)
     log = tmp_path / f"ssit-pretrain-{job_id}.out"
     wait_for_steps(cluster, job_id, tmp_path / "chained", 3)
-    # A user's SIGUSR1 to the batch script, as --signal=B:USR1@300 sends it before the time limit: save, requeue.
+    # A user's SIGUSR1 to the batch script, with no time limit near: save, requeue, not counted.
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     # Once the requeued run's ranks exist, an urgent job takes the node: SLURM preempts this one (PreemptMode
     # REQUEUE), its ranks get SIGTERM and stop; the script must leave the job to SLURM's own requeue.
@@ -154,9 +160,10 @@ def test_usr1_requeues_then_slurm_preemption_requeues_and_the_run_ends_with_the_
     text = log.read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "2", (job, text[-3000:])
     assert cluster.job(urgent)["JobState"] == "COMPLETED"
-    assert text.count("checkpoint saved; requeueing job") == 1, text[-3000:]
+    assert text.count(": a user's, not counted; requeueing job") == 1, text[-3000:]
     assert text.count("is being preempted: SLURM requeues or cancels it") == 1, text[-3000:]
-    assert "relaunch to resume" in text and "resumed (resume)" in text and "(restart 2)" in text
+    assert "relaunch to resume" in text and "resumed (resume)" in text and "(restart 2," in text
+    assert comment(cluster, job_id) == "(null)"  # no time-limit requeue counted
     assert [r["step"] for r in rows(tmp_path / "chained")] == list(range(1, 13))  # no step lost or repeated
     a, b = weights(reference, tmp_path), weights(tmp_path / "chained", tmp_path)
     for key in a:
@@ -177,6 +184,42 @@ def test_scancel_saves_and_cancels_without_requeue(cluster: LocalSlurm, shards: 
     # The ranks saved within KillWait, at the step they stopped at (no checkpoint is due before step 1000).
     stopped = re.findall(r"stopped \D*step (\d+); relaunch to resume", log)  # "at step N", "by signal after step N"
     assert stopped and latest_tag(tmp_path / "cancelled") == f"step{int(stopped[0]):08d}", log[-3000:]
+
+
+def test_time_limit_requeues_until_max_timeouts_then_the_job_ends(cluster: LocalSlurm, tmp_path: Path) -> None:
+    # The script's own decision, sourced, on jobs with 5 minutes left (inside the warning's window), as it
+    # runs once the ranks have saved: one with a requeue to spare, one whose count is at the cap.
+    script = tmp_path / "decide.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"source {SCRIPT}\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then say "restarted, comment [$(comment)]"; exit 0; fi\n'
+        'requeue_or_end "$(time_left_s)"\n'
+        "status=$?\n"
+        '[ "$status" != 0 ] || sleep 120  # the requeue ends this run\n'
+        'exit "$status"\n'
+    )
+    env = {**job_env(), "SSIT_MAX_TIMEOUTS": "2"}
+    jobs = {
+        count: cluster.submit(
+            "--time=5",
+            f"--comment=my note ssit-timeouts={count}",
+            *CORES,
+            f"--output={tmp_path}/{count}.out",
+            "--open-mode=append",
+            str(script),
+            env=env,
+        )
+        for count in (1, 2)
+    }
+    spare, capped = cluster.wait(jobs[1], timeout=120, settle_s=10), cluster.wait(jobs[2], timeout=120)
+    spare_log, capped_log = (tmp_path / "1.out").read_text(), (tmp_path / "2.out").read_text()
+    assert spare["JobState"] == "COMPLETED" and spare["Restarts"] == "1", (spare, spare_log)
+    assert "time limit: requeue 2 of SSIT_MAX_TIMEOUTS=2" in spare_log
+    assert "restarted, comment [my note ssit-timeouts=2]" in spare_log  # counted, the user's note kept
+    assert capped["JobState"] == "FAILED" and capped["ExitCode"] == "124:0" and capped["Restarts"] == "0", capped
+    assert "not requeueing; submit again to resume" in capped_log
+    assert comment(cluster, jobs[2]) == "my note ssit-timeouts=2"
 
 
 def test_finetune_sbatch_runs_two_processes_and_reports(cluster: LocalSlurm, graded_dir: Path, tmp_path: Path) -> None:
