@@ -699,6 +699,13 @@ def _sbatch_script(name: str) -> Path:
     raise AssertionError  # unreachable: _fail exits
 
 
+def _sbatch_defaults(script: Path) -> dict[str, str]:
+    """The script's own `#SBATCH --name=value` lines: what a job gets that the command line does not override."""
+    prefix = "#SBATCH --"
+    lines = [line.removeprefix(prefix) for line in script.read_text().splitlines() if line.startswith(prefix)]
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
 @app.command("slurm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def slurm(
     ctx: typer.Context,
@@ -707,9 +714,9 @@ def slurm(
     gpus_per_node: int | None = typer.Option(None, help="GPUs per node (one rank each)."),
     ranks_per_node: int | None = typer.Option(None, help="Ranks per node (default: GPUs per node, else 1)."),
     cpus_per_rank: int | None = typer.Option(
-        None, help="Cores per rank, its loader workers included (scripts: pretrain 15, finetune 8)."
+        None, help="Cores per rank, its loader workers included (default: the script's, pretrain 15, finetune 8)."
     ),
-    mem_per_cpu: str | None = typer.Option(None, help="Memory per core, e.g. 4G (script: 4G)."),
+    mem_per_cpu: str | None = typer.Option(None, help="Memory per core, e.g. 8G (default: the script's, 4G)."),
     max_timeouts: int | None = typer.Option(
         None,
         min=0,
@@ -728,14 +735,16 @@ def slurm(
     if job == "finetune" and max_timeouts is not None:
         _fail("--max-timeouts: a finetune job is never requeued at its time limit (it resumes when submitted again)")
     script = _sbatch_script(job)
+    defaults = _sbatch_defaults(script)
     env: dict[str, str] = {}
     if job == "pretrain":
         env["SSIT_MAX_TIMEOUTS"] = str(3 if max_timeouts is None else max_timeouts)
     ranks = ranks_per_node or gpus_per_node or 1
     command = ["sbatch", f"--nodes={nodes}", f"--ntasks-per-node={ranks}"]
     command += [f"--gpus-per-node={gpus_per_node}"] * bool(gpus_per_node)
-    options: list[tuple[str, object]] = [("--cpus-per-task", cpus_per_rank), ("--mem-per-cpu", mem_per_cpu)]
-    options += [("--partition", partition), ("--account", account), ("--time", time_limit)]
+    command += [f"--cpus-per-task={cpus_per_rank or defaults['cpus-per-task']}"]
+    command += [f"--mem-per-cpu={mem_per_cpu or defaults['mem-per-cpu']}"]
+    options = [("--partition", partition), ("--account", account), ("--time", time_limit)]
     command += [f"{flag}={value}" for flag, value in options if value is not None]
     command += [str(script), *ctx.args]
     assignments = [f"{name}={shlex.quote(value)}" for name, value in env.items()]

@@ -92,13 +92,17 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
     assert bad.exit_code == 2 and "job 'evaluate': choose pretrain or finetune" in bad.stderr
 
 
-def test_slurm_prints_the_time_limit_requeues() -> None:
-    """Pretraining's line says how many time-limit requeues the job may make (3 unless told); fine-tuning
-    never requeues itself and refuses the option."""
+def test_slurm_prints_the_resources_the_scripts_ask_for_by_default() -> None:
+    """Cores, memory and the time-limit requeues a job gets unless told otherwise are in the printed line:
+    the scripts' own #SBATCH values (which still serve a plain `sbatch` of the script) and 3 requeues."""
     scripts = Path(__file__).resolve().parents[1] / "launch" / "slurm"
-    for job, extra in (("pretrain", "SSIT_MAX_TIMEOUTS=3 "), ("finetune", "")):
+    for job, cores, extra in (("pretrain", 15, "SSIT_MAX_TIMEOUTS=3 "), ("finetune", 8, "")):
+        assert f"#SBATCH --cpus-per-task={cores}\n#SBATCH --mem-per-cpu=4G\n" in (scripts / f"{job}.sbatch").read_text()
         shown = invoke_cli("slurm", job, "--ranks-per-node", 2, "run_dir=r").stdout.strip()
-        assert shown == f"{extra}sbatch --nodes=1 --ntasks-per-node=2 {scripts / f'{job}.sbatch'} run_dir=r"
+        assert shown == (
+            f"{extra}sbatch --nodes=1 --ntasks-per-node=2 "
+            f"--cpus-per-task={cores} --mem-per-cpu=4G {scripts / f'{job}.sbatch'} run_dir=r"
+        )
     # Parsed back by a shell, the line keeps every word (a path with a space stays one argument).
     words = shlex.split(invoke_cli("slurm", "pretrain", "--config", "my run.yaml").stdout)
     assert words[0] == "SSIT_MAX_TIMEOUTS=3" and words[-2:] == ["--config", "my run.yaml"]
