@@ -736,7 +736,9 @@ def slurm(
         _fail("--max-timeouts: a finetune job is never requeued at its time limit (it resumes when submitted again)")
     script = _sbatch_script(job)
     defaults = _sbatch_defaults(script)
-    env: dict[str, str] = {}
+    # The nodes run this interpreter (sbatch hands the environment to the job); whether they can see its
+    # path cannot be known from here.
+    env = {"SSIT_PYTHON": sys.executable}
     if job == "pretrain":
         env["SSIT_MAX_TIMEOUTS"] = str(3 if max_timeouts is None else max_timeouts)
     ranks = ranks_per_node or gpus_per_node or 1

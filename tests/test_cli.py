@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import cv2
@@ -83,7 +84,7 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
         "optim.lr=5e-4",
     ).stdout.strip()
     assert shown == (
-        "SSIT_MAX_TIMEOUTS=0 "
+        f"SSIT_PYTHON={sys.executable} SSIT_MAX_TIMEOUTS=0 "
         "sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=16 --mem-per-cpu=8G "
         f"--partition=gpu --time=24:00:00 {scripts / 'pretrain.sbatch'} "
         "--config run.yaml optim.lr=5e-4"
@@ -100,12 +101,12 @@ def test_slurm_prints_the_resources_the_scripts_ask_for_by_default() -> None:
         assert f"#SBATCH --cpus-per-task={cores}\n#SBATCH --mem-per-cpu=4G\n" in (scripts / f"{job}.sbatch").read_text()
         shown = invoke_cli("slurm", job, "--ranks-per-node", 2, "run_dir=r").stdout.strip()
         assert shown == (
-            f"{extra}sbatch --nodes=1 --ntasks-per-node=2 "
+            f"SSIT_PYTHON={sys.executable} {extra}sbatch --nodes=1 --ntasks-per-node=2 "
             f"--cpus-per-task={cores} --mem-per-cpu=4G {scripts / f'{job}.sbatch'} run_dir=r"
         )
     # Parsed back by a shell, the line keeps every word (a path with a space stays one argument).
     words = shlex.split(invoke_cli("slurm", "pretrain", "--config", "my run.yaml").stdout)
-    assert words[0] == "SSIT_MAX_TIMEOUTS=3" and words[-2:] == ["--config", "my run.yaml"]
+    assert words[0] == f"SSIT_PYTHON={sys.executable}" and words[-2:] == ["--config", "my run.yaml"]
     refused = invoke_cli("slurm", "finetune", "--max-timeouts", 2, "train=x", check=False)
     assert refused.exit_code == 2 and "a finetune job is never requeued at its time limit" in refused.stderr
 

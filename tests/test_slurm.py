@@ -1,8 +1,8 @@
 """launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/slurm.py) with CPU
-ranks. One node: a pretraining job equals the same run under torchrun; a user's SIGUSR1 checkpoints,
-requeues and resumes, SLURM's own preemption requeues the job once more, and it ends with the uninterrupted
-run's weights; `scancel` saves and cancels, never requeues; at the time limit the job requeues itself up to
-SSIT_MAX_TIMEOUTS times, then ends; fine-tuning reports. Two
+ranks. One node: a pretraining job submitted by `ssit-dist slurm --submit` equals the same run under
+torchrun; a user's SIGUSR1 checkpoints, requeues and resumes, SLURM's own preemption requeues the job once
+more, and it ends with the uninterrupted run's weights; `scancel` saves and cancels, never requeues; at the
+time limit the job requeues itself up to SSIT_MAX_TIMEOUTS times, then ends; fine-tuning reports. Two
 nodes, one network namespace each: one rank per node trains exactly as the single-node run does, a killed
 rank fails the job naming rank and node, leaving nothing behind, and plain srun from a script of its own,
 with no MASTER_ADDR, forms the group on the step's first node."""
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import CLI, run_cli
 from slurm import LocalSlurm, TwoNodeSlurm, unavailable
 from ssit_dist.train.checkpoint import export_encoder, latest_tag
 from tiny_runs import ROOT, config, ds_config, rows, train
@@ -106,15 +107,26 @@ def weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(export_encoder(run_dir, out / run_dir.name)[0]))
 
 
-def test_pretrain_sbatch_equals_torchrun(cluster: LocalSlurm, shards: Path, reference: Path, tmp_path: Path) -> None:
+def test_pretrain_job_from_ssit_dist_slurm_equals_torchrun(
+    cluster: LocalSlurm, shards: Path, reference: Path, tmp_path: Path
+) -> None:
     expected = rows(reference)
-    # The same run as a SLURM job: 2 tasks on one node, the script unmodified.
+    # The same run as a SLURM job: 2 tasks on one node, submitted by the line `ssit-dist slurm` prints.
+    # Neither SSIT_PYTHON nor this venv on PATH: the nodes run the interpreter that line names.
     plain = config(tmp_path, shards, "slurm", ds_config(tmp_path, 0), **STEPS)
-    job_id = submit(cluster, tmp_path, plain)
+    env = {k: v for k, v in {**cluster.env, **job_env()}.items() if k != "SSIT_PYTHON"}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != Path(sys.executable).parent)
+    cores = ("--cpus-per-rank", "1", "--mem-per-cpu", "2G")
+    line = [str(CLI), "slurm", "pretrain", "--ranks-per-node", "2", *cores, "--submit", "--config", str(plain)]
+    result = subprocess.run(line, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"SSIT_PYTHON={sys.executable} SSIT_MAX_TIMEOUTS=3 sbatch "), result.stdout
+    job_id = re.findall(r"Submitted batch job (\d+)", result.stdout)[0]
+    cluster.jobs.append(job_id)
     job = cluster.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
-    assert "time-limit requeues 0 of 3" in log
+    assert job["NumCPUs"] == "2" and "time-limit requeues 0 of 3" in log
     assert "0: step 12/12" in log and "1: " in log  # both ranks' output, labelled by srun
     got = rows(tmp_path / "slurm")
     assert [r["step"] for r in got] == list(range(1, 13))
