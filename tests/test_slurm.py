@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,7 +143,7 @@ def test_two_nodes_train_exactly_as_one_node_does(
     job = two_nodes.wait(job_id, timeout=600)
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-3000:]
-    assert f"on ssitn[1-2], rendezvous ssitn1:{20000 + int(job_id) % 20000}" in log
+    assert f"on ssitn[1-2], rendezvous ssitn1:{20000 + int(job_id) % 20000}" in log  # free on ssitn1
     assert "2 ranks on 2 hosts (ssitn1: ranks 0; ssitn2: ranks 1)" in log
     got, expected = rows(tmp_path / "two_nodes"), rows(reference)
     assert [r["step"] for r in got] == list(range(1, 13))
@@ -182,17 +183,25 @@ def test_usr1_requeues_then_slurm_preemption_requeues_and_the_run_ends_with_the_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_scancel_saves_and_cancels_without_requeue(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+def test_scancel_saves_and_cancels_without_requeue_on_a_free_port(
+    cluster: LocalSlurm, shards: Path, tmp_path: Path
+) -> None:
     steps = {"epochs": 1, "steps_per_epoch": 400, "checkpoint_every": 1000, "dist_timeout_s": 60}
     cfg = config(tmp_path, shards, "cancelled", ds_config(tmp_path, 0), **steps)
-    job_id = submit(cluster, tmp_path, cfg)
-    wait_for_steps(cluster, job_id, tmp_path / "cancelled", 3)
+    job_id = submit(cluster, tmp_path, cfg, "--hold")
+    # Another job's rendezvous on the port this job id maps to: the script must pick the next free one.
+    with socket.socket() as taken:
+        taken.bind(("", 20000 + int(job_id) % 20000))
+        taken.listen()
+        cluster.run("scontrol", "release", job_id)
+        wait_for_steps(cluster, job_id, tmp_path / "cancelled", 3)
     cluster.run("scancel", job_id)  # SIGTERM to the batch script and to every rank
     job = cluster.wait(job_id, timeout=120, settle_s=5)  # a job requeued on its way out would be PENDING
     log = (tmp_path / f"ssit-pretrain-{job_id}.out").read_text()
     assert job["JobState"] == "CANCELLED" and job["Restarts"] == "0", (job, log[-3000:])
     assert "SIGTERM received (scancel, or SLURM ending the job): asking every rank to save and stop" in log
     assert "no requeue from here" in log and "requeueing" not in log
+    assert f"rendezvous {job['BatchHost']}:{20000 + (int(job_id) + 1) % 20000}" in log
     # The ranks saved within KillWait, at the step they stopped at (no checkpoint is due before step 1000).
     stopped = re.findall(r"stopped \D*step (\d+); relaunch to resume", log)  # "at step N", "by signal after step N"
     assert stopped and latest_tag(tmp_path / "cancelled") == f"step{int(stopped[0]):08d}", log[-3000:]
