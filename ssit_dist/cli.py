@@ -37,16 +37,11 @@ class _RateColumn(ProgressColumn):
 
 
 def _launch_ranks(module: str, args: list[str], nproc: int) -> int:
-    """`nproc` ranks of the trainer `module` on this machine (ssit_dist/local_launch.py); without GPUs each
-    gets a fair share of the cores as OpenMP threads."""
-    import torch
-
+    """`nproc` ranks of the trainer `module` on this machine (ssit_dist/local_launch.py); each takes its
+    share of the cores itself (ssit_dist/runtime.py)."""
     from ssit_dist.local_launch import launch
 
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // nproc, 1)))
-    return launch(module, args, nproc, env)
+    return launch(module, args, nproc, dict(os.environ))
 
 
 def _fail(message: str, code: int = 2) -> None:
