@@ -60,3 +60,92 @@ def test_no_test_module_imports_another() -> None:
     pattern = re.compile(r"^\s*(?:from|import)\s+(?:tests\.)?(\w+)", re.MULTILINE)
     offenders = [f"{p.name} imports {m}" for p in tests for m in pattern.findall(p.read_text()) if m in names]
     assert not offenders, offenders
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ssit_dist module a file imports, at the top or inside a function ("from a.b import c" counts
+    a.b and, where it exists, the module a.b.c)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ssit_dist"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("ssit_dist"))
+    return found
+
+
+def _package_modules() -> dict[str, Path]:
+    modules = {}
+    for path in sorted((ROOT / "ssit_dist").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+# The flow, lowest first: a module may import from its own layer and the layers before it, never after.
+# Modules at the package's top level are the base every layer uses (atomic writes, process groups,
+# stopping); the launcher, demo and CLI sit on top.
+LAYERS = [
+    "ssit_dist",
+    "ssit_dist.data",
+    "ssit_dist.data.packing",
+    "ssit_dist.data.loading",
+    "ssit_dist.models",
+    "ssit_dist.config",
+    "ssit_dist.eval",
+    "ssit_dist.train",
+    "ssit_dist.local_launch ssit_dist.demo",
+    "ssit_dist.cli ssit_dist.__main__",
+]
+
+
+def _layer(module: str) -> int:
+    """The deepest layer whose name is the module or a package above it."""
+    best, depth = 0, 0
+    for rank, names in enumerate(LAYERS):
+        for name in names.split():
+            if (module == name or module.startswith(name + ".")) and name.count(".") >= depth:
+                best, depth = rank, name.count(".")
+    return best
+
+
+def test_no_import_runs_back_up_the_flow() -> None:
+    modules = _package_modules()
+    upward = [
+        f"{name} imports {target}"
+        for name, path in modules.items()
+        for target in sorted(_imports(path) & modules.keys())
+        if _layer(target) > _layer(name)
+    ]
+    assert not upward, "imports against the flow (LAYERS in this file):\n" + "\n".join(upward)
+
+
+def test_every_package_module_is_used_by_the_product() -> None:
+    """A module only bench/ or tests/ import is not part of the product: it belongs with them. Used means
+    reached from an entry point (the console script, `python -m ssit_dist`, launch/) through imports or
+    module names that start ranks (`python -m ssit_dist.train.segment`)."""
+    import ast
+
+    modules = _package_modules()
+    named = {
+        node.value
+        for path in modules.values()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules
+    }
+    reached = {"ssit_dist.cli", "ssit_dist.__main__"} | named
+    for path in (ROOT / "launch").rglob("*.py"):
+        reached |= _imports(path) & modules.keys()
+    todo = list(reached)
+    while todo:
+        for target in _imports(modules[todo.pop()]) & modules.keys():
+            parents = [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 1)]
+            for module in [target, *parents]:
+                if module in modules and module not in reached:
+                    reached.add(module)
+                    todo.append(module)
+    unused = sorted(name for name, path in modules.items() if path.name != "__init__.py" and name not in reached)
+    assert not unused, f"package modules no entry point reaches (move them to bench/ or use them): {unused}"
