@@ -1,0 +1,129 @@
+"""Commands that look at an encoder or a run: `knn`, `attention`, `plot`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ssit_dist import atomic
+from ssit_dist.cli.common import console, fail, field_option
+from ssit_dist.eval.knn import KnnConfig
+
+
+def _print_knn(result: dict) -> None:
+    """knn_evaluate's result as the command shows it: a table of metrics per k, view retrieval, left-outs."""
+    table = Table(title=f"kNN on {result['test']} (neighbours from {result['train']}, T = {result['temperature']})")
+    for column in ("k", "samples", "accuracy", "QWK", "macro AUC"):
+        table.add_column(column)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    for kk, m in result["k"].items():
+        table.add_row(kk, str(m["samples"]), fmt(m["accuracy"]), fmt(m["qwk"]), fmt(m["macro_auc"]))
+    console.print(table)
+    retrieval = result["view_retrieval"]
+    console.print(
+        f"view retrieval on {retrieval['samples']} test photographs (top-1 of the partner view): "
+        f"{retrieval['top1']:.4f}, chance {retrieval['chance']:.4f}"
+    )
+    if result["missing"]:
+        console.print(f"[yellow]left out (did not decode):[/] {escape(', '.join(result['missing']))}")
+
+
+def knn(
+    train: str = field_option(KnnConfig, "train"),
+    test: str = field_option(KnnConfig, "test"),
+    init: str = field_option(KnnConfig, "init"),
+    img_size: int = field_option(KnnConfig, "img_size"),
+    k: str = field_option(KnnConfig, "ks", text=lambda ks: ",".join(map(str, ks)), note="comma-separated"),
+    temperature: float = field_option(KnnConfig, "temperature"),
+    arch: str | None = field_option(KnnConfig, "arch"),
+    timm_kwargs: str | None = field_option(KnnConfig, "timm_kwargs", note="given as JSON"),
+    trust_pickle: bool = field_option(KnnConfig, "trust_pickle", "--trust-pickle"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
+) -> None:
+    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.eval.knn import knn_evaluate
+    from ssit_dist.models.pretrained import EncoderInitError
+
+    try:
+        ks = [int(v) for v in k.split(",")]
+    except ValueError:
+        fail(f"--k {k}: expected neighbour counts separated by commas, e.g. 5,10,20")
+    try:
+        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
+    except json.JSONDecodeError as e:
+        fail(f"--timm-kwargs {timm_kwargs}: not JSON ({e}); write e.g. '{{\"embed_dim\": 96}}'")
+    try:
+        config = KnnConfig(
+            train=train,
+            test=test,
+            init=init,
+            img_size=img_size,
+            ks=ks,
+            temperature=temperature,
+            arch=arch,
+            timm_kwargs=kwargs,
+            trust_pickle=trust_pickle,
+        )
+        result = knn_evaluate(config)
+    except (ShardIndexError, EncoderInitError, ValueError) as e:  # ConfigError is a ValueError
+        fail(str(e))
+    _print_knn(result)
+    if output:
+        atomic.write_json(output, result)
+        console.print(f"wrote {output}", markup=False)
+
+
+def attention(
+    images: list[Path] = typer.Argument(..., help="Photographs (JPEG, PNG, ...) to look at."),
+    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, or 'random'."),
+    output: Path = typer.Option(Path("attention.png"), "-o", "--output", help="PNG to write."),
+    img_size: int | None = typer.Option(None, help="Input size (default: the export's, else 224)."),
+    arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
+    timm_kwargs: str | None = typer.Option(None, help="timm overrides as JSON, for 'random' or a bare state dict."),
+    title: str | None = typer.Option(None, help="Title of the picture (default: names the encoder)."),
+) -> None:
+    """Last-layer CLS attention of an encoder over photographs, as one PNG (photograph | attention).
+    Inputs are normalised with the export's mean/std where its JSON has them, else each photograph's own."""
+    from ssit_dist.eval.attention import attention_png, cls_attention, load_photographs
+    from ssit_dist.models.encoder_meta import EncoderMeta
+    from ssit_dist.models.pretrained import EncoderInitError, load_encoder
+
+    described = Path(init).with_suffix(".json")
+    meta = EncoderMeta.from_json(json.loads(described.read_text()), str(described)) if described.is_file() else None
+    size = img_size or (meta.img_size if meta else 224)
+    try:
+        encoder, _ = load_encoder(init, size, arch, json.loads(timm_kwargs) if timm_kwargs else None)
+    except (EncoderInitError, ValueError) as e:
+        fail(str(e), 2)
+    try:
+        photos, inputs = load_photographs(images, size, meta.mean if meta else None, meta.std if meta else None)
+    except ValueError as e:
+        fail(str(e), 2)
+    maps = cls_attention(encoder.eval(), inputs)
+    title = title or f"last-layer attention of {Path(init).name}"
+    attention_png(output, photos, maps, [p.name for p in images], title)
+    console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}", markup=False)
+
+
+def plot(
+    run_dir: Path = typer.Argument(..., help="Folder of `ssit-dist pretrain` or `ssit-dist finetune`."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default RUN_DIR/curves.png)."),
+    title: str | None = typer.Option(None, help="Title above the curves (default: the run folder's name)."),
+) -> None:
+    """Training curves of a run as one PNG: losses, lr, momentum, pairs/s and view retrieval of a
+    pretraining run; train loss, lr and validation metrics per epoch of a fine-tuning run."""
+    from ssit_dist.eval.report import curves_png, run_curves
+
+    try:
+        x_name, series = run_curves(run_dir)
+    except (OSError, ValueError) as e:
+        fail(str(e), 2)
+    out = output or run_dir / "curves.png"
+    named = {name.replace("_", " "): points for name, points in series.items()}
+    curves_png(out, named, x_name, title if title is not None else f"run {run_dir.resolve().name}")
+    console.print(f"{len(series)} curves over {x_name}s: {out}", markup=False)

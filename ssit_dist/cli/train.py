@@ -1,0 +1,125 @@
+"""Commands that train or export: `pretrain`, `export`, `finetune`, `segment`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ssit_dist.cli.common import console, fail, flags_as_overrides, launch_ranks
+
+
+def pretrain(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
+) -> None:
+    """Pretrain SSiT with DeepSpeed on this machine: `nproc` ranks, stopped together by Ctrl-C or SIGTERM
+    (each saves, exit 0; a second Ctrl-C stops at once)."""
+    from ssit_dist.config import ConfigError, PretrainConfig, load_config
+    from ssit_dist.data.index import ShardIndexError
+    from ssit_dist.train.pretrain import check_inputs
+
+    args = (["--config", str(config)] if config else []) + list(ctx.args)
+    # What every rank would check first, checked here once, before any rank starts.
+    try:
+        check_inputs(load_config(config, list(ctx.args), PretrainConfig), nproc)
+    except (ConfigError, ShardIndexError) as e:
+        fail(str(e), 2)
+    raise typer.Exit(launch_ranks("ssit_dist.train.pretrain", args, nproc))
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="OUTPUT.safetensors and OUTPUT.json, or the folder OUTPUT."
+    ),
+    tag: str | None = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
+    encoder: str = typer.Option("query", help="query or momentum: which network's encoder."),
+    format: str = typer.Option(
+        "files", help="files: OUTPUT.safetensors + .json; timm: a folder timm.create_model('local-dir:OUTPUT') loads."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace what OUTPUT names if it exists."),
+) -> None:
+    """Export an encoder of a checkpoint with timm key names: safetensors plus a JSON, or a timm folder
+    with config.json and a model card."""
+    from ssit_dist.train.checkpoint import export_encoder
+
+    try:
+        written = export_encoder(run_dir, output, tag, overwrite, encoder, format)
+    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
+        fail(str(e), 1)
+    console.print(f"wrote {' and '.join(map(str, written))}", markup=False)
+
+
+def finetune(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+) -> None:
+    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate.
+
+    Every field of `ssit-dist config finetune` is set as field=value or as a flag: --train FOLDER[:SPLIT],
+    --val, --test, --init, --run-dir (--out), --linear, --trust-pickle, ..."""
+    from ssit_dist.config import FinetuneConfig
+
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.finetune", FinetuneConfig, ctx.args, config, nproc))
+
+
+def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path | None, nproc: int) -> int:
+    """A trainer module run with Accelerate, `--field value` flags as overrides of config class `kind`: in
+    this process for one, as `nproc` ranks for several (Accelerate reads their torch.distributed
+    environment, as under srun); its exit code."""
+    import importlib
+
+    try:
+        args = (["--config", str(config)] if config else []) + flags_as_overrides(extra, kind)
+    except ValueError as e:
+        fail(str(e), 2)
+    if nproc == 1:
+        return int(importlib.import_module(module).main(args))
+    return launch_ranks(module, args, nproc)
+
+
+SYNTHETIC_VESSELS = {"train": 12, "val": 4, "test": 4}  # `segment --synthetic`: as many as tests/test_segment.py's
+
+
+def segment(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
+    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+    synthetic: bool = typer.Option(
+        False,
+        "--synthetic",
+        help="No data needed: 20 synthetic photographs with vessel masks (12 train, 4 val, 4 test), written "
+        "at `resize` px to RUN_DIR/synthetic_vessels, are the data.",
+    ),
+) -> None:
+    """Segmentation evaluation of an encoder (vessels, lesions: Dice, IoU, AUC-PR) with Accelerate.
+
+    Every field of `ssit-dist config segment` is set as field=value or as a flag: --data FOLDER, --init,
+    --run-dir (--out), --linear, --iterations, ..."""
+    from ssit_dist.config import SegmentConfig
+
+    extra = list(ctx.args)
+    if synthetic:
+        extra.append(f"data={_synthetic_vessels(config, extra)}")
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", SegmentConfig, extra, config, nproc))
+
+
+def _synthetic_vessels(config: Path | None, extra: list[str]) -> Path:
+    """`segment --synthetic`'s data, written once here before any process starts: the demo's generator
+    (data/packing/synthetic.py) paints vessels and writes their masks, the same photographs every time."""
+    from ssit_dist.config import ConfigError, SegmentConfig, load_config
+    from ssit_dist.data.packing.synthetic import write_synthetic_segmentation
+
+    try:
+        cfg = load_config(config, flags_as_overrides(extra, SegmentConfig), SegmentConfig)
+    except (ConfigError, ValueError) as e:
+        fail(str(e), 2)
+    if cfg.data != SegmentConfig().data:
+        fail(f"--synthetic writes its own data: leave out data ({cfg.data}), or --synthetic", 2)
+    root = Path(cfg.run_dir) / "synthetic_vessels"
+    count = sum(SYNTHETIC_VESSELS.values())
+    console.print(f"writing {count} synthetic photographs at {cfg.resize} px to {root}", markup=False, soft_wrap=True)
+    return write_synthetic_segmentation(root, SYNTHETIC_VESSELS, cfg.resize)
