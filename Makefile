@@ -16,7 +16,7 @@ LOCK_TOOLS        := $(CACHE)/lock-tools
 # torchvision to the releases on their disk); the lock is resolved under the same cap.
 PIP_CONSTRAINT_FILE ?= $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p")
 
-.PHONY: setup lock ops lint test test-fast demo bench gpu-check gpu-run clean
+.PHONY: setup lock ops lint test test-fast demo docs bench gpu-check gpu-run clean
 
 setup: $(VENV)/.installed
 
@@ -52,8 +52,8 @@ lock:
 # package; `make test` runs it first.
 lint: setup
 	$(PY) tests/lockfile.py check
-	$(VENV)/bin/ruff check ssit_dist tests bench launch
-	$(VENV)/bin/ruff format --check ssit_dist tests bench launch
+	$(VENV)/bin/ruff check ssit_dist tests bench launch docs
+	$(VENV)/bin/ruff format --check ssit_dist tests bench launch docs
 	$(VENV)/bin/mypy
 
 # DeepSpeed compiles its C++ ops on first use (once per TORCH_EXTENSIONS_DIR). The one the CPU ranks use
@@ -77,6 +77,11 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/ssit-dist demo
+
+# The option and field tables of docs/, written from the command line and the config schema: run it after
+# changing a command's options or a config field (tests/test_readme.py fails until then).
+docs: setup
+	$(PY) docs/generate.py
 
 # scaling.py (the scaling model past 8 GPUs) reads the counts collectives.py has just made, from
 # $(CACHE)/collectives.json, instead of running the ranks again.

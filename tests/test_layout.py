@@ -10,10 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layout_paths() -> list[str]:
-    """The first word of every indented line of README's Layout section."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-    return [m.group(1) for m in re.finditer(r"^    (\S+)", section, re.MULTILINE)]
+    """The first word of every indented line of docs/layout.md, the project's map."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    return [m.group(1) for m in re.finditer(r"^    (\S+)", text, re.MULTILINE)]
 
 
 def test_readme_layout_names_every_module_and_only_what_exists() -> None:

@@ -1,10 +1,15 @@
-"""The README, checked where a machine can check it: every `ssit-dist` command, option and field override
-it writes exists (asked of the CLI itself), every path, module and link it names exists, every `make`
-target it names is in the Makefile. The README's prose is read by people; this keeps its code honest."""
+"""The README and docs/, checked where a machine can check it: every `ssit-dist` command, option and field
+they write exists (asked of the CLI and the config loader themselves), every path, module, link and
+anchor they name exists, every `make` target they name is in the Makefile, and the option and field
+tables that docs/generate.py writes equal a fresh generation. The prose is read by people; this keeps its
+code honest."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,25 +20,42 @@ import typer
 
 from conftest import invoke_cli
 from ssit_dist.cli import app, flags_as_overrides
-from ssit_dist.config.loading import load_config
-from ssit_dist.config.schema import FinetuneConfig, PretrainConfig, SegmentConfig
-from ssit_dist.fields import ConfigError
+from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, SegmentConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
 # The trainers whose extra arguments are field=value overrides (and, for the Accelerate ones, --field flags).
 TRAINERS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig}
 FLAG_FIELDS = ("finetune", "segment")  # `--run-dir X` is `run_dir=X` there (cli.flags_as_overrides)
 # Top-level entries a path in the README may start with; others (runs/, demo_out/, /data) are what its
 # commands write or a user's own.
-PROJECT_PATHS = re.compile(r"^(ssit_dist|launch|ds_configs|tests|bench|shards|\.ci)(/[\w.@-]*)*/?$")
+PROJECT_PATHS = re.compile(r"^(ssit_dist|launch|ds_configs|tests|bench|shards|docs|\.ci)(/[\w.@-]*)*/?$")
 ROOT_FILES = {"Makefile", "README.md", "pyproject.toml", "requirements.lock", "LICENSE"}
+FILE_SUFFIXES = {"safetensors", "json", "yaml", "pt", "pth", "bin", "png", "csv", "md", "py", "tar"}
 
 
 @dataclass(frozen=True)
 class Code:
     heading: str  # the section it is in
     text: str  # an inline code span, or one line of a code block (continuation lines joined)
+
+
+def _generator():  # type: ignore[no-untyped-def]
+    """docs/generate.py, imported by path: docs/ is no package."""
+    if "ssit_docs_generate" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ssit_docs_generate", ROOT / "docs" / "generate.py")
+        assert spec and spec.loader
+        sys.modules["ssit_docs_generate"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["ssit_docs_generate"]
+
+
+def all_code() -> Iterator[tuple[Path, Code]]:
+    """Every code span and code-block line of the README and of every page of docs/, with its file."""
+    for page in PAGES:
+        yield from ((page, code) for code in code_in(page.read_text()))
 
 
 def code_in(markdown: str) -> Iterator[Code]:
@@ -119,7 +141,9 @@ def _unknown_fields(name: str, words: list[str]) -> list[str]:
         if not sep or not re.fullmatch(r"[a-z_][a-z0-9_.]*", field):
             continue
         try:
-            load_config(None, [f"{field}=null"], TRAINERS[name])
+            with warnings.catch_warnings():  # an old name is read with a deprecation warning: it exists
+                warnings.simplefilter("ignore")
+                load_config(None, [f"{field}=null"], TRAINERS[name])
         except ConfigError as e:
             if "unknown field" in str(e):
                 unknown.append(field)
@@ -130,14 +154,14 @@ def test_every_ssit_dist_command_option_and_field_the_readme_writes_exists() -> 
     commands = _commands()
     problems: list[str] = []
     seen = 0
-    for code in code_in(README.read_text()):
+    for page, code in all_code():
         for words in invocations(code):
             if not words or words[0].startswith(("-", "[")):
                 continue
             seen += 1
             names = words[0].strip("`'\"").split("|")
             if any(n not in commands for n in names):
-                problems.append(f"{code.heading}: `ssit-dist {' '.join(words)}`: no command {words[0]}")
+                problems.append(f"{page.name}: {code.heading}: `ssit-dist {' '.join(words)}`: no command {words[0]}")
                 continue
             for name in names:
                 args = words[1:]
@@ -155,7 +179,7 @@ def test_every_ssit_dist_command_option_and_field_the_readme_writes_exists() -> 
                 if name == "config" and args and not args[0].startswith(("-", "(")):
                     if invoke_cli("config", args[0].strip("`"), check=False).exit_code != 0:
                         problems.append(f"{code.text}: `ssit-dist config {args[0]}` fails")
-    assert seen > 40, f"only {seen} ssit-dist commands found: is the README parsed?"
+    assert seen > 40, f"only {seen} ssit-dist commands found: are the README and docs/ parsed?"
     assert not problems, "\n".join(problems)
 
 
@@ -164,13 +188,13 @@ def test_every_option_in_a_command_section_exists() -> None:
     commands = _commands()
     every = set().union(*(_options(c) for c in commands.values()))
     problems = []
-    for code in code_in(README.read_text()):
+    for page, code in all_code():
         if not code.heading.startswith("`ssit-dist ") or not code.text.startswith("--"):
             continue
         option = code.text.split()[0].split("=")[0]
         flags = any(not _unknown_options(t, [option], commands) for t in FLAG_FIELDS)
         if option not in every and not flags:
-            problems.append(f"{code.heading}: `{code.text}`: no ssit-dist command takes {option}")
+            problems.append(f"{page.name}: {code.heading}: `{code.text}`: no ssit-dist command takes {option}")
     assert not problems, "\n".join(problems)
 
 
@@ -182,21 +206,30 @@ def _wheel_paths() -> dict[str, str]:
     return {package.replace(".", "/"): folder for package, folder in re.findall(r'"([\w.]+)" = "([\w/]+)"', line[1])}
 
 
-def _named_paths(markdown: str) -> Iterator[tuple[str, str]]:
+def _named_paths(page: Path) -> Iterator[tuple[str, str]]:
+    """Paths in code (from the project's root) and the files of relative links (from the page's folder),
+    both as paths from the root."""
+    markdown = page.read_text()
     for code in code_in(markdown):
         for word in code.text.split():
             word = word.strip("`'\"[](),;:")
             if PROJECT_PATHS.match(word) or word in ROOT_FILES:
-                yield code.heading, word
-    for target in re.findall(r"\]\(([^)#][^)]*)\)", markdown):
-        if not target.startswith(("http://", "https://")):
-            yield "link", target
+                yield f"{page.name}: {code.heading}", word
+    for target, _ in _links(markdown):
+        if target:
+            yield f"{page.name}: link", (page.parent / target).resolve().relative_to(ROOT).as_posix()
 
 
-def test_every_project_path_the_readme_names_exists() -> None:
+def _links(markdown: str) -> list[tuple[str, str]]:
+    """(file, anchor) of every relative link: `[a](docs/x.md#y)`, `[b](#y)` (file ''), `[c](docs/)`."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", markdown)
+    return [tuple(t.partition("#")[::2]) for t in targets if not t.startswith(("http://", "https://"))]  # type: ignore[misc]
+
+
+def test_every_project_path_the_readme_and_docs_name_exists() -> None:
     wheel = _wheel_paths()
     problems, seen = [], 0
-    for heading, path in _named_paths(README.read_text()):
+    for heading, path in (named for page in PAGES for named in _named_paths(page)):
         first = path.split("/")[0]
         if first == "shards" and path.rstrip("/") not in ("shards", "shards/README.md"):
             continue  # the folders under shards/ are what the README's `ssit-dist shard` commands write
@@ -206,18 +239,18 @@ def test_every_project_path_the_readme_names_exists() -> None:
         seen += 1
         if not (ROOT / path).exists():
             problems.append(f"{heading}: {path}")
-    assert seen > 50, f"only {seen} paths found: is the README parsed?"
-    assert not problems, "README names paths that do not exist:\n" + "\n".join(problems)
+    assert seen > 50, f"only {seen} paths found: are the README and docs/ parsed?"
+    assert not problems, "README or docs/ name paths that do not exist:\n" + "\n".join(problems)
 
 
 def _defines(source: str, name: str) -> bool:
     return re.search(rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]", source, re.M) is not None
 
 
-def test_every_module_and_function_the_readme_names_exists() -> None:
+def test_every_module_and_function_the_readme_and_docs_name_exists() -> None:
     """`ssit_dist.models.batchnorm.convert_batchnorm(module)`: the module file exists and defines the name."""
     problems, seen = [], 0
-    for code in code_in(README.read_text()):
+    for _, code in all_code():
         for dotted in re.findall(r"\bssit_dist(?:\.\w+)+", code.text):
             parts = dotted.split(".")
             for cut in range(len(parts), 0, -1):
@@ -239,20 +272,41 @@ def _anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
-def test_every_link_into_the_readme_and_every_make_target_exists() -> None:
-    text = README.read_text()
-    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
-    links = re.findall(r"\]\(#([^)]+)\)", text)
-    assert links and not [a for a in links if a not in anchors], f"links to no heading: {set(links) - anchors}"
+def _anchors(page: Path) -> set[str]:
+    return {_anchor(h) for h in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
+
+
+def test_every_link_and_anchor_resolves() -> None:
+    """A link to a page's #anchor names one of its headings; a link to a file names one that exists."""
+    problems, anchored = [], 0
+    for page in PAGES:
+        for target, anchor in _links(page.read_text()):
+            file = (page.parent / target).resolve() if target else page
+            if not file.exists():
+                problems.append(f"{page.name}: ({target}): no such file")
+            elif anchor:
+                anchored += 1
+                if file.suffix != ".md" or anchor not in _anchors(file):
+                    problems.append(f"{page.name}: ({target}#{anchor}): {file.name} has no such heading")
+    assert anchored > 10, f"only {anchored} links to an anchor found: are the README and docs/ parsed?"
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_links_every_page_of_docs() -> None:
+    linked = {(README.parent / target).resolve() for target, _ in _links(README.read_text()) if target}
+    assert DOCS and not [p.name for p in DOCS if p not in linked], "pages of docs/ the README does not link"
+
+
+def test_every_make_target_named_exists() -> None:
     targets = set(re.findall(r"^([\w.-]+):(?!=)", (ROOT / "Makefile").read_text(), re.M))
     named = {
         words[words.index("make") + 1]
-        for code in code_in(text)
+        for _, code in all_code()
         for words in [code.text.split()]
         if "make" in words[:-1] and "=" not in words[words.index("make") + 1]
     }
     assert len(named) >= 6, named
-    assert named <= targets, f"make targets the README names but the Makefile lacks: {sorted(named - targets)}"
+    assert named <= targets, f"make targets the README or docs/ name but the Makefile lacks: {sorted(named - targets)}"
 
 
 @pytest.mark.parametrize(
@@ -265,3 +319,64 @@ def test_every_link_into_the_readme_and_every_make_target_exists() -> None:
 )
 def test_the_readme_parser_finds_spans_and_joined_block_lines(markdown: str, found: list[str]) -> None:
     assert [c.text for c in code_in(markdown)][-len(found) :] == found
+
+
+def test_the_generated_tables_equal_a_fresh_generation() -> None:
+    """A changed option or config field without `make docs` fails here, naming the page."""
+    generate = _generator()
+    stale = [page.name for page in PAGES if generate.regenerate(page.read_text()) != page.read_text()]
+    assert not stale, f"generated blocks differ from the code in {stale}: run `make docs`"
+
+
+def test_the_docs_list_every_command_and_every_config() -> None:
+    """A new command or config gets its table: docs/commands.md has a block per command, docs/config.md one
+    per config kind."""
+    blocks = {m["what"].strip() for page in DOCS for m in _generator().BLOCK.finditer(page.read_text())}
+    wanted = {f"command {name}" for name in _commands()} | {f"config {k}" for k in _generator().CONFIG_KINDS}
+    assert not wanted - blocks, f"no generated table for {sorted(wanted - blocks)}"
+
+
+def _documented_fields() -> dict[str, set[str]]:
+    """The fields of each config kind, from the generated tables of docs/config.md (fresh: the test above)."""
+    blocks = _generator().BLOCK.finditer((ROOT / "docs" / "config.md").read_text())
+    return {
+        m["what"].split()[1]: set(re.findall(r"^\| `([\w.]+)` \|", m["body"], re.M))
+        for m in blocks
+        if m["what"].startswith("config ")
+    }
+
+
+def _known_field(name: str, fields: dict[str, set[str]]) -> bool:
+    """A field of some config, or an old name its loader still reads (in a section that config has)."""
+    if any(name in names for names in fields.values()):
+        return True
+    section = name.split(".")[0] + "." if "." in name else ""
+    return any(
+        not _unknown_fields(kind, [f"{name}=x"])
+        for kind in TRAINERS
+        if not section or any(f.startswith(section) for f in fields[kind])
+    )
+
+
+def test_every_config_field_named_exists() -> None:
+    """`data.augment_on`, `model.saliency=false`, `resume=force` in prose: a field of some config (or an old
+    name the loader still reads)."""
+    fields = _documented_fields()
+    assert set(TRAINERS) <= set(fields), f"docs/config.md has tables for {sorted(fields)} only"
+    sections = {f.split(".")[0] for names in fields.values() for f in names if "." in f}
+    assert {"data", "model", "optim"} <= sections, sections
+    problems, seen = [], 0
+    for page, code in all_code():
+        name, sep, value = code.text.partition("=")
+        # api.md's `model.online` is a Python attribute; `field=value` a placeholder; `x=True` Python.
+        dotted = re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+", name) and name.split(".")[0] in sections
+        dotted = dotted and page.name != "api.md" and name.rsplit(".", 1)[1] not in FILE_SUFFIXES
+        assignment = sep and re.fullmatch(r"[a-z_][a-z0-9_.]*", name) and " " not in code.text
+        assignment = assignment and value not in ("True", "False", "value")
+        if not (dotted or assignment) or code.text.startswith(("ssit_dist.", "-")):
+            continue
+        seen += 1
+        if not _known_field(name, fields):
+            problems.append(f"{page.name}: {code.heading}: `{code.text}`: no config has a field {name}")
+    assert seen > 20, f"only {seen} field names found: are the README and docs/ parsed?"
+    assert not problems, "\n".join(problems)

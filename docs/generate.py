@@ -1,0 +1,216 @@
+"""Writes the lists in docs/ that the code already holds, so that they cannot drift from it: every
+command's usage and options (from the CLI itself, as `--help` prints them) and every config field (from
+the config's JSON Schema). `make docs` runs it; tests/test_readme.py fails when a block differs from a
+fresh generation.
+
+A block is marked in the Markdown and only its inside is rewritten:
+
+    <!-- generated: command shard -->      (or: commands, config pretrain)
+    ...
+    <!-- end generated -->
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- generated: (?P<what>[^>]+?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+CONFIG_KINDS = ("pretrain", "finetune", "segment", "knn")
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _cell(text: str) -> str:
+    """Text fit for one table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _commands() -> dict[str, Any]:
+    """The `ssit-dist` commands by name, with the click context each renders its help in."""
+    import typer
+
+    from ssit_dist.cli import app
+
+    group: Any = typer.main.get_command(app)  # a group: it has commands
+    root = group.context_class(group, info_name="ssit-dist")
+    out = {}
+    for name in group.list_commands(root):
+        command = group.get_command(root, name)
+        out[name] = (command, command.context_class(command, info_name=name, parent=root))
+    return out
+
+
+def _summary(command: Any) -> str:
+    """A command's help as one paragraph per paragraph of its docstring."""
+    paragraphs = inspect.cleandoc(command.help or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def commands_index() -> str:
+    rows = ["| command | what it does |", "|---|---|"]
+    for name, (command, _) in _commands().items():
+        first = _summary(command).split("\n\n")[0]
+        rows.append(f"| [`ssit-dist {name}`](#ssit-dist-{name}) | {_cell(first)} |")
+    return "\n".join(rows) + "\n"
+
+
+def command_reference(name: str) -> str:
+    """Usage, help and one row per argument and option of `ssit-dist NAME`, as its --help has them."""
+    command, ctx = _commands()[name]
+    usage = re.sub(r"\{(\w+)\}", lambda m: m[1].upper(), command.get_usage(ctx).removeprefix("Usage: "))
+    if command.context_settings.get("allow_extra_args"):
+        usage += " [ARGS]..."
+    lines = ["    " + usage, "", _summary(command), ""]
+    records = [r for r in (p.get_help_record(ctx) for p in command.get_params(ctx)) if r]
+    lines += ["| argument or option | what it does |", "|---|---|"]
+    for spelling, help_text in records:
+        lines.append(f"| `{_cell(spelling)}` | {_cell(help_text)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _config_schema(kind: str) -> dict[str, Any]:
+    from ssit_dist import config
+
+    if hasattr(config, "json_schema"):
+        return config.json_schema(kind)
+    return _schema_from_dataclasses(kind)  # until the config classes give their own schema
+
+
+def _schema_from_dataclasses(kind: str) -> dict[str, Any]:
+    """The JSON Schema's shape, from the config dataclasses' fields and their help and bounds."""
+    import dataclasses
+    import typing
+
+    from ssit_dist.config import FinetuneConfig, PretrainConfig, SegmentConfig
+    from ssit_dist.eval.knn import KnnConfig
+
+    def of_type(tp: Any) -> dict[str, Any]:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Literal:
+            return {"enum": list(args)}
+        if args and type(None) in args:
+            return {"anyOf": [of_type(a) for a in args]}
+        if origin is list:
+            return {"type": "array", "items": of_type(args[0])}
+        if origin is dict:
+            return {"type": "object", "additionalProperties": of_type(args[1])}
+        names = {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "null"}
+        return {"type": names[tp]} if tp in names else {}
+
+    def of_instance(config: Any) -> dict[str, Any]:
+        hints, props = typing.get_type_hints(type(config)), {}
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if dataclasses.is_dataclass(value):
+                props[f.name] = {"type": "object", **of_instance(value)}
+                continue
+            bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+            ranges = {bounds[k]: v for k, v in f.metadata.get("bounds", {}).items()}
+            props[f.name] = {**of_type(hints[f.name]), **ranges, "default": value, "description": f.metadata["help"]}
+        return {"properties": props}
+
+    kinds = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig, "knn": KnnConfig}
+    defaults = {"knn": {"train": "TRAIN", "test": "TEST", "init": "random"}}.get(kind, {})  # required fields
+    schema = of_instance(kinds[kind](**defaults))
+    for name in defaults:
+        schema["properties"][name].pop("default")
+    return {**schema, "required": list(defaults)}
+
+
+def _resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A property with its `$ref` (or pydantic's `allOf: [$ref]`) replaced by the definition it names."""
+    ref = prop.get("$ref") or next((p["$ref"] for p in prop.get("allOf", []) if "$ref" in p), None)
+    if ref is None:
+        return prop
+    return {**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in prop.items() if k not in ("$ref", "allOf")}}
+
+
+def _type_text(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    """`integer, at least 1`, `number or null`, `one of cpu, gpu`: a schema type as a user reads it."""
+    prop = _resolve(prop, defs)
+    if "anyOf" in prop:
+        text = " or ".join(_type_text(p, defs) for p in prop["anyOf"])
+    elif "enum" in prop:
+        text = "one of " + ", ".join(map(str, prop["enum"]))
+    elif "const" in prop:
+        text = json.dumps(prop["const"])
+    elif prop.get("type") == "array":
+        text = "list of " + _type_text(prop.get("items", {}), defs) if prop.get("items") else "list"
+    elif prop.get("type") == "object" and isinstance(prop.get("additionalProperties"), dict):
+        text = "mapping of " + _type_text(prop["additionalProperties"], defs)
+    else:
+        text = {"integer": "int", "number": "float", "boolean": "bool", "string": "str"}.get(
+            prop.get("type", ""), prop.get("type", "any value")
+        )
+    bounds = [
+        f"{word} {prop[key]:g}"
+        for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+        if key in prop
+    ]
+    return ", ".join([text, *bounds])
+
+
+def _field_rows(schema: dict[str, Any], defs: dict[str, Any], prefix: str, defaults: dict[str, Any]) -> list[str]:
+    """One row per field; a section's fields under its dotted name, with the defaults the enclosing
+    config gives them (augment.view2 differs from view1's class defaults)."""
+    rows = []
+    for name, raw in schema.get("properties", {}).items():
+        prop = _resolve(raw, defs)
+        default = defaults.get(name, prop.get("default", raw.get("default")))
+        if prop.get("type") == "object" and "properties" in prop:
+            rows += _field_rows(prop, defs, f"{prefix}{name}.", default if isinstance(default, dict) else {})
+            continue
+        shown = "(required)" if name in schema.get("required", []) and name not in defaults else json.dumps(default)
+        help_text = raw.get("description") or prop.get("description", "")
+        rows.append(f"| `{prefix}{name}` | {_cell(_type_text(raw, defs))} | `{_cell(shown)}` | {_cell(help_text)} |")
+    return rows
+
+
+def config_reference(kind: str) -> str:
+    """Every field of config KIND: dotted name, type and range, default, what it does."""
+    schema = _config_schema(kind)
+    rows = ["| field | type | default | what it does |", "|---|---|---|---|"]
+    return "\n".join(rows + _field_rows(schema, schema.get("$defs", {}), "", {})) + "\n"
+
+
+def render(what: str) -> str:
+    kind, _, name = what.partition(" ")
+    if kind == "commands":
+        return commands_index()
+    if kind == "command":
+        return command_reference(name)
+    if kind == "config":
+        return config_reference(name)
+    raise ValueError(f"unknown generated block {what!r}: expected commands, command NAME or config KIND")
+
+
+def regenerate(text: str) -> str:
+    """TEXT with every generated block's inside written afresh."""
+    return BLOCK.sub(lambda m: m[1] + render(m["what"].strip()) + m[4], text)
+
+
+def main(argv: list[str]) -> int:
+    """Rewrite the blocks; with --check, only say which files differ (exit 1)."""
+    stale = []
+    for path in markdown_files():
+        text = path.read_text()
+        fresh = regenerate(text)
+        if fresh != text:
+            stale.append(path.relative_to(ROOT))
+            if "--check" not in argv:
+                path.write_text(fresh)
+    verb = "differ from a fresh generation (run `make docs`)" if "--check" in argv else "rewritten"
+    print(f"{', '.join(map(str, stale))}: {verb}" if stale else "docs: every generated block is current")
+    return 1 if stale and "--check" in argv else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
