@@ -247,8 +247,8 @@ def features(plan: Plan, travel: Path, exports: dict[str, str], out: Path, img_s
     from accelerate import Accelerator
 
     from ssit_dist.data.index import read_index
+    from ssit_dist.eval.evaluate import frozen_features
     from ssit_dist.eval.features_file import save_features
-    from ssit_dist.eval.frozen_features import frozen_features
     from ssit_dist.models.pretrained import load_encoder
 
     accelerator = Accelerator(cpu=plan.device == "cpu", mixed_precision="bf16" if plan.bf16 else "no")

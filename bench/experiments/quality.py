@@ -150,8 +150,8 @@ def encoder_features(work: Path, init: str, seed: int, model: ModelConfig, grade
     from accelerate import Accelerator
 
     from ssit_dist.data.index import read_index
+    from ssit_dist.eval.evaluate import frozen_features
     from ssit_dist.eval.features_file import rows_of
-    from ssit_dist.eval.frozen_features import frozen_features
     from ssit_dist.models.pretrained import load_encoder
 
     random = init == "random"

@@ -38,15 +38,17 @@ never on features): differences are due to the features alone.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass as plain_dataclass
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from ssit_dist.eval.metrics import binary_auc, quadratic_weighted_kappa
 from ssit_dist.eval.probes import DEFAULT_KS, DEFAULT_L2, KNN_TEMPERATURE, Probe, knn_probe, linear_probe
-from ssit_dist.fields import Checked, option, require
 
 SelectBy = Literal["qwk", "log_loss"]
 REFERABLE_GRADE = 2  # referable DR: moderate non-proliferative or worse
@@ -62,33 +64,40 @@ DIGITS = 4
 Seed = int | Sequence[int]  # anything np.random.default_rng takes: [seed, fold, stage] gives separate streams
 
 
-@dataclass
-class Protocol(Checked):
+@dataclass(config=ConfigDict(extra="forbid"))
+class Protocol:
     """Every choice of the evaluation; `evaluate_features` reports it beside the results."""
 
-    folds: int = option(5, "outer patient-grouped, grade-stratified folds", ge=2)
-    inner_folds: int = option(3, "inner folds (on the training folds only) that choose k and the L2 penalty", ge=2)
-    fractions: list[float] = option(
-        factory=lambda: [1.0, 0.25, 0.1], help="fractions of each training fold's patients to train on"
+    folds: int = Field(default=5, ge=2, description="outer patient-grouped, grade-stratified folds")
+    inner_folds: int = Field(
+        default=3, ge=2, description="inner folds (on the training folds only) that choose k and the L2 penalty"
     )
-    ks: list[int] = option(factory=lambda: list(DEFAULT_KS), help="kNN neighbour counts, most neighbours first")
-    l2: list[float] = option(factory=lambda: list(DEFAULT_L2), help="linear probe L2 penalties, strongest first")
-    temperature: float = option(KNN_TEMPERATURE, "kNN vote weight exp(similarity / temperature)", gt=0)
-    select_by: SelectBy = option("qwk", "inner-CV criterion of the hyper-parameters")
-    resamples: int = option(1000, "patient-level bootstrap resamples", ge=10)
-    seed: int = option(0, "seed of the folds, training subsets, inner folds and bootstrap", ge=0)
-    num_classes: int = option(5, "grades 0..num_classes-1", ge=REFERABLE_GRADE + 1)
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: [1.0, 0.25, 0.1],
+        min_length=1,
+        description="fractions of each training fold's patients to train on, each in (0, 1], no repeats",
+    )
+    ks: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: list(DEFAULT_KS), min_length=1, description="kNN neighbour counts, most first"
+    )
+    l2: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: list(DEFAULT_L2), min_length=1, description="linear probe L2 penalties, strongest first"
+    )
+    temperature: float = Field(
+        default=KNN_TEMPERATURE, gt=0, description="kNN vote weight exp(similarity / temperature)"
+    )
+    select_by: SelectBy = Field(
+        default="qwk", description="inner-CV criterion of the hyper-parameters: qwk or log_loss"
+    )
+    resamples: int = Field(default=1000, ge=10, description="patient-level bootstrap resamples")
+    seed: int = Field(default=0, ge=0, description="seed of the folds, training subsets, inner folds and bootstrap")
+    num_classes: int = Field(default=5, ge=REFERABLE_GRADE + 1, description="grades 0..num_classes-1")
 
-    def validate(self) -> None:
-        require(
-            bool(self.fractions) and all(0 < f <= 1 for f in self.fractions),
-            "fractions",
-            self.fractions,
-            "expected one or more fractions, each in (0, 1]",
-        )
-        require(len(set(self.fractions)) == len(self.fractions), "fractions", self.fractions, "expected no repeats")
-        require(bool(self.ks) and min(self.ks) >= 1, "ks", self.ks, "expected one or more counts, each at least 1")
-        require(bool(self.l2) and min(self.l2) > 0, "l2", self.l2, "expected one or more penalties, each positive")
+    @model_validator(mode="after")
+    def _distinct_fractions(self) -> Protocol:
+        if len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(f"fractions {self.fractions}: expected no repeats")
+        return self
 
     def probes(self) -> tuple[Probe, Probe]:
         return knn_probe(tuple(self.ks), self.temperature), linear_probe(tuple(self.l2))
@@ -111,34 +120,36 @@ def patient_ids(groups: Sequence[Any] | np.ndarray | None, samples: int) -> np.n
     return np.array([index[n] if n is not None else next(next_id) for n in names], np.int64)
 
 
-def _patient_strata(grades: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct patient ids, each one's highest grade, each one's photograph count)."""
+def _patient_strata(grades: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct patient ids, each one's highest grade)."""
     unique, inverse = np.unique(patients, return_inverse=True)
     highest = np.full(len(unique), -1, np.int64)
     np.maximum.at(highest, inverse, np.asarray(grades, np.int64))
-    return unique, highest, np.bincount(inverse)
+    return unique, highest
 
 
 def patient_folds(
     grades: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None, folds: int = 5, seed: Seed = 0
 ) -> np.ndarray:
     """Fold index 0..folds-1 of each sample: no patient in two folds, every fold with a similar mix of
-    patients' highest grades.
+    patients' highest grades (scikit-learn's StratifiedGroupKFold, shuffled by `seed`, each photograph
+    labelled with its patient's highest grade: a patient is as sick as the worse eye)."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
-    Patients are ordered by highest grade, then photograph count, then at random, and dealt round-robin:
-    each stratum's patients (and the one- and two-photograph patients within it) spread over the folds
-    with counts differing by at most one."""
     grades = np.asarray(grades)
     patients = patient_ids(groups, len(grades))
-    unique, highest, photos = _patient_strata(grades, patients)
+    unique, highest = _patient_strata(grades, patients)
     if len(unique) < folds:
         raise ValueError(f"{len(unique)} patients cannot fill {folds} folds: use fewer folds or more patients")
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(unique)), photos, highest))
-    fold_of_patient = np.empty(len(unique), np.int64)
-    # A random relabelling of the folds, so fold 0 is not always the one that gets each stratum's extra.
-    fold_of_patient[order] = rng.permutation(folds)[np.arange(len(unique)) % folds]
-    return fold_of_patient[np.searchsorted(unique, patients)]
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=np.random.RandomState(seed))
+    fold_of = np.empty(len(grades), np.int64)
+    with warnings.catch_warnings():
+        # A grade with fewer patients than folds (grade 4 of a small training subset) cannot reach every
+        # fold: expected, and the grade counts and fold sizes in the report show it.
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for fold, (_, test) in enumerate(splitter.split(grades, highest[np.searchsorted(unique, patients)], patients)):
+            fold_of[test] = fold
+    return fold_of
 
 
 def subsample_patients(grades: np.ndarray, patients: np.ndarray, fraction: float, seed: Seed) -> np.ndarray:
@@ -148,7 +159,7 @@ def subsample_patients(grades: np.ndarray, patients: np.ndarray, fraction: float
     patients are among a larger one's."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction = {fraction}: must be in (0, 1]")
-    unique, highest, _ = _patient_strata(grades, patients)
+    unique, highest = _patient_strata(grades, patients)
     rng = np.random.default_rng(seed)
     keys = np.empty(len(unique))
     for stratum in np.unique(highest):
@@ -161,7 +172,7 @@ def subsample_patients(grades: np.ndarray, patients: np.ndarray, fraction: float
 # --- cross-validation -----------------------------------------------------------------------------------
 
 
-@dataclass
+@plain_dataclass
 class OutOfFold:
     """Each sample's grade probabilities from the read-out that never saw its fold, and the
     hyper-parameter chosen for each outer fold."""
@@ -211,65 +222,82 @@ def _criterion(grades: np.ndarray, probabilities: np.ndarray, folds: np.ndarray,
     return -np.inf if np.isnan(value) else value
 
 
-def select_hyper(
-    x: np.ndarray,
+@plain_dataclass(frozen=True)
+class FoldPlan:
+    """One outer fold's rows: the test rows, the training rows (`fraction` of the other folds' patients)
+    and the inner fold of each training row. They depend on grades, patients and the seed alone, never
+    on features: one plan serves every method and both read-outs."""
+
+    test: np.ndarray
+    train: np.ndarray
+    inner: np.ndarray
+
+
+def fold_plans(
     grades: np.ndarray,
     patients: np.ndarray,
-    probe: Probe,
-    *,
-    classes: int,
+    folds: np.ndarray,
+    fraction: float = 1.0,
     inner_folds: int = 3,
-    seed: Seed = 0,
-    select_by: SelectBy = "qwk",
+    seed: int = 0,
+) -> list[FoldPlan]:
+    """A FoldPlan per outer fold, seeded per (seed, fold, stage): streams independent of each other."""
+    plans = []
+    for f in np.unique(folds):
+        test, rest = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
+        train = rest[subsample_patients(grades[rest], patients[rest], fraction, [seed, int(f), 1])]
+        inner_count = min(inner_folds, len(np.unique(patients[train])))
+        inner = patient_folds(grades[train], patients[train], inner_count, [seed, int(f), 2])
+        plans.append(FoldPlan(test, train, inner))
+    return plans
+
+
+def select_hyper(
+    x: np.ndarray, grades: np.ndarray, inner: np.ndarray, probe: Probe, *, classes: int, select_by: SelectBy = "qwk"
 ) -> float:
-    """The candidate of `probe.grid` whose inner out-of-fold predictions score best on `x` (the training
-    rows only). Ties go to the first candidate, the most regularised."""
-    folds = patient_folds(grades, patients, min(inner_folds, len(np.unique(patients))), seed)
-    grid = probe.usable_grid(int(min((folds != f).sum() for f in np.unique(folds))))
+    """The candidate of `probe.grid` whose out-of-fold predictions over the `inner` folds score best on
+    `x` (the training rows only). Ties go to the first candidate, the most regularised."""
+    grid = probe.usable_grid(int(min((inner != f).sum() for f in np.unique(inner))))
     if len(grid) == 1:
         return grid[0]
     pooled = np.empty((len(grid), len(grades), classes))
-    for f in np.unique(folds):
-        fit, held = folds != f, folds == f
+    for f in np.unique(inner):
+        fit, held = inner != f, inner == f
         pooled[:, held] = probe.predict(x[fit], grades[fit], x[held], grid, classes)
-    scores = [_criterion(grades, candidate, folds, select_by) for candidate in pooled]
+    scores = [_criterion(grades, candidate, inner, select_by) for candidate in pooled]
     return grid[int(np.argmax(scores))]
 
 
 def cross_validate(
     x: np.ndarray,
     grades: np.ndarray,
-    patients: np.ndarray,
-    folds: np.ndarray,
+    plans: list[FoldPlan],
     probe: Probe,
     *,
     classes: int = 5,
-    fraction: float = 1.0,
-    inner_folds: int = 3,
-    seed: int = 0,
     select_by: SelectBy = "qwk",
 ) -> OutOfFold:
-    """Out-of-fold probabilities of `probe` on features `x` over the given outer `folds` (pass the same
-    folds for every method), trained on `fraction` of each training fold's patients."""
+    """Out-of-fold probabilities of `probe` on features `x` over the outer folds of `plans` (pass the same
+    plans for every method): each fold's hyper-parameter chosen on its training rows, then its test rows
+    predicted once."""
     probabilities = np.full((len(grades), classes), np.nan)
     chosen = []
-    for f in np.unique(folds):
-        test, rest = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
-        # Seeds per (seed, fold, stage): streams independent of each other and of the method.
-        train = rest[subsample_patients(grades[rest], patients[rest], fraction, [seed, int(f), 1])]
-        value = select_hyper(
-            x[train],
-            grades[train],
-            patients[train],
-            probe,
-            classes=classes,
-            inner_folds=inner_folds,
-            seed=[seed, int(f), 2],
-            select_by=select_by,
-        )
-        probabilities[test] = probe.predict(x[train], grades[train], x[test], (value,), classes)[0]
+    for plan in plans:
+        value = select_hyper(x[plan.train], grades[plan.train], plan.inner, probe, classes=classes, select_by=select_by)
+        probabilities[plan.test] = probe.predict(x[plan.train], grades[plan.train], x[plan.test], (value,), classes)[0]
         chosen.append(value)
     return OutOfFold(probabilities, chosen)
+
+
+def grade_mix(grades: np.ndarray, folds: np.ndarray, classes: int) -> np.ndarray:
+    """The chance floor: each photograph's probabilities are its training folds' grade frequencies, a
+    read-out that learnt the grade mix and nothing of the photograph (it predicts the majority grade:
+    QWK 0, AUC 0.5, accuracy the majority's share)."""
+    probabilities = np.empty((len(grades), classes))
+    for f in np.unique(folds):
+        counts = np.bincount(grades[folds != f], minlength=classes)
+        probabilities[folds == f] = counts / counts.sum()
+    return probabilities
 
 
 # --- patient-level bootstrap ----------------------------------------------------------------------------
@@ -353,24 +381,25 @@ def evaluate_features(
 ) -> dict[str, Any]:
     """Every method's features (rows aligned with `grades` and `groups`) through every read-out variant,
     each endpoint with its patient-bootstrap interval, and each pair's paired difference with its verdict
-    (`pairs` default: every pair, in the order the methods are given). JSON-ready: see the module
+    (`pairs` default: every pair, in the order the methods are given), and the chance floor (`grade_mix`)
+    with its interval. JSON-ready: see the module
     docstring for the protocol, and `_protocol_summary`, `_method_results`, `_differences` for the shape."""
     protocol = protocol or Protocol()
     started = time.perf_counter()
     grades, patients = _checked_inputs(features, grades, groups, protocol.num_classes)
     pairs = _checked_pairs(features, pairs)
     folds = patient_folds(grades, patients, protocol.folds, protocol.seed)
+    plans = {
+        fraction: fold_plans(grades, patients, folds, fraction, protocol.inner_folds, protocol.seed)
+        for fraction in protocol.fractions
+    }
     runs = {
         (method, variant): cross_validate(
             np.asarray(x, np.float64),
             grades,
-            patients,
-            folds,
+            plans[fraction],
             probe,
             classes=protocol.num_classes,
-            fraction=fraction,
-            inner_folds=protocol.inner_folds,
-            seed=protocol.seed,
             select_by=protocol.select_by,
         )
         for method, x in features.items()
@@ -379,10 +408,13 @@ def evaluate_features(
     draws = patient_resamples(patients, folds, protocol.resamples, [protocol.seed, 3])
     points = {key: endpoints(grades, run.probabilities, folds) for key, run in runs.items()}
     boots = {key: bootstrap_endpoints(grades, run.probabilities, folds, draws) for key, run in runs.items()}
+    chance = grade_mix(grades, folds, protocol.num_classes)
+    chance_boots = bootstrap_endpoints(grades, chance, folds, draws)
     return {
         "protocol": _protocol_summary(protocol, features, grades, patients, folds, time.perf_counter() - started),
         "methods": _method_results(runs, points, boots, protocol),
         "differences": _differences(pairs, points, boots, protocol),
+        "chance": {e: interval(v, chance_boots[e]) for e, v in endpoints(grades, chance, folds).items()},
     }
 
 
@@ -450,7 +482,10 @@ def _protocol_summary(
         "selection": f"{protocol.select_by} of inner out-of-fold predictions, ties to the most regularised",
         "fractions": protocol.fractions,
         "knn": {"ks": protocol.ks, "temperature": protocol.temperature, "similarity": "cosine of raw features"},
-        "probe": {"l2": protocol.l2, "model": "multinomial logistic regression, L-BFGS, training-fold standardised"},
+        "probe": {
+            "l2": protocol.l2,
+            "model": "multinomial logistic regression (scikit-learn, L-BFGS), training-fold standardised",
+        },
         "endpoints": {
             "referable": f"grade >= {REFERABLE_GRADE}",
             "predicted_grade": "most probable",

@@ -24,6 +24,10 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+# QWK and AUC are computed here, not by scikit-learn's cohen_kappa_score / roc_auc_score (which they equal,
+# tests/test_metrics.py): the patient bootstrap of eval/crossval.py calls each 90,000 times per `ssit-dist
+# evaluate`, and scikit-learn's input checks make a call 3-4 ms against 40-70 us here, 640 s against 10 s in
+# all (bench/perf/eval_metrics.py, bench/results/eval_metrics_cpu_epyc_2026-12-07.json).
 def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     observed = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
     grades = np.arange(num_classes)
