@@ -96,6 +96,15 @@ def test_folds_of_the_real_cohort_keep_both_eyes_together(graded_dir: Path) -> N
         assert_whole_and_balanced(grades, groups, patient_folds(grades, groups, folds=5, seed=seed), 5)
 
 
+def test_a_cohort_too_small_to_stratify_is_still_split_by_patient() -> None:
+    """Six patients of five grades in three folds (a 10% training subset's inner folds): no grade fills
+    the folds, and the folds are still whole patients, two each."""
+    grades, groups = np.array([0, 0, 1, 2, 3, 4, 4, 0]), ["a", "a", "b", "c", "d", "e", "e", "f"]
+    folds = patient_folds(grades, groups, folds=3, seed=[1, 2, 3])
+    assert_whole_and_balanced(grades, groups, folds, 3)
+    assert sorted(len(set(np.array(groups)[folds == f])) for f in range(3)) == [2, 2, 2]
+
+
 def test_a_photograph_without_a_patient_id_is_its_own_patient() -> None:
     groups = ["a", "a", None, "", float("nan"), "b"]
     ids = patient_ids(groups, len(groups))

@@ -141,13 +141,16 @@ def patient_folds(
     unique, highest = _patient_strata(grades, patients)
     if len(unique) < folds:
         raise ValueError(f"{len(unique)} patients cannot fill {folds} folds: use fewer folds or more patients")
+    strata = highest[np.searchsorted(unique, patients)]
+    if np.bincount(strata).max() < folds:  # no grade fills the folds (a tiny training subset): grouped only,
+        strata = np.zeros_like(strata)  # as scikit-learn refuses to stratify such a cohort
     splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=np.random.RandomState(seed))
     fold_of = np.empty(len(grades), np.int64)
     with warnings.catch_warnings():
         # A grade with fewer patients than folds (grade 4 of a small training subset) cannot reach every
         # fold: expected, and the grade counts and fold sizes in the report show it.
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        for fold, (_, test) in enumerate(splitter.split(grades, highest[np.searchsorted(unique, patients)], patients)):
+        for fold, (_, test) in enumerate(splitter.split(grades, strata, patients)):
             fold_of[test] = fold
     return fold_of
 
