@@ -123,32 +123,116 @@ def test_finetune_flags_are_the_config_fields() -> None:
     cfg = load_config(None, overrides, kind=FinetuneConfig)
     assert (cfg.train, cfg.run_dir, cfg.linear, cfg.epochs, cfg.eval_batch) == ("a:train", "b", True, 2, 8)
     failed = invoke_cli("finetune", "--trian", "a", check=False)
-    assert failed.exit_code == 2 and "unknown option --trian" in failed.stderr and "train" in failed.stderr
+    assert failed.exit_code == 2 and "unknown option --trian" in failed.stderr
+    assert "FinetuneConfig has no field trian" in failed.stderr and "train" in failed.stderr
 
 
-def test_knn_options_are_the_config_fields_and_bad_values_name_them(tmp_path: Path) -> None:
-    """`ssit-dist knn` takes each option's default and help from KnnConfig (one place), and a bad value
-    stops it before any shard is read, naming the option or field."""
-    import dataclasses
+def test_flags_reach_sections_by_their_last_name_and_say_when_that_is_ambiguous() -> None:
+    """One mapping everywhere: `--run-dir` is run_dir, `--workers` the one field of that name (data.workers
+    in a pretraining config), `--optim.lr` a section's field by its path, `--no-x` a no."""
+    from ssit_dist.cli import flags_as_overrides
+    from ssit_dist.config import PretrainConfig
+    from ssit_dist.data.packing.options import ShardOptions
 
+    words = ["--run-dir", "r", "--workers=3", "--optim.lr", "5e-4", "--loss.ss-cosine-decay", "seed=4"]
+    assert flags_as_overrides(words, PretrainConfig) == [
+        "run_dir=r",
+        "data.workers=3",
+        "optim.lr=5e-4",
+        "loss.saliency_cosine_decay=true",  # an older name of a section field
+        "seed=4",
+    ]
+    assert flags_as_overrides(["--no-jpeg-roundtrip", "--strict"], ShardOptions) == [
+        "jpeg_roundtrip=false",
+        "strict=true",
+    ]
+    with pytest.raises(ValueError, match="--shards is ambiguous in PretrainConfig: write one of --data.shards"):
+        flags_as_overrides(["--shards", "x"], PretrainConfig)
+    with pytest.raises(ValueError, match="--no-seed: seed is not a yes/no field"):
+        flags_as_overrides(["--no-seed"], PretrainConfig)
+
+
+def test_pretrain_takes_run_dir_and_field_flags_as_finetune_does(shards: Path, tmp_path: Path) -> None:
+    """`--run-dir` (and every field flag) is a pretraining field too; the words reach the config before any
+    rank starts: here global_batch 7 over 2 ranks is refused by name, so --run-dir was read, not refused."""
     from typer.main import get_command
 
     from ssit_dist.cli import app
+    from ssit_dist.cli.settings import split_words
+    from ssit_dist.config import PretrainConfig
+
+    command = get_command(app).commands["pretrain"]  # type: ignore[attr-defined]
+    declared = {o: p for p in command.params for o in p.opts if o.startswith("-")}
+    words = ["--run-dir", str(tmp_path / "run"), "--nproc", "2", "--global-batch", "7"]
+    own, overrides = split_words(words, PretrainConfig, {}, declared, {})
+    assert own == ["--nproc", "2"] and overrides == [f"run_dir={tmp_path / 'run'}", "global_batch=7"]
+    args = ["pretrain", "--run-dir", tmp_path / "run", "--nproc", 2, f"data.shards=[{shards}]", "--global-batch", 7]
+    failed = invoke_cli(*args, check=False)
+    assert failed.exit_code == 2 and "global_batch 7" in failed.stderr and "--run-dir" not in failed.stderr
+    assert not (tmp_path / "run").exists()  # refused before any rank started
+
+
+# Each run command, the words it needs besides the one under test, a field=value it refuses and what it says.
+RUN_COMMANDS = {
+    "pretrain": ([], "optim.lr=0", "PretrainConfig: optim.lr = 0"),
+    "finetune": ([], "epochs=0", "FinetuneConfig: epochs = 0"),
+    "segment": ([], "iterations=0", "SegmentConfig: iterations = 0"),
+    "knn": (["--train", "a", "--test", "b", "--init", "random"], "temperature=0", "KnnConfig: temperature = 0"),
+    "shard": (["in", "out"], "size=30", "ShardOptions: size = 30: use a multiple of 16"),
+    "data-plan": (["--world", "2"], "global_batch=1", "PretrainConfig: global_batch = 1"),
+}
+
+
+@pytest.mark.parametrize("name", RUN_COMMANDS)
+def test_every_run_command_takes_field_values_and_names_a_bad_key_with_its_class(name: str, tmp_path: Path) -> None:
+    """`key=value` is read by every run command (a refused value stops it, named), and a key that is no
+    field names itself and the config class, as `key=value` and as `--key value`."""
+    words, refused, said = RUN_COMMANDS[name]
+    words = [str(tmp_path / w) if name == "shard" else w for w in words]
+    failed = invoke_cli(name, *words, refused, check=False)
+    assert failed.exit_code in (1, 2) and said in failed.stderr, failed.stderr
+    kind = said.split(":")[0]
+    unknown = invoke_cli(name, *words, "nonsense=1", check=False)
+    assert unknown.exit_code in (1, 2) and f"{kind}: unknown field nonsense" in unknown.stderr, unknown.stderr
+    flag = invoke_cli(name, *words, "--nonsense", 1, check=False)
+    assert flag.exit_code == 2 and f"unknown option --nonsense: {kind} has no field nonsense" in flag.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_then_words_set_the_fields_later_words_winning(shards: Path, tmp_path: Path) -> None:
+    """`--config FILE` then key=value and flags, on data-plan (the stream's plan, without training): the
+    file's fields hold where the words say nothing; data-plan reads the config's own defaults."""
+    import dataclasses
+
+    from ssit_dist.config import PretrainConfig
+
+    run = tmp_path / "run.yaml"
+    run.write_text(f"data:\n  shards: [{shards}]\n  workers: 3\nglobal_batch: 8\n")
+    plan = json.loads(invoke_cli("data-plan", "--world", 2, "--config", run, "data.workers=1").stdout)
+    assert plan["streams"] == 2 * 1 and plan["samples_per_epoch"] == 24 // 8 * 8 and len(plan["epochs"]) == 1
+    plan = json.loads(invoke_cli("data-plan", shards, "--world", 2, "--global-batch", 4, "--epochs", 2).stdout)
+    assert plan["streams"] == 2 * PretrainConfig().data.workers and len(plan["epochs"]) == 2
+    assert dataclasses.asdict(PretrainConfig())["data"]["piece_size"] == plan["piece_size"]
+
+
+def test_knn_options_are_the_config_fields_and_bad_values_name_them(tmp_path: Path) -> None:
+    """`ssit-dist knn` takes KnnConfig's fields (its `--k 5,10` spelling kept for ks), lists each with its
+    default in --help, and a bad value stops it before any shard is read, naming the option."""
+    import dataclasses
+
+    from ssit_dist.cli import flags_as_overrides
     from ssit_dist.eval.knn import KnnConfig
 
-    options = {p.name: p for p in get_command(app).commands["knn"].params}  # type: ignore[attr-defined]
-    config = KnnConfig(train="a", test="b", init="random")
-    assert options["k"].default == "5,10,20" == ",".join(map(str, config.ks))
+    assert flags_as_overrides(["--k", "5,10"], KnnConfig, {"k": "ks"}) == ["ks=[5,10]"]
+    shown = invoke_cli("knn", "--help").stdout
     for field in dataclasses.fields(KnnConfig):
-        option = options.get(field.name)
-        if option is not None:
-            assert option.help.lower().startswith(field.metadata["help"].lower()), field.name
-            assert option.required or option.default == getattr(config, field.name), field.name
+        assert f"--{'k' if field.name == 'ks' else field.name.replace('_', '-')} " in shown, field.name
+    assert "default [5, 10, 20]" in shown and "default 0.07" in shown
     for args, message in (
-        (["--k", "5,x"], "--k 5,x: expected neighbour counts separated by commas"),
-        (["--k", "0,5"], "ks = [0, 5]: expected one or more neighbour counts"),
-        (["--temperature", "0"], "temperature = 0.0: must be positive"),
-        (["--timm-kwargs", "{bad"], "--timm-kwargs {bad: not JSON"),
+        (["--k", "5,x"], "KnnConfig: --k [5, 'x']"),
+        (["--k", "0,5"], "KnnConfig: --k [0, 5]: expected one or more neighbour counts"),
+        (["--temperature", "0"], "KnnConfig: --temperature 0.0: must be positive"),
+        (["--timm-kwargs", "{bad"], "KnnConfig: --timm-kwargs"),
     ):
         failed = invoke_cli("knn", "--train", tmp_path, "--test", tmp_path, "--init", "random", *args, check=False)
         assert failed.exit_code == 2 and message in failed.stderr, failed.stderr

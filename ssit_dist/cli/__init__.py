@@ -1,27 +1,30 @@
 """The `ssit-dist` command: thin Typer commands, each calling one library function. One file per command
-group; this one builds the app and registers them in the order `ssit-dist --help` lists them."""
+group; this one builds the app and registers them in the order `ssit-dist --help` lists them. A command
+that runs something takes its settings one way (cli/settings.py): `--config FILE`, then `field=value` or
+`--field value`, for the fields of its config class."""
 
 from __future__ import annotations
 
 import typer
 
-from ssit_dist.cli import config, data, demo, inspect, slurm, train
-from ssit_dist.cli.common import flags_as_overrides
+from ssit_dist.cli import config, data, demo, evaluate, inspect, slurm, train
+from ssit_dist.cli.settings import flags_as_overrides, settings_command
 
 __all__ = ["app", "flags_as_overrides"]
 
-# Commands that hand the words they do not declare to a trainer (field=value overrides, --config FILE).
+# slurm hands the words it does not declare to the trainer's sbatch script.
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SSiT pretraining for fundus photographs, at scale.")
 app.command()(data.info)
-app.command()(data.shard)
-app.command(context_settings=PASS_THROUGH)(train.pretrain)
+app.command(cls=settings_command("ssit_dist.data.packing.options:ShardOptions"))(data.shard)
+app.command(cls=settings_command("ssit_dist.config:PretrainConfig"))(train.pretrain)
 app.command()(train.export)
-app.command(context_settings=PASS_THROUGH)(train.finetune)
-app.command(context_settings=PASS_THROUGH)(train.segment)
-app.command("data-plan")(data.data_plan)
-app.command()(inspect.knn)
+app.command(cls=settings_command("ssit_dist.config:FinetuneConfig"))(train.finetune)
+app.command(cls=settings_command("ssit_dist.config:SegmentConfig"))(train.segment)
+app.command("data-plan", cls=settings_command("ssit_dist.config:PretrainConfig"))(data.data_plan)
+app.command(cls=settings_command("ssit_dist.eval.knn:KnnConfig", {"k": "ks"}))(inspect.knn)
+app.command(cls=settings_command("ssit_dist.eval.evaluate:EvaluateConfig"))(evaluate.evaluate)
 app.command()(inspect.attention)
 app.command()(inspect.plot)
 app.command()(demo.demo)

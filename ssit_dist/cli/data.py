@@ -12,10 +12,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ssit_dist.cli.common import RateColumn, console, err, fail, field_option
+from ssit_dist.cli.common import CONFIG_OPTION, RateColumn, console, err, fail
+from ssit_dist.cli.settings import read_settings
 from ssit_dist.data.index import INFO_NAME, ShardIndex
 from ssit_dist.data.packing.inputs import Inputs
-from ssit_dist.data.packing.options import ShardOptions
 
 
 def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
@@ -52,14 +52,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
     console.print(table)
 
 
-def _every_core(option: Any) -> Any:
-    """The `workers` option with default 0, one worker per available core: the command packs with every
-    core, while `ShardOptions` itself (the library, tests, the demo) defaults to one process."""
-    option.default = 0
-    return option
-
-
 def shard(
+    ctx: typer.Context,
     input: Path = typer.Argument(
         ..., help="Folder of fundus photographs (flat, grade folders 0-4, or train/val/test)."
     ),
@@ -70,54 +64,17 @@ def shard(
         help="Labels file: a CSV image,grade (paths relative to INPUT) or a public DR set's own (see "
         "--labels-format); repeat it for a set's split files (DDR's train.txt, valid.txt, test.txt).",
     ),
-    labels_format: str = field_option(ShardOptions, "labels_format"),
-    split: str | None = field_option(ShardOptions, "split"),
-    group_by: str | None = field_option(ShardOptions, "group_by"),
-    seed: int = field_option(ShardOptions, "seed"),
-    size: int = field_option(ShardOptions, "size"),
-    shard_size: int = field_option(ShardOptions, "shard_size"),
-    workers: int = _every_core(field_option(ShardOptions, "workers")),
-    saliency: str = field_option(ShardOptions, "saliency"),
-    jpeg_roundtrip: bool = field_option(ShardOptions, "jpeg_roundtrip", "--jpeg-roundtrip/--no-jpeg-roundtrip"),
-    quality: int = field_option(ShardOptions, "quality"),
-    strict: bool = field_option(ShardOptions, "strict"),
-    overwrite: bool = field_option(ShardOptions, "overwrite"),
-    preview: int = field_option(ShardOptions, "preview"),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
-    """Pack fundus photographs into WebDataset shards with precomputed saliency maps."""
-    opts = _shard_options(
-        size=size,
-        shard_size=shard_size,
-        workers=workers,
-        saliency=saliency,
-        jpeg_roundtrip=jpeg_roundtrip,
-        quality=quality,
-        seed=seed,
-        labels_format=labels_format,
-        split=split,
-        group_by=group_by,
-        overwrite=overwrite,
-        preview=preview,
-        strict=strict,
-    )
+    """Pack fundus photographs into WebDataset shards with precomputed saliency maps. It packs with every
+    core (workers 0) unless told otherwise; the library's ShardOptions default to one process."""
+    opts = read_settings(ctx, config, code=1, workers=0)
     started = time.perf_counter()
     inputs, index = _pack_with_progress(input, output, labels or [], opts)
     _print_packed(index, inputs, input, output, time.perf_counter() - started, opts.preview > 0)
 
 
-def _shard_options(**values: Any) -> ShardOptions:
-    """The command's options as ShardOptions; one it refuses fails as the user typed it: `--size 30: ...`."""
-    from ssit_dist.fields import ConfigError
-
-    try:
-        return ShardOptions(**values)
-    except ConfigError as e:
-        name, _, problem = str(e).partition(" = ")
-        fail(f"--{name.replace('_', '-')} {problem}" if name in values else str(e), 1)
-        raise AssertionError from e  # unreachable: fail exits
-
-
-def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: ShardOptions) -> tuple[Inputs, ShardIndex]:
+def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: Any) -> tuple[Inputs, ShardIndex]:
     """Find the inputs and pack them, with a progress bar on a terminal; a refused input fails the command."""
     from ssit_dist.data.packing.inputs import InputError, discover
     from ssit_dist.data.packing.shard import ShardError, pack
@@ -130,7 +87,6 @@ def _pack_with_progress(input: Path, output: Path, labels: list[Path], opts: Sha
             return inputs, pack(input, output, inputs, opts, lambda _: progress.advance(task))
     except (InputError, ShardError, ValueError) as e:
         fail(str(e), 1)
-        raise AssertionError from e  # unreachable: fail exits
 
 
 _SKIPS_SHOWN = 10  # skipped inputs printed one a line; the index lists them all
@@ -225,39 +181,37 @@ def _print_sizes(sizes: dict[str, Any], size: int) -> None:
 
 
 def data_plan(
-    shards: list[str] = typer.Argument(..., help="Shard folders or brace patterns, as data.shards takes them."),
+    ctx: typer.Context,
+    shards: list[str] | None = typer.Argument(
+        None, help="Shard folders or brace patterns, as data.shards takes them (default: the config's)."
+    ),
     world: int = typer.Option(..., help="Ranks (GPUs) of the run."),
-    workers: int = typer.Option(..., help="Loader workers per rank (data.workers)."),
-    global_batch: int = typer.Option(..., help="Pairs per optimizer step over all ranks."),
-    epochs: int = typer.Option(1, help="Epochs to plan."),
-    micro_batch: int | None = typer.Option(None, help="Pairs per rank and forward (default: no accumulation)."),
-    steps_per_epoch: int | None = typer.Option(None, help="As the run's steps_per_epoch (default: samples // batch)."),
-    split: str = typer.Option("train", help="Split of the folders (data.split)."),
-    seed: int = typer.Option(0, help="The run's seed."),
-    piece_size: int = typer.Option(64, help="data.piece_size."),
-    shuffle_buffer: int = typer.Option(1000, help="data.shuffle_buffer."),
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """What a pretraining run will read, without training: per epoch the distinct samples, the samples read
     twice and the bytes read per byte used, from the stream's own code on tar headers only (a `pipe:` or
-    `https://` source is read through, as the run would read it). Prints JSON."""
+    `https://` source is read through, as the run would read it). Prints JSON. The run is a pretraining
+    config; it plans 1 epoch unless told `--epochs N`."""
     from ssit_dist.data.index import ShardIndexError
     from ssit_dist.data.loading.dry_run import dry_run
     from ssit_dist.data.loading.sources import open_shards
-    from ssit_dist.fields import ConfigError
 
+    first = [f"data.shards={json.dumps(shards)}"] if shards else []
+    cfg = read_settings(ctx, config, first=first, epochs=1)
+    data = cfg.data
     try:
         report = dry_run(
-            open_shards(shards, split),
+            open_shards(data.shards, data.split),
             world,
-            workers,
-            global_batch,
-            epochs,
-            micro_batch,
-            steps_per_epoch,
-            seed,
-            piece_size,
-            shuffle_buffer,
+            data.workers,
+            cfg.global_batch,
+            cfg.epochs,
+            cfg.micro_batch,
+            cfg.steps_per_epoch,
+            cfg.seed,
+            data.piece_size,
+            data.shuffle_buffer,
         )
-    except (ShardIndexError, ConfigError, ValueError) as e:
+    except (ShardIndexError, ValueError) as e:  # ConfigError is a ValueError
         fail(str(e))
     print(json.dumps(report, indent=2))

@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ssit_dist import atomic
-from ssit_dist.cli.common import console, fail, field_option
-from ssit_dist.eval.knn import KnnConfig
+from ssit_dist.cli.common import CONFIG_OPTION, console, fail
+from ssit_dist.cli.settings import read_settings
 
 
 def _print_knn(result: dict) -> None:
@@ -33,44 +33,18 @@ def _print_knn(result: dict) -> None:
 
 
 def knn(
-    train: str = field_option(KnnConfig, "train"),
-    test: str = field_option(KnnConfig, "test"),
-    init: str = field_option(KnnConfig, "init"),
-    img_size: int = field_option(KnnConfig, "img_size"),
-    k: str = field_option(KnnConfig, "ks", text=lambda ks: ",".join(map(str, ks)), note="comma-separated"),
-    temperature: float = field_option(KnnConfig, "temperature"),
-    arch: str | None = field_option(KnnConfig, "arch"),
-    timm_kwargs: str | None = field_option(KnnConfig, "timm_kwargs", note="given as JSON"),
-    trust_pickle: bool = field_option(KnnConfig, "trust_pickle", "--trust-pickle"),
+    ctx: typer.Context,
+    config: Path | None = CONFIG_OPTION,
     output: Path | None = typer.Option(None, "-o", "--output", help="Write the results here as JSON."),
 ) -> None:
-    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k."""
+    """Grade by weighted kNN on frozen CLS features: QWK and accuracy for each k (`--k 5,10,20`)."""
     from ssit_dist.data.index import ShardIndexError
     from ssit_dist.eval.knn import knn_evaluate
     from ssit_dist.models.pretrained import EncoderInitError
 
     try:
-        ks = [int(v) for v in k.split(",")]
-    except ValueError:
-        fail(f"--k {k}: expected neighbour counts separated by commas, e.g. 5,10,20")
-    try:
-        kwargs = json.loads(timm_kwargs) if timm_kwargs else None
-    except json.JSONDecodeError as e:
-        fail(f"--timm-kwargs {timm_kwargs}: not JSON ({e}); write e.g. '{{\"embed_dim\": 96}}'")
-    try:
-        config = KnnConfig(
-            train=train,
-            test=test,
-            init=init,
-            img_size=img_size,
-            ks=ks,
-            temperature=temperature,
-            arch=arch,
-            timm_kwargs=kwargs,
-            trust_pickle=trust_pickle,
-        )
-        result = knn_evaluate(config)
-    except (ShardIndexError, EncoderInitError, ValueError) as e:  # ConfigError is a ValueError
+        result = knn_evaluate(read_settings(ctx, config))
+    except (ShardIndexError, EncoderInitError, ValueError) as e:
         fail(str(e))
     _print_knn(result)
     if output:

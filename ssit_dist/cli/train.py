@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from ssit_dist.cli.common import console, fail, flags_as_overrides, launch_ranks
+from ssit_dist.cli.common import CONFIG_OPTION, NPROC_OPTION, console, fail, launch_ranks
+from ssit_dist.cli.settings import read_settings, trainer_args
 
 
-def pretrain(
-    ctx: typer.Context,
-    config: Path | None = typer.Option(None, help="Run config (YAML or JSON); field=value overrides follow."),
-    nproc: int = typer.Option(1, help="Processes (ranks) on this machine: GPUs, or CPU ranks without GPUs."),
-) -> None:
+def pretrain(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int = NPROC_OPTION) -> None:
     """Pretrain SSiT with DeepSpeed on this machine: `nproc` ranks, stopped together by Ctrl-C or SIGTERM
     (each saves, exit 0; a second Ctrl-C stops at once)."""
-    from ssit_dist.config import ConfigError, PretrainConfig, load_config
+    from ssit_dist.config import ConfigError
     from ssit_dist.data.index import ShardIndexError
     from ssit_dist.train.pretrain import check_inputs
 
-    args = (["--config", str(config)] if config else []) + list(ctx.args)
     # What every rank would check first, checked here once, before any rank starts.
     try:
-        check_inputs(load_config(config, list(ctx.args), PretrainConfig), nproc)
+        check_inputs(read_settings(ctx, config), nproc)
     except (ConfigError, ShardIndexError) as e:
         fail(str(e), 2)
-    raise typer.Exit(launch_ranks("ssit_dist.train.pretrain", args, nproc))
+    raise typer.Exit(launch_ranks("ssit_dist.train.pretrain", trainer_args(ctx, config), nproc))
 
 
 def export(
@@ -52,30 +49,17 @@ def export(
     console.print(f"wrote {' and '.join(map(str, written))}", markup=False)
 
 
-def finetune(
-    ctx: typer.Context,
-    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
-    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
-) -> None:
-    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate.
-
-    Every field of `ssit-dist config finetune` is set as field=value or as a flag: --train FOLDER[:SPLIT],
-    --val, --test, --init, --run-dir (--out), --linear, --trust-pickle, ..."""
-    from ssit_dist.config import FinetuneConfig
-
-    raise typer.Exit(_accelerate_trainer("ssit_dist.train.finetune", FinetuneConfig, ctx.args, config, nproc))
+def finetune(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int = NPROC_OPTION) -> None:
+    """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
+    read_settings(ctx, config)  # a wrong field stops here, before any process starts
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.finetune", trainer_args(ctx, config), nproc))
 
 
-def _accelerate_trainer(module: str, kind: type, extra: list[str], config: Path | None, nproc: int) -> int:
-    """A trainer module run with Accelerate, `--field value` flags as overrides of config class `kind`: in
-    this process for one, as `nproc` ranks for several (Accelerate reads their torch.distributed
-    environment, as under srun); its exit code."""
+def _accelerate_trainer(module: str, args: list[str], nproc: int) -> int:
+    """A trainer module run with Accelerate: in this process for one, as `nproc` ranks for several
+    (Accelerate reads their torch.distributed environment, as under srun); its exit code."""
     import importlib
 
-    try:
-        args = (["--config", str(config)] if config else []) + flags_as_overrides(extra, kind)
-    except ValueError as e:
-        fail(str(e), 2)
     if nproc == 1:
         return int(importlib.import_module(module).main(args))
     return launch_ranks(module, args, nproc)
@@ -86,8 +70,8 @@ SYNTHETIC_VESSELS = {"train": 12, "val": 4, "test": 4}  # `segment --synthetic`:
 
 def segment(
     ctx: typer.Context,
-    config: Path | None = typer.Option(None, help="Config file (YAML/JSON); field=value overrides follow."),
-    nproc: int = typer.Option(1, help="Processes: GPUs, or CPU processes (gloo) without GPUs."),
+    config: Path | None = CONFIG_OPTION,
+    nproc: int = NPROC_OPTION,
     synthetic: bool = typer.Option(
         False,
         "--synthetic",
@@ -95,28 +79,20 @@ def segment(
         "at `resize` px to RUN_DIR/synthetic_vessels, are the data.",
     ),
 ) -> None:
-    """Segmentation evaluation of an encoder (vessels, lesions: Dice, IoU, AUC-PR) with Accelerate.
-
-    Every field of `ssit-dist config segment` is set as field=value or as a flag: --data FOLDER, --init,
-    --run-dir (--out), --linear, --iterations, ..."""
-    from ssit_dist.config import SegmentConfig
-
-    extra = list(ctx.args)
+    """Segmentation evaluation of an encoder (vessels, lesions: Dice, IoU, AUC-PR) with Accelerate."""
+    cfg = read_settings(ctx, config)
+    args = trainer_args(ctx, config)
     if synthetic:
-        extra.append(f"data={_synthetic_vessels(config, extra)}")
-    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", SegmentConfig, extra, config, nproc))
+        args.append(f"data={_synthetic_vessels(cfg)}")
+    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", args, nproc))
 
 
-def _synthetic_vessels(config: Path | None, extra: list[str]) -> Path:
+def _synthetic_vessels(cfg: Any) -> Path:
     """`segment --synthetic`'s data, written once here before any process starts: the demo's generator
     (data/packing/synthetic.py) paints vessels and writes their masks, the same photographs every time."""
-    from ssit_dist.config import ConfigError, SegmentConfig, load_config
+    from ssit_dist.config import SegmentConfig
     from ssit_dist.data.packing.synthetic import write_synthetic_segmentation
 
-    try:
-        cfg = load_config(config, flags_as_overrides(extra, SegmentConfig), SegmentConfig)
-    except (ConfigError, ValueError) as e:
-        fail(str(e), 2)
     if cfg.data != SegmentConfig().data:
         fail(f"--synthetic writes its own data: leave out data ({cfg.data}), or --synthetic", 2)
     root = Path(cfg.run_dir) / "synthetic_vessels"
