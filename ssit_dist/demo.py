@@ -24,41 +24,46 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
+from pydantic import Field
 
 from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
+from ssit_dist.configclass import configclass, require
 from ssit_dist.data.index import ShardIndex
-from ssit_dist.fields import Checked, option, require
 from ssit_dist.stage import cli_command, finetune_command, run_stage, segment_command
 
 
-@dataclass(frozen=True)
-class DemoPlan(Checked):
+@configclass(frozen=True)
+class DemoPlan:
     """Sizes and budget, chosen so the whole demo ends in under 10 minutes on 2 CPU cores."""
 
-    pretrain_images: int = option(800, "synthetic photographs to pretrain on", ge=8)
-    graded_per_grade: int = option(80, "synthetic graded photographs per DR grade", ge=4)
-    split: str = option("train=0.5,val=0.125,test=0.375", "split of the graded set, stratified by grade")
-    generate_size: int = option(256, "side of the generated photographs, pixels", ge=32)
-    pack_size: int = option(128, "side of the packed crops, pixels", ge=32)
+    pretrain_images: int = Field(default=800, description="synthetic photographs to pretrain on", ge=8)
+    graded_per_grade: int = Field(default=80, description="synthetic graded photographs per DR grade", ge=4)
+    split: str = Field(
+        default="train=0.5,val=0.125,test=0.375", description="split of the graded set, stratified by grade"
+    )
+    generate_size: int = Field(default=256, description="side of the generated photographs, pixels", ge=32)
+    pack_size: int = Field(default=128, description="side of the packed crops, pixels", ge=32)
     # tiny_cpu.yaml's ViT at 128 px with 16 px patches: as many tokens as its 64 px / 8 px, and lesions
     # twice the size in pixels.
-    img_size: int = option(128, "model input size, pixels", gt=0)
-    patch_size: int = option(16, "ViT patch size, pixels", gt=0)
-    pretrain_epochs: int = option(12, "pretraining length", ge=1)
+    img_size: int = Field(default=128, description="model input size, pixels", gt=0)
+    patch_size: int = Field(default=16, description="ViT patch size, pixels", gt=0)
+    pretrain_epochs: int = Field(default=12, description="pretraining length", ge=1)
     # Classification: with the regression objective (MSE on the grade) both inits stayed at a constant
     # prediction on 200 training images in 20 epochs.
-    objective: Literal["regression", "classification"] = option("classification", "fine-tuning objective")
-    finetune_epochs: int = option(20, "fine-tuning length", ge=1)
-    finetune_lr: float = option(3e-4, "fine-tuning learning rate", gt=0)
-    knn_k: int = option(10, "neighbours of the kNN grading", ge=1)
-    attention_images: int = option(4, "photographs in the attention picture", ge=1)
-    segment_photos: int = option(
-        32, "synthetic photographs with vessel masks: half train, a quarter val and test", ge=4
+    objective: Literal["regression", "classification"] = Field(
+        default="classification", description="fine-tuning objective"
     )
-    segment_iterations: int = option(240, "segmentation steps from each init", ge=4)
-    ranks: int = option(2, "CPU ranks; on a GPU machine one rank per GPU, at most this many", ge=1)
-    seed: int = option(0, "seeds generation, pretraining and fine-tuning", ge=0)
+    finetune_epochs: int = Field(default=20, description="fine-tuning length", ge=1)
+    finetune_lr: float = Field(default=3e-4, description="fine-tuning learning rate", gt=0)
+    knn_k: int = Field(default=10, description="neighbours of the kNN grading", ge=1)
+    attention_images: int = Field(default=4, description="photographs in the attention picture", ge=1)
+    segment_photos: int = Field(
+        default=32, description="synthetic photographs with vessel masks: half train, a quarter val and test", ge=4
+    )
+    segment_iterations: int = Field(default=240, description="segmentation steps from each init", ge=4)
+    ranks: int = Field(default=2, description="CPU ranks; on a GPU machine one rank per GPU, at most this many", ge=1)
+    seed: int = Field(default=0, description="seeds generation, pretraining and fine-tuning", ge=0)
 
     def validate(self) -> None:
         require(self.img_size % self.patch_size == 0, "img_size", self.img_size, "must be a multiple of patch_size")

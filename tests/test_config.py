@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ssit_dist.config import (
     ConfigError,
     FinetuneConfig,
     PretrainConfig,
+    SegmentConfig,
     batch_layout,
     deepspeed_config,
     load_config,
@@ -253,3 +255,157 @@ def test_a_frozen_config_is_checked_and_stays_frozen() -> None:
     assert options.shard_size == 1000 and isinstance(options.shard_size, int)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.size = 64  # type: ignore[misc]
+
+
+# --- the config classes on pydantic: one help per field, the JSON Schema, the shipped files ---------------
+
+CONFIGS = DS.parent / "launch" / "configs"
+SCHEMAS = CONFIGS / "schema"
+
+
+def _defaults() -> dict:
+    from ssit_dist.data.packing.options import ShardOptions
+    from ssit_dist.demo import QUICK, DemoPlan
+    from ssit_dist.eval.knn import KnnConfig
+
+    built = {
+        "pretrain": PretrainConfig(),
+        "finetune": FinetuneConfig(),
+        "segment": SegmentConfig(),
+        "knn": KnnConfig(train="a", test="b", init="random"),
+        "shard": ShardOptions(),
+        "demo": DemoPlan(),
+        "quick": QUICK,
+        **{name: load_config(name) for name in ("tiny_cpu", "ssit_vit_s", "ssit_vit_b")},
+    }
+    return {name: dataclasses.asdict(cfg) for name, cfg in built.items()}
+
+
+def test_configs_serialise_to_the_dicts_runs_recorded() -> None:
+    """Keys, defaults and the shipped configs' values are those of the recorded dicts (the sections the
+    tasks share keep their keys flat), so that fingerprints and saved configs of existing runs still match."""
+    recorded = json.loads((Path(__file__).with_name("config_defaults.json")).read_text())
+    recorded.pop("why")
+    assert json.loads(json.dumps(_defaults())) == recorded
+
+
+def test_shared_fields_have_one_help_text() -> None:
+    """Grading, segmentation and kNN share the encoder, run and head-training fields: each has one help
+    text and one range, the section's, whatever default a task gives it."""
+    from ssit_dist.configclass import bounds, config_fields
+    from ssit_dist.eval.knn import KnnConfig
+    from ssit_dist.sections import AccelerateRun, EncoderSource, HeadTraining, Run
+
+    shared = set(config_fields(FinetuneConfig)) & set(config_fields(SegmentConfig))
+    assert len(shared) >= 14 and {"init", "arch", "timm_kwargs", "trust_pickle", "img_size"} <= set(
+        config_fields(KnnConfig)
+    )
+    for task in (PretrainConfig, FinetuneConfig, SegmentConfig, KnnConfig):
+        for section in set(task.__mro__) & {Run, AccelerateRun, EncoderSource, HeadTraining}:
+            for name, info in config_fields(section).items():
+                assert config_fields(task)[name].description == info.description, (task.__name__, name)
+                assert bounds(config_fields(task)[name]) == bounds(info), (task.__name__, name)
+    assert SegmentConfig().img_size == 256 and FinetuneConfig().img_size == 384  # restated defaults
+    with pytest.raises(ConfigError, match="img_size = 0: must be positive"):
+        SegmentConfig(img_size=0)  # the section's range holds under a task's own default
+
+
+def test_errors_name_the_source_and_suggest_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=rf"optim.lr = -1.0: must be positive \({re.escape(str(path))}\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"optim.lr = -2.0: must be positive \(the override optim.lr=-2\)"):
+        load_config(path, ["optim.lr=-2"])
+    with pytest.raises(ConfigError, match=r"unknown field globl_batch \(did you mean global_batch\?"):
+        load_config(None, ["globl_batch=8"])
+    with pytest.raises(ConfigError, match=r"(?s)micro_batch = 'x': expected int or null.*\nepochs = 0: must be"):
+        load_config(None, ["micro_batch=x", "epochs=0"])  # every bad field, a line each
+    with pytest.raises(ConfigError, match=r"loss.saliency_weight = -1.0: .*\(the override loss.ss_weight=-1\)"):
+        with pytest.warns(FutureWarning, match="ss_weight is now called"):
+            load_config(None, ["loss.ss_weight=-1"])
+
+
+def _schema_line(path: Path) -> Path:
+    first = path.read_text().splitlines()[0]
+    match = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+    assert match, f"{path.name}: the first line names its schema for editors"
+    return path.parent / match[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_yaml_validates_against_its_schema(name: str) -> None:
+    """With jsonschema, not the project's loader, and read by plain YAML 1.1 (where 1e-4 would be a
+    string): a shipped file means the same to every reader."""
+    import jsonschema
+
+    from ssit_dist.config import json_schema
+
+    schema = json.loads(_schema_line(CONFIGS / name).read_text())
+    assert schema == json_schema("pretrain")
+    jsonschema.Draft202012Validator(schema).validate(yaml.safe_load((CONFIGS / name).read_text()))
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "segment", "knn"])
+def test_shipped_schemas_are_what_the_config_command_prints(kind: str) -> None:
+    from conftest import invoke_cli
+
+    assert invoke_cli("config", kind, "--schema").stdout == (SCHEMAS / f"{kind}.schema.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "global_batch: 64\noptim: {lr: 5e-4}",  # YAML 1.2 numbers, as editors and the loader read them
+        "global_batch: 1e3",  # an integral number is an integer
+        "loss: {ss_weight: 2}",  # an older name: read, deprecated
+        "global_batch: many",
+        "global_batch: true",
+        "global_batch: 2.5",
+        "optim: {lr: -1}",
+        "model: {mask_ratio: 1}",
+        "model: {pool: mean}",
+        "linear: true",  # no such pretraining field
+        "augment: {view2: {grey_p: 2}}",
+        "data: {shards: a}",
+        "model: 3",
+        "micro_batch: null",
+        "model: {timm_kwargs: {depth: 2, mlp_ratio: 4.0}}",
+    ],
+)
+def test_the_schema_and_the_loader_agree(tmp_path: Path, text: str) -> None:
+    """A document the schema refuses the loader refuses too, and the other way round (relations between
+    fields, such as min_lr <= lr, are the loader's alone)."""
+    import jsonschema
+
+    from ssit_dist.config import json_schema
+    from ssit_dist.config.loading import parse_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    schema_ok = jsonschema.Draft202012Validator(json_schema("pretrain")).is_valid(parse_yaml(text))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            load_config(path)
+        loader_ok = True
+    except ConfigError:
+        loader_ok = False
+    assert schema_ok == loader_ok, text
+
+
+def test_the_schema_has_the_help_ranges_and_older_names() -> None:
+    from ssit_dist.config import json_schema
+
+    schema = json_schema("finetune")
+    lr = schema["properties"]["lr"]
+    assert (
+        lr["description"].startswith("peak Adam learning rate")
+        and {"type": "number", "exclusiveMinimum": 0} in lr["anyOf"]
+    )
+    assert schema["properties"]["out"]["deprecated"] is True and schema["additionalProperties"] is False
+    pretrain = json_schema("pretrain")
+    view2 = pretrain["$defs"]["AugmentConfig"]["properties"]["view2"]["default"]
+    assert view2["blur_p"] == VIEW2.blur_p != VIEW1.blur_p  # a section's own defaults, not its class's
+    with pytest.raises(ConfigError, match="expected one of pretrain, finetune, segment"):
+        json_schema("nonsense")

@@ -22,10 +22,10 @@ from opencv_reference import paper_saliency
 from PIL import Image
 
 from conftest import CLI, invoke_cli, run_cli, tar_samples
+from ssit_dist.configclass import ConfigError
 from ssit_dist.data.index import read_index
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.preview import kept_patches
-from ssit_dist.fields import ConfigError
 
 pytestmark = pytest.mark.multiprocess
 

@@ -1,10 +1,12 @@
-"""Run configuration, in three parts: the typed dataclasses (schema.py), reading files and overrides
-(loading.py), and the DeepSpeed JSON filled from a run config (deepspeed.py).
+"""Run configuration, in four parts: the checked config classes (schema.py), reading files and overrides
+(loading.py), their JSON Schema (json_schema.py), and the DeepSpeed JSON filled from a run config
+(deepspeed.py).
 
-`from ssit_dist.config import PretrainConfig, load_config, ...` reaches all three.
+`from ssit_dist.config import PretrainConfig, load_config, ...` reaches all four.
 """
 
-from ssit_dist.config.deepspeed import batch_layout, deepspeed_config
+from ssit_dist.config.deepspeed import deepspeed_config
+from ssit_dist.config.json_schema import json_schema
 from ssit_dist.config.loading import DS_CONFIGS, RUN_CONFIGS, load_config, save_config, shipped_ds_config
 from ssit_dist.config.schema import (
     AugmentConfig,
@@ -17,7 +19,8 @@ from ssit_dist.config.schema import (
     RetrievalConfig,
     SegmentConfig,
 )
-from ssit_dist.fields import ConfigError
+from ssit_dist.configclass import ConfigError
+from ssit_dist.data.loading.batch_layout import batch_layout
 
 __all__ = [
     "DS_CONFIGS",
@@ -34,6 +37,7 @@ __all__ = [
     "SegmentConfig",
     "batch_layout",
     "deepspeed_config",
+    "json_schema",
     "load_config",
     "save_config",
     "shipped_ds_config",

@@ -1,6 +1,6 @@
-"""The DeepSpeed side of a pretraining run: the batch layout over the ranks, and the ds_configs/ JSON
-checked and filled from the run config. Its batch, lr and weight-decay fields are "auto" and filled here,
-so the two never disagree.
+"""The DeepSpeed side of a pretraining run: the ds_configs/ JSON checked and filled from the run config
+(the batch layout over the ranks from data/loading/batch_layout.py). Its batch, lr and weight-decay
+fields are "auto" and filled here, so the two never disagree.
 """
 
 from __future__ import annotations
@@ -12,25 +12,10 @@ from typing import Any
 
 from ssit_dist.config.loading import shipped_ds_config
 from ssit_dist.config.schema import PretrainConfig
-from ssit_dist.fields import ConfigError
+from ssit_dist.configclass import ConfigError
+from ssit_dist.data.loading.batch_layout import batch_layout
 
 log = logging.getLogger(__name__)
-
-
-def batch_layout(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
-    """(micro batch per rank, gradient accumulation steps) with micro * accumulation * world = global."""
-    if global_batch % world:
-        raise ConfigError(f"global_batch {global_batch} is not divisible by the world size {world}")
-    per_rank = global_batch // world
-    micro = micro_batch or per_rank
-    if per_rank % micro:
-        raise ConfigError(
-            f"micro_batch {micro} does not divide the per-rank batch {per_rank} "
-            f"(global_batch {global_batch} over {world} ranks)"
-        )
-    if micro < 2:
-        raise ConfigError(f"micro_batch {micro}: BatchNorm in the projector needs at least 2 samples per rank")
-    return micro, per_rank // micro
 
 
 DEEPSPEED_KEYS = {

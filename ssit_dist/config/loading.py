@@ -1,11 +1,12 @@
 """Reading run configs: a YAML or JSON file (a path or the name of a shipped config), `section.field=value`
-overrides from the command line, the dataclasses of config/schema.py built from both, and the copy saved
-into the run folder.
+overrides from the command line, the config classes of config/schema.py built from both (older field
+names read with a FutureWarning), and the copy saved into the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import warnings
@@ -17,7 +18,7 @@ import yaml
 
 from ssit_dist import atomic
 from ssit_dist.config.schema import PretrainConfig
-from ssit_dist.fields import ConfigError
+from ssit_dist.configclass import ConfigError, config_fields, default_of, renamed
 
 
 def _shipped(in_wheel: str, in_source: str) -> Path:
@@ -47,33 +48,34 @@ def parse_yaml(text: str) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], where: str, base: Any = None) -> Any:
-    """Dataclass `cls` from a dict, recursively, over the section's default `base` where it has one (the
-    fields not given keep base's values: augment.view2 is not ViewRecipe()); errors name the dotted field."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    aliases = {f.metadata["alias"]: f.name for f in fields.values() if f.metadata.get("alias")}
+    """Config `cls` from a dict over `base` (a section's own defaults: augment.view2 is not ViewRecipe()),
+    sections first; errors name the dotted field."""
+    fields, old = config_fields(cls), renamed(cls)
     kwargs = {}
     for key, value in values.items():
-        if key in aliases:
+        if key in old:
             warnings.warn(
-                f"config field {where}{key} is now called {where}{aliases[key]}; the old name is read "
-                "until the next release",
+                f"config field {where}{key} is now called {where}{old[key]}; the old name is read until the next "
+                "release",
                 FutureWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            key = aliases[key]
+            key = old[key]
         if key not in fields:
-            raise ConfigError(f"unknown field {where}{key} (known: {', '.join(fields)})")
-        factory = fields[key].default_factory
-        default = factory() if callable(factory) else None
-        if dataclasses.is_dataclass(default):
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {where}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown field {where}{key} ({hint}known: {', '.join(fields)})")
+        section = getattr(base, key) if base is not None else default_of(fields[key])
+        if dataclasses.is_dataclass(section):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} must be a section (a mapping), not {value!r}")
-            value = _build(type(default), value, f"{where}{key}.", base=default)
+            value = _build(type(section), value, f"{where}{key}.", section)
         kwargs[key] = value
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as e:  # a class names its own fields; here they get the section's dotted path
-        raise ConfigError(where + str(e)) from None
+        lines = [line if line.startswith("unknown") else where + line for line in str(e).splitlines()]
+        raise ConfigError("\n".join(lines)) from None
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:
@@ -94,37 +96,68 @@ def apply_override(values: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, kind: type = PretrainConfig) -> Any:
-    """A `kind` (PretrainConfig or FinetuneConfig) from a YAML/JSON file (a path, or the bare name of a
-    shipped config) plus `a.b=value` overrides. A relative `ds_config` path in a file is taken relative
-    to that file's folder; a bare name means the shipped DeepSpeed config (see `shipped_ds_config`)."""
-    values: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        shipped = RUN_CONFIGS / f"{path.name}.yaml"
-        if not path.is_file() and path.parent == Path(".") and shipped.is_file():
-            path = shipped  # a bare name: the shipped config (tiny_cpu, ssit_vit_s, ssit_vit_b)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} not found (shipped: "
-                f"{', '.join(sorted(p.stem for p in RUN_CONFIGS.glob('*.yaml')))})"
-            )
-        text = path.read_text()
-        try:
-            values = (json.loads(text) if path.suffix == ".json" else parse_yaml(text)) or {}
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"config file {path} cannot be read: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections and fields")
-        beside = path.parent / str(values.get("ds_config", ""))
-        if (
-            isinstance(values.get("ds_config"), str)
-            and not Path(values["ds_config"]).is_absolute()
-            and beside.is_file()
-        ):
-            values["ds_config"] = str(beside.resolve())  # relative to the file that names it
+    """A `kind` (PretrainConfig, FinetuneConfig, ...) from a YAML/JSON file (a path, or the bare name of a
+    shipped config) plus `a.b=value` overrides. A bad value names the field, the value, what is expected
+    and where it came from (the file or the override)."""
+    file = _find(Path(path)) if path else None
+    values = _read(file) if file else {}
     for override in overrides or []:
         apply_override(values, override)
-    return _build(kind, values, "")
+    try:
+        return _build(kind, values, "")
+    except ConfigError as e:
+        lines = [_with_source(line, kind, file, overrides or []) for line in str(e).splitlines()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _with_source(line: str, kind: type, file: Path | None, overrides: list[str]) -> str:
+    """An error line with where its field's value came from: the last override that set it, or the file."""
+    field = _FIELD.match(line)
+    names = _spellings(field[1], kind) if field else set()
+    given = [o for o in overrides if o.partition("=")[0].strip() in names]
+    source = f"the override {given[-1]}" if given else str(file) if file else ""
+    return f"{line} ({source})" if source else line
+
+
+_FIELD = re.compile(r"(?:unknown field )?([\w.]+)")  # every error line starts with the field it is about
+
+
+def _spellings(field: str, kind: type) -> set[str]:
+    """`loss.ss_weight` and `loss.saliency_weight`: the ways an override may name a dotted field."""
+    *parents, leaf = field.split(".")
+    section = kind
+    for part in parents:
+        info = config_fields(section).get(part)
+        section = info.annotation if info is not None and isinstance(info.annotation, type) else section
+    prefix = "".join(p + "." for p in parents)
+    return {prefix + leaf} | {prefix + old for old, new in renamed(section).items() if new == leaf}
+
+
+def _find(path: Path) -> Path:
+    """`path`, or the shipped config of that bare name (tiny_cpu, ssit_vit_s, ssit_vit_b)."""
+    shipped = RUN_CONFIGS / f"{path.name}.yaml"
+    if not path.is_file() and path.parent == Path(".") and shipped.is_file():
+        return shipped
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RUN_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"config file {path} not found (shipped: {known})")
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A config file's mapping. A relative `ds_config` path in it is taken relative to the file's folder;
+    a bare name means the shipped DeepSpeed config (see `shipped_ds_config`)."""
+    text = path.read_text()
+    try:
+        values = (json.loads(text) if path.suffix == ".json" else parse_yaml(text)) or {}
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections and fields")
+    ds_config = values.get("ds_config")
+    if isinstance(ds_config, str) and not Path(ds_config).is_absolute() and (path.parent / ds_config).is_file():
+        values["ds_config"] = str((path.parent / ds_config).resolve())
+    return values
 
 
 def shipped_ds_config(name: str) -> Path:

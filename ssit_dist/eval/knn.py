@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ssit_dist.fields import Checked, option, require
+from pydantic import Field
+
+from ssit_dist.configclass import configclass, require, restate
+from ssit_dist.sections import EncoderSource
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,24 +28,21 @@ if TYPE_CHECKING:
     from ssit_dist.data.loading.labelled import SplitSource
 
 
-@dataclass
-class KnnConfig(Checked):
-    """What `ssit-dist knn` grades, by which encoder's features, and how."""
+@configclass
+class KnnConfig(EncoderSource):
+    """What `ssit-dist knn` grades, by which encoder's features (EncoderSource: init, arch, timm_kwargs,
+    trust_pickle, img_size), and how."""
 
-    train: str = option(help="neighbour shards: FOLDER[:SPLIT] (split default: train)")
-    test: str = option(help="shards to grade: FOLDER[:SPLIT] (split default: test)")
-    init: str = option(help="encoder: an export .safetensors, a reference checkpoint, timm weights, or 'random'")
-    img_size: int = option(384, "input size in pixels (positional embeddings are resampled)", gt=0)
-    ks: list[int] = option(factory=lambda: [5, 10, 20], help="neighbour counts, each graded on its own")
-    temperature: float = option(0.07, "vote weight exp(similarity / temperature)", gt=0)
-    arch: str | None = option(None, "the timm architecture (default: the export's)")
-    timm_kwargs: dict[str, Any] | None = option(
-        None, 'overrides of the timm model\'s arguments, e.g. {"embed_dim": 96, "depth": 4}'
+    init: str = restate(EncoderSource, "init")  # required: no default encoder to grade
+    train: str = Field(description="neighbour shards: FOLDER[:SPLIT] (split default: train)")
+    test: str = Field(description="shards to grade: FOLDER[:SPLIT] (split default: test)")
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], description="neighbour counts, each graded on its own")
+    temperature: float = Field(default=0.07, description="vote weight exp(similarity / temperature)", gt=0)
+    num_classes: int = Field(default=5, description="grades 0..num_classes-1", ge=2)
+    batch: int = Field(default=64, description="images per encoder forward", ge=1)
+    retrieval_samples: int = Field(
+        default=256, description="test photographs for view retrieval (two fixed views each)", ge=2
     )
-    trust_pickle: bool = option(False, "allow a pickled epoch_N.pt (runs its code)")
-    num_classes: int = option(5, "grades 0..num_classes-1", ge=2)
-    batch: int = option(64, "images per encoder forward", ge=1)
-    retrieval_samples: int = option(256, "test photographs for view retrieval (two fixed views each)", ge=2)
 
     def validate(self) -> None:
         require(

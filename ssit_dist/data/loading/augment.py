@@ -21,25 +21,31 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import torch
+from pydantic import Field
 
-from ssit_dist.fields import Checked, option, require
+from ssit_dist.configclass import configclass, require
 
 
-@dataclass
-class ViewRecipe(Checked):
+@configclass
+class ViewRecipe:
     """One view's augmentation; the defaults are the reference's view 1 (`VIEW2` holds its view 2)."""
 
-    scale: list[float] = option(factory=lambda: [0.08, 0.8], help="random resized crop: area fraction (min, max)")
-    ratio: list[float] = option(factory=lambda: [3 / 4, 4 / 3], help="random resized crop: aspect ratio (min, max)")
-    rotation: float = option(180.0, "largest rotation either way, degrees", ge=0, le=180)
-    rotate_p: float = option(0.8, "probability of a rotation", ge=0, le=1)
-    jitter: list[float] = option(
-        factory=lambda: [0.4, 0.4, 0.2, 0.1], help="colour jitter strength: brightness, contrast, saturation, hue"
+    scale: list[float] = Field(
+        default_factory=lambda: [0.08, 0.8], description="random resized crop: area fraction (min, max)"
     )
-    jitter_p: float = option(0.8, "probability of colour jitter", ge=0, le=1)
-    grey_p: float = option(0.2, "probability of greyscale", ge=0, le=1)
-    blur_p: float = option(1.0, "probability of a Gaussian blur (sigma 0.1-2)", ge=0, le=1)
-    solarize_p: float = option(0.0, "probability of solarisation", ge=0, le=1)
+    ratio: list[float] = Field(
+        default_factory=lambda: [3 / 4, 4 / 3], description="random resized crop: aspect ratio (min, max)"
+    )
+    rotation: float = Field(default=180.0, description="largest rotation either way, degrees", ge=0, le=180)
+    rotate_p: float = Field(default=0.8, description="probability of a rotation", ge=0, le=1)
+    jitter: list[float] = Field(
+        default_factory=lambda: [0.4, 0.4, 0.2, 0.1],
+        description="colour jitter strength: brightness, contrast, saturation, hue",
+    )
+    jitter_p: float = Field(default=0.8, description="probability of colour jitter", ge=0, le=1)
+    grey_p: float = Field(default=0.2, description="probability of greyscale", ge=0, le=1)
+    blur_p: float = Field(default=1.0, description="probability of a Gaussian blur (sigma 0.1-2)", ge=0, le=1)
+    solarize_p: float = Field(default=0.0, description="probability of solarisation", ge=0, le=1)
 
     def validate(self) -> None:
         for name in ("scale", "ratio"):

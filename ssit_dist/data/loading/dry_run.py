@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ssit_dist.config import batch_layout
+from ssit_dist.data.loading.batch_layout import batch_layout
 from ssit_dist.data.loading.epoch import EpochPlan
 from ssit_dist.data.loading.sources import ShardSet
 from ssit_dist.data.loading.stream import read_stream

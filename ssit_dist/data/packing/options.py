@@ -3,49 +3,58 @@ that the command line reads its defaults and help without loading them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import Field
+
+from ssit_dist.configclass import configclass, require
 from ssit_dist.data.packing.label_formats import LABEL_FORMAT_NAMES
-from ssit_dist.fields import Checked, option, require
 
 # "none": shards for fine-tuning and evaluation only, without maps (at 256 px a fine-grained map is about
 # three quarters of a sample's bytes); pretraining refuses them.
 SaliencyMethod = Literal["fine_grained", "spectral_residual", "none"]
 
 
-@dataclass(frozen=True)
-class ShardOptions(Checked):
+@configclass(frozen=True)
+class ShardOptions:
     """How `pack` writes shards; `ssit-dist shard` takes its options' defaults and help from here. The
     recorded ones (all but workers, overwrite and preview) go into `_info.json`'s parameters."""
 
-    size: int = option(
-        512,
-        "side of the square crop in pixels, a multiple of 16 of at least 32; a smaller photograph keeps its own "
-        "size (none is enlarged)",
+    size: int = Field(
+        default=512,
+        description="side of the square crop in pixels, a multiple of 16 of at least 32; a smaller photograph "
+        "keeps its own size (none is enlarged)",
     )
-    shard_size: int = option(512, "samples per shard (about 100 MB at 512 px)", ge=1)
-    workers: int = option(1, "worker processes (0: one per available core)", ge=0)
-    saliency: SaliencyMethod = option(
-        "fine_grained",
-        "saliency detector: fine_grained (the paper's), spectral_residual, or none (shards for fine-tuning "
+    shard_size: int = Field(default=512, description="samples per shard (about 100 MB at 512 px)", ge=1)
+    workers: int = Field(default=1, description="worker processes (0: one per available core)", ge=0)
+    saliency: SaliencyMethod = Field(
+        default="fine_grained",
+        description="saliency detector: fine_grained (the paper's), spectral_residual, or none (shards for fine-tuning "
         "and evaluation only, a quarter of the bytes; pretraining refuses them)",
     )
-    jpeg_roundtrip: bool = option(True, "JPEG round trip of the enhanced image before saliency, as the paper did")
-    quality: int = option(95, "JPEG quality of the packed images (1-100)", ge=1, le=100)
-    seed: int = option(0, "seed for the split and the order inside shards", ge=0)
-    labels_format: str = option(
-        "auto", f"format of the labels files: {', '.join(LABEL_FORMAT_NAMES)} (auto: recognised by the header)"
+    jpeg_roundtrip: bool = Field(
+        default=True, description="JPEG round trip of the enhanced image before saliency, as the paper did"
     )
-    split: str | None = option(
-        None, "ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15 (official splits: divides train)"
+    quality: int = Field(default=95, description="JPEG quality of the packed images (1-100)", ge=1, le=100)
+    seed: int = Field(default=0, description="seed for the split and the order inside shards", ge=0)
+    labels_format: str = Field(
+        default="auto",
+        description=f"format of the labels files: {', '.join(LABEL_FORMAT_NAMES)} (auto: recognised by the header)",
     )
-    group_by: str | None = option(
-        None, "labels column whose photographs stay in one split, e.g. patient (both eyes together)"
+    split: str | None = Field(
+        default=None,
+        description="ratios, stratified by grade, e.g. train=0.7,val=0.15,test=0.15 (official splits: divides train)",
     )
-    overwrite: bool = option(False, "replace shards already in OUTPUT")
-    preview: int = option(0, "write OUTPUT/preview.png with this many images beside their saliency", ge=0)
-    strict: bool = option(False, "stop with a non-zero exit at the first skipped input or bad label row")
+    group_by: str | None = Field(
+        default=None, description="labels column whose photographs stay in one split, e.g. patient (both eyes together)"
+    )
+    overwrite: bool = Field(default=False, description="replace shards already in OUTPUT")
+    preview: int = Field(
+        default=0, description="write OUTPUT/preview.png with this many images beside their saliency", ge=0
+    )
+    strict: bool = Field(
+        default=False, description="stop with a non-zero exit at the first skipped input or bad label row"
+    )
 
     def validate(self) -> None:
         known = ", ".join(LABEL_FORMAT_NAMES)
