@@ -25,16 +25,16 @@ _SPELT = "spelt"  # ctx.meta key: {field: the flag that set it}
 def _sections(kind: type) -> dict[str, tuple[str, type]]:
     """The fields of config class `kind` by name and older alias: {name: (field path, type)}; a section's
     own fields as `section.field`, so that `--optim.lr` and `--lr` (a name no other field has) find optim.lr."""
+    from ssit_dist.configclass import renamed
+
     hints = typing.get_type_hints(kind)
     found: dict[str, tuple[str, type]] = {}
     for f in dataclasses.fields(kind):
         found[f.name] = (f.name, hints[f.name])
-        if f.metadata.get("alias"):
-            found[f.metadata["alias"]] = found[f.name]
         if dataclasses.is_dataclass(hints[f.name]):
             inner = _sections(hints[f.name]).items()
             found |= {f"{f.name}.{name}": (f"{f.name}.{path}", t) for name, (path, t) in inner}
-    return found
+    return found | {old: found[new] for old, new in renamed(kind).items()}
 
 
 def _field_of(flag: str, kind: type, spellings: dict[str, str]) -> tuple[str, type]:
@@ -161,7 +161,7 @@ def read_settings(
     try:
         cfg = load_config(config, overrides, kind=kind)
         library = load_config(None, [], kind=kind) if command_defaults else None
-    except (ConfigError, TypeError) as e:  # TypeError: a required field left out
+    except ConfigError as e:
         field, said, problem = str(e).partition(" = ")
         flag = ctx.meta[_SPELT].get(field) if said else None
         fail(f"{kind.__name__}: {f'{flag} {problem}' if flag else e}", code)
@@ -177,29 +177,20 @@ def trainer_args(ctx: typer.Context, config: Path | None) -> list[str]:
 
 def fields_help(kind: type, spellings: dict[str, str]) -> str:
     """The end of a command's `--help`: how fields are set and each top-level field with its default."""
+    from ssit_dist.configclass import config_fields, default_of
+
     older = {field: flag for flag, field in spellings.items()}
     lines = []
-    for f in dataclasses.fields(kind):
-        default, text = _default_and_help(f)
-        flag = f"--{older.get(f.name, f.name).replace('_', '-')}"
+    for name, info in config_fields(kind).items():
+        default = default_of(info)
+        flag = f"--{older.get(name, name).replace('_', '-')}"
         if dataclasses.is_dataclass(default):
-            flag, shown = f"--{f.name}.FIELD", "a section"
+            flag, shown = f"--{name}.FIELD", "a section"
         else:
             shown = "required" if default is dataclasses.MISSING else f"default {json.dumps(default)}"
-        lines.append(escape(f"  {flag}  {text} ({shown})"))
+        lines.append(escape(f"  {flag}  {info.description or ''} ({shown})"))
     return (
         "Fields: --config FILE (YAML or JSON, a path or a shipped name), then FIELD=VALUE or --FIELD VALUE "
         f"(--FIELD alone for yes, --no-FIELD for no), later words winning. Those of {kind.__name__}:\n\n"
         + "\n".join(lines)
     )
-
-
-def _default_and_help(f: dataclasses.Field) -> tuple[Any, str]:
-    """A field's default (dataclasses.MISSING: required) and help, as the config class declares them."""
-    info: Any = f.default
-    if hasattr(info, "description"):  # a pydantic Field(...)
-        default = dataclasses.MISSING if info.is_required() else info.get_default(call_default_factory=True)
-        return default, info.description or ""
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory(), f.metadata.get("help", "")
-    return f.default, f.metadata.get("help", "")
