@@ -1,8 +1,9 @@
 """Config classes: pydantic dataclasses that check themselves whenever one is built.
 
 A field is declared once, with its type, default, one-line help and range, e.g.
-`lr: float = Field(default=1e-3, description="peak learning rate", gt=0)`; the loader, `ssit-dist config`, the
-command-line options, the JSON Schema and the error messages all read it from there. `@configclass` makes
+`lr: float = Field(default=1e-3, description="peak learning rate", gt=0)` (`default=` by keyword: mypy
+reads no other); the loader, `ssit-dist config`, the command-line options, the JSON Schema and the error
+messages all read it from there. `@configclass` makes
 a class such a dataclass, as strict as JSON Schema (an int field refuses true and "3", a bool field
 refuses 1; 1e3 is the int 1000, 2 the float 2.0), and turns pydantic's errors into a ConfigError naming
 the field, the value and what is expected. A class's `validate()`, where it has one, checks what relates
