@@ -21,7 +21,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<what>[^>]+?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
-CONFIG_KINDS = ("pretrain", "finetune", "segment", "knn")
 
 
 def markdown_files() -> list[Path]:
@@ -65,64 +64,36 @@ def commands_index() -> str:
 def command_reference(name: str) -> str:
     """Usage, help and one row per argument and option of `ssit-dist NAME`, as its --help has them."""
     command, ctx = _commands()[name]
-    usage = re.sub(r"\{(\w+)\}", lambda m: m[1].upper(), command.get_usage(ctx).removeprefix("Usage: "))
-    if command.context_settings.get("allow_extra_args"):
+    usage = re.sub(r"\{([^}]+)\}(\.\.\.)?", lambda m: m[1].upper(), command.get_usage(ctx).removeprefix("Usage: "))
+    if command.context_settings.get("allow_extra_args") or config_class(name) is not None:
         usage += " [ARGS]..."
     lines = ["    " + usage, "", _summary(command), ""]
     records = [r for r in (p.get_help_record(ctx) for p in command.get_params(ctx)) if r]
+
     lines += ["| argument or option | what it does |", "|---|---|"]
     for spelling, help_text in records:
         lines.append(f"| `{_cell(spelling)}` | {_cell(help_text)} |")
+    cls = config_class(name)
+    if cls is not None:
+        table = next(n for n in config_names() if config_class(n) is cls)
+        lines.append(f"| any field, as `field=value` or a flag | every field of [its config](config.md#{table}) |")
     return "\n".join(lines) + "\n"
 
 
-def _config_schema(kind: str) -> dict[str, Any]:
-    from ssit_dist import config
-
-    if hasattr(config, "json_schema"):
-        return config.json_schema(kind)
-    return _schema_from_dataclasses(kind)  # until the config classes give their own schema
+def config_class(name: str) -> type | None:
+    """The config class whose fields command NAME takes as `--field value` or `field=value`, if any."""
+    command, _ = _commands()[name]
+    return command.config_class() if hasattr(command, "config_class") else None
 
 
-def _schema_from_dataclasses(kind: str) -> dict[str, Any]:
-    """The JSON Schema's shape, from the config dataclasses' fields and their help and bounds."""
-    import dataclasses
-    import typing
-
-    from ssit_dist.config import FinetuneConfig, PretrainConfig, SegmentConfig
-    from ssit_dist.eval.knn import KnnConfig
-
-    def of_type(tp: Any) -> dict[str, Any]:
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is typing.Literal:
-            return {"enum": list(args)}
-        if args and type(None) in args:
-            return {"anyOf": [of_type(a) for a in args]}
-        if origin is list:
-            return {"type": "array", "items": of_type(args[0])}
-        if origin is dict:
-            return {"type": "object", "additionalProperties": of_type(args[1])}
-        names = {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "null"}
-        return {"type": names[tp]} if tp in names else {}
-
-    def of_instance(config: Any) -> dict[str, Any]:
-        hints, props = typing.get_type_hints(type(config)), {}
-        for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            if dataclasses.is_dataclass(value):
-                props[f.name] = {"type": "object", **of_instance(value)}
-                continue
-            bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
-            ranges = {bounds[k]: v for k, v in f.metadata.get("bounds", {}).items()}
-            props[f.name] = {**of_type(hints[f.name]), **ranges, "default": value, "description": f.metadata["help"]}
-        return {"properties": props}
-
-    kinds = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "segment": SegmentConfig, "knn": KnnConfig}
-    defaults = {"knn": {"train": "TRAIN", "test": "TEST", "init": "random"}}.get(kind, {})  # required fields
-    schema = of_instance(kinds[kind](**defaults))
-    for name in defaults:
-        schema["properties"][name].pop("default")
-    return {**schema, "required": list(defaults)}
+def config_names() -> list[str]:
+    """The commands that have a config class of their own (data-plan reads pretrain's): one table each."""
+    names: dict[type, str] = {}
+    for name in _commands():
+        cls = config_class(name)
+        if cls is not None and cls not in names:
+            names[cls] = name
+    return list(names.values())
 
 
 def _resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +118,7 @@ def _type_text(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     elif prop.get("type") == "object" and isinstance(prop.get("additionalProperties"), dict):
         text = "mapping of " + _type_text(prop["additionalProperties"], defs)
     else:
-        text = {"integer": "int", "number": "float", "boolean": "bool", "string": "str"}.get(
+        text = {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "object": "mapping"}.get(
             prop.get("type", ""), prop.get("type", "any value")
         )
     bounds = [
@@ -170,13 +141,20 @@ def _field_rows(schema: dict[str, Any], defs: dict[str, Any], prefix: str, defau
             continue
         shown = "(required)" if name in schema.get("required", []) and name not in defaults else json.dumps(default)
         help_text = raw.get("description") or prop.get("description", "")
-        rows.append(f"| `{prefix}{name}` | {_cell(_type_text(raw, defs))} | `{_cell(shown)}` | {_cell(help_text)} |")
+        kind = "older name, still read" if raw.get("deprecated") else _type_text(raw, defs)
+        shown = "" if raw.get("deprecated") else f"`{_cell(shown)}`"
+        rows.append(f"| `{prefix}{name}` | {_cell(kind)} | {shown} | {_cell(help_text)} |")
     return rows
 
 
-def config_reference(kind: str) -> str:
-    """Every field of config KIND: dotted name, type and range, default, what it does."""
-    schema = _config_schema(kind)
+def config_reference(name: str) -> str:
+    """Every field of command NAME's config: dotted name, type and range, default, what it does."""
+    from ssit_dist.config import json_schema
+
+    cls = config_class(name)
+    if cls is None:
+        raise ValueError(f"ssit-dist {name} has no config class: no table for it")
+    schema = json_schema(cls)
     rows = ["| field | type | default | what it does |", "|---|---|---|---|"]
     return "\n".join(rows + _field_rows(schema, schema.get("$defs", {}), "", {})) + "\n"
 
