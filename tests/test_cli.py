@@ -109,6 +109,11 @@ def test_slurm_prints_the_resources_the_scripts_ask_for_by_default() -> None:
     assert words[0] == f"SSIT_PYTHON={sys.executable}" and words[-2:] == ["--config", "my run.yaml"]
     refused = invoke_cli("slurm", "finetune", "--max-timeouts", 2, "train=x", check=False)
     assert refused.exit_code == 2 and "a finetune job is never requeued at its time limit" in refused.stderr
+    # The trainer's words as every run command takes them: --run-dir is run_dir, --config FILE stays.
+    shown = invoke_cli("slurm", "pretrain", "--run-dir", "r", "--config", "run.yaml", "--lr", "1e-3").stdout
+    assert shown.split(".sbatch ")[1].split() == ["--config", "run.yaml", "run_dir=r", "optim.lr=1e-3"]
+    refused = invoke_cli("slurm", "finetune", "--trian", "x", check=False)
+    assert refused.exit_code == 2 and "FinetuneConfig has no field trian" in refused.stderr
 
 
 def test_finetune_flags_are_the_config_fields() -> None:

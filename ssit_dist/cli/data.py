@@ -25,7 +25,12 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
     report = collect()
     if as_json:
         print(json.dumps(report, indent=2))
-        return
+    else:
+        _print_info(report)
+
+
+def _print_info(report: dict[str, Any]) -> None:
+    """The environment report as a two-column table that fits one screen."""
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("python", f"{report['python']}  ({report['platform']})")
     for name, version in report["packages"].items():
@@ -107,6 +112,22 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
         grades = "/".join(str(s.label_histogram[str(g)]) for g in range(5)) if s.label_histogram else "-"
         table.add_row(s.name, str(s.num_samples), str(len(s.filenames)), grades, *([str(s.groups)] if grouped else []))
     console.print(table)
+    _print_left_out(index, inputs, input, output)
+    if index.photograph_sizes:
+        _print_sizes(index.photograph_sizes, index.parameters["size"])
+    # The rate of photographs decoded and written: label rows cost next to nothing and would inflate it.
+    n = index.num_samples
+    console.print(
+        f"packed {n} photographs in {elapsed:.1f} s ({n / elapsed:.1f} photographs/s); "
+        f"mean {index.mean} std {index.std}",
+        highlight=False,
+    )
+    if preview:
+        console.print(f"preview: {output / 'preview.png'}", markup=False)
+
+
+def _print_left_out(index: ShardIndex, inputs: Inputs, input: Path, output: Path) -> None:
+    """The inputs not packed, each kind with its count and where the whole list is."""
     for skip in index.skipped[:_SKIPS_SHOWN]:
         where = f"{skip['path']}:{skip['line']}" if skip["line"] else skip["path"]
         console.print(f"[yellow]skipped[/] {escape(str(where))}: {escape(skip['reason'])}", highlight=False)
@@ -141,17 +162,6 @@ def _print_packed(index: ShardIndex, inputs: Inputs, input: Path, output: Path, 
             f"that no row of {escape(labels)} names",
             highlight=False,
         )
-    if index.photograph_sizes:
-        _print_sizes(index.photograph_sizes, index.parameters["size"])
-    # The rate of photographs decoded and written: label rows cost next to nothing and would inflate it.
-    n = index.num_samples
-    console.print(
-        f"packed {n} photographs in {elapsed:.1f} s ({n / elapsed:.1f} photographs/s); "
-        f"mean {index.mean} std {index.std}",
-        highlight=False,
-    )
-    if preview:
-        console.print(f"preview: {output / 'preview.png'}", markup=False)
 
 
 def _print_sizes(sizes: dict[str, Any], size: int) -> None:

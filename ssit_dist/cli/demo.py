@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,22 @@ def demo(
     DeepSpeed on 2 ranks, export, fine-tuning and kNN from the export and from random init, pictures."""
     import dataclasses
 
-    from ssit_dist.demo import QUICK, DemoPlan, Stage, run_demo
+    from ssit_dist.demo import QUICK, DemoPlan, run_demo
 
     if (data is None) != (labels is None):
         fail("--data and --labels go together: a folder of photographs and its CSV of grades", 2)
+    plan = dataclasses.replace(QUICK if quick else DemoPlan(), seed=seed)
+    with _stage_progress() as report:
+        try:
+            result = run_demo(output, report, data, labels, plan)
+        except (RuntimeError, ValueError, OSError) as e:
+            fail(str(e), 1)
+    _print_demo(result, output)
+
+
+@contextlib.contextmanager
+def _stage_progress() -> Iterator[Callable[[Any], None]]:
+    """A progress bar per demo stage, and the stage's notes printed above the bars as they come."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -39,7 +53,7 @@ def demo(
     notes_shown: dict[str, int] = {}
     with Progress(*columns, console=console) as progress:
 
-        def report(stage: Stage) -> None:
+        def report(stage: Any) -> None:  # ssit_dist.demo.Stage
             if stage.name not in tasks:
                 tasks[stage.name] = progress.add_task(stage.name, total=stage.total, unit=stage.unit)
             progress.update(tasks[stage.name], completed=stage.done)
@@ -47,13 +61,7 @@ def demo(
                 progress.console.print(f"[yellow]{escape(note)}[/]", highlight=False)
             notes_shown[stage.name] = len(stage.notes)
 
-        try:
-            result = run_demo(
-                output, report, data, labels, dataclasses.replace(QUICK if quick else DemoPlan(), seed=seed)
-            )
-        except (RuntimeError, ValueError, OSError) as e:
-            fail(str(e), 1)
-    _print_demo(result, output)
+        yield report
 
 
 def _print_demo(result: dict[str, Any], output: Path) -> None:

@@ -71,8 +71,30 @@ def slurm(
     command += [f"--mem-per-cpu={mem_per_cpu or defaults['mem-per-cpu']}"]
     options = [("--partition", partition), ("--account", account), ("--time", time_limit)]
     command += [f"{flag}={value}" for flag, value in options if value is not None]
-    command += [str(script), *ctx.args]
+    command += [str(script), *_trainer_words(job, ctx.args)]
     assignments = [f"{name}={shlex.quote(value)}" for name, value in env.items()]
     print(" ".join([*assignments, shlex.join(command)]), flush=True)  # plain: a command to copy, not rich markup
     if submit:
         raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
+
+
+def _trainer_words(job: str, args: list[str]) -> list[str]:
+    """The trainer's words as every run command takes them: `--config FILE` kept, `--run-dir X` and the
+    other field flags as `run_dir=X`, so that the job reads what `ssit-dist JOB` would. The config file is
+    not read here: it may exist only where the job runs."""
+    from ssit_dist.cli.settings import flags_as_overrides
+    from ssit_dist.config import FinetuneConfig, PretrainConfig
+
+    config: list[str] = []
+    others: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--config" and rest:
+            config += [arg, rest.pop(0)]
+        else:
+            (config if arg.startswith("--config=") else others).append(arg)
+    try:
+        return config + flags_as_overrides(others, PretrainConfig if job == "pretrain" else FinetuneConfig)
+    except ValueError as e:
+        fail(str(e), 2)
