@@ -413,7 +413,7 @@ def run_demo(
 ) -> dict:
     """The demo's stages in order; returns the results table's rows, the pictures and the notes."""
     from ssit_dist.config import PretrainConfig, load_config
-    from ssit_dist.train.checkpoint import export_encoder
+    from ssit_dist.train.export import export_encoder
 
     started = time.perf_counter()
     demo = DemoRun(out, plan or DemoPlan(), report, synthetic=data is None)

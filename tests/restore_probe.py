@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ssit_dist.config import batch_layout, deepspeed_config, load_config
 from ssit_dist.dist import init_process_group, rank, shutdown, world_size
 from ssit_dist.train.pretrain import build_and_restore
-from ssit_dist.train.resume import ResumePlan
+from ssit_dist.train.checkpoint import ResumePlan
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def tiny_shards(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _encoder_at(run_dir: Path, tag: str, out: Path) -> dict[str, torch.Tensor]:
-    from ssit_dist.train.checkpoint import export_encoder
+    from ssit_dist.train.export import export_encoder
 
     weights, _ = export_encoder(run_dir, out / f"{run_dir.name}_{tag}")
     return load_file(str(weights))

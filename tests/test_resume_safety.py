@@ -20,7 +20,7 @@ import torch
 from conftest import invoke_cli
 from ssit_dist.dist import free_port
 from ssit_dist.models.ssit import OnlineNetwork
-from ssit_dist.train.resume import ResumeError, choose_plan
+from ssit_dist.train.checkpoint import ResumeError, choose_plan
 from tiny_runs import ROOT, env, launch, rows, short, torchrun
 
 pytestmark = pytest.mark.multiprocess

@@ -1,6 +1,6 @@
 """A trainer process's own defaults, under real launchers: threads per rank, DeepSpeed's build folder, and
 the one-line answer to a rendezvous port that another program holds. The probe is a trainer entry
-(`run_trainer`, as launch/pretrain.py and the fine-tuning scripts run it) whose training reports what
+(train/run.py's `main`, as launch/pretrain.py and the fine-tuning scripts run it) whose training reports what
 the process was given."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch.utils.cpp_extension import _get_build_directory
 from ssit_dist.config import PretrainConfig
 from ssit_dist.dist import init_process_group
-from ssit_dist.train.entry import run_trainer
+from ssit_dist.train.run import main
 
 def report(cfg):
     if os.environ.get("PROBE_JOIN"):
@@ -33,7 +33,7 @@ def report(cfg):
     built = _get_build_directory("probe_op", verbose=False)  # where DeepSpeed's op loader builds
     print(json.dumps({"threads": torch.get_num_threads(), "build": built}), flush=True)
 
-sys.exit(run_trainer(report, PretrainConfig, "probe", sys.argv[1:]))
+sys.exit(main(report, PretrainConfig, "probe", sys.argv[1:]))
 """
 
 CORES = len(os.sched_getaffinity(0))

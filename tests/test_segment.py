@@ -1,20 +1,30 @@
 """`ssit-dist segment` on synthetic vessels (the generator paints them and writes their masks): it learns
 (a random-init encoder fine-tuned beats predicting every pixel foreground), two processes count every
-test pixel once, and bad inputs are refused naming the file."""
+test pixel once, bad inputs are refused naming the file, and a run resumes as fine-tuning does: exactly
+after a kill, refusing a changed run by the changed field unless resume=force."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import run_cli
 from ssit_dist.data.loading.segmentation import SegmentationDataError, discover_segmentation, read_sample
 from ssit_dist.data.packing.synthetic import write_synthetic_segmentation
+from tiny_runs import assert_same_weights
+from tiny_runs import env as clean_env
 
 TINY = "timm_kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}"
 SMALL = ["img_size=64", "resize=128", "workers=0", TINY]
@@ -61,7 +71,7 @@ def test_a_fine_tuned_random_init_beats_the_constant_prediction(vessels: Path, t
     run_cli("segment", "--data", vessels, "--out", out, "iterations=150", "warmup=15", "eval_every=50", *SMALL)
     assert json.loads((out / "report.json").read_text()) == report
     changed = run_cli("segment", "--data", vessels, "--out", out, "iterations=160", "warmup=15", *SMALL, check=False)
-    assert changed.returncode == 2 and "belongs to another run" in changed.stderr
+    assert changed.returncode == 2 and "iterations: 150 -> 160" in changed.stderr, changed.stderr[-2000:]
 
 
 @pytest.mark.multiprocess
@@ -142,3 +152,82 @@ def test_a_flat_folder_takes_its_splits_from_a_csv(vessels: Path, tmp_path: Path
     found = discover_segmentation(flat, flat / "splits.csv")
     assert found.classes == ("vessels",) and {k: len(v) for k, v in found.splits.items()} == {"train": 12, "val": 4}
     assert all(s.fov is not None and s.masks[0].parent.name == "vessels" for s in found.splits["val"])
+
+
+RESUMED = ["init=random", "iterations=60", "warmup=4", "eval_every=4", *SMALL]  # a checkpoint every 4 steps
+
+
+def _segment(vessels: Path, out: Path, *extra: str) -> list[str]:
+    """The trainer itself, as `ssit-dist segment` starts it for one process."""
+    return [sys.executable, "-m", "ssit_dist.train.segment", f"data={vessels}", f"run_dir={out}", *RESUMED, *extra]
+
+
+def _run(vessels: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_segment(vessels, out, *extra), capture_output=True, text=True, timeout=300, env=clean_env())
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def whole(vessels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("segment") / "whole"
+    done = _run(vessels, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_killed_segmentation_resumes_to_the_same_weights(vessels: Path, whole: Path, tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _segment(vessels, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    latest, deadline = killed / "checkpoints" / "latest", time.monotonic() + 240
+    while not (latest.is_file() and latest.read_text().strip() >= "step00000008"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "report.json").exists()
+    stopped_at = int(latest.read_text().strip().removeprefix("step"))
+
+    again = _run(vessels, killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed at step {stopped_at} of 60" in again.stderr
+    assert (killed / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert_same_weights(_final_weights(whole), _final_weights(killed))
+    best = [torch.load(out / "best.pt", map_location="cpu", weights_only=True) for out in (whole, killed)]
+    assert_same_weights(*best)
+    reports = [json.loads((out / "report.json").read_text()) for out in (whole, killed)]
+    assert reports[1]["test"] == reports[0]["test"] and reports[1]["best"] == reports[0]["best"]
+
+
+@pytest.mark.multiprocess
+def test_a_changed_segmentation_is_refused_by_name_and_force_resumes(
+    vessels: Path, whole: Path, tmp_path: Path
+) -> None:
+    run = Path(shutil.copytree(whole, tmp_path / "run"))
+    changed = subprocess.run(
+        _segment(vessels, run, "iterations=64", "lr=0.002"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    message = changed.stderr
+    assert "checkpoint step00000060 was written by a run that differs from this one" in message, message[-2000:]
+    assert "iterations: 60 -> 64" in message and "lr: 0.001 -> 0.002" in message and "resume=force" in message
+    assert (run / "checkpoints" / "latest").read_text() == "step00000060"
+
+    forced = _run(vessels, run, "iterations=64", "lr=0.002", "resume=force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "resume=force: resuming step00000060 although the run changed" in forced.stderr
+    assert "resumed at step 60 of 64" in forced.stderr
+    assert json.loads((run / "report.json").read_text())["steps"] == 64
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(4, 65, 4))

@@ -24,7 +24,8 @@ import torch
 
 from conftest import CLI, run_cli
 from slurm import LocalSlurm, TwoNodeSlurm, unavailable
-from ssit_dist.train.checkpoint import export_encoder, latest_tag
+from ssit_dist.train.checkpoint import latest_tag
+from ssit_dist.train.export import export_encoder
 from tiny_runs import ROOT, config, ds_config, rows, train
 
 pytestmark = pytest.mark.slurm

@@ -1,5 +1,5 @@
 """Tiny pretraining runs for the trainer tests: run and DeepSpeed configs, and launches of the real
-trainer (launch/pretrain.py) under torchrun on CPU ranks."""
+trainer (launch/pretrain.py) under torchrun on CPU ranks; comparisons of two runs' weights."""
 
 from __future__ import annotations
 
@@ -110,15 +110,21 @@ def short(tmp: Path, shards: Path, name: str, **extra: object) -> Path:
 
 def assert_same_encoders(tmp: Path, a: str, b: str) -> None:
     """`ssit-dist export` of the run folders tmp/a and tmp/b give bit-identical encoders."""
-    import torch
     from safetensors.torch import load_file
 
-    from ssit_dist.train.checkpoint import export_encoder
+    from ssit_dist.train.export import export_encoder
 
     weights = []
     for name in (a, b):
         export_encoder(tmp / name, tmp / f"{name}_export" / "encoder", None, False, "query", "files")
         weights.append(load_file(str(tmp / f"{name}_export" / "encoder.safetensors")))
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0, msg=key)
+    assert_same_weights(*weights)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -137,7 +137,7 @@ def pretrain_stage(stage: int, shards: Path, work: Path, env: dict) -> dict:
     result["seconds"] = round(time.perf_counter() - started, 1)
     from safetensors.torch import load_file
 
-    from ssit_dist.train.checkpoint import export_encoder
+    from ssit_dist.train.export import export_encoder
 
     weights, _ = export_encoder(run_dir, work / f"export{stage}" / "encoder")
     result["export_tensors"] = len(load_file(str(weights)))

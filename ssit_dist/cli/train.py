@@ -40,7 +40,7 @@ def export(
 ) -> None:
     """Export an encoder of a checkpoint with timm key names: safetensors plus a JSON, or a timm folder
     with config.json and a model card."""
-    from ssit_dist.train.checkpoint import export_encoder
+    from ssit_dist.train.export import export_encoder
 
     try:
         written = export_encoder(run_dir, output, tag, overwrite, encoder, format)

@@ -1,5 +1,5 @@
 """DR grading with Accelerate: setting a fine-tuning (or linear-probe) run up, as MAE's main_finetune
-does; the epochs are train/finetune_loop.py's, the checkpoints train/finetune_state.py's, the report
+does; the epochs are train/finetune_loop.py's, the checkpoints train/checkpoint_accelerate.py's, the report
 files eval/grading_report.py's.
 
 `finetune(cfg)` checks the labelled shards before anything trains, builds the encoder (from an export, a
@@ -12,33 +12,30 @@ split. In fp32 on the same process count a resumed run ends with the same weight
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from ssit_dist import atomic
 from ssit_dist import stop as stop_signals
-from ssit_dist.config import ConfigError, FinetuneConfig, save_config
+from ssit_dist.config import ConfigError, FinetuneConfig
 from ssit_dist.data.index import ShardIndex, read_index, sha256_file
 from ssit_dist.data.loading.grading_transforms import eval_transform, train_transform
 from ssit_dist.data.loading.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.loading.workers import ignore_preemption, worker_options
-from ssit_dist.dist import adopt_srun_environment, bind_gpu, on_rank_zero
+from ssit_dist.dist import on_rank_zero
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.stop import StopRequest
+from ssit_dist.train import run as skeleton
+from ssit_dist.train.checkpoint_accelerate import load_state, plan_resume
 from ssit_dist.train.finetune_loop import FinetuneRun, Selection, final_report, train_epochs
-from ssit_dist.train.finetune_state import load_state, plan_resume
+from ssit_dist.train.report import metrics_from
 from ssit_dist.train.schedule import learning_rate
 
 log = logging.getLogger("ssit_dist.finetune")
@@ -54,8 +51,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def set_up(cfg: FinetuneConfig, stop: StopRequest) -> FinetuneRun:
     """Accelerate, the data (checked before anything trains), the grader, its loader and optimizer."""
-    accelerator = start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s, cfg.grad_accumulation)
-    set_seed(cfg.seed)
+    accelerator = skeleton.start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s, cfg.seed, cfg.grad_accumulation)
     sources = splits(cfg)
     indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
     micro = micro_batch(cfg, accelerator.num_processes)
@@ -107,21 +103,6 @@ def set_up(cfg: FinetuneConfig, stop: StopRequest) -> FinetuneRun:
         source=source,
         fingerprint=run_fingerprint(cfg, accelerator.num_processes, sources, indexes),
         stop=stop,
-    )
-
-
-def start_accelerate(mixed_precision: str, timeout_s: float, accumulation: int = 1) -> Accelerator:
-    """Accelerate's process group, on srun's environment where there is no launcher (fine-tuning and
-    segmentation)."""
-    # cpu=True without CUDA: Accelerate then forms a gloo group from the launcher's environment (or
-    # srun's). Every collective of ours goes through dist.py on accelerator.device, with the timeout below.
-    adopt_srun_environment()
-    bind_gpu()
-    return Accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=accumulation,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
     )
 
 
@@ -189,34 +170,27 @@ def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, train
 
 def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, SplitSource], indexes: dict) -> dict:
     """What resuming a fine-tuning run depends on: its data, the encoder it started from, the
-    optimisation (see train/resume.py)."""
+    optimisation (train/run.py)."""
     init = Path(cfg.init)
     fields = (
         *("init", "arch", "timm_kwargs", "img_size", "objective", "num_classes", "linear", "epochs"),
         *("grad_accumulation", "warmup_epochs", "mixed_precision", "seed", "clip_grad"),
-    )
-    # "batch": the key runs of 0.1 recorded, so that they still resume.
-    return {
-        **{name: getattr(cfg, name) for name in fields},
-        "batch": cfg.global_batch,
-        "processes": processes,
-        "lr": cfg.resolved_lr,
-        "weight_decay": cfg.resolved_weight_decay,
-        "init_sha256": sha256_file(init) if init.is_file() else None,
-        "data": {
-            name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()
-        },
-    }
+        *(("batch", "global_batch"), ("lr", "resolved_lr"), ("weight_decay", "resolved_weight_decay")),
+    )  # "batch": the key runs of 0.1 recorded, so that they still resume
+    data = {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}
+    init_sha256 = sha256_file(init) if init.is_file() else None
+    return skeleton.fingerprint(cfg, fields, processes=processes, init_sha256=init_sha256, data=data)
 
 
 def resume(run: FinetuneRun) -> Selection:
-    """Every process agrees on the resume plan (train/resume.py) and loads the checkpoint it names; then
-    the run folder gets the config and the history up to that epoch."""
+    """Every process agrees on the resume plan (train/checkpoint.py) and loads the checkpoint it names;
+    the metrics keep the epochs it holds."""
     cfg, out, device = run.cfg, run.out, run.accelerator.device
-    plan = plan_resume(out, run.fingerprint, cfg.resume, device)
+    plan = skeleton.agree_on_resume(
+        cfg, run.fingerprint, lambda: plan_resume(out, run.fingerprint, cfg.resume, device, "epoch"), device
+    )
+    on_rank_zero(lambda: metrics_from(out, "epoch", plan.step), device, f"writing {out / 'metrics.jsonl'}")
     selection = Selection(select_by=cfg.select_by)
-    if plan.mode == "force":
-        log.warning("resume=force: resuming %s although the run changed:\n  %s", plan.tag, "\n  ".join(plan.changed))
     if plan.tag is not None:
         weights, optimizer_state, state = load_state(out, plan.tag)
         run.plain.load_state_dict(weights)
@@ -225,21 +199,13 @@ def resume(run: FinetuneRun) -> Selection:
         selection.restore(state)
         within = f" and batch {selection.start_batch} of epoch {selection.start}" if selection.start_batch else ""
         log.info("resumed after epoch %d of %d%s", state["epoch"], cfg.epochs, within)
-
-    def start_files() -> None:  # the config, and the history of the epochs the checkpoint holds, nothing after
-        save_config(cfg, out)
-        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in selection.history))
-
-    on_rank_zero(start_files, device, f"writing {out / 'config.yaml'}")
     return selection
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of launch/finetune.py: `--config FILE` and `field=value` overrides; exit codes as
-    train/entry.py says."""
-    from ssit_dist.train.entry import run_trainer
-
-    return run_trainer(finetune, FinetuneConfig, "DR grading fine-tuning with Accelerate", argv)
+    train/run.py says."""
+    return skeleton.main(finetune, FinetuneConfig, "DR grading fine-tuning with Accelerate", argv)
 
 
 if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m

@@ -7,7 +7,6 @@ weights on every evaluation split. Setting a run up is train/finetune.py's part.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -31,8 +30,9 @@ from ssit_dist.eval.report import number
 from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderSource
 from ssit_dist.stop import StopRequest, StopRequested, StopVote
-from ssit_dist.train.finetune_state import save_state
+from ssit_dist.train.checkpoint_accelerate import save_state
 from ssit_dist.train.progress import Progress
+from ssit_dist.train.report import append_metrics
 
 log = logging.getLogger("ssit_dist.finetune")
 PROGRESS_EVERY_S = 30.0  # a line within a long epoch; tests set 0 for one per batch
@@ -196,7 +196,7 @@ def _save_in_epoch(run: FinetuneRun, selection: Selection, epoch: int, batches: 
     }
 
     def save() -> None:
-        save_state(run.out, epoch - 1, run.plain.state_dict(), run.optimizer.state_dict(), state, batch=batches)
+        save_checkpoint(run, epoch - 1, state, batch=batches)
 
     on_rank_zero(save, device, f"saving epoch {epoch} at batch {batches} under {run.out}")
 
@@ -205,8 +205,7 @@ def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, va
     """Rank 0's files of an epoch (every rank hears if they failed): the metrics row, the best weights,
     the checkpoint."""
     out = run.out
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_metrics(out, row)
     log.info(
         "epoch %d: train loss %.4f, val qwk %s, accuracy %s",
         epoch,
@@ -218,7 +217,14 @@ def _end_epoch(run: FinetuneRun, selection: Selection, epoch: int, row: dict, va
         meta = {**run.meta, "epoch": epoch, "val": val, "select_by": selection.select_by}
         save_grader(run.plain, out / "best.safetensors", meta)
     state = {"scheduler": run.scheduler.state_dict(), **selection.checkpoint_state(), "fingerprint": run.fingerprint}
-    save_state(out, epoch, run.plain.state_dict(), run.optimizer.state_dict(), state)
+    save_checkpoint(run, epoch, state)
+
+
+def save_checkpoint(run: FinetuneRun, epoch: int, state: dict[str, Any], batch: int = 0) -> str:
+    """Process 0's checkpoint of `epoch` complete epochs (and `batch` batches of the next one)."""
+    tag = f"epoch{epoch:04d}" + (f"-batch{batch:06d}" if batch else "")
+    model, optimizer = run.plain.state_dict(), run.optimizer.state_dict()
+    return save_state(run.out, tag, model, optimizer, {**state, "epoch": epoch, "batch": batch})
 
 
 def final_report(run: FinetuneRun, selection: Selection) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from ssit_dist.eval.retrieval import retrieval_top1
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.stop import StopRequest, StopRequested, StopVote
-from ssit_dist.train import checkpoint, schedule
+from ssit_dist.train import checkpoint_deepspeed, schedule
+from ssit_dist.train.checkpoint import latest_tag
 from ssit_dist.train.report import Reporter
 from ssit_dist.train.step import Views, train_step
 
@@ -204,7 +205,7 @@ def _raise_if_diverged(diverged: bool, records: list[dict[str, Any]], run_dir: P
         if bad
         else f"on another rank between steps {records[0]['step']} and {records[-1]['step']}"
     )
-    tag = checkpoint.latest_tag(run_dir)
+    tag = latest_tag(run_dir)
     raise FloatingPointError(f"non-finite loss {where}; the last good checkpoint is {tag or 'none'} in {run_dir}")
 
 
@@ -259,7 +260,8 @@ def save(run: Run, step: int) -> str:
     client = {"step": step, "config": asdict(run.cfg), "torch_rng": torch.get_rng_state()}
     meta = run.meta.with_provenance(step=step)
     momentum = run.momentum_net.state_dict()
-    return checkpoint.save(run.engine, run.run_dir, step, client, meta, run.cfg.keep_checkpoints, run.device, momentum)
+    keep = run.cfg.keep_checkpoints
+    return checkpoint_deepspeed.save(run.engine, run.run_dir, step, client, meta, keep, run.device, momentum)
 
 
 def _finite(losses: tuple[float, float]) -> bool:

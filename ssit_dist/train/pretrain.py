@@ -1,7 +1,7 @@
 """SSiT pretraining with DeepSpeed: setting a run up, as MAE's main_pretrain does.
 
 `pretrain(cfg)` creates the process group and installs the stop handlers first, reads and checks the
-shards, takes the resume decision (train/checkpoint.py, train/resume.py), builds the DeepSpeed engine and
+shards, takes the resume decision (train/checkpoint.py), builds the DeepSpeed engine and
 the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
 train/loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
 end, and after the step at which a stop is asked for (Ctrl-C, SIGTERM, SLURM's SIGUSR1 before the time
@@ -16,16 +16,14 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 
 from ssit_dist import stop as stop_signals
-from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config, save_config
+from ssit_dist.config import ConfigError, PretrainConfig, batch_layout, deepspeed_config
 from ssit_dist.data.index import ShardIndexError, read_index
 from ssit_dist.data.loading.augment import PairAugment
 from ssit_dist.data.loading.device_augment import DevicePairAugment
@@ -36,11 +34,9 @@ from ssit_dist.data.loading.stream import PairStream, pair_loader
 from ssit_dist.dist import (
     any_rank,
     gather_objects,
-    init_process_group,
     on_rank_zero,
     problems_on_ranks,
     rank,
-    release_shared_memory_names,
     world_size,
 )
 from ssit_dist.eval.retrieval import fixed_pairs
@@ -49,41 +45,41 @@ from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import OnlineNetwork, SSiT
-from ssit_dist.train import checkpoint
+from ssit_dist.train import checkpoint_deepspeed as checkpoint
+from ssit_dist.train import run as skeleton
+from ssit_dist.train.checkpoint import ResumeError, ResumePlan
+from ssit_dist.train.checkpoint_deepspeed import plan_resume
 from ssit_dist.train.loop import Run, train
 from ssit_dist.train.report import Reporter
-from ssit_dist.train.resume import ResumeError, ResumePlan, write_fingerprint
 from ssit_dist.train.step import Views
 
 log = logging.getLogger("ssit_dist.pretrain")
 
 
 def run_fingerprint(cfg: PretrainConfig, world: int, inputs: RunInputs) -> dict:
-    """Everything a resume depends on (see train/resume.py)."""
+    """Everything a resume depends on (train/run.py)."""
     shards = inputs.shards
-    return {
-        "world_size": world,
-        "global_batch": cfg.global_batch,
-        "micro_batch": inputs.micro,
-        "gradient_accumulation": inputs.accumulation,
-        "steps_per_epoch": inputs.steps_per_epoch,
-        "epochs": cfg.epochs,
-        "seed": cfg.seed,
+    return skeleton.fingerprint(
+        cfg,
+        ("global_batch", "epochs", "seed", "model"),
+        world_size=world,
+        micro_batch=inputs.micro,
+        gradient_accumulation=inputs.accumulation,
+        steps_per_epoch=inputs.steps_per_epoch,
         # The epoch's order and each stream's share (data/loading/epoch.py): a resume replays them exactly.
-        "data_order": {
+        data_order={
             "workers": cfg.data.workers,
             "piece_size": cfg.data.piece_size,
             "shuffle_buffer": cfg.data.shuffle_buffer,
         },
-        "model": asdict(cfg.model),
-        "optimizer_groups": list(OnlineNetwork.OPTIMIZER_GROUPS),
+        optimizer_groups=list(OnlineNetwork.OPTIMIZER_GROUPS),
         # DeepSpeed's timers change no number of the run: a resume may turn them on or off.
-        "ds_config": {key: value for key, value in inputs.ds_config.items() if key != "timers"},
-        "shards": [
+        ds_config={key: value for key, value in inputs.ds_config.items() if key != "timers"},
+        shards=[
             {"url": url, "samples": n, "bytes": size, "sha256": digest}
             for url, n, size, digest in zip(shards.paths, shards.lengths, shards.sizes, shards.sha256, strict=True)
         ],
-    }
+    )
 
 
 def epoch_plan(cfg: PretrainConfig, inputs: RunInputs, world: int) -> EpochPlan:
@@ -209,12 +205,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # First: a signal during start-up (SLURM preempting a job that is still waiting for its peers or
     # loading) means exit cleanly at the first point where every rank can agree, without training.
     stop = stop_signals.install()
-    device = start_process_group(cfg)
+    device = skeleton.start_deepspeed(cfg.dist_timeout_s)
+    _log_placement(device)
     world = world_size()
     inputs = check_inputs(cfg, world)
     _verify_on_every_rank(inputs.shards, cfg.data.verify, device)
     fingerprint = run_fingerprint(cfg, world, inputs)
-    plan = agree_on_resume(cfg, fingerprint, inputs.ds_config, device)
+    zero_stage = int(inputs.ds_config.get("zero_optimization", {}).get("stage", 0))
+    plan = skeleton.agree_on_resume(
+        cfg, fingerprint, lambda: plan_resume(Path(cfg.run_dir), fingerprint, cfg.resume, zero_stage, device), device
+    )
     engine, momentum_net = build_and_restore(cfg, inputs.ds_config, plan, device)
     precision = prepare_engine(cfg, engine, momentum_net, device)
     stream = PairStream(
@@ -255,36 +255,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
     train(run, stop)
     return run.run_dir
-
-
-def start_process_group(cfg: PretrainConfig) -> torch.device:
-    """The process group (ours and DeepSpeed's view of it); returns this rank's device."""
-    import deepspeed
-
-    device = init_process_group(cfg.dist_timeout_s)
-    deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), timeout=timedelta(seconds=cfg.dist_timeout_s))
-    release_shared_memory_names(device)
-    _log_placement(device)
-    return device
-
-
-def agree_on_resume(cfg: PretrainConfig, fingerprint: dict, ds_config: dict, device: torch.device) -> ResumePlan:
-    """Collective: the resume plan every rank follows; then rank 0 records the run's config and
-    fingerprint in its folder."""
-    run_dir = Path(cfg.run_dir)
-    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    plan = checkpoint.plan_resume(run_dir, fingerprint, cfg.resume, zero_stage, device)
-    if plan.mode in ("force", "reshard"):
-        log.warning(
-            "resume=%s: resuming %s although the run changed:\n  %s", cfg.resume, plan.tag, "\n  ".join(plan.changed)
-        )
-
-    def record_run() -> None:
-        save_config(cfg, run_dir)
-        write_fingerprint(run_dir, fingerprint)
-
-    on_rank_zero(record_run, device, f"writing {run_dir / 'config.yaml'}")
-    return plan
 
 
 def prepare_engine(cfg: PretrainConfig, engine: Any, momentum_net: Any, device: torch.device) -> torch.dtype | None:
@@ -366,10 +336,8 @@ def _verify_on_every_rank(shards: ShardSet, mode: str, device: torch.device) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for launch/pretrain.py: `--config FILE` and `section.field=value` overrides; exit codes
-    as train/entry.py says."""
-    from ssit_dist.train.entry import run_trainer
-
-    return run_trainer(pretrain, PretrainConfig, "SSiT pretraining with DeepSpeed", argv)
+    as train/run.py says."""
+    return skeleton.main(pretrain, PretrainConfig, "SSiT pretraining with DeepSpeed", argv)
 
 
 if __name__ == "__main__":  # python -m / torchrun -m / deepspeed --module / accelerate launch -m

@@ -1,7 +1,11 @@
-"""Where per-step metrics go on rank 0: JSON lines, TensorBoard, and the console.
+"""Where a run's metrics go, on rank 0: RUN_DIR/metrics.jsonl, one JSON line per step (pretraining),
+validation (segmentation) or epoch (fine-tuning), for every trainer; for pretraining also TensorBoard
+and the console (`Reporter`). The run's closing report.json is written with `write_report`.
 
-The console gets a rich progress bar on a terminal and one plain line per step otherwise (logs of
-batch jobs stay readable).
+A resumed run first drops the rows a killed run wrote after the checkpoint it resumes from
+(`metrics_from`), so that every row appears once and the file reads as one unbroken run. The console
+gets a rich progress bar on a terminal and one plain line per step otherwise (logs of batch jobs stay
+readable).
 """
 
 from __future__ import annotations
@@ -16,15 +20,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ssit_dist import atomic
 
 
+def metrics_from(run_dir: Path, key: str, position: int) -> None:
+    """At a run's start: metrics.jsonl keeps its rows whose `key` ("step", "epoch") is at most `position`,
+    where the run resumes (0: a fresh start keeps none). A line a kill cut short goes too."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    atomic.write_text(path, "".join(line + "\n" for line in lines if 0 < _position(line, key) <= position))
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One row more in metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    """The run's report.json, whole or not at all."""
+    return atomic.write_json(run_dir / "report.json", report)
+
+
 class Reporter:
+    """Pretraining's per-step metrics: metrics.jsonl, TensorBoard, the console."""
+
     def __init__(self, run_dir: Path, total_steps: int, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        path = run_dir / "metrics.jsonl"
-        if path.is_file():  # a resume at start_step: drop the rows a killed run wrote after it
-            kept = [line for line in path.read_text().splitlines() if 0 < _step_of(line) <= start_step]
-            atomic.write_text(path, "".join(line + "\n" for line in kept))
-        self.metrics = open(path, "a")
+        metrics_from(run_dir, "step", start_step)
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
         # TensorBoard reads every event file in the folder: the purge step drops the points an earlier
         # start (a killed run) logged after the step this run resumes from, as the trim above does.
         self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
@@ -76,9 +98,9 @@ class Reporter:
         self.metrics.close()
 
 
-def _step_of(line: str) -> int:
-    """The step of a metrics line; -1 for a line a kill cut short."""
+def _position(line: str, key: str) -> int:
+    """The step (or epoch) of a metrics line; -1 for a line a kill cut short."""
     try:
-        return int(json.loads(line)["step"])
+        return int(json.loads(line)[key])
     except (ValueError, KeyError, TypeError):
         return -1

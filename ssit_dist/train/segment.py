@@ -13,17 +13,19 @@ input size at half-window strides, overlapping logits averaged, the probabilitie
 photograph's own size, the metrics (eval/seg_metrics.py) counted there inside its field of view. Each
 process takes every world-th photograph; the counts are summed, so every pixel counts once.
 
-Images are normalised with the mean/std of the train photographs. Resume: RUN_DIR/checkpoint.pt (model,
-optimizer, step, history, best) at every validation; a relaunch continues from it, the same crops in the
-same order (each crop is a function of (seed, index)). `python -m ssit_dist.train.segment [field=value]`.
+Images are normalised with the mean/std of the train photographs. The run's skeleton is fine-tuning's
+(train/run.py): a checkpoint at every validation and at a stop (train/checkpoint_accelerate.py:
+RUN_DIR/checkpoints/stepNNNNNNNN/, `latest`); a relaunch of the same run continues from it with the same
+crops in the same order (each crop is a function of (seed, index)) and ends with the weights of an
+unbroken run; a changed run is refused naming the changed fields, unless resume=force.
+`python -m ssit_dist.train.segment [field=value]`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Subset
 
 from ssit_dist import atomic
 from ssit_dist import stop as stop_signals
-from ssit_dist.config import ConfigError, SegmentConfig, save_config
+from ssit_dist.config import ConfigError, SegmentConfig
 from ssit_dist.data.loading.segmentation import (
     SegmentationCrops,
     SegmentationDataError,
@@ -53,11 +54,14 @@ from ssit_dist.eval.seg_metrics import PixelCounts, constant_dice
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.models.segmenter import Segmenter
 from ssit_dist.stop import StopRequest, StopRequested, StopVote
-from ssit_dist.train.finetune import start_accelerate
+from ssit_dist.train import run as skeleton
+from ssit_dist.train.checkpoint import ResumeError
+from ssit_dist.train.checkpoint_accelerate import load_state, plan_resume, save_state
+from ssit_dist.train.report import append_metrics, metrics_from, write_report
 from ssit_dist.train.schedule import learning_rate
 
 log = logging.getLogger("ssit_dist.segment")
-CHECKPOINT = "checkpoint.pt"
+RUN_ONLY = ("run_dir", "workers", "dist_timeout_s", "resume")  # change no number of the run: never fingerprinted
 
 
 @dataclass(kw_only=True)
@@ -71,6 +75,7 @@ class SegmentRun:
     mean: list[float]
     std: list[float]
     encoder: dict[str, Any]  # where the encoder came from
+    fingerprint: dict[str, Any]
     stop: StopRequest  # set by a signal or the launcher's end (ssit_dist/stop.py)
     step: int = 0
     pending_loss: float = 0.0  # the training losses summed since the last validation, kept by a stop
@@ -92,8 +97,7 @@ def segment(cfg: SegmentConfig) -> dict[str, Any]:
 
 def set_up(cfg: SegmentConfig, stop: StopRequest) -> SegmentRun:
     """Accelerate, the data (every photograph and mask checked before anything trains), model, Adam."""
-    accelerator = start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s)
-    set_seed(cfg.seed)
+    accelerator = skeleton.start_accelerate(cfg.mixed_precision, cfg.dist_timeout_s, cfg.seed)
     if cfg.global_batch % accelerator.num_processes:
         raise ConfigError(f"global_batch = {cfg.global_batch}: not divisible by {accelerator.num_processes} processes")
     try:
@@ -125,6 +129,7 @@ def set_up(cfg: SegmentConfig, stop: StopRequest) -> SegmentRun:
     return SegmentRun(
         cfg=cfg, accelerator=accelerator, data=data, model=model, optimizer=optimizer, scheduler=scheduler,
         mean=mean, std=std, encoder=encoder_info, stop=stop,
+        fingerprint=run_fingerprint(cfg, accelerator.num_processes, data),
     )  # fmt: skip
 
 
@@ -140,29 +145,36 @@ def _train_statistics(data: SegmentationSet) -> tuple[list[float], list[float]]:
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def fingerprint(run: SegmentRun) -> dict[str, Any]:
-    """What a resume depends on: the config but its folder, the process count, the data's file names."""
-    cfg = {k: v for k, v in asdict(run.cfg).items() if k not in ("run_dir", "workers", "dist_timeout_s")}
-    files = {s: [x.image.name for x in samples] for s, samples in run.data.splits.items()}
-    return {"config": cfg, "processes": run.accelerator.num_processes, "files": files, "classes": run.data.classes}
+def run_fingerprint(cfg: SegmentConfig, processes: int, data: SegmentationSet) -> dict[str, Any]:
+    """What a resume depends on: every field of the config but the run-only ones, the process count, the
+    data's classes and file names."""
+    files = {s: [x.image.name for x in samples] for s, samples in data.splits.items()}
+    config = [f.name for f in fields(cfg) if f.name not in RUN_ONLY]
+    return skeleton.fingerprint(cfg, config, processes=processes, files=files, classes=data.classes)
 
 
 def resume(run: SegmentRun) -> None:
-    """Continue from RUN_DIR/checkpoint.pt where it exists and the run is unchanged; refuse a changed one."""
-    path = run.out / CHECKPOINT
-    if not path.is_file():
-        on_rank_zero(lambda: save_config(run.cfg, run.out / "config.yaml"), run.accelerator.device, "config")
+    """Every process agrees on the resume plan (train/checkpoint.py) and loads the checkpoint it names."""
+    cfg, out, device = run.cfg, run.out, run.accelerator.device
+    if (out / "checkpoint.pt").is_file():
+        raise ResumeError(
+            f"{out / 'checkpoint.pt'} is a checkpoint of an earlier ssit-dist, which this one cannot resume: "
+            "finish that run with the version that wrote it, or choose another run_dir"
+        )
+    plan = skeleton.agree_on_resume(
+        cfg, run.fingerprint, lambda: plan_resume(out, run.fingerprint, cfg.resume, device, "step"), device
+    )
+    on_rank_zero(lambda: metrics_from(out, "step", plan.step), device, f"writing {out / 'metrics.jsonl'}")
+    if plan.tag is None:
         return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != json.loads(json.dumps(fingerprint(run))):
-        raise ConfigError(f"{path} belongs to another run (config, processes or data differ): use another run_dir")
-    run.accelerator.unwrap_model(run.model).load_state_dict(state["model"])
-    run.optimizer.optimizer.load_state_dict(state["optimizer"])
+    weights, optimizer_state, state = load_state(out, plan.tag)
+    run.accelerator.unwrap_model(run.model).load_state_dict(weights)
+    run.optimizer.optimizer.load_state_dict(optimizer_state)
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.history, run.best = state["step"], state["history"], state["best"]
-    run.pending_loss = state.get("pending_loss", 0.0)
+    run.pending_loss = state["pending_loss"]
     dice = number(run.best.get("dice"))
-    log.info("resumed at step %d of %d (best val Dice %s)", run.step, run.cfg.iterations, dice)
+    log.info("resumed at step %d of %d (best val Dice %s)", run.step, cfg.iterations, dice)
 
 
 def train(run: SegmentRun) -> None:
@@ -204,7 +216,7 @@ def train(run: SegmentRun) -> None:
             run.model.train()
         if vote.cast(run.stop.requested) and run.step < cfg.iterations:
             run.pending_loss = mean_over_ranks(float(losses), accelerator.device)  # validation takes the mean too
-            save_checkpoint(run, better=False)
+            save_checkpoint(run)
             raise StopRequested(f"stopped at step {run.step}; relaunch to resume")
 
 
@@ -228,30 +240,27 @@ def validate(run: SegmentRun, train_loss: float) -> None:
     if better:
         run.best = {"step": run.step, "dice": dice}
     run.pending_loss = 0.0
-    save_checkpoint(run, better)
+    save_checkpoint(run, row, better)
 
 
-def save_checkpoint(run: SegmentRun, better: bool) -> None:
-    """The checkpoint (and where `better`, the best weights) and metrics.jsonl, written by process 0."""
+def save_checkpoint(run: SegmentRun, row: dict[str, Any] | None = None, better: bool = False) -> None:
+    """Process 0's files of a validation (its metrics `row`, where `better` the best weights) and the
+    checkpoint of the step, last: a kill before it leaves the previous one to resume from."""
     model = run.accelerator.unwrap_model(run.model)
+    state = {
+        "scheduler": run.scheduler.state_dict(),
+        **{"step": run.step, "pending_loss": run.pending_loss, "history": run.history, "best": run.best},
+        "fingerprint": run.fingerprint,
+    }
 
     def write() -> None:
+        if row is not None:
+            append_metrics(run.out, row)
         if better:
             atomic.write_with(run.out / "best.pt", lambda tmp: torch.save(model.state_dict(), tmp))
-        state = {
-            "model": model.state_dict(),
-            "optimizer": run.optimizer.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "step": run.step,
-            "pending_loss": run.pending_loss,
-            "history": run.history,
-            "best": run.best,
-            "fingerprint": json.loads(json.dumps(fingerprint(run))),
-        }
-        atomic.write_with(run.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-        atomic.write_text(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
+        save_state(run.out, f"step{run.step:08d}", model.state_dict(), run.optimizer.optimizer.state_dict(), state)
 
-    on_rank_zero(write, run.accelerator.device, f"writing {run.out / CHECKPOINT}")
+    on_rank_zero(write, run.accelerator.device, f"saving step {run.step} under {run.out}")
 
 
 @torch.no_grad()
@@ -320,7 +329,7 @@ def final_report(run: SegmentRun) -> dict[str, Any]:
     def write() -> None:
         from ssit_dist.eval.seg_pictures import overlays_png
 
-        atomic.write_json(run.out / "report.json", report)
+        write_report(run.out, report)
         shown = results.get("test", results["val"])
         overlays_png(
             run.out / "overlays.png", shown["kept"], f"{Path(run.cfg.data).name}: photograph | truth | prediction"
@@ -350,10 +359,8 @@ def closing_line(report: dict[str, Any], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ssit_dist.train.segment --config FILE field=value`; exit codes as train/entry.py says."""
-    from ssit_dist.train.entry import run_trainer
-
-    return run_trainer(segment, SegmentConfig, "segmentation evaluation with Accelerate", argv)
+    """`python -m ssit_dist.train.segment --config FILE field=value`; exit codes as train/run.py says."""
+    return skeleton.main(segment, SegmentConfig, "segmentation evaluation with Accelerate", argv)
 
 
 if __name__ == "__main__":  # python -m / accelerate launch -m

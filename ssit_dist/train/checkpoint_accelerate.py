@@ -1,17 +1,20 @@
-"""Resumable state of a fine-tuning run, saved after every epoch and where a stop came within one.
+"""The Accelerate adapter of train/checkpoint.py: the checkpoints of fine-tuning and segmentation.
 
-RUN_DIR/checkpoints/epochNNNN/ (epochNNNN-batchBBBBBB/ for a stop: NNNN epochs and BBBBBB batches of the
-next) holds the model (safetensors), the optimizer state (tensors and numbers only, read back with
-weights_only=True) and state.json (epoch, batch, schedule, best score so far, the per-epoch history).
-The folder is written under a temporary name and renamed, then `latest` is replaced atomically, then
-older checkpoints are removed: a kill at any moment leaves a complete checkpoint to resume from. Only
-the main process writes; every process reads.
+RUN_DIR/checkpoints/TAG/ holds the model (safetensors), the optimizer state (tensors and numbers only,
+read back with weights_only=True) and state.json (where the run stands, its schedule, its history, the
+run's fingerprint). The folder is written under a temporary name and renamed, then `publish` replaces
+`latest` atomically and removes older checkpoints: a kill at any moment leaves a complete checkpoint to
+resume from. Only the main process writes; every process reads.
+
+Tags: fine-tuning `epochNNNN` (`epochNNNN-batchBBBBBB` for a stop within the next epoch), segmentation
+`stepNNNNNNNN`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,39 +23,38 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssit_dist import atomic
-from ssit_dist.train.checkpoint import checkpoint_dir, failed_write, latest_tag, publish, write_problem
-from ssit_dist.train.resume import ResumeError, ResumePlan, agree_on_plan, choose_plan
+from ssit_dist.train import checkpoint
+from ssit_dist.train.checkpoint import (
+    CheckpointWriteError,
+    ResumeError,
+    ResumePlan,
+    checkpoint_dir,
+    failed_write,
+    publish,
+    write_problem,
+)
 
 FILES = ("model.safetensors", "optimizer.pt", "state.json")
 
 
-class CheckpointWriteError(RuntimeError):
-    """A fine-tuning checkpoint could not be written; the message says what `latest` still names."""
-
-
 def save_state(
-    run_dir: Path,
-    epoch: int,
-    model: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    state: dict[str, Any],
-    batch: int = 0,
+    run_dir: Path, tag: str, model: dict[str, torch.Tensor], optimizer: dict[str, Any], state: dict[str, Any]
 ) -> str:
-    """Checkpoint `epoch` complete epochs (and `batch` batches of the next one); returns its tag."""
+    """Checkpoint `tag` (its letters before the digits name the run's kind of checkpoint; only the newest
+    of them is kept); returns the tag. Raises CheckpointWriteError with `failed_write`'s message."""
     folder = checkpoint_dir(run_dir)
-    tag = f"epoch{epoch:04d}" + (f"-batch{batch:06d}" if batch else "")
     tmp = folder / f"{tag}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch, "batch": batch}, indent=2) + "\n")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         atomic.replace_folder(tmp, folder / tag)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(failed_write(run_dir, tag, [write_problem(e, folder)])) from e
-    publish(folder, tag, "epoch", keep=1)
+    publish(folder, tag, re.sub(r"\d.*", "", tag), keep=1)
     return tag
 
 
@@ -85,13 +87,14 @@ def load_state(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], dict[s
     return load_file(str(folder / "model.safetensors")), optimizer, read_state(run_dir, tag)
 
 
-def plan_resume(run_dir: Path, fingerprint: dict[str, Any], mode: str, device: torch.device) -> ResumePlan:
-    """Collective: the resume plan of the fine-tuning run in `run_dir`, agreed on by every process
-    (train/resume.py)."""
+def plan_resume(
+    run_dir: Path, fingerprint: dict[str, Any], mode: str, device: torch.device, position: str
+) -> ResumePlan:
+    """Collective: the resume plan of the run in `run_dir`, agreed on by every process; `position`: the
+    key of state.json that says where the run stands ("epoch", "step")."""
 
-    def choose() -> ResumePlan:
-        tag = latest_tag(run_dir)
-        state = read_state(run_dir, tag) if tag else {}
-        return choose_plan(tag, int(state.get("epoch", 0)), state.get("fingerprint"), fingerprint, mode, run_dir, 0)
+    def stored(tag: str) -> tuple[int, dict[str, Any] | None]:
+        state = read_state(run_dir, tag)
+        return int(state.get(position, 0)), state.get("fingerprint")
 
-    return agree_on_plan(choose, lambda tag: unreadable(run_dir, tag), checkpoint_dir(run_dir), device)
+    return checkpoint.plan_resume(run_dir, fingerprint, mode, device, stored, lambda tag: unreadable(run_dir, tag))
