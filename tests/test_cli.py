@@ -185,6 +185,7 @@ RUN_COMMANDS = {
     "knn": (["--train", "a", "--test", "b", "--init", "random"], "temperature=0", "KnnConfig: temperature = 0"),
     "shard": (["in", "out"], "size=30", "ShardOptions: size = 30: use a multiple of 16"),
     "data-plan": (["--world", "2"], "global_batch=1", "PretrainConfig: global_batch = 1"),
+    "attention": (["photo.jpg"], "img_size=0", "EncoderSource: img_size = 0"),
 }
 
 

@@ -25,7 +25,7 @@ app.command(cls=settings_command("ssit_dist.config:SegmentConfig"))(train.segmen
 app.command("data-plan", cls=settings_command("ssit_dist.config:PretrainConfig"))(data.data_plan)
 app.command(cls=settings_command("ssit_dist.eval.knn:KnnConfig", {"k": "ks"}))(inspect.knn)
 app.command(cls=settings_command("ssit_dist.eval.evaluate:EvaluateConfig"))(evaluate.evaluate)
-app.command()(inspect.attention)
+app.command(cls=settings_command("ssit_dist.sections:EncoderSource"))(inspect.attention)
 app.command()(inspect.plot)
 app.command()(demo.demo)
 app.command("config")(config.show_config)

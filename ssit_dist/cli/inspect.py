@@ -53,12 +53,10 @@ def knn(
 
 
 def attention(
+    ctx: typer.Context,
     images: list[Path] = typer.Argument(..., help="Photographs (JPEG, PNG, ...) to look at."),
-    init: str = typer.Option(..., help="Encoder: an export .safetensors, a reference checkpoint, or 'random'."),
+    config: Path | None = CONFIG_OPTION,
     output: Path = typer.Option(Path("attention.png"), "-o", "--output", help="PNG to write."),
-    img_size: int | None = typer.Option(None, help="Input size (default: the export's, else 224)."),
-    arch: str | None = typer.Option(None, help="timm architecture (default: the export's)."),
-    timm_kwargs: str | None = typer.Option(None, help="timm overrides as JSON, for 'random' or a bare state dict."),
     title: str | None = typer.Option(None, help="Title of the picture (default: names the encoder)."),
 ) -> None:
     """Last-layer CLS attention of an encoder over photographs, as one PNG (photograph | attention).
@@ -67,21 +65,19 @@ def attention(
     from ssit_dist.models.encoder_meta import EncoderMeta
     from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 
-    described = Path(init).with_suffix(".json")
+    cfg = read_settings(ctx, config)
+    described = Path(cfg.init).with_suffix(".json")
     meta = EncoderMeta.from_json(json.loads(described.read_text()), str(described)) if described.is_file() else None
-    size = img_size or (meta.img_size if meta else 224)
     try:
-        encoder, _ = load_encoder(init, size, arch, json.loads(timm_kwargs) if timm_kwargs else None)
+        encoder, _ = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs, cfg.trust_pickle)
+        photos, inputs = load_photographs(images, cfg.img_size, meta.mean if meta else None, meta.std if meta else None)
     except (EncoderInitError, ValueError) as e:
         fail(str(e), 2)
-    try:
-        photos, inputs = load_photographs(images, size, meta.mean if meta else None, meta.std if meta else None)
-    except ValueError as e:
-        fail(str(e), 2)
     maps = cls_attention(encoder.eval(), inputs)
-    title = title or f"last-layer attention of {Path(init).name}"
+    title = title or f"last-layer attention of {Path(cfg.init).name}"
     attention_png(output, photos, maps, [p.name for p in images], title)
-    console.print(f"attention of {len(images)} photographs ({maps.shape[1]} heads, {size} px): {output}", markup=False)
+    shown = f"attention of {len(images)} photographs ({maps.shape[1]} heads, {cfg.img_size} px): {output}"
+    console.print(shown, markup=False)
 
 
 def plot(
