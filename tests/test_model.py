@@ -13,8 +13,8 @@ from ssit_dist.data.salient_patches import salient_token_indices
 from ssit_dist.dist import full_fp32_parameters
 from ssit_dist.models.ssit import ModelConfig, SSiT
 from ssit_dist.models.vit import create_encoder, encode
+from ssit_dist.train.pretrain_step import PlainEngine, train_step
 from ssit_dist.train.schedule import momentum as momentum_at
-from ssit_dist.train.step import PlainEngine, train_step
 from tiny_model import batch, tiny
 
 FIXTURE = SHARED / "fixtures" / "ssit_reference_tiny.pt"

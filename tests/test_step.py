@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssit_dist.models.ssit import ModelConfig, SSiT
-from ssit_dist.train.step import PlainEngine, train_step
+from ssit_dist.train.pretrain_step import PlainEngine, train_step
 
 TINY = ModelConfig(
     arch="vit_small_patch16_224",

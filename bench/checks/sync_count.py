@@ -52,7 +52,9 @@ class Scope:
         return "other"
 
 
-PRETRAIN_LOOP = Scope(os.path.join("ssit_dist", "train", "loop.py"), "train", frozenset({"save", "_view_retrieval"}))
+PRETRAIN_LOOP = Scope(
+    os.path.join("ssit_dist", "train", "pretrain_loop.py"), "train", frozenset({"save", "_view_retrieval"})
+)
 FINETUNE_EPOCH = Scope(os.path.join("ssit_dist", "train", "finetune_loop.py"), "train_one_epoch")
 
 

@@ -145,7 +145,7 @@ def _rank(rank: int, world: int, port: int, stage: int, steps: int, out: str, wh
     from ssit_dist.dist import init_process_group, shutdown
     from ssit_dist.models.batchnorm import convert_batchnorm
     from ssit_dist.models.ssit import SSiT
-    from ssit_dist.train.step import train_step
+    from ssit_dist.train.pretrain_step import train_step
 
     sent: Counter = Counter()
     calls: Counter = Counter()

@@ -39,7 +39,7 @@ from ssit_dist.models.compile import compile_model
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
 from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
 from ssit_dist.models.vit import encode
-from ssit_dist.train.step import PlainEngine, train_step
+from ssit_dist.train.pretrain_step import PlainEngine, train_step
 
 
 def sync(device: torch.device) -> None:

@@ -381,7 +381,7 @@ def flops_per_pair(arch: str, device: str | torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssit_dist.models.ssit import ModelConfig, SSiT
-    from ssit_dist.train.step import PlainEngine, train_step
+    from ssit_dist.train.pretrain_step import PlainEngine, train_step
 
     model = SSiT(ModelConfig(arch=arch)).train().to(device)
     engine = PlainEngine(model.online, torch.optim.AdamW(model.online.parameters()))

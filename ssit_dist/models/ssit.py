@@ -6,7 +6,7 @@ Two networks:
 - `MomentumNetwork` (models/momentum.py), the fp32 EMA key side, outside any engine.
 
 `SSiT` holds both (and reads the reference's checkpoints); the training step that drives them, with the
-reference's order of momentum update, keys and losses, is `ssit_dist.train.step.train_step`.
+reference's order of momentum update, keys and losses, is `ssit_dist.train.pretrain_step.train_step`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `pretrain(cfg)` creates the process group and installs the stop handlers first, reads and checks the
 shards, takes the resume decision (train/checkpoint.py), builds the DeepSpeed engine and
 the fp32 momentum network with the checkpoint restored into both, and hands the run to the loop in
-train/loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
+train/pretrain_loop.py. Checkpoints come every `checkpoint_every` steps or `checkpoint_every_minutes`, at the
 end, and after the step at which a stop is asked for (Ctrl-C, SIGTERM, SLURM's SIGUSR1 before the time
 limit, the launcher's end: ssit_dist/stop.py); a relaunch resumes from the latest complete checkpoint at
 the same schedule and data position.
@@ -49,9 +49,9 @@ from ssit_dist.train import checkpoint_deepspeed as checkpoint
 from ssit_dist.train import run as skeleton
 from ssit_dist.train.checkpoint import ResumeError, ResumePlan
 from ssit_dist.train.checkpoint_deepspeed import plan_resume
-from ssit_dist.train.loop import Run, train
+from ssit_dist.train.pretrain_loop import Run, train
+from ssit_dist.train.pretrain_step import Views
 from ssit_dist.train.report import Reporter
-from ssit_dist.train.step import Views
 
 log = logging.getLogger("ssit_dist.pretrain")
 

@@ -1,5 +1,5 @@
 """The pretraining loop, MAE's `train_one_epoch` for SSiT under DeepSpeed: from the resumed step to the
-end, each optimizer step sets the schedules, runs SSiT's step (train/step.py) over the step's micro
+end, each optimizer step sets the schedules, runs SSiT's step (train/pretrain_step.py) over the step's micro
 batches, agrees across ranks on a non-finite loss or a stop, reports and checkpoints. Setting a
 run up (process group, shards, engine, resume) is train/pretrain.py's part.
 """
@@ -28,8 +28,8 @@ from ssit_dist.models.momentum import MomentumNetwork
 from ssit_dist.stop import StopRequest, StopRequested, StopVote
 from ssit_dist.train import checkpoint_deepspeed, schedule
 from ssit_dist.train.checkpoint import latest_tag
+from ssit_dist.train.pretrain_step import Views, train_step
 from ssit_dist.train.report import Reporter
-from ssit_dist.train.step import Views, train_step
 
 
 @dataclass(kw_only=True)
