@@ -29,9 +29,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet --no-deps -r requirements.lock
-	$(PY) tests/lockfile.py check
+	$(PY) tests/helpers/lockfile.py check
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) tests/lockfile.py venv
+	$(PY) tests/helpers/lockfile.py venv
 	$(PY) -m pip check
 	mkdir -p $(TORCH_EXTENSIONS_DIR)
 	touch $@
@@ -46,12 +46,12 @@ lock:
 	$(LOCK_TOOLS)/bin/pip-compile --quiet $(if $(UPGRADE),--upgrade) --extra test --build-deps-for editable \
 		--allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 		$(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE)) -o requirements.lock pyproject.toml
-	$(LOCK_TOOLS)/bin/python tests/lockfile.py stamp
+	$(LOCK_TOOLS)/bin/python tests/helpers/lockfile.py stamp
 
 # The lock against pyproject.toml, then ruff (lint and format) over the code and tests, mypy over the
 # package; `make test` runs it first.
 lint: setup
-	$(PY) tests/lockfile.py check
+	$(PY) tests/helpers/lockfile.py check
 	$(VENV)/bin/ruff check ssit_dist tests bench launch docs
 	$(VENV)/bin/ruff format --check ssit_dist tests bench launch docs
 	$(VENV)/bin/mypy
@@ -102,7 +102,7 @@ gpu-check: setup
 # bench/checks/travel.py` writes .travel (shards of the real photographs and the wheels the GPU image
 # lacks; at most 64 MiB with the checkout). There, with .travel carried and no venv (the image's Python
 # and the carried wheels): `make gpu-run PY=python3 GPU_OUT=$$OUT`. `SMOKE=1`: every part on CPU at tiny
-# sizes (tests/test_gpu_run.py runs it in `make test`).
+# sizes (tests/bench/test_gpu_run.py runs it in `make test`).
 TRAVEL  ?= .travel
 GPU_OUT ?= gpu_out
 gpu-run:

@@ -16,7 +16,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# Test modules sit in folders that mirror the package's; the modules they share sit in tests/helpers and
+# are imported by name (`from tiny_runs import short`), as are this file's (`from conftest import CLI`).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GRADED = SHARED / "data" / "fundus" / "graded"
 UNLABELLED = SHARED / "data" / "fundus" / "unlabelled"
 CLI = Path(sys.executable).with_name("ssit-dist")

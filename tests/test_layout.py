@@ -54,7 +54,7 @@ def test_no_function_runs_over_sixty_lines() -> None:
 def test_no_test_module_imports_another() -> None:
     """Shared helpers live in conftest.py and the helper modules; a test module imported by another runs
     its tests' imports twice and ties the two files' fixtures together."""
-    tests = sorted((ROOT / "tests").glob("test_*.py"))
+    tests = sorted((ROOT / "tests").rglob("test_*.py"))
     names = {p.stem for p in tests}
     pattern = re.compile(r"^\s*(?:from|import)\s+(?:tests\.)?(\w+)", re.MULTILINE)
     offenders = [f"{p.name} imports {m}" for p in tests for m in pattern.findall(p.read_text()) if m in names]

@@ -61,7 +61,7 @@ def test_make_lint_runs_the_check_and_fails_with_what_to_do(
 ) -> None:
     makefile = (HERE.parent / "Makefile").read_text()
     lint = makefile[makefile.index("\nlint:") :].split("\n\n")[0]
-    assert "$(PY) tests/lockfile.py check" in lint
+    assert "$(PY) tests/helpers/lockfile.py check" in lint
     # What that command does on a checkout whose pyproject.toml changed without a new lock.
     monkeypatch.setattr(lockfile, "PYPROJECT", edited(tmp_path, PYPROJECT, '"timm>=1.0,<2"', '"timm>=1.1,<2"'))
     assert lockfile.main(["check"]) == 1

@@ -175,7 +175,7 @@ def test_node_lists_expand_to_their_hosts() -> None:
 @pytest.mark.multiprocess  # runs scontrol
 def test_node_lists_expand_as_scontrol_expands_them(tmp_path: Path) -> None:
     if shutil.which("scontrol") is None:
-        pytest.skip("SLURM is not installed here (tests/test_slurm.py installs it where it can)")
+        pytest.skip("SLURM is not installed here (tests/launch/test_slurm.py installs it where it can)")
     # scontrol reads a configuration before it expands anything; any valid one will do.
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=x\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=ALL\n")

@@ -22,7 +22,7 @@ evidence comes first, the checks after, so that a slow start costs a check, not 
 The JSON is rewritten after each part (a command cut short still brings back what it did); a part that
 would end past the deadline is recorded as skipped.
 
-`--smoke` runs every part on CPU at tiny sizes (a tiny ViT, a few steps): tests/test_gpu_run.py runs it in
+`--smoke` runs every part on CPU at tiny sizes (a tiny ViT, a few steps): tests/bench/test_gpu_run.py runs it in
 `make test`, so that this command cannot rot between the times a GPU is lent.
 
     make gpu-run PY=python3 GPU_OUT=$OUT          # on the GPU machine, .travel carried

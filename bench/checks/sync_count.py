@@ -5,7 +5,7 @@ every explicit synchronisation a run can ask for (DeepSpeed's `get_accelerator()
 `torch.cuda.synchronize`, `torch.accelerator.synchronize`, `synchronize` of a CUDA stream or event) is
 wrapped, and each call made inside the function (the pretraining loop, a fine-tuning epoch) is counted by
 the package that made it. On a GPU each one blocks the host until the device has caught up; on a CPU
-nothing blocks, so the count is what tests/test_host_sync.py can hold there, on the same code.
+nothing blocks, so the count is what tests/train/test_host_sync.py can hold there, on the same code.
 
 On CUDA, `python -m bench.checks.sync_count --config RUN.yaml [field=value ...]` trains one rank with the
 count on, and with torch's sync debug mode, which also sees the syncs torch makes inside its operators
@@ -61,7 +61,7 @@ FINETUNE_EPOCH = Scope(os.path.join("ssit_dist", "train", "finetune_loop.py"), "
 def synchronizers() -> list[tuple[object, str, str]]:
     """(owner, attribute, counted name) of every device synchronisation a training run can ask for.
     torch's device-generic `torch.Stream` and `torch.Event` are C types that cannot be wrapped; the
-    package uses torch.cuda's (tests/test_host_sync.py holds it to that)."""
+    package uses torch.cuda's (tests/train/test_host_sync.py holds it to that)."""
     from deepspeed.accelerator import get_accelerator
 
     return [

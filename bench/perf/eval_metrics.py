@@ -4,7 +4,7 @@ and what that makes of the patient bootstrap; prints one JSON object.
 The bootstrap (eval/crossval.py) computes each fold's QWK and referable-DR AUC on every resample of every
 read-out: resamples x folds x methods x read-out variants calls of each. Measured on one fold of a 2,038-
 photograph evaluation (408 photographs, the quality benchmark's mix), interleaved, median of `--repeats`
-rounds; the two agree to 1e-12 (tests/test_metrics.py checks it on random and edge cases).
+rounds; the two agree to 1e-12 (tests/eval/test_metrics.py checks it on random and edge cases).
 
 Usage: python bench/perf/eval_metrics.py [--repeats 5] [--calls 200]
 """

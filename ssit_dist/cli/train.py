@@ -65,7 +65,11 @@ def _accelerate_trainer(module: str, args: list[str], nproc: int) -> int:
     return launch_ranks(module, args, nproc)
 
 
-SYNTHETIC_VESSELS = {"train": 12, "val": 4, "test": 4}  # `segment --synthetic`: as many as tests/test_segment.py's
+SYNTHETIC_VESSELS = {
+    "train": 12,
+    "val": 4,
+    "test": 4,
+}  # `segment --synthetic`: as many as tests/train/test_segment.py's
 
 
 def segment(

@@ -25,7 +25,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 # QWK and AUC are computed here, not by scikit-learn's cohen_kappa_score / roc_auc_score (which they equal,
-# tests/test_metrics.py): the patient bootstrap of eval/crossval.py calls each 90,000 times per `ssit-dist
+# tests/eval/test_metrics.py): the patient bootstrap of eval/crossval.py calls each 90,000 times per `ssit-dist
 # evaluate`, and scikit-learn's input checks make a call 3-4 ms against 40-70 us here, 640 s against 10 s in
 # all (bench/perf/eval_metrics.py, bench/results/eval_metrics_cpu_epyc_2026-12-07.json).
 def quadratic_weighted_kappa(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:

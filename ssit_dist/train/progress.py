@@ -3,7 +3,7 @@ how fast, how long still.
 
 Plain log lines rather than a progress bar, so batch jobs' logs read the same as a terminal and other
 ranks' lines do not tear it. Only the clock and a batch count are read: nothing waits for the device, so
-it can sit on the hot path (tests/test_host_sync.py counts the reads).
+it can sit on the hot path (tests/train/test_host_sync.py counts the reads).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from ssit_dist.dist import free_port
 
 pytestmark = pytest.mark.multiprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_package_uses_only_streams_the_count_sees() -> None:

@@ -22,14 +22,14 @@ pytestmark = pytest.mark.multiprocess
 
 
 def restored(cfg: Path, tag: str, step: int, mode: str, nproc: int, out: Path) -> dict[str, torch.Tensor]:
-    """What `pretrain.build_and_restore` restores on `nproc` ranks, gathered whole (tests/restore_probe.py)."""
+    """What `pretrain.build_and_restore` restores on `nproc` ranks, gathered whole (tests/helpers/restore_probe.py)."""
     command = [
         str(TORCHRUN),
         "--nproc_per_node",
         str(nproc),
         "--master_port",
         str(free_port()),
-        str(ROOT / "tests" / "restore_probe.py"),
+        str(ROOT / "tests" / "helpers" / "restore_probe.py"),
         str(cfg),
         tag,
         str(step),

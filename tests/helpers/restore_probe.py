@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_reshard.py: restore a checkpoint exactly as pretraining does
+"""Run under torchrun by tests/train/test_reshard.py: restore a checkpoint exactly as pretraining does
 (`pretrain.build_and_restore`, with a universal-checkpoint conversion for mode `reshard`), then write
 what the restore produced, gathered whole: the fp32 master weights, both Adam moments and the fp32
 momentum network. Rank 0 writes them as safetensors for the test to compare across world sizes.
@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from ssit_dist.config import batch_layout, deepspeed_config, load_config
 from ssit_dist.dist import init_process_group, rank, shutdown, world_size
-from ssit_dist.train.pretrain import build_and_restore
 from ssit_dist.train.checkpoint import ResumePlan
+from ssit_dist.train.pretrain import build_and_restore
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FUNDUS = ROOT.parent / "shared" / "data" / "fundus"
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

@@ -1,4 +1,4 @@
-"""launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/slurm.py) with CPU
+"""launch/slurm/*.sbatch, unmodified, on a real SLURM (slurmctld, slurmd, munge; tests/helpers/slurm.py) with CPU
 ranks. One node: a pretraining job submitted by `ssit-dist slurm --submit` equals the same run under
 torchrun; a user's SIGUSR1 checkpoints, requeues and resumes, SLURM's own preemption requeues the job once
 more, and it ends with the uninterrupted run's weights; `scancel` saves and cancels, never requeues; at the

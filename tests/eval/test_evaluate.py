@@ -12,7 +12,7 @@ import torch  # noqa: F401  (imported at collection: torch's first import runs l
 
 from conftest import invoke_cli
 
-NATURAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "fundus" / "graded_natural"
+NATURAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "fundus" / "graded_natural"
 # A small model: the command's work is the protocol, not the encoder (random init, 32 px, 8 px patches).
 TINY = 'timm_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}'
 # Short grids and few resamples, for time: the properties below do not depend on them.

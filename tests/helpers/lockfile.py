@@ -11,7 +11,7 @@ with pip-compile; `make setup` installs exactly it). Three checks keep the two h
 - `venv` (`make setup`): the environment holds exactly the lock's versions; packages the lock does not name
   are uninstalled.
 
-Run as `python tests/lockfile.py stamp|check|venv`; a failed check exits 1 with what to do.
+Run as `python tests/helpers/lockfile.py stamp|check|venv`; a failed check exits 1 with what to do.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
 LOCK = ROOT / "requirements.lock"
 STAMP_HEAD = "# Made from these requirements of pyproject.toml (`make lint` checks they still hold):"
@@ -189,7 +189,7 @@ def main(argv: list[str]) -> int:
         "venv": lambda: sync_venv(LOCK),
     }
     if len(argv) != 1 or argv[0] not in actions:
-        print(f"usage: python tests/lockfile.py {'|'.join(actions)}", file=sys.stderr)
+        print(f"usage: python tests/helpers/lockfile.py {'|'.join(actions)}", file=sys.stderr)
         return 2
     try:
         actions[argv[0]]()

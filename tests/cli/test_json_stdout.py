@@ -18,7 +18,7 @@ from ssit_dist.eval.features_file import save_features
 
 pytestmark = pytest.mark.multiprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quality_bench_says_skipped_rows_on_stderr_in_one_summary(graded_dir: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from ssit_dist.config import (
 from ssit_dist.data.loading.augment import VIEW1, VIEW2
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
-DS = Path(__file__).resolve().parents[1] / "ds_configs"
+DS = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def test_yaml_file_and_overrides(tmp_path: Path) -> None:

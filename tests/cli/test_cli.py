@@ -61,7 +61,7 @@ def test_config_lists_every_field_with_type_default_and_help() -> None:
 
 
 def test_slurm_prints_the_exact_sbatch_command() -> None:
-    scripts = Path(__file__).resolve().parents[1] / "launch" / "slurm"
+    scripts = Path(__file__).resolve().parents[2] / "launch" / "slurm"
     shown = invoke_cli(
         "slurm",
         "pretrain",
@@ -96,7 +96,7 @@ def test_slurm_prints_the_exact_sbatch_command() -> None:
 def test_slurm_prints_the_resources_the_scripts_ask_for_by_default() -> None:
     """Cores, memory and the time-limit requeues a job gets unless told otherwise are in the printed line:
     the scripts' own #SBATCH values (which still serve a plain `sbatch` of the script) and 3 requeues."""
-    scripts = Path(__file__).resolve().parents[1] / "launch" / "slurm"
+    scripts = Path(__file__).resolve().parents[2] / "launch" / "slurm"
     for job, cores, extra in (("pretrain", 15, "SSIT_MAX_TIMEOUTS=3 "), ("finetune", 8, "")):
         assert f"#SBATCH --cpus-per-task={cores}\n#SBATCH --mem-per-cpu=4G\n" in (scripts / f"{job}.sbatch").read_text()
         shown = invoke_cli("slurm", job, "--ranks-per-node", 2, "run_dir=r").stdout.strip()

@@ -33,7 +33,7 @@ from ssit_dist.models.grader import load_grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.models.ssit import SSiT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
 pytestmark = pytest.mark.multiprocess
 
