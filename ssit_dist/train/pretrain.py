@@ -45,6 +45,7 @@ from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.compile import compile_model
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.ssit import OnlineNetwork, SSiT
+from ssit_dist.stop import StopRequest
 from ssit_dist.train import checkpoint_deepspeed as checkpoint
 from ssit_dist.train import run as skeleton
 from ssit_dist.train.checkpoint import ResumeError, ResumePlan
@@ -205,6 +206,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     # First: a signal during start-up (SLURM preempting a job that is still waiting for its peers or
     # loading) means exit cleanly at the first point where every rank can agree, without training.
     stop = stop_signals.install()
+    run = set_up(cfg, stop)
+    train(run, stop)
+    return run.run_dir
+
+
+def set_up(cfg: PretrainConfig, stop: StopRequest) -> Run:
+    """The process group, the checked inputs, the agreed resume plan, the engine and momentum network with
+    the checkpoint restored, the pair stream. Unlike fine-tuning's, resuming is part of the set-up: DeepSpeed
+    builds its engine from the plan (a universal checkpoint changes the engine's config)."""
     device = skeleton.start_deepspeed(cfg.dist_timeout_s)
     _log_placement(device)
     world = world_size()
@@ -253,8 +263,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise stop_signals.StopRequested(f"stopped during start-up, before step {plan.step + 1}; relaunch to resume")
     if plan.tag is not None:
         log.info("resumed (%s) from %s at step %d of %d", plan.mode, plan.tag, plan.step, total_steps)
-    train(run, stop)
-    return run.run_dir
+
+    return run
 
 
 def prepare_engine(cfg: PretrainConfig, engine: Any, momentum_net: Any, device: torch.device) -> torch.dtype | None:
