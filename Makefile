@@ -69,7 +69,7 @@ ops: setup
 # (--dist loadscope) so that its fixtures (packed shards, a trained run, a cluster) are made once.
 test: setup
 	$(MAKE) --no-print-directory -j2 lint ops
-	$(VENV)/bin/pytest -q -n 2 --dist loadscope
+	$(VENV)/bin/pytest -q -n 2 --dist loadscope --durations=15
 
 # Unit tests only (no process launches, no SLURM, no wheel build): after every change.
 test-fast: setup

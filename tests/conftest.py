@@ -33,20 +33,26 @@ NOT_FAST = ("slow", "multiprocess", "slurm")
 
 # `make test` hands whole modules to two workers in collection order (--dist loadscope): the longest go
 # first, so that none of them starts last while the other worker idles (order only; seconds measured
-# 2026-12-06 on 2 cores, each module beside one other: test_stop 275, test_pretrain 245, test_slurm 190,
-# test_finetune 166, test_resume_safety 128, test_demo 107, test_stop_launchers 85, test_host_sync 68,
-# test_reshard 61; test_runtime's three launches about 120).
+# 2026-12-07 on 2 cores, each module beside one other: test_stop 491, test_gpu_run 330, test_pretrain 329,
+# test_slurm 253, test_resume_safety 228, test_demo 192, test_finetune 174, test_host_sync 152,
+# test_reshard 91, test_shard 89, test_stop_launchers 73, test_segment 71, test_zero_parameters 70,
+# test_runtime 48, test_stream 47; `make test` prints the slowest tests of every run).
 LONGEST_FIRST = (
     "test_stop",
+    "test_gpu_run",
     "test_pretrain",
     "test_slurm",
-    "test_finetune",
     "test_resume_safety",
-    "test_runtime",
     "test_demo",
-    "test_stop_launchers",
+    "test_finetune",
     "test_host_sync",
     "test_reshard",
+    "test_shard",
+    "test_stop_launchers",
+    "test_segment",
+    "test_zero_parameters",
+    "test_runtime",
+    "test_stream",
 )
 
 
