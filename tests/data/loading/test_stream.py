@@ -265,6 +265,36 @@ os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanu
         time.sleep(0.2)
 
 
+@pytest.mark.multiprocess
+def test_each_epochs_workers_start_with_the_package_already_imported(shards: Path, tmp_path: Path) -> None:
+    # Every epoch starts new workers, and each one runs the trainer's main module again; forked from a
+    # forkserver that holds the package, that costs a fork, not seconds of imports per worker per epoch.
+    log = tmp_path / "starts.log"
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(f"""
+import itertools, sys
+with open({str(log)!r}, "a") as f:
+    print(__name__, "ssit_dist.data.loading.stream" in sys.modules, file=f)
+from ssit_dist.data.loading.augment import PairAugment
+from ssit_dist.data.loading.sources import open_shards
+from ssit_dist.data.loading.epoch import EpochPlan
+from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.workers import start_batches, stop_batches
+if __name__ == "__main__":
+    shards = open_shards([{str(shards)!r}])
+    plan = EpochPlan(tuple(shards.lengths), 1, 2, 4, 5, shuffle_buffer=8)
+    loader = pair_loader(PairStream(shards, PairAugment(32, shards.mean, shards.std), plan, rank=0))
+    for epoch in range(3):
+        batches = start_batches(loader)
+        assert len(list(itertools.islice(batches, 5))) == 5
+        stop_batches(batches)
+""")
+    result = subprocess.run([sys.executable, str(trainer)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    starts = log.read_text().splitlines()
+    assert starts == ["__main__ False"] + ["__mp_main__ True"] * 6, starts  # 3 epochs of 2 workers
+
+
 def test_verify_names_a_changed_or_cut_shard(shards: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
