@@ -301,7 +301,8 @@ def _rank_processes(job_id: str, restart: int = 0) -> dict[int, int]:
     return {
         int(environ[b"SLURM_PROCID"]): pid
         for pid, (cmdline, environ) in _job_processes(job_id).items()
-        if b"ssit_dist.train.pretrain" in cmdline and int(environ.get(b"SLURM_RESTART_COUNT", b"0")) == restart
+        # argv "... -m ssit_dist.train.pretrain ...": the loader's forkserver names the module in its preload list
+        if b"\0-m\0ssit_dist.train.pretrain\0" in cmdline and int(environ.get(b"SLURM_RESTART_COUNT", b"0")) == restart
     }
 
 
