@@ -19,7 +19,7 @@ def show_config(
 ) -> None:
     """List every config field: name, type, default and what it does; or print its JSON Schema."""
     from ssit_dist.config import ConfigError, json_schema
-    from ssit_dist.config.json_schema import KINDS as RUN_KINDS
+    from ssit_dist.config.editor_schema import KINDS as RUN_KINDS
     from ssit_dist.eval.knn import KnnConfig
 
     config = {**RUN_KINDS, "knn": KnnConfig}.get(kind)

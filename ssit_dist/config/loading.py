@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from ssit_dist import atomic
-from ssit_dist.config.schema import PretrainConfig
 from ssit_dist.configclass import ConfigError, config_fields, default_of, renamed
 
 
@@ -95,10 +94,14 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         target[leaf] = text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, kind: type = PretrainConfig) -> Any:
-    """A `kind` (PretrainConfig, FinetuneConfig, ...) from a YAML/JSON file (a path, or the bare name of a
-    shipped config) plus `a.b=value` overrides. A bad value names the field, the value, what is expected
-    and where it came from (the file or the override)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, kind: type | None = None) -> Any:
+    """A `kind` (PretrainConfig, the default; FinetuneConfig, ...) from a YAML/JSON file (a path, or the bare
+    name of a shipped config) plus `a.b=value` overrides. A bad value names the field, the value, what is
+    expected and where it came from (the file or the override)."""
+    if kind is None:
+        from ssit_dist.config.schema import PretrainConfig  # imports the model: only when asked for
+
+        kind = PretrainConfig
     file = _find(Path(path)) if path else None
     values = _read(file) if file else {}
     for override in overrides or []:

@@ -409,3 +409,32 @@ def test_the_schema_has_the_help_ranges_and_older_names() -> None:
     assert view2["blur_p"] == VIEW2.blur_p != VIEW1.blur_p  # a section's own defaults, not its class's
     with pytest.raises(ConfigError, match="expected one of pretrain, finetune, segment"):
         json_schema("nonsense")
+
+
+def test_every_name_the_config_package_offers_resolves() -> None:
+    import ssit_dist.config as config
+
+    assert sorted(config.__all__) == sorted(config._HOME)
+    for name in config.__all__:
+        assert getattr(config, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Pretrain'"):
+        config.Pretrain  # noqa: B018
+
+
+@pytest.mark.multiprocess
+def test_reading_a_config_of_ones_own_imports_no_model(tmp_path: Path) -> None:
+    # `ssit-dist shard` reads its settings through load_config: the model's imports (timm, torch) cost
+    # seconds on every call, and the packer needs neither.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ssit_dist.config import ConfigError, load_config\n"
+        "from ssit_dist.data.packing.options import ShardOptions\n"
+        "assert load_config(None, ['size=64'], kind=ShardOptions).size == 64\n"
+        "print(sorted(m for m in ('timm', 'torch', 'deepspeed') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
