@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from photos import link_subset, read_grades
 
 from conftest import SHARED, run_cli
 from ssit_dist.stage import StageFailed, cli_command, run_stage
@@ -55,13 +56,16 @@ def test_demo_runs_on_a_folder_and_labels_of_ones_own(tmp_path: Path) -> None:
     graded = SHARED / "data" / "fundus" / "graded"
     if not graded.is_dir():
         pytest.skip(f"real graded photographs not found at {graded} (../shared is absent here)")
+    grades = read_grades(graded)
+    names = [name for g in range(5) for name in sorted(n for n in grades if grades[n] == g)[:16]]
+    own = link_subset(graded, tmp_path / "photos", names, grades)  # 80 of the 300: 16 of each grade
     out = tmp_path / "own"
-    run_cli("demo", str(out), "--quick", "--data", graded, "--labels", graded / "labels.csv")
+    run_cli("demo", str(out), "--quick", "--data", own, "--labels", own / "labels.csv")
     result = json.loads((out / "results.json").read_text())
     info = json.loads((out / "shards" / "graded" / "_info.json").read_text())
     splits = {name: s["num_samples"] for name, s in info["splits"].items()}
-    assert sum(splits.values()) == 300 and set(splits) == {"train", "val", "test"}
-    assert result["test_samples"] == splits["test"] and result["data"] == str(graded)
+    assert sum(splits.values()) == 80 and set(splits) == {"train", "val", "test"}
+    assert result["test_samples"] == splits["test"] and result["data"] == str(own)
     metrics = (out / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     assert len([m for m in metrics if "contrastive_loss" in m]) == splits["train"] // 16
     assert not (out / "images").exists() and not (out / "shards" / "pretrain").exists()

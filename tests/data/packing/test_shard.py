@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from opencv_reference import paper_saliency
+from photos import link_subset, read_grades
 from PIL import Image
 
 from conftest import CLI, invoke_cli, run_cli, tar_samples
@@ -32,21 +33,9 @@ pytestmark = pytest.mark.multiprocess
 SPLIT = "train=0.7,val=0.15,test=0.15"
 
 
-def link_subset(src: Path, dst: Path, names: list[str], grades: dict[str, int] | None = None) -> Path:
-    """A folder of symlinks to some real photographs (never copies), with a labels CSV if grades given."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (dst / name).symlink_to(src / name)
-    if grades is not None:
-        with open(dst / "labels.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("image", "grade"), *((n, grades[n]) for n in names)])
-    return dst
-
-
 @pytest.fixture(scope="module")
 def grades(graded_dir: Path) -> dict[str, int]:
-    with open(graded_dir / "labels.csv") as f:
-        return {row["image"]: int(row["grade"]) for row in csv.DictReader(f)}
+    return read_grades(graded_dir)
 
 
 @pytest.fixture(scope="module")
