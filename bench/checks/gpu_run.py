@@ -60,6 +60,7 @@ class Plan:
 
     archs: tuple[str, ...]  # the step bench's and the throughput part's
     batch: int
+    bench_img_size: int  # the step bench's input size
     bench_steps: int
     workers: int  # loader processes of the end-to-end runs
     log_every: int  # the end-to-end runs' sync points: on a GPU every one makes the host wait for the device
@@ -76,6 +77,7 @@ class Plan:
 GPU = Plan(
     archs=("vit_small_patch16_224", "vit_base_patch16_224"),
     batch=256,
+    bench_img_size=224,
     bench_steps=20,
     workers=8,
     log_every=5,
@@ -97,6 +99,7 @@ GPU = Plan(
 SMOKE = Plan(
     archs=("vit_tiny_patch16_224",),
     batch=4,
+    bench_img_size=64,
     bench_steps=2,
     workers=1,
     log_every=1,
@@ -132,6 +135,7 @@ def step(plan: Plan, travel: Path, work: Path) -> dict:
     for arch in plan.archs:
         command = [sys.executable, str(ROOT / "bench" / "perf" / "model_step.py"), "--device", plan.device]
         command += ["--arch", arch, "--batch", str(plan.batch), "--steps", str(plan.bench_steps)]
+        command += ["--img-size", str(plan.bench_img_size)]
         command += ["--only-bf16", "--force-bf16"] if plan.bf16 else []
         command += ["--compile"] if plan.compile else []
         out[arch] = _json_of(command, work / f"step_{arch}.log")

@@ -18,7 +18,7 @@ momentum update compiled (`model.compile`); `--profile` the top operators of eac
 On a GPU (`--device cuda`) the same two steps run there; the peak is an 8192^3 matmul on that GPU.
 
 Usage: python bench/perf/model_step.py [--arch vit_small_patch16_224] [--batch 8] [--steps 5] [--threads 2]
-       [--device cpu] [--compile] [--profile]
+       [--img-size 224] [--device cpu] [--compile] [--profile]
 """
 
 from __future__ import annotations
@@ -178,11 +178,17 @@ class Variant:
 
 
 def prepare(
-    arch: str, batch: int, reference_style: bool, bf16: bool, device: torch.device, compiled: bool = False
+    arch: str,
+    batch: int,
+    reference_style: bool,
+    bf16: bool,
+    device: torch.device,
+    compiled: bool = False,
+    img_size: int = 224,
 ) -> Variant | str:
     """The step warmed up and its FLOPs counted, or why it cannot run."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch)
+    cfg = ModelConfig(arch=arch, img_size=img_size)
     model = SSiT(cfg).train().to(device)
     if not reference_style:
         model.use_fused_attention(cfg.fused_attention(device.type))
@@ -190,8 +196,8 @@ def prepare(
         reason = compile_model(model.online.encoder, model.momentum, device, zero_stage=0)
         if reason is not None:
             return reason
-    x1, x2 = (torch.randn(batch, 3, 224, 224, device=device) for _ in range(2))
-    s1, s2 = (torch.rand(batch, 1, 224, 224, device=device) for _ in range(2))
+    x1, x2 = (torch.randn(batch, 3, img_size, img_size, device=device) for _ in range(2))
+    s1, s2 = (torch.rand(batch, 1, img_size, img_size, device=device) for _ in range(2))
     variant = Variant(make_step(model, reference_style, bf16), (x1, x2, s1, s2))
     for _ in range(1 if device.type == "cpu" and not compiled else 3):
         variant.run(device)  # warm-up (allocations, kernel selection, cuDNN/cuBLAS heuristics, compilation)
@@ -205,6 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="vit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224, help="input size in pixels (a multiple of 16)")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant (median reported).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force-bf16", action="store_true", help="Measure bf16 even without native bf16.")
@@ -219,6 +226,7 @@ def main() -> None:
         "arch": args.arch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "batch": args.batch,
+        "img_size": args.img_size,
         "threads": args.threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -232,11 +240,13 @@ def main() -> None:
             }
             continue
         variants = {
-            "ssit_dist": prepare(args.arch, args.batch, False, bf16, device),
-            "reference_style": prepare(args.arch, args.batch, True, bf16, device),
+            "ssit_dist": prepare(args.arch, args.batch, False, bf16, device, img_size=args.img_size),
+            "reference_style": prepare(args.arch, args.batch, True, bf16, device, img_size=args.img_size),
         }
         if args.compile:
-            variants["ssit_dist_compiled"] = prepare(args.arch, args.batch, False, bf16, device, compiled=True)
+            variants["ssit_dist_compiled"] = prepare(
+                args.arch, args.batch, False, bf16, device, compiled=True, img_size=args.img_size
+            )
         ready = {k: v for k, v in variants.items() if isinstance(v, Variant)}
         # Interleaved, one step of each in turn, medians: a drift of the machine's speed during the run
         # (a neighbour, the clock) falls on every variant alike instead of on whichever ran then.

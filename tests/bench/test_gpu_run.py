@@ -107,6 +107,7 @@ def test_every_part_of_the_run_reports(smoke: dict) -> None:
     assert "meets_targets" not in run  # the targets are the GPU's, for ViT-S/B
     for method in ("ssit", "moco_v3"):
         assert report["quality"][method]["steps"] == report["quality"]["steps"] == 3
+    assert report["step"]["vit_tiny_patch16_224"]["img_size"] == 64  # the smoke's size, not the GPU's 224
     step = report["step"]["vit_tiny_patch16_224"]["fp32"]
     assert step["ssit_dist"]["pairs_per_s"] > 0 and step["reference_style"]["pairs_per_s"] > 0
     assert "no CUDA" in report["check"]["skipped"]
