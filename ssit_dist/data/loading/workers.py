@@ -105,7 +105,9 @@ def start_batches(loader: DataLoader) -> Iterator:
 def _package_modules() -> list[str]:
     """This package's modules the process has imported: what a worker runs, and what the trainer's main
     module would otherwise import again in every worker."""
-    return sorted(name for name in sys.modules if name.partition(".")[0] == __name__.partition(".")[0])
+    package = __name__.partition(".")[0]
+    # A __main__ module (ssit_dist.__main__, the CLI) runs its command when imported: never preloaded.
+    return sorted(n for n in sys.modules if n.partition(".")[0] == package and not n.endswith("__main__"))
 
 
 def stop_batches(batches: Iterator) -> None:
