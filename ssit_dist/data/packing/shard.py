@@ -128,22 +128,22 @@ def _results(root: Path, items: list[Item], opts: ShardOptions) -> Iterator[Pack
     with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker) as pool:
         window: deque[Future[Packed]] = deque()
         pending = iter(items)
-        for item in pending:
-            window.append(pool.submit(process, root, item, opts))
-            if len(window) >= 8 * workers:
-                break
-        while window:
-            try:
-                packed = window.popleft().result()
-            except BrokenProcessPool:
-                raise ShardError(
-                    "a worker process died (out of memory or a crash in a native library); "
-                    "nothing was indexed. Re-run with fewer --workers; the run starts over."
-                ) from None
+        try:  # a dead worker breaks the pool: the next result, or the next submit, raises
             for item in pending:
                 window.append(pool.submit(process, root, item, opts))
-                break
-            yield packed
+                if len(window) >= 8 * workers:
+                    break
+            while window:
+                packed = window.popleft().result()
+                for item in pending:
+                    window.append(pool.submit(process, root, item, opts))
+                    break
+                yield packed
+        except BrokenProcessPool:
+            raise ShardError(
+                "a worker process died (out of memory or a crash in a native library); "
+                "nothing was indexed. Re-run with fewer --workers; the run starts over."
+            ) from None
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
