@@ -255,7 +255,9 @@ def test_every_project_path_the_readme_and_docs_name_exists() -> None:
 
 
 def _defines(source: str, name: str) -> bool:
-    return re.search(rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]", source, re.M) is not None
+    """Defined there, or re-exported there explicitly (`from ... import name as name`)."""
+    pattern = rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]|\bimport {name} as {name}$"
+    return re.search(pattern, source, re.M) is not None
 
 
 def test_every_module_and_function_the_readme_and_docs_name_exists() -> None:
