@@ -205,6 +205,11 @@ class FinetuneConfig(HeadTraining, EncoderSource, AccelerateRun):
         default="regression", description="regression (MSE + thresholds) or classification (cross-entropy)"
     )
     num_classes: int = Field(default=5, description="DR grades", ge=2)
+    pool: Literal["cls+avg", "token", "avg"] = Field(
+        default="cls+avg",
+        description="features the head reads: cls+avg (CLS token and mean patch token, the paper's), token or avg; "
+        "only token and avg export as a plain timm classifier",
+    )
     epochs: int = Field(default=25, description="training length in epochs", ge=1)
     grad_accumulation: int = Field(default=1, description="micro batches per optimizer step", ge=1)
     warmup_epochs: float = Field(default=0.0, description="linear warmup, then cosine decay", ge=0)

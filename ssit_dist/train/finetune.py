@@ -29,7 +29,8 @@ from ssit_dist.data.loading.grading_transforms import eval_transform, train_tran
 from ssit_dist.data.loading.labelled import LabelledShards, SplitSource, check_labels, collate_labelled
 from ssit_dist.data.loading.workers import ignore_preemption, worker_options
 from ssit_dist.dist import on_rank_zero
-from ssit_dist.models.grader import Grader
+from ssit_dist.models.grader import Grader, regression_cuts
+from ssit_dist.models.grader_files import packing_preprocessing
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.stop import StopRequest
 from ssit_dist.train import run as skeleton
@@ -56,7 +57,7 @@ def set_up(cfg: FinetuneConfig, stop: StopRequest) -> FinetuneRun:
     indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}  # fail before training
     micro = micro_batch(cfg, accelerator.num_processes)
     encoder, source = load_encoder(cfg.init, cfg.img_size, cfg.arch, cfg.timm_kwargs, cfg.trust_pickle)
-    grader = Grader(encoder, cfg.objective, cfg.num_classes, head_init_std=0.01 if cfg.linear else None)
+    grader = Grader(encoder, cfg.objective, cfg.num_classes, cfg.pool, head_init_std=0.01 if cfg.linear else None)
     if cfg.linear:
         grader.encoder.requires_grad_(False)
     train_set, eval_sets = open_splits(cfg, sources, indexes["train"])
@@ -154,16 +155,21 @@ def warmup_cosine(cfg: FinetuneConfig, optimizer: Any, batches_per_epoch: int) -
 
 
 def grader_meta(cfg: FinetuneConfig, grader: Grader, encoder_source: dict, train_index: ShardIndex) -> dict:
-    """What is written beside the best and final weights: enough to rebuild and normalise for them."""
+    """What is written beside the best and final weights: enough to rebuild them, to preprocess a new
+    photograph as the training shards were packed and normalised, and to read the outputs as grades
+    (models/grader_files.py reads it back)."""
     return {
         "arch": encoder_source["arch"],
         "timm_kwargs": encoder_source["timm_kwargs"],
         "img_size": cfg.img_size,
         "objective": cfg.objective,
         "num_classes": cfg.num_classes,
+        "pool": cfg.pool,
+        **({"thresholds": list(regression_cuts(cfg.num_classes))} if cfg.objective == "regression" else {}),
         "embed_dim": grader.encoder.embed_dim,
         "mean": train_index.mean,
         "std": train_index.std,
+        "preprocessing": packing_preprocessing(train_index, cfg.train),
         "init": encoder_source,
     }
 
@@ -179,7 +185,9 @@ def run_fingerprint(cfg: FinetuneConfig, processes: int, sources: dict[str, Spli
     )  # "batch": the key runs of 0.1 recorded, so that they still resume
     data = {name: {"source": str(s), "sha256": indexes[name].splits[s.split].sha256} for name, s in sources.items()}
     init_sha256 = sha256_file(init) if init.is_file() else None
-    return skeleton.fingerprint(cfg, fields, processes=processes, init_sha256=init_sha256, data=data)
+    # The pooling joined later: recorded only where it is not the default, so earlier runs still resume.
+    pool = {} if cfg.pool == "cls+avg" else {"pool": cfg.pool}
+    return skeleton.fingerprint(cfg, fields, processes=processes, init_sha256=init_sha256, data=data, **pool)
 
 
 def resume(run: FinetuneRun) -> Selection:
