@@ -184,6 +184,7 @@ def test_missing_metrics_and_labels_are_tolerated(tmp_path: Path, rows: list[Rep
         text = write_html_report(tmp_path / "r.html", unlabelled, metrics, None, "t").read_text()
         assert len(_Dom(text).rows) == 3 and "Confusion matrix" not in text and 'data-sort="truth"' not in text
     assert "other_endpoint</th><td>0.500" in text
+    assert len(_Dom(write_html_report(tmp_path / "r.html", [], None, None, "t").read_text()).rows) == 0
     assert not list(tmp_path.glob("*.tmp"))  # written through atomic.py: no leftover
 
 
@@ -251,6 +252,10 @@ def test_chromium_sorts_and_filters_as_the_url_asks(browser: None, page: Path, r
     wanted = [r for r in rows if r.disagrees and (r.referable_probability or 0) >= 0.5]
     assert _errors(visit) == [] and 0 < len(shown) == len(wanted) < sum(r.disagrees for r in rows)
     assert _Dom(visit.dom).body["data-shown"] == str(len(wanted))
+
+    visit = chromium.dump_dom(page, "grade=problem")
+    shown = [r for r in _Dom(visit.dom).rows if "hidden" not in r]
+    assert _errors(visit) == [] and [r["data-name"] for r in shown] == [rows[-1].image]
 
 
 @pytest.mark.multiprocess
