@@ -27,24 +27,35 @@ def pretrain(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int
 
 
 def export(
-    run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`."),
+    run_dir: Path = typer.Argument(..., help="Run folder of `ssit-dist pretrain`, or of `ssit-dist finetune`."),
     output: Path = typer.Option(
         ..., "-o", "--output", help="OUTPUT.safetensors and OUTPUT.json, or the folder OUTPUT."
     ),
-    tag: str | None = typer.Option(None, help="Checkpoint to export, e.g. step00001000 (default: the latest)."),
-    encoder: str = typer.Option("query", help="query or momentum: which network's encoder."),
+    tag: str | None = typer.Option(
+        None,
+        help="Checkpoint to export: a pretraining step, e.g. step00001000 (default: the latest); of a "
+        "fine-tuning run best (default) or final.",
+    ),
+    encoder: str = typer.Option("query", help="query or momentum: which network's encoder (pretraining runs)."),
     format: str = typer.Option(
         "files", help="files: OUTPUT.safetensors + .json; timm: a folder timm.create_model('local-dir:OUTPUT') loads."
     ),
     overwrite: bool = typer.Option(False, help="Replace what OUTPUT names if it exists."),
 ) -> None:
-    """Export an encoder of a checkpoint with timm key names: safetensors plus a JSON, or a timm folder
-    with config.json and a model card."""
-    from ssit_dist.train.export import export_encoder
+    """Export an encoder of a pretraining checkpoint, or a fine-tuning run's grader (with its head and
+    preprocessing), with timm key names: safetensors plus a JSON, or a timm folder with config.json and a
+    model card. A grader exports for timm where timm has its pooling (pool token or avg)."""
+    from ssit_dist.models.grader_files import is_finetuning_run
+    from ssit_dist.train.export import export_encoder, export_grader
 
     try:
-        written = export_encoder(run_dir, output, tag, overwrite, encoder, format)
-    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError: an incomplete checkpoint
+        if is_finetuning_run(run_dir):
+            if encoder != "query":
+                fail(f"--encoder {encoder}: {run_dir} is a fine-tuning run, whose grader has one encoder", 2)
+            written = export_grader(run_dir, output, tag, overwrite, format)
+        else:
+            written = export_encoder(run_dir, output, tag, overwrite, encoder, format)
+    except (OSError, ValueError) as e:  # FileNotFoundError, FileExistsError; ResumeError, GraderFileError
         fail(str(e), 1)
     console.print(f"wrote {' and '.join(map(str, written))}", markup=False)
 

@@ -76,6 +76,14 @@ class GraderInfo:
             extra={k: v for k, v in meta.items() if k not in FIELDS},
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The grader's JSON (as fine-tuning writes it), complete even where the run's lacked the pooling,
+        thresholds or preprocessing (older runs): what an export writes beside the weights."""
+        fields = {name: getattr(self, name) for name in FIELDS if name != "thresholds"}
+        thresholds = {"thresholds": list(self.thresholds)} if self.thresholds is not None else {}
+        preprocessing = {"crop": "fundus_disc", "size": self.crop_size, "quality": self.jpeg_quality}
+        return {**fields, **thresholds, **self.extra, "preprocessing": preprocessing}
+
 
 def packing_preprocessing(index: ShardIndex, where: str = "the training shards") -> dict[str, Any]:
     """The preprocessing shards were packed with (_info.json's parameters), as a grader's meta records it."""
@@ -99,6 +107,13 @@ def open_grader(path: Path, checkpoint: str = "best") -> tuple[Grader, GraderInf
     if path.suffix in (".safetensors", ".json"):
         return _open_files(path.with_suffix(".safetensors"))
     raise GraderFileError(f"{path} is not a grader: give {FORMS}")
+
+
+def is_finetuning_run(folder: Path) -> bool:
+    """A run folder of `ssit-dist finetune`: grader weights kept, or its config.yaml a fine-tuning one
+    (a run that has not finished an epoch yet)."""
+    kept = any((folder / f"{name}.safetensors").is_file() for name in CHECKPOINTS)
+    return folder.is_dir() and (kept or "objective" in _run_config(folder))
 
 
 def no_head(path: Path) -> GraderFileError:

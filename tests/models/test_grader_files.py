@@ -5,80 +5,26 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from tiny_grader import ARCH, SIZE, TINY, fixed_input, pack_graded, tiny_grader, write_run
 
 from ssit_dist.config import FinetuneConfig, PretrainConfig, save_config
 from ssit_dist.data.index import read_index
-from ssit_dist.data.loading.labelled import check_labels
-from ssit_dist.data.packing.inputs import discover
-from ssit_dist.data.packing.options import ShardOptions
-from ssit_dist.data.packing.shard import pack
 from ssit_dist.models.encoder_meta import EncoderMeta
 from ssit_dist.models.grader import Grader, save_grader
 from ssit_dist.models.grader_files import GraderFileError, open_grader
-from ssit_dist.models.pretrained import load_encoder
-from ssit_dist.models.timm_folder import save_timm_folder
+from ssit_dist.models.timm_folder import save_timm_folder, timm_config
 from ssit_dist.models.vit import create_encoder
-from ssit_dist.train.checkpoint import write_fingerprint
-from ssit_dist.train.finetune import grader_meta, run_fingerprint, splits
-
-ARCH = "vit_small_patch16_224"
-TINY = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
-SIZE = 32
-
-
-def tiny_grader(pool: str, objective: str = "regression", seed: int = 0) -> Grader:
-    torch.manual_seed(seed)
-    grader = Grader(create_encoder(ARCH, SIZE, **TINY), objective, 5, pool)
-    torch.nn.init.normal_(grader.head.weight, std=0.5)  # a head far from zero: logits that differ by pool
-    return grader.eval()
-
-
-def fixed_input(n: int = 3) -> torch.Tensor:
-    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+from ssit_dist.train.finetune import run_fingerprint, splits
 
 
 @pytest.fixture(scope="module")
 def packed(graded_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 real graded photographs at 64 px, JPEG quality 90, split train / val, packed in this process."""
-    src = tmp_path_factory.mktemp("src")
-    rows = (graded_dir / "labels.csv").read_text().splitlines()
-    for row in rows[1:9]:
-        (src / row.split(",")[0]).symlink_to(graded_dir / row.split(",")[0])
-    (src / "labels.csv").write_text("\n".join(rows[:9]) + "\n")
-    out = tmp_path_factory.mktemp("shards") / "graded64"
-    inputs = discover(src, [src / "labels.csv"], split="train=0.5,val=0.5")
-    pack(src, out, inputs, ShardOptions(size=64, shard_size=8, quality=90, saliency="none"))
-    return out
-
-
-def write_run(folder: Path, shards: Path, pool: str, objective: str = "regression") -> Grader:
-    """A fine-tuning run folder as `ssit-dist finetune` leaves it for its readers: config.yaml,
-    fingerprint.json and best.safetensors with the meta fine-tuning writes beside it."""
-    cfg = FinetuneConfig(
-        run_dir=str(folder),
-        train=f"{shards}:train",
-        arch=ARCH,
-        timm_kwargs=TINY,
-        img_size=SIZE,
-        pool=pool,
-        objective=objective,
-    )
-    sources = splits(cfg)
-    indexes = {name: check_labels(s, cfg.num_classes) for name, s in sources.items()}
-    _, source = load_encoder("random", SIZE, ARCH, TINY)
-    grader = tiny_grader(pool, objective)
-    folder.mkdir(parents=True)
-    save_config(cfg, folder)
-    write_fingerprint(folder, run_fingerprint(cfg, 1, sources, indexes))
-    meta = grader_meta(cfg, grader, asdict(source), indexes["train"])
-    save_grader(grader, folder / "best.safetensors", {**meta, "epoch": 1, "val": {"qwk": 0.5}})
-    return grader
+    return pack_graded(graded_dir, tmp_path_factory.mktemp("packed"))
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +130,14 @@ def encoder_meta() -> EncoderMeta:
 
 def test_bad_forms_are_refused_in_one_line(run: tuple[Path, Grader], tmp_path: Path) -> None:
     encoder = create_encoder(ARCH, SIZE, **TINY)
-    save_timm_folder(tmp_path / "encoder_folder", encoder.state_dict(), encoder_meta(), "card\n")
+    save_timm_folder(tmp_path / "encoder_folder", encoder.state_dict(), timm_config(encoder_meta()), "card\n")
     save_grader(tiny_grader("token"), tmp_path / "encoder.safetensors", encoder_meta().to_json())  # no objective
     pretraining = tmp_path / "pretrain_run"
     (pretraining / "checkpoints").mkdir(parents=True)
     save_config(PretrainConfig(run_dir=str(pretraining)), pretraining)  # what `ssit-dist pretrain` records first
+    started = tmp_path / "started"
+    started.mkdir()
+    save_config(FinetuneConfig(run_dir=str(started)), started)  # a fine-tuning run before its first epoch
     (tmp_path / "empty").mkdir()
     (tmp_path / "photo.jpeg").write_bytes(b"\xff\xd8")
     cases = {
@@ -196,6 +145,7 @@ def test_bad_forms_are_refused_in_one_line(run: tuple[Path, Grader], tmp_path: P
         tmp_path / "encoder_folder": r"holds an encoder without a grading head: fine-tune it first",
         tmp_path / "encoder.safetensors": r"holds an encoder without a grading head: fine-tune it first",
         pretraining: r"pretrain_run holds an encoder without a grading head",
+        started: r"started has no best.safetensors yet: the fine-tuning run has not finished an epoch",
         tmp_path / "empty": r"empty is neither a fine-tuning run \(no best.safetensors\) nor a timm folder",
         tmp_path / "photo.jpeg": r"photo.jpeg is not a grader",
     }
