@@ -116,11 +116,13 @@ def is_finetuning_run(folder: Path) -> bool:
     return folder.is_dir() and (kept or "objective" in _run_config(folder))
 
 
-def no_head(path: Path) -> GraderFileError:
-    return GraderFileError(
-        f"{path} holds an encoder without a grading head: fine-tune it first with `ssit-dist finetune --init "
-        f"{path}` (for a pretraining run, `ssit-dist export` it first), then give the fine-tuning run"
-    )
+def no_head(path: Path, pretraining_run: bool = False) -> GraderFileError:
+    """The refusal of an encoder export or a pretraining run, with the steps that make it a grader."""
+    if pretraining_run:
+        steps = f"export it (`ssit-dist export {path} -o ENC`), then `ssit-dist finetune --init ENC.safetensors`"
+    else:
+        steps = f"fine-tune it first with `ssit-dist finetune --init {path}`"
+    return GraderFileError(f"{path} holds an encoder without a grading head: {steps}, and give the fine-tuning run")
 
 
 def _run_weights(folder: Path, checkpoint: str) -> Path:
@@ -135,7 +137,7 @@ def _run_weights(folder: Path, checkpoint: str) -> Path:
         raise GraderFileError(f"{folder} has no {weights.name} (it has {kept[0]}.safetensors): choose {kept[0]}")
     config = _run_config(folder)
     if "ds_config" in config:  # the pretraining config's own field: a DeepSpeed pretraining run
-        raise no_head(folder)
+        raise no_head(folder, pretraining_run=True)
     if "objective" in config:
         raise GraderFileError(f"{folder} has no {weights.name} yet: the fine-tuning run has not finished an epoch")
     raise GraderFileError(f"{folder} is neither a fine-tuning run (no {weights.name}) nor a timm folder: give {FORMS}")

@@ -144,7 +144,7 @@ def test_bad_forms_are_refused_in_one_line(run: tuple[Path, Grader], tmp_path: P
         tmp_path / "absent": r"model .*absent not found: give a fine-tuning run folder",
         tmp_path / "encoder_folder": r"holds an encoder without a grading head: fine-tune it first",
         tmp_path / "encoder.safetensors": r"holds an encoder without a grading head: fine-tune it first",
-        pretraining: r"pretrain_run holds an encoder without a grading head",
+        pretraining: r"pretrain_run holds an encoder without a grading head: export it \(`ssit-dist export ",
         started: r"started has no best.safetensors yet: the fine-tuning run has not finished an epoch",
         tmp_path / "empty": r"empty is neither a fine-tuning run \(no best.safetensors\) nor a timm folder",
         tmp_path / "photo.jpeg": r"photo.jpeg is not a grader",
