@@ -129,16 +129,25 @@ class LabelledShards(Dataset):
         with open(shard, "rb") as f:
             f.seek(offset)
             data = f.read(size)
-        bgr = decode_bgr(data)
-        if bgr is None:
+        rgb = rgb_tensor(data)
+        if rgb is None:
             log.warning("sample %s in %s does not decode; left out", self.keys[i], shard)
             return None, self.grades[i], i
-        rgb = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)
         if self.augment_seed is None:
             return self.transform(rgb), self.grades[i], i
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence([*self.augment_seed, i]).generate_state(1)[0]))
             return self.transform(rgb), self.grades[i], i
+
+
+def rgb_tensor(jpeg: bytes) -> torch.Tensor | None:
+    """A packed sample's JPEG as the RGB uint8 (3, H, W) tensor the grading transforms take, decoded by
+    OpenCV as everywhere a packed JPEG is read; None where it does not decode. Shared with `ssit-dist
+    predict` (data/loading/photographs.py), which must see the pixels evaluation sees."""
+    bgr = decode_bgr(jpeg)
+    if bgr is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)
 
 
 def _grade(raw: bytes, shard: Path, key: str) -> int:

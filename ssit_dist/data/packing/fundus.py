@@ -8,6 +8,7 @@ not clearly wider than tall or the box is implausibly small.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import cv2
@@ -60,6 +61,17 @@ def crop_to_disc(data: bytes, size: int, enlarge: bool = True) -> Cropped:
     side = size if enlarge else min(size, box[2] - box[0], box[3] - box[1])
     resized = img.crop(box).resize((side, side), Image.Resampling.LANCZOS)
     return Cropped(np.asarray(resized), box, img.size, mode)
+
+
+def packed_jpeg(data: bytes, size: int, quality: int) -> tuple[bytes, Cropped]:
+    """The JPEG a packed sample holds for the photograph `data`: cropped to the disc at `size` (shrink only)
+    and encoded by Pillow at `quality`; with the crop it came from. The one place this is done: `ssit-dist
+    shard` packs it and `ssit-dist predict` grades it, so a photograph graded from its file is the one the
+    model was trained and evaluated on. Raises BadImage as crop_to_disc does."""
+    cropped = crop_to_disc(data, size, enlarge=False)
+    buf = io.BytesIO()
+    Image.fromarray(cropped.image).save(buf, "JPEG", quality=quality)
+    return buf.getvalue(), cropped
 
 
 def circle_mask(size: int, radius: float) -> np.ndarray:

@@ -107,7 +107,9 @@ def parse_split(spec: str) -> dict[str, float]:
     return ratios
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
+    """Every file below `folder` with an image suffix (IMAGE_SUFFIXES, any case), sorted: what `ssit-dist
+    shard` packs and `ssit-dist predict` grades."""
     # Dangling links are kept on purpose: they fail to read later and are reported, not lost.
     return sorted(
         p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
@@ -184,7 +186,7 @@ def read_labels(
     if len(formats) > 1:
         raise InputError(f"labels files of different formats ({formats}): pack one dataset at a time")
     names = _ImageNames(
-        [p.relative_to(root).as_posix() for p in _images_under(root)] if images is None else images, root
+        [p.relative_to(root).as_posix() for p in images_under(root)] if images is None else images, root
     )
     labels = Labels(format=read[0].format.name if read else None, files=[f.path.name for f in read])
     first: dict[str, tuple[str, int]] = {}
@@ -330,7 +332,7 @@ def discover(
         raise InputError(f"input folder {root} does not exist or is not a folder")
     if group_by is not None and not labels:
         raise InputError(f"--group-by {group_by} names a column of the labels file: give --labels too")
-    images = [p.relative_to(root).as_posix() for p in _images_under(root)]
+    images = [p.relative_to(root).as_posix() for p in images_under(root)]
     read = read_labels(labels, root, group_by, labels_format, images) if labels else Labels()
     # A dataset's official splits (DDR's files, IDRiD's train/test) win over folders named like splits.
     split_dirs = [] if read.splits else [d for d in SPLIT_FOLDERS if (root / d).is_dir()]

@@ -34,12 +34,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from ssit_dist import __version__, atomic
 from ssit_dist.data.decode import BadImage, decode_bgr
 from ssit_dist.data.index import INFO_NAME, ShardIndex, ShardIndexError, SplitInfo, read_index, sha256_file, write_index
-from ssit_dist.data.packing.fundus import crop_to_disc
+from ssit_dist.data.packing.fundus import packed_jpeg
 from ssit_dist.data.packing.inputs import IMAGE_SUFFIXES, Inputs, Item, Missing
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.saliency import saliency_map
@@ -73,12 +72,9 @@ def process(root: Path, item: Item, opts: ShardOptions) -> Packed:
     except OSError as e:
         return Packed(item, error=f"cannot read: {e.strerror or e}")
     try:
-        cropped = crop_to_disc(data, opts.size, enlarge=False)
+        jpg, cropped = packed_jpeg(data, opts.size, opts.quality)
     except BadImage as e:
         return Packed(item, error=str(e))
-    buf = io.BytesIO()
-    Image.fromarray(cropped.image).save(buf, "JPEG", quality=opts.quality)
-    jpg = buf.getvalue()
     # Saliency and statistics from the decoded JPEG: the pixels training will see, decoded the way the
     # loader decodes them.
     seen = decode_bgr(jpg)
