@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from ssit_dist.cli import config, data, demo, evaluate, inspect, slurm, train
+from ssit_dist.cli import config, data, demo, evaluate, inspect, predict, slurm, train
 from ssit_dist.cli.settings import flags_as_overrides, settings_command
 
 __all__ = ["app", "flags_as_overrides"]
@@ -25,6 +25,7 @@ app.command(cls=settings_command("ssit_dist.config:SegmentConfig"))(train.segmen
 app.command("data-plan", cls=settings_command("ssit_dist.config:PretrainConfig"))(data.data_plan)
 app.command(cls=settings_command("ssit_dist.eval.knn:KnnConfig", {"k": "ks"}))(inspect.knn)
 app.command(cls=settings_command("ssit_dist.eval.evaluate:EvaluateConfig"))(evaluate.evaluate)
+app.command()(predict.predict)
 app.command(cls=settings_command("ssit_dist.sections:EncoderSource"))(inspect.attention)
 app.command()(inspect.plot)
 app.command()(demo.demo)

@@ -12,6 +12,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ssit_dist import atomic
+
 log = logging.getLogger("ssit_dist.report")
 
 
@@ -177,8 +179,11 @@ def run_curves(run_dir: Path) -> tuple[str, dict[str, list[tuple[float, float]]]
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"could not write {path}")
+    """A BGR (or grey) uint8 image as a PNG at `path`, written atomically: never seen half-written."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic.write_with(Path(path), lambda tmp: tmp.write_bytes(encoded.tobytes()))
 
 
 def summary_table(title: str, rows: dict[str, dict]) -> None:
