@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ssit_dist.cli.common import RateColumn, console, err, fail
+from ssit_dist.cli.common import NPROC_OPTION, RateColumn, console, err, fail, launch_ranks
 from ssit_dist.eval.grade_photographs import COLUMNS_HELP, PredictOptions
 
 
@@ -43,6 +45,7 @@ def predict(
     html: Path | None = typer.Option(
         None, help="Also write a self-contained page: each photograph with its grade and the grader's attention."
     ),
+    nproc: int = NPROC_OPTION,
 ) -> None:
     """Grade fundus photographs with a trained grader, preprocessed exactly as its training shards were packed
     (fundus crop, size, JPEG quality, normalisation). One row per photograph; a file that cannot be read gets
@@ -52,6 +55,8 @@ def predict(
     options = PredictOptions(
         inputs, model, output, checkpoint, labels, labels_format, tta, batch_size, workers, overwrite, html
     )
+    if nproc > 1 and "RANK" not in os.environ:  # this command again in `nproc` ranks, each grading its share
+        raise typer.Exit(_in_ranks(options, nproc))
     columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
@@ -62,7 +67,22 @@ def predict(
     _print_summary(summary)
 
 
+def _in_ranks(options: PredictOptions, nproc: int) -> int:
+    """Refuse existing outputs once, here, then run `ssit-dist predict` (less --nproc) in `nproc` ranks."""
+    from ssit_dist.eval.grade_photographs import PredictError, output_paths, refuse_existing
+
+    try:
+        refuse_existing(output_paths(options), options.overwrite)
+    except PredictError as e:
+        fail(str(e), 1)
+    words = sys.argv[sys.argv.index("predict") :]
+    at = next(i for i, w in enumerate(words) if w == "--nproc" or w.startswith("--nproc="))
+    return launch_ranks("ssit_dist", words[:at] + words[at + (1 if "=" in words[at] else 2) :], nproc)
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
+    if not summary["main"]:
+        return
     problems = f", {summary['problems']} with a problem (see the problem column)" if summary["problems"] else ""
     console.print(f"graded {summary['graded']} of {summary['photographs']} photographs{problems}", markup=False)
     metrics = summary.get("metrics")

@@ -76,9 +76,10 @@ class Graded:
     attention: np.ndarray | None = None  # (n, h, w) float32, head-mean CLS attention scaled to max 1
 
 
-def default_workers() -> int:
-    """Loader workers: the cores there are, up to 8 (the crop of a full-size photograph is the slow part)."""
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+def default_workers(processes: int = 1) -> int:
+    """Loader workers of each of `processes` on this machine: its share of the cores, up to 8 (the crop of
+    a full-size photograph is the slow part)."""
+    return max(1, min(len(os.sched_getaffinity(0)) // processes, 8))
 
 
 def output_paths(options: PredictOptions) -> list[Path]:
@@ -113,7 +114,8 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     grader, info = open_grader(options.model, options.checkpoint)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dataset = photograph_dataset(photographs, info, with_views=options.html is not None)
-    workers = default_workers() if options.workers is None else options.workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = default_workers(local) if options.workers is None else options.workers
     graded = grade(grader, dataset, accelerator, options.batch_size, workers, options.tta, on_progress)
     if len(graded.indices) == 0:
         shown = "; ".join(f"{photographs[i]}: {why}" for i, why in sorted(graded.problems.items())[:3])
@@ -121,6 +123,7 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     rows = prediction_rows(photographs, graded, grader, info, labels)
     summary: dict[str, Any] = {"photographs": len(photographs), "graded": len(graded.indices)}
     summary |= {"problems": len(graded.problems), "written": [str(p) for p in output_paths(options)]}
+    summary["main"] = accelerator.is_main_process  # the one process that writes, and reports
     if accelerator.is_main_process:
         summary["metrics"] = write_outputs(options, rows, graded, labels, grader.num_classes)
     return summary

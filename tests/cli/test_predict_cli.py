@@ -1,5 +1,6 @@
 """`ssit-dist predict` as a user meets it: every bad input of issue 37 item 5 is a one-line error with a
-non-zero exit and no output written, and the command grades a folder end to end (in loader workers)."""
+non-zero exit and no output written, and the command grades a folder end to end (in ranks and loader
+workers)."""
 
 from __future__ import annotations
 
@@ -103,12 +104,17 @@ def test_an_existing_output_is_refused_and_kept(photos: Path, model: Path, tmp_p
 
 
 @pytest.mark.multiprocess
-def test_predict_grades_a_folder_in_loader_workers(photos: Path, model: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run" / "predictions.csv"
-    done = run_cli("predict", photos, "--model", model, "-o", out, "--labels", photos / "labels.csv", "--workers", 2)
-    assert "graded 6 of 6 photographs" in done.stdout and "6 scored" in done.stdout
+def test_predict_grades_a_folder_in_two_ranks_with_loader_workers(photos: Path, model: Path, tmp_path: Path) -> None:
+    """Two ranks (as on two GPUs), each grading its share in a loader worker: the rows of one process."""
+    out = tmp_path / "ranks" / "predictions.csv"
+    args = ("--model", model, "--labels", photos / "labels.csv")
+    done = run_cli("predict", photos, *args, "-o", out, "--nproc", 2, "--workers", 1)
+    assert done.stdout.count("graded 6 of 6 photographs") == 1 and "6 scored" in done.stdout  # rank 0 reports
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["image"]).name for r in rows] == sorted(p.name for p in photos.glob("*.jpeg"))
     assert all(r["grade"] in "01234" and r["true_grade"] in "01234" and not r["problem"] for r in rows)
     assert {p.name for p in out.parent.iterdir()} == {"predictions.csv", "metrics.json", "confusion.png"}
+    single = tmp_path / "single" / "predictions.csv"
+    invoke_cli("predict", photos, *args, "-o", single, "--workers", 0)
+    assert out.read_text() == single.read_text()
