@@ -7,7 +7,9 @@
 4. export the encoder;
 5. fine-tune on the train split from the export and from random init, the same recipe for both, model
    selection on val; weighted kNN on frozen features; view retrieval;
-6. print one table and the paths of the pictures (saliency preview, curves, attention, confusion).
+6. grade the held-out test photographs from their original files with `ssit-dist predict` (the fine-tuned
+   SSiT grader, scored against the labels CSV) and write its page;
+7. print one table and the paths of the pictures (saliency preview, curves, attention, confusion, the page).
 
 Each stage that trains runs as its own process (as a user would run it); its log is under OUT/logs.
 """
@@ -29,7 +31,7 @@ from pydantic import Field
 from ssit_dist import atomic
 from ssit_dist.config import RUN_CONFIGS
 from ssit_dist.configclass import configclass, require
-from ssit_dist.data.index import ShardIndex
+from ssit_dist.data.index import ShardIndex, split_sources
 from ssit_dist.stage import cli_command, finetune_command, run_stage, segment_command
 
 
@@ -333,6 +335,26 @@ def compare_inits(demo: DemoRun, encoder: Path, random_arch: dict) -> tuple[dict
     return rows, runs, k["samples"]
 
 
+def grade_held_out(demo: DemoRun, data: Path, labels: Path, grader_run: Path) -> dict:
+    """`ssit-dist predict` on the test split's original photographs with the fine-tuned grader, scored
+    against the labels CSV: the last step a user takes. Its metrics must equal the fine-tuning run's own
+    test metrics: the same photographs, preprocessed by the same code."""
+    photos = [str(data / source) for source in split_sources(demo.graded, "test")]
+    out = demo.out / "predictions"
+    stage = Stage("grade the held-out photographs (predict)", 1, "")
+    demo.report(stage)
+    command = cli_command(
+        "predict", *photos, "--model", str(grader_run), "--labels", str(labels), "-o", str(out / "predictions.csv")
+    )
+    command += ["--html", str(out / "report.html"), "--workers", "0", "--overwrite"]
+    run_stage(stage.name, command, demo.logs / "predict.log")
+    stage.done = 1
+    demo.report(stage)
+    metrics = json.loads((out / "metrics.json").read_text())
+    values = {name: metrics[name]["value"] for name in ("qwk", "accuracy")}
+    return values | {"photographs": len(photos), "page": out / "report.html", "csv": out / "predictions.csv"}
+
+
 def attention_photos(data: Path, labels: Path, count: int) -> dict[Path, int]:
     """One photograph of each of the `count` highest grades (path -> grade)."""
     with open(labels) as f:
@@ -430,6 +452,7 @@ def run_demo(
     # Segmentation needs masks: the synthetic set has them, a folder of one's own photographs does not.
     arch = {"arch": tiny.model.arch, "timm_kwargs": timm_kwargs}
     vessels = segment_vessels(demo, encoder, arch) if demo.synthetic else {}
+    graded = grade_held_out(demo, data, labels, runs["SSiT pretrained"])
     photos = attention_photos(data, labels, demo.plan.attention_images)
     shown = pictures(out, run_dir, encoder, photos, "SYNTHETIC images" if demo.synthetic else data.name)
     result = {
@@ -447,6 +470,7 @@ def run_demo(
             **({"vessel segmentation (SSiT)": vessels["SSiT pretrained"]["run"] / "overlays.png"} if vessels else {}),
         },
         "segmentation": {label: {k: v for k, v in r.items() if k != "run"} for label, r in vessels.items()},
+        "predict": graded,
         "runs": {"pretrain": run_dir, **runs},
         "seconds": round(time.perf_counter() - started, 1),
     }

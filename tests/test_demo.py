@@ -46,6 +46,15 @@ def test_demo_runs_every_stage_and_names_pictures_that_exist(tmp_path: Path) -> 
         image = cv2.imread(path)
         assert image is not None and min(image.shape[:2]) >= 200, name
         assert path in flat, f"{name} not printed"
+    # The last stage: `predict` on the test split's own files gives the fine-tuning run's test numbers (the
+    # same photographs, preprocessed by the same code), one CSV row and one page row per photograph.
+    graded, tuned = result["predict"], result["rows"]["SSiT pretrained"]
+    assert graded["photographs"] == result["test_samples"] == info["splits"]["test"]["num_samples"]
+    tuned_values = (tuned["finetune_qwk"], tuned["finetune_accuracy"])
+    assert (graded["qwk"], graded["accuracy"]) == pytest.approx(tuned_values, abs=5e-5)  # metrics.json: 4 places
+    assert len(Path(graded["csv"]).read_text().splitlines()) == 1 + graded["photographs"]
+    assert Path(graded["page"]).read_text().count("<tr class=") == graded["photographs"]
+    assert graded["page"] in flat
     preview = cv2.imread(result["pictures"]["saliency preview"])
     assert preview.shape == (40 + 768, 1536, 3)  # a title naming the synthetic set, six triples, 2 to a row
 

@@ -23,7 +23,8 @@ def demo(
     seed: int = typer.Option(0, help="Seeds the photographs, pretraining and fine-tuning (the README's spread: 0-2)."),
 ) -> None:
     """The whole pipeline in minutes: synthetic photographs (or --data), shards, SSiT pretraining with
-    DeepSpeed on 2 ranks, export, fine-tuning and kNN from the export and from random init, pictures."""
+    DeepSpeed on 2 ranks, export, fine-tuning and kNN from the export and from random init, grading the
+    held-out photographs with `predict` and its page, pictures."""
     import dataclasses
 
     from ssit_dist.demo import QUICK, DemoPlan, run_demo
@@ -65,7 +66,7 @@ def _stage_progress() -> Iterator[Callable[[Any], None]]:
 
 
 def _print_demo(result: dict[str, Any], output: Path) -> None:
-    """The demo's table, chance levels, segmentation lines and pictures."""
+    """The demo's table, chance levels, segmentation lines, the predict line and pictures."""
     table = Table(title=f"DR grading on the {result['test_samples']} test photographs ({result['data']})")
     for column in ("encoder", "fine-tuned QWK", "fine-tuned accuracy", "kNN QWK", "kNN accuracy", "view retrieval"):
         table.add_column(column)
@@ -86,6 +87,13 @@ def _print_demo(result: dict[str, Any], output: Path) -> None:
         console.print(
             f"vessels ({name}, synthetic): test Dice {dice:.3f}, AUC-PR {auc_pr:.3f}; all-foreground Dice {floor:.3f}"
         )
+    graded, tuned = result["predict"], result["rows"]["SSiT pretrained"]
+    console.print(
+        f"predict on the test photographs' own files: QWK {graded['qwk']:.3f}, accuracy {graded['accuracy']:.3f} "
+        f"(the fine-tuning run's test evaluation: {tuned['finetune_qwk']:.3f}, {tuned['finetune_accuracy']:.3f})",
+        highlight=False,
+    )
+    console.print(f"their page: {graded['page']}", highlight=False, markup=False)
     for name, path in result["pictures"].items():
         console.print(f"{name}: {path}", highlight=False, markup=False)
     console.print(f"[bold green]demo done[/] in {result['seconds']:.0f} s: {escape(str(output / 'results.json'))}")

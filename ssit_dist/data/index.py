@@ -70,6 +70,20 @@ class ShardIndex:
         return [folder / f for f in self.splits[split].filenames]
 
 
+def split_sources(folder: Path, split: str) -> list[str]:
+    """The photograph each sample of `split` was packed from (its path under the packed input folder), in
+    shard order: what to hand `ssit-dist predict` to grade a held-out split from its original files."""
+    import tarfile
+
+    sources = []
+    for shard in read_index(folder).shard_paths(folder, split):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    sources.append(json.loads(tar.extractfile(member).read())["source"])  # type: ignore[union-attr]
+    return sources
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
