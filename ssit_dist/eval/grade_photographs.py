@@ -226,7 +226,8 @@ def _merged(parts: list[dict[str, Any]]) -> Graded:
 def prediction_rows(
     photographs: list[str], graded: Graded, grader: Grader, info: GraderInfo, labels: PhotographLabels | None
 ) -> list[dict[str, Any]]:
-    """One row per photograph, in input order: COLUMNS_HELP's columns as values (None: an empty cell)."""
+    """One row per photograph, in input order: COLUMNS_HELP's columns as values (None: an empty cell), and
+    for a graded photograph `probabilities` (the p_grade values) and `at`, its position in `graded`."""
     import torch
 
     grades, scores = grader.grades_and_scores(torch.from_numpy(graded.outputs))
