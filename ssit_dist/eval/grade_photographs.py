@@ -125,7 +125,8 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     summary |= {"problems": len(graded.problems), "written": [str(p) for p in output_paths(options)]}
     summary["main"] = accelerator.is_main_process  # the one process that writes, and reports
     if accelerator.is_main_process:
-        summary["metrics"] = write_outputs(options, rows, graded, labels, grader.num_classes)
+        regression = grader.objective == "regression"
+        summary["metrics"] = write_outputs(options, rows, graded, labels, grader.num_classes, regression)
     return summary
 
 
@@ -272,7 +273,12 @@ def predictions_csv(rows: list[dict[str, Any]], classes: int, labelled: bool) ->
 
 
 def write_outputs(
-    options: PredictOptions, rows: list[dict[str, Any]], graded: Graded, labels: PhotographLabels | None, classes: int
+    options: PredictOptions,
+    rows: list[dict[str, Any]],
+    graded: Graded,
+    labels: PhotographLabels | None,
+    classes: int,
+    regression: bool,
 ) -> dict[str, Any] | None:
     """The CSV, and with labels metrics.json and confusion.png, and with `html` the page; the metrics."""
     from ssit_dist.eval.label_metrics import score_predictions
@@ -288,12 +294,16 @@ def write_outputs(
         title = f"{Path(options.model).name} on {labels.file}"
         confusion_png(options.output.with_name("confusion.png"), np.array(metrics["confusion_matrix"]), title)
     if options.html is not None:
-        write_page(options, rows, graded, metrics)
+        write_page(options, rows, graded, metrics, regression)
     return metrics
 
 
 def write_page(
-    options: PredictOptions, rows: list[dict[str, Any]], graded: Graded, metrics: dict[str, Any] | None
+    options: PredictOptions,
+    rows: list[dict[str, Any]],
+    graded: Graded,
+    metrics: dict[str, Any] | None,
+    regression: bool,
 ) -> None:
     """The page of eval/html_report.py: each photograph as the grader saw it with its attention map."""
     from ssit_dist.eval.html_report import ReportRow, write_html_report
@@ -315,4 +325,5 @@ def write_page(
             )
         )
     confusion = np.array(metrics["confusion_matrix"]) if metrics else None
-    write_html_report(options.html, shown, metrics, confusion, f"{Path(options.model).name}: {len(rows)} photographs")  # type: ignore[arg-type]
+    title = f"{Path(options.model).name}: {len(rows)} photographs"
+    write_html_report(options.html, shown, metrics, confusion, title, regression)  # type: ignore[arg-type]

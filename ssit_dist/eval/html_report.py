@@ -67,12 +67,26 @@ class ReportRow:
         return self.grade is not None and self.truth is not None and self.grade != self.truth
 
 
+# What the scores are called: a classifier's softmax is a probability; a regression grader's output is a
+# score on the grade scale (models/grader.py), and its per-grade values say how close it lies to each grade.
+WORDING = {
+    False: {"referable": "referable probability", "per_grade": "probability per grade", "min_max": ' max="1"'},
+    True: {"referable": "referable score (grade scale)", "per_grade": "closeness per grade", "min_max": ""},
+}
+
+
 def write_html_report(
-    path: Path, rows: list[ReportRow], metrics: dict | None, confusion: np.ndarray | None, title: str
+    path: Path,
+    rows: list[ReportRow],
+    metrics: dict | None,
+    confusion: np.ndarray | None,
+    title: str,
+    regression: bool = False,
 ) -> Path:
     """Write the page to `path` atomically; with true grades the disagreements come first (each group in the
     order given), and `metrics` (metrics.json's shape, any key may be missing) and `confusion` (rows: true
-    grade, columns: predicted) are shown above the photographs."""
+    grade, columns: predicted) are shown above the photographs. `regression`: the rows' scores are a
+    regression grader's (WORDING), not probabilities."""
     labelled = any(r.truth is not None for r in rows)
     ordered = sorted(rows, key=lambda r: not r.disagrees) if labelled else list(rows)
     grades = max((len(r.probabilities) for r in rows), default=0) or 5
@@ -81,8 +95,8 @@ def write_html_report(
         _summary(rows, labelled),
         _metrics_table(metrics or {}),
         _confusion_table(confusion),
-        _controls(grades, labelled),
-        _photo_table(ordered, grades, labelled),
+        _controls(grades, labelled, WORDING[regression]),
+        _photo_table(ordered, grades, labelled, WORDING[regression]),
     ]
     page = (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_e(title)}</title>\n'
@@ -168,7 +182,7 @@ def _confusion_table(confusion: np.ndarray | None) -> str:
     return f'<h2>Confusion matrix</h2>\n<table class="confusion">{"".join(lines)}</table>'
 
 
-def _controls(grades: int, labelled: bool) -> str:
+def _controls(grades: int, labelled: bool, wording: dict[str, str]) -> str:
     options = "".join(f'<option value="{g}">grade {g}</option>' for g in range(grades))
     disagree = (
         '<label><input type="checkbox" id="f-disagree"> disagreements only</label>'
@@ -181,23 +195,25 @@ def _controls(grades: int, labelled: bool) -> str:
         '<option value="problem">problems</option></select></label>'
         '<label><input type="checkbox" id="f-referable"> referable only</label>'
         f"{disagree}"
-        '<label>referable probability &ge; <input type="number" id="f-min" min="0" max="1" step="0.05"></label>'
+        f'<label>{wording["referable"]} &ge; <input type="number" id="f-min" min="0"{wording["min_max"]} step="0.05">'
+        "</label>"
         '<span id="shown"></span> <span class="muted">click a column header to sort</span></div>'
     )
 
 
-def _photo_table(rows: list[ReportRow], grades: int, labelled: bool) -> str:
+def _photo_table(rows: list[ReportRow], grades: int, labelled: bool, wording: dict[str, str]) -> str:
     truth = '<th data-sort="truth">true grade</th>' if labelled else ""
     head = (
         '<tr><th>photograph</th><th>attention</th><th data-sort="name">name</th><th data-sort="grade">grade</th>'
-        f"{truth}<th>probability per grade</th>"
-        '<th data-sort="referable">referable probability</th><th>referable</th><th>problem</th></tr>'
+        f"{truth}<th>{wording['per_grade']}</th>"
+        f'<th data-sort="referable">{wording["referable"]}</th><th>referable</th><th>problem</th></tr>'
     )
-    body = "\n".join(_photo_row(r, grades, labelled) for r in rows)
+    percent = wording is WORDING[False]
+    body = "\n".join(_photo_row(r, grades, labelled, percent) for r in rows)
     return f'<table id="rows">\n<thead>{head}</thead>\n<tbody>\n{body}\n</tbody>\n</table>'
 
 
-def _photo_row(row: ReportRow, grades: int, labelled: bool) -> str:
+def _photo_row(row: ReportRow, grades: int, labelled: bool, percent: bool = True) -> str:
     referable = row.referable_probability
     classes = "row" + (" disagree" if row.disagrees else "") + (" problem" if row.problem else "")
     data = (
@@ -206,7 +222,7 @@ def _photo_row(row: ReportRow, grades: int, labelled: bool) -> str:
         f'data-disagree="{int(row.disagrees)}"'
     )
     grade = "&ndash;" if row.grade is None else str(row.grade)
-    if row.grade is not None and row.grade < len(row.probabilities):
+    if percent and row.grade is not None and row.grade < len(row.probabilities):
         grade += f" <small>({100 * row.probabilities[row.grade]:.0f}%)</small>"
     flag = {None: "&ndash;", True: '<b class="yes">referable</b>', False: "not referable"}[row.referable]
     cells = [

@@ -188,6 +188,16 @@ def test_missing_metrics_and_labels_are_tolerated(tmp_path: Path, rows: list[Rep
     assert not list(tmp_path.glob("*.tmp"))  # written through atomic.py: no leftover
 
 
+def test_a_regression_graders_scores_are_not_called_probabilities(tmp_path: Path, rows: list[ReportRow]) -> None:
+    """A regression grader's referable value is its output on the grade scale and its per-grade values are
+    closeness, not probabilities: the page says so and shows no percentage beside the grade."""
+    classifier = write_html_report(tmp_path / "c.html", rows, None, None, "t").read_text()
+    regression = write_html_report(tmp_path / "r.html", rows, None, None, "t", regression=True).read_text()
+    assert "referable probability" in classifier and "%)</small>" in classifier
+    assert "referable probability" not in regression and "%)</small>" not in regression
+    assert "referable score (grade scale)" in regression and "closeness per grade" in regression
+
+
 def test_the_attention_heat_is_brighter_where_the_encoder_looked() -> None:
     grid = np.zeros((4, 6))
     grid[1, 2], grid[3, 5] = 0.5, 0.25
