@@ -88,6 +88,7 @@ docs: setup
 bench: setup
 	$(PY) bench/perf/shard.py
 	$(PY) bench/perf/pretrain.py
+	$(PY) bench/perf/predict.py
 	$(PY) bench/perf/model_step.py
 	$(PY) bench/perf/collectives.py > $(CACHE)/collectives.json
 	cat $(CACHE)/collectives.json

@@ -16,7 +16,9 @@ evidence comes first, the checks after, so that a slow start costs a check, not 
    reference-style step;
 5. check: bench/checks/gpu_check.py (collectives on NCCL, ZeRO-2/3 bf16 pretraining with a resume, bf16
    fine-tuning on the train/val/test split of the first graded folder);
-6. host_waits: ViT-S/16 end to end uncompiled, DeepSpeed's throughput timer off (as shipped) and on: what
+6. predict: bench/perf/predict.py, `ssit-dist predict`'s grading loop over the graded photographs (written out
+   from their shards) with a ViT-S/16 grader at 224 and 384 px: photographs per second, and the loader's own;
+7. host_waits: ViT-S/16 end to end uncompiled, DeepSpeed's throughput timer off (as shipped) and on: what
    its two device syncs per micro-batch cost; then, per step, every read and synchronisation the training
    loop made (bench/checks/sync_count.py, with torch's own sync detection on CUDA).
 The JSON is rewritten after each part (a command cut short still brings back what it did); a part that
@@ -70,6 +72,7 @@ class Plan:
     quality_recipe: tuple[str, ...]  # overrides of the quality runs beside run_dir, data and steps
     quality_s: float  # training seconds per method
     quality_steps: tuple[int, int]  # the least and the most steps of a quality run
+    predict_args: tuple[str, ...]  # bench/perf/predict.py's
     deadline_s: float
     device: str
 
@@ -93,6 +96,7 @@ GPU = Plan(
     ),
     quality_s=75,
     quality_steps=(50, 2000),
+    predict_args=("--photos", "512", "--batch-size", "64", "--sizes", "224,384", "--workers", "4,8"),
     deadline_s=530,
     device="cuda",
 )
@@ -109,6 +113,18 @@ SMOKE = Plan(
     quality_recipe=("global_batch=8", "data.workers=1"),
     quality_s=0,
     quality_steps=(3, 3),
+    predict_args=(
+        "--photos",
+        "8",
+        "--batch-size",
+        "4",
+        "--sizes",
+        "64",
+        "--workers",
+        "1",
+        "--arch",
+        "vit_tiny_patch16_224",
+    ),
     deadline_s=600,
     device="cpu",
 )
@@ -140,6 +156,18 @@ def step(plan: Plan, travel: Path, work: Path) -> dict:
         command += ["--compile"] if plan.compile else []
         out[arch] = _json_of(command, work / f"step_{arch}.log")
     return out
+
+
+def predict(plan: Plan, travel: Path, work: Path) -> dict:
+    """bench/perf/predict.py over the graded photographs of the first eval folder, written out as files."""
+    split = json.loads((travel / "manifest.json").read_text())["eval_split"]
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "perf" / "predict.py"),
+        "--photos-from",
+        str(travel / "eval" / split),
+    ]
+    return _json_of([*command, *plan.predict_args], work / "predict.log")
 
 
 def throughput(plan: Plan, travel: Path, work: Path) -> dict:
@@ -333,6 +361,7 @@ def run_parts(plan: Plan, travel: Path, work: Path, out: Path) -> int:
         img_size = load_config(ROOT / plan.quality_config, list(plan.quality_recipe), PretrainConfig).model.img_size
         part("features", 40, lambda: features(plan, travel, trained["exports"], out, img_size))
     part("step", 100, lambda: step(plan, travel, work))
+    part("predict", 60, lambda: predict(plan, travel, work))
     part("check", 120, lambda: check(plan, travel, work))
     part("host_waits", 90, lambda: host_waits(plan, travel, work, measured))
     print(json.dumps(report, indent=1))

@@ -118,6 +118,11 @@ def test_every_part_of_the_run_reports(smoke: dict) -> None:
     assert counted["steps"] == 2 and counted["syncs"] == {}, counted  # tiny_cpu: zero0_fp32, timer off
     assert counted["per_step"]["ssit_dist:tolist"] > 0  # the loop's sync points are seen (log_every 1)
     assert report["features"]["photographs"] == 60 and report["features"]["missing"] == []
+    predicted = report["predict"]["rates"]  # `ssit-dist predict`'s loop over the packed graded photographs
+    assert set(predicted) == {"eyepacs_packed", "retina_1411px"}
+    for rates in predicted.values():
+        assert rates["64px_workers1"]["predict"]["photos_per_s"] > 0
+        assert rates["64px_workers1"]["loader_only"]["photos_per_s"] > 0
 
 
 def test_the_features_cover_every_graded_photograph(smoke: dict) -> None:
