@@ -21,6 +21,7 @@ CITATION = """@article{huang2024ssit,
   year    = {2024},
   doi     = {10.1109/JBHI.2024.3362878}
 }"""
+CITATION_SECTION = ("## Citation", "", "```bibtex", CITATION, "```", "")
 
 
 def final_losses(run_dir: Path, last: int = 20) -> dict[str, float]:
@@ -74,12 +75,7 @@ def model_card(meta: EncoderMeta, run_dir: Path, tag: str, encoder: str) -> str:
         "Nothing here says how well these features grade DR: evaluate them on your own labelled data",
         "(`ssit-dist finetune --init PATH`, `ssit-dist knn --init PATH`).",
         "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
+        *CITATION_SECTION,
     ]
     return "\n".join(lines)
 
@@ -124,12 +120,7 @@ def grader_card(meta: dict[str, Any], run_dir: Path, checkpoint: str) -> str:
         "",
         *_metrics_section(run_dir, checkpoint, meta),
         *_data_section(fingerprint_file, fingerprint),
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
+        *CITATION_SECTION,
     ]
     return "\n".join(lines)
 
