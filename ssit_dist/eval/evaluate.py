@@ -190,7 +190,7 @@ def frozen_features(
     from ssit_dist.data.index import read_index
     from ssit_dist.data.loading.grading_transforms import eval_transform
     from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
-    from ssit_dist.eval.predict import missing, run_over_split
+    from ssit_dist.eval.over_split import missing, run_over_split
 
     encoder.to(accelerator.device).eval()
     transform = eval_transform(img_size, mean, std)

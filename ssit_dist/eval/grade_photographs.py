@@ -4,7 +4,7 @@ The photographs (data/loading/photographs.py) are cropped, JPEG-encoded and deco
 loader's own functions at the size, quality and normalisation the grader records (models/grader_files.py),
 in DataLoader workers. The grader runs in eval mode under Accelerate's autocast, as fine-tuning's
 evaluation does; process p of a multi-GPU launch grades photographs p, p + world, ... and the rows are
-gathered back in input order (as eval/predict.py does for a split). Test-time augmentation, where asked
+gathered back in input order (as eval/over_split.py does for a split). Test-time augmentation, where asked
 for, averages the outputs over the identity and the three flips (classification: the probabilities).
 
 Outputs, written atomically: the predictions CSV (COLUMNS), with `--labels` metrics.json and confusion.png

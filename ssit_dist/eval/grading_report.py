@@ -23,7 +23,7 @@ def write_grading_report(
     headline: str,
 ) -> None:
     """`result`: the run's report (metrics per split, "final", "best_epoch"); `shown`: the evaluation of
-    the best weights on `split` (eval/predict.py), whose samples `dataset` holds; `history`: the per-epoch
+    the best weights on `split` (eval/over_split.py), whose samples `dataset` holds; `history`: the per-epoch
     rows of metrics.jsonl."""
     keys = [dataset.keys[i] for i in shown["indices"]]
     report.write_predictions(out / "predictions.csv", keys, shown["truth"], shown["predicted"], shown["scores"])

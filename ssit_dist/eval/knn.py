@@ -129,7 +129,7 @@ def _features(
 
     from ssit_dist.data.loading.grading_transforms import eval_transform
     from ssit_dist.data.loading.labelled import LabelledShards
-    from ssit_dist.eval.predict import missing, run_over_split
+    from ssit_dist.eval.over_split import missing, run_over_split
 
     transform = eval_transform(config.img_size, stats.mean, stats.std)
     data = LabelledShards(source, transform, config.num_classes)

@@ -25,7 +25,7 @@ from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.loading.labelled import LabelledShards
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.grading_report import write_grading_report
-from ssit_dist.eval.predict import evaluate
+from ssit_dist.eval.over_split import evaluate
 from ssit_dist.eval.report import number
 from ssit_dist.models.grader import Grader, load_grader, save_grader
 from ssit_dist.models.pretrained import EncoderSource

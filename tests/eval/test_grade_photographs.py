@@ -23,7 +23,7 @@ from ssit_dist.data.loading.photographs import find_photographs
 from ssit_dist.data.packing.inputs import sample_key
 from ssit_dist.eval.grade_photographs import PredictOptions, grade, grader_outputs, photograph_dataset, predict
 from ssit_dist.eval.metrics import quadratic_weighted_kappa
-from ssit_dist.eval.predict import run_over_split
+from ssit_dist.eval.over_split import run_over_split
 from ssit_dist.models.grader import Grader, save_grader
 from ssit_dist.models.grader_files import open_grader
 from ssit_dist.models.pretrained import load_encoder

@@ -28,7 +28,7 @@ from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.loading.grading_transforms import eval_transform
 from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
 from ssit_dist.dist import free_port
-from ssit_dist.eval.predict import evaluate
+from ssit_dist.eval.over_split import evaluate
 from ssit_dist.models.grader import load_grader
 from ssit_dist.models.pretrained import EncoderInitError, load_encoder
 from ssit_dist.models.ssit import SSiT
@@ -187,7 +187,7 @@ from ssit_dist.data.loading.grading_transforms import eval_transform
 from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.vit import create_encoder
-from ssit_dist.eval.predict import evaluate
+from ssit_dist.eval.over_split import evaluate
 torch.manual_seed(0)
 grader = Grader(create_encoder("vit_small_patch16_224", 32, **TINY_KWARGS), "classification")
 accelerator = Accelerator(cpu=True)
