@@ -45,15 +45,30 @@ def predict(
     html: Path | None = typer.Option(
         None, help="Also write a self-contained page: each photograph with its grade and the grader's attention."
     ),
+    fundus_check: bool = typer.Option(
+        True, help="Give no grade to a photograph that does not look like a fundus photograph (a problem row)."
+    ),
     nproc: int = NPROC_OPTION,
 ) -> None:
     """Grade fundus photographs with a trained grader, preprocessed exactly as its training shards were packed
     (fundus crop, size, JPEG quality, normalisation). One row per photograph; a file that cannot be read gets
-    a row with its problem. With --labels, score the grades against any public labels file."""
+    a row with its problem, as does one that does not look like a fundus photograph. With --labels, score the
+    grades against any public labels file."""
     from ssit_dist.eval.grade_photographs import predict as run
 
     options = PredictOptions(
-        inputs, model, output, checkpoint, labels, labels_format, tta, batch_size, workers, overwrite, html
+        inputs,
+        model,
+        output,
+        checkpoint,
+        labels,
+        labels_format,
+        tta,
+        batch_size,
+        workers,
+        overwrite,
+        html,
+        fundus_check,
     )
     if nproc > 1 and "RANK" not in os.environ:  # this command again in `nproc` ranks, each grading its share
         raise typer.Exit(_in_ranks(options, nproc))

@@ -42,7 +42,7 @@ COLUMNS_HELP = (
     "regression: softmax(-(score - g)^2), how close the score lies to each grade), referable_score "
     "(classification: p(grade >= 2); regression: the score), referable (1 where grade >= 2), thresholds "
     "(regression: the scores at which the grade steps up, space-separated), true_grade (with --labels), "
-    "problem (why a photograph has no grade: unreadable, truncated, not an image)"
+    "problem (why a photograph has no grade: unreadable, truncated, not an image, not a fundus photograph)"
 )
 
 
@@ -63,6 +63,7 @@ class PredictOptions:
     workers: int | None = None  # None: default_workers()
     overwrite: bool = False
     html: Path | None = None
+    check_fundus: bool = True  # photographs that do not look like fundus photographs get a problem, no grade
 
 
 @dataclass
@@ -113,7 +114,7 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     labels = match_labels(options.labels, photographs, options.labels_format) if options.labels else None
     grader, info = open_grader(options.model, options.checkpoint)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    dataset = photograph_dataset(photographs, info, with_views=options.html is not None)
+    dataset = photograph_dataset(photographs, info, options.html is not None, options.check_fundus)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = default_workers(local) if options.workers is None else options.workers
     graded = grade(grader, dataset, accelerator, options.batch_size, workers, options.tta, on_progress)
@@ -130,15 +131,16 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     return summary
 
 
-def photograph_dataset(photographs: list[str], info: GraderInfo, with_views: bool = False) -> PhotographFiles:
+def photograph_dataset(
+    photographs: list[str], info: GraderInfo, with_views: bool = False, check_fundus: bool = True
+) -> PhotographFiles:
     """The photographs preprocessed as `info` records: the packing's crop and JPEG, the evaluation transform."""
     from ssit_dist.data.loading.grading_transforms import eval_transform
     from ssit_dist.data.loading.photographs import PhotographFiles
 
     transform = eval_transform(info.img_size, info.mean, info.std)
-    return PhotographFiles(
-        photographs, info.crop_size, info.jpeg_quality, transform, info.img_size if with_views else None
-    )
+    view_size = info.img_size if with_views else None
+    return PhotographFiles(photographs, info.crop_size, info.jpeg_quality, transform, view_size, check_fundus)
 
 
 def grader_outputs(grader: Grader, images: torch.Tensor, tta: bool) -> torch.Tensor:

@@ -5,8 +5,9 @@ the size and quality the model's shards were packed with (data/packing/fundus.py
 function the packer calls), decoded as the labelled loader decodes (data/loading/labelled.py `rgb_tensor`),
 then the grading transform. The crop and decode run in the DataLoader's workers. A file that cannot be used
 (unreadable, truncated, not an image) comes back as a sample with a `problem` and no image: one bad file
-never stops a batch. Photographs that are not fundus photographs fall back to the crop's centred square, as
-in packing; nothing here claims to detect them.
+never stops a batch. So does, unless `check_fundus` is off, a photograph whose crop does not look like a
+fundus photograph (data/packing/fundus.py `fundus_doubt`: bright corners, or no bright disc): a DR grade of
+a photograph of something else would mean nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torchvision.transforms import v2
 
 from ssit_dist.data.decode import BadImage
 from ssit_dist.data.loading.labelled import rgb_tensor
-from ssit_dist.data.packing.fundus import packed_jpeg
+from ssit_dist.data.packing.fundus import fundus_doubt, packed_jpeg
 from ssit_dist.data.packing.inputs import IMAGE_SUFFIXES, images_under
 
 
@@ -76,7 +77,8 @@ class PhotographFiles(Dataset):
     """The photographs at `paths`, each preprocessed as a sample packed at `crop_size` px and JPEG `quality`
     and read through `transform` (grading_transforms.eval_transform with the model's size and
     normalisation). With `view_size`, each sample also carries the uint8 image resized as the transform
-    resizes it (for pictures of what the model saw)."""
+    resizes it (for pictures of what the model saw). `check_fundus`: refuse crops that do not look like a
+    fundus photograph (module docstring)."""
 
     def __init__(
         self,
@@ -85,9 +87,11 @@ class PhotographFiles(Dataset):
         quality: int,
         transform: Callable[[torch.Tensor], torch.Tensor],
         view_size: int | None = None,
+        check_fundus: bool = True,
     ):
         self.paths, self.crop_size, self.quality, self.transform = list(paths), crop_size, quality, transform
         self.resize = v2.Resize((view_size, view_size), antialias=True) if view_size else None
+        self.check_fundus = check_fundus
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -98,11 +102,14 @@ class PhotographFiles(Dataset):
         except OSError as e:
             return Sample(i, None, f"cannot read: {e.strerror or e}")
         try:
-            jpeg, _ = packed_jpeg(data, self.crop_size, self.quality)
+            jpeg, cropped = packed_jpeg(data, self.crop_size, self.quality)
         except BadImage as e:
             return Sample(i, None, str(e))
         except Exception as e:  # noqa: BLE001 - a decoder's unforeseen failure is this file's problem, not the batch's
             return Sample(i, None, f"cannot process: {type(e).__name__}: {e}")
+        doubt = fundus_doubt(cropped.image) if self.check_fundus else None
+        if doubt:
+            return Sample(i, None, f"does not look like a fundus photograph: {doubt}; --no-fundus-check grades it")
         rgb = rgb_tensor(jpeg)
         if rgb is None:  # never seen: OpenCV decodes what Pillow just encoded
             return Sample(i, None, "its packed JPEG does not decode")

@@ -98,3 +98,19 @@ def test_bad_files_become_problems_and_the_batch_goes_on(photos: Path, tmp_path:
     assert problems[4].startswith("cannot read: ") and "No such file" in problems[4]
     nothing = collate_photographs([dataset[1]])
     assert nothing.images.numel() == 0 and nothing.problems == [(1, "empty file (0 bytes)")]
+
+
+def test_a_photograph_of_something_else_gets_a_problem_not_a_grade(photos: Path, tmp_path: Path) -> None:
+    """A DR grade of a cat means nothing: without a fundus it is a problem row, unless the check is off."""
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "cat.jpg")
+    files = [find_photographs([photos])[0], str(tmp_path / "cat.jpg")]
+    checked = collate_photographs(list(PhotographFiles(files, 64, 95, eval_transform(32, MEAN, STD))))
+    assert checked.indices.tolist() == [0]
+    assert [i for i, _ in checked.problems] == [1]
+    assert checked.problems[0][1].startswith("does not look like a fundus photograph: its corners are bright")
+    assert checked.problems[0][1].endswith("--no-fundus-check grades it")
+    unchecked = PhotographFiles(files, 64, 95, eval_transform(32, MEAN, STD), check_fundus=False)
+    assert collate_photographs(list(unchecked)).indices.tolist() == [0, 1]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ssit_dist.data.decode import BadImage, decode_rgb
-from ssit_dist.data.packing.fundus import crop_to_disc, disc_box
+from ssit_dist.data.packing.fundus import crop_to_disc, disc_box, fundus_doubt
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -97,3 +97,41 @@ def test_truncated_jpeg_is_an_error_not_a_grey_image(retina: Image.Image) -> Non
     data = encode(retina, "JPEG", quality=90)
     with pytest.raises(BadImage, match="cannot decode"):
         decode_rgb(data[: len(data) // 2])
+
+
+@pytest.mark.slow  # 4,038 photographs cropped: about 15 s
+def test_every_real_fundus_photograph_looks_like_one(retina: Image.Image) -> None:
+    """fundus_doubt must never refuse a real photograph: the CC0 retina as a camera frame and each of the
+    real photographs of ../shared (graded, graded_natural and unlabelled, 4,038), cropped as packing crops."""
+    from conftest import SHARED
+
+    assert fundus_doubt(crop_to_disc(encode(retina, "JPEG", quality=92), 256).image) is None
+    folders = [SHARED / "data" / "fundus" / name for name in ("graded", "graded_natural", "unlabelled")]
+    photographs = [p for folder in folders if folder.is_dir() for p in sorted(folder.glob("*.jpeg"))]
+    if not photographs:
+        pytest.skip(f"real fundus photographs not found under {SHARED} (../shared is absent here)")
+    doubted = {p.name: fundus_doubt(crop_to_disc(p.read_bytes(), 128).image) for p in photographs}
+    # Two of unlabelled/ show no fundus (looked at): a black frame crossed by a stripe of noise, and an
+    # over-exposed close-up without a disc. Every other photograph passes.
+    assert {name for name, why in doubted.items() if why} <= {"15222_left.jpeg", "1557_left.jpeg"}
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("astronaut", "its corners are bright"),
+        ("coffee", "its corners are bright"),
+        ("chelsea", "its corners are bright"),
+        ("camera", "its corners are bright"),
+        ("rocket", "its corners are bright"),
+        ("hubble_deep_field", "no bright disc on a dark field"),
+    ],
+)
+def test_photographs_of_other_things_are_doubted(name: str, reason: str) -> None:
+    """scikit-image's photographs of other things (a person, a cup, a cat, a camera man, a rocket, the night
+    sky), cropped as a fundus photograph would be."""
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)())
+    doubt = fundus_doubt(crop_to_disc(encode(image, "PNG"), 128).image)
+    assert doubt is not None and doubt.startswith(reason)
