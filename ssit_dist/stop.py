@@ -53,6 +53,7 @@ class StopRequest:
 
     reason: str | None = None
     first_interrupt: float | None = field(default=None, repr=False)
+    announce: str = "saving after this step, then stopping"  # what the process does about it
 
     @property
     def requested(self) -> bool:
@@ -63,21 +64,22 @@ class StopRequest:
             self.reason = reason
             if os.environ.get("RANK", "0") == "0":  # one line per run, not one per rank
                 # os.write, not print: a signal handler may interrupt a print to the same stream.
-                os.write(2, f"ssit-dist: {reason}: saving after this step, then stopping\n".encode())
+                os.write(2, f"ssit-dist: {reason}: {self.announce}\n".encode())
 
 
 _installed: StopRequest | None = None
 
 
-def install() -> StopRequest:
+def install(announce: str = StopRequest.announce) -> StopRequest:
     """Main thread, before anything slow: the handlers of STOP_SIGNALS, and a thread that stops this process
-    at once on a second Ctrl-C and asks it to stop when the launcher that started it is gone. Once per
-    process; a later call (another run in the same process) gets the same request, cleared."""
+    at once on a second Ctrl-C and asks it to stop when the launcher that started it is gone. `announce`:
+    what the process does when asked (printed once). Once per process; a later call (another run in the
+    same process) gets the same request, cleared."""
     global _installed
     if _installed is not None:
-        _installed.reason, _installed.first_interrupt = None, None
+        _installed.reason, _installed.first_interrupt, _installed.announce = None, None, announce
         return _installed
-    request = StopRequest()
+    request = StopRequest(announce=announce)
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, _: request.ask(f"{signal.Signals(signum).name} received"))
     # The handlers above run only between Python bytecodes: a main thread blocked in a collective would

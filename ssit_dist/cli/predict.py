@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def predict(
     (fundus crop, size, JPEG quality, normalisation). One row per photograph; a file that cannot be read gets
     a row with its problem, as does one that does not look like a fundus photograph. With --labels, score the
     grades against any public labels file."""
+    from ssit_dist import stop as stop_signals
+    from ssit_dist.eval.grade_photographs import PredictStopped
     from ssit_dist.eval.grade_photographs import predict as run
 
     options = PredictOptions(
@@ -72,11 +75,14 @@ def predict(
     )
     if nproc > 1 and "RANK" not in os.environ:  # this command again in `nproc` ranks, each grading its share
         raise typer.Exit(_in_ranks(options, nproc))
+    stop = stop_signals.install("grading stops after this batch, writing nothing")
     columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
             task = progress.add_task("grade", total=None)
-            summary = run(options, lambda done, total: progress.update(task, completed=done, total=total))
+            summary = run(options, lambda done, total: progress.update(task, completed=done, total=total), stop)
+    except PredictStopped as e:
+        fail(str(e), 128 + signal.SIGINT)  # as a shell reports a command Ctrl-C ended
     except (OSError, ValueError) as e:  # PredictError, PhotographsError, LabelsError, GraderFileError: ValueErrors
         fail(str(e), 1)
     _print_summary(summary)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # torch and the model stack load when photographs are graded:
     from ssit_dist.eval.label_metrics import PhotographLabels
     from ssit_dist.models.grader import Grader
     from ssit_dist.models.grader_files import GraderInfo
+    from ssit_dist.stop import StopRequest
 
 COLUMNS_HELP = (
     "image (the path as found), grade (predicted), score (regression: the model's output; classification: "
@@ -48,6 +49,11 @@ COLUMNS_HELP = (
 
 class PredictError(ValueError):
     """Grading cannot go on (an output exists, nothing could be graded); the message says what to do."""
+
+
+class PredictStopped(RuntimeError):
+    """A stop signal (Ctrl-C, `kill`, `timeout`) ended grading after a batch, its workers stopped; the
+    outputs are written only at the end, so nothing was."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,15 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
         raise PredictError(f"{existing[0]} already exists{more}: pass --overwrite to replace it")
 
 
-def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def predict(
+    options: PredictOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
     """Grade the photographs of `options.inputs` and write the outputs (module docstring); returns a summary
     for the console: counts, the files written, the metrics. `on_progress(done, total)` after each batch
-    (on the main process)."""
+    (on the main process). `stop` (ssit_dist/stop.py, installed by the command): PredictStopped after the
+    batch during which it was asked for."""
     import torch
     from accelerate import Accelerator
 
@@ -117,7 +128,7 @@ def predict(options: PredictOptions, on_progress: Callable[[int, int], None] | N
     dataset = photograph_dataset(photographs, info, options.html is not None, options.check_fundus)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = default_workers(local) if options.workers is None else options.workers
-    graded = grade(grader, dataset, accelerator, options.batch_size, workers, options.tta, on_progress)
+    graded = grade(grader, dataset, accelerator, options.batch_size, workers, options.tta, on_progress, stop)
     if len(graded.indices) == 0:
         shown = "; ".join(f"{photographs[i]}: {why}" for i, why in sorted(graded.problems.items())[:3])
         raise PredictError(f"none of the {len(photographs)} photographs could be graded ({shown})")
@@ -167,9 +178,11 @@ def grade(
     workers: int,
     tta: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> Graded:
     """The grader's outputs for every photograph of `dataset`, over every process, in dataset order (and,
-    where the dataset keeps views, the views and the encoder's attention)."""
+    where the dataset keeps views, the views and the encoder's attention). A `stop` asked for raises
+    PredictStopped once the loader's workers have stopped."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -186,12 +199,19 @@ def grade(
     try:
         with torch.no_grad():
             for batch in batches:
+                if stop is not None and stop.requested:  # checked before the batch is graded: a stop while
+                    break  # the workers start counts too
                 parts.append(_grade_batch(grader, batch, accelerator, tta))
                 done += len(batch.indices) + len(batch.problems)
                 if on_progress is not None and accelerator.is_main_process:
                     on_progress(min(done * accelerator.num_processes, len(dataset)), len(dataset))
     finally:
         stop_batches(batches)
+    if stop is not None and stop.requested:
+        raise PredictStopped(
+            f"{stop.reason}: stopped after {done} of {len(mine)} photographs; nothing written (the outputs are "
+            "written at the end): run the command again to grade them"
+        )
     gathered = [part for rank_parts in gather_objects(parts, accelerator.device) for part in rank_parts]
     return _merged(gathered)
 

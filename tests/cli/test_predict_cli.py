@@ -5,14 +5,20 @@ workers)."""
 from __future__ import annotations
 
 import csv
+import os
+import re
+import signal
+import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import invoke_cli, run_cli
+from conftest import CLI, invoke_cli, run_cli
 from ssit_dist.atomic import write_json
 from ssit_dist.config import FinetuneConfig, PretrainConfig, save_config
 from ssit_dist.data.loading.labelled import check_labels
@@ -118,3 +124,42 @@ def test_predict_grades_a_folder_in_two_ranks_with_loader_workers(photos: Path, 
     single = tmp_path / "single" / "predictions.csv"
     invoke_cli("predict", photos, *args, "-o", single, "--workers", 0)
     assert out.read_text() == single.read_text()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("how", ["Ctrl-C", "kill"])
+def test_a_stopped_predict_says_so_writes_nothing_and_leaves_no_process(
+    graded_dir: Path, model: Path, tmp_path: Path, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group: the command, the forkserver, the loader
+    workers) and `kill` (SIGTERM to the command alone) while grading 1,200 photographs one by one: the
+    command says where it stopped and that it wrote nothing, exits 130, and no process of it remains."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(4):  # 1,200 photographs: copies of the 300 under other names, linked
+        for photo in sorted(graded_dir.glob("*.jpeg")):
+            (many / f"{i}_{photo.name}").symlink_to(photo)
+    out = tmp_path / "p.csv"
+    command = [str(CLI), "predict", str(many), "-m", str(model), "-o", str(out), "--workers", "1", "--batch-size", "1"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    me = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while len(me.children(recursive=True)) < 3 and time.monotonic() < deadline:  # tracker, forkserver, a worker
+        time.sleep(0.1)
+    time.sleep(1.0)  # grading
+    family = [me, *me.children(recursive=True)]
+    if how == "Ctrl-C":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    said = " ".join((stdout + stderr).split())
+    name = "SIGINT" if how == "Ctrl-C" else "SIGTERM"
+    assert process.returncode == 130, said
+    assert re.search(rf"{name} received: stopped after \d+ of 1200 photographs; nothing written", said), said
+    assert "Traceback" not in said
+    assert not out.exists() and list(tmp_path.glob("*.csv*")) == []
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]
