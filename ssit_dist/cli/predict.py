@@ -55,26 +55,19 @@ def predict(
     (fundus crop, size, JPEG quality, normalisation). One row per photograph; a file that cannot be read gets
     a row with its problem, as does one that does not look like a fundus photograph. With --labels, score the
     grades against any public labels file."""
+    args = (inputs, model, output, checkpoint, labels, labels_format, tta, batch_size, workers, overwrite, html)
+    options = PredictOptions(*args, fundus_check)
+    if nproc > 1 and "RANK" not in os.environ:  # this command again in `nproc` ranks, each grading its share
+        raise typer.Exit(_in_ranks(options, nproc))
+    _grade(options)
+
+
+def _grade(options: PredictOptions) -> None:
+    """Grade with a progress bar, stopping cleanly on Ctrl-C, `kill` or `timeout`; print the summary."""
     from ssit_dist import stop as stop_signals
     from ssit_dist.eval.grade_photographs import PredictStopped
     from ssit_dist.eval.grade_photographs import predict as run
 
-    options = PredictOptions(
-        inputs,
-        model,
-        output,
-        checkpoint,
-        labels,
-        labels_format,
-        tta,
-        batch_size,
-        workers,
-        overwrite,
-        html,
-        fundus_check,
-    )
-    if nproc > 1 and "RANK" not in os.environ:  # this command again in `nproc` ranks, each grading its share
-        raise typer.Exit(_in_ranks(options, nproc))
     stop = stop_signals.install("grading stops after this batch, writing nothing")
     columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
     try:

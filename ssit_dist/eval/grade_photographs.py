@@ -253,7 +253,10 @@ def prediction_rows(
     for a graded photograph `probabilities` (the p_grade values) and `at`, its position in `graded`."""
     import torch
 
+    from ssit_dist.eval.label_metrics import referable_scores
+
     grades, scores = grader.grades_and_scores(torch.from_numpy(graded.outputs))
+    referable = referable_scores(grader.objective, graded.outputs, scores.numpy())
     regression = grader.objective == "regression"
     where = {int(index): k for k, index in enumerate(graded.indices)}
     thresholds = " ".join(f"{t:g}" for t in info.thresholds) if regression and info.thresholds else None
@@ -266,9 +269,8 @@ def prediction_rows(
             k = where[i]
             grade, probabilities = int(grades[k]), scores[k].tolist()
             score = float(graded.outputs[k, 0]) if regression else probabilities[grade]
-            referable_score = score if regression else float(sum(probabilities[REFERABLE_GRADE:]))
             row |= {"grade": grade, "score": score, "probabilities": probabilities, "thresholds": thresholds}
-            row |= {"referable_score": referable_score, "referable": grade >= REFERABLE_GRADE, "at": k}
+            row |= {"referable_score": float(referable[k]), "referable": grade >= REFERABLE_GRADE, "at": k}
         rows.append(row)
     return rows
 
@@ -309,7 +311,7 @@ def write_outputs(
     atomic.write_text(options.output, predictions_csv(rows, classes, labels is not None))
     metrics = None
     if labels is not None:
-        predicted = {i: (r["grade"], r["referable_score"], r["referable"]) for i, r in enumerate(rows) if "grade" in r}
+        predicted = {i: (r["grade"], r["referable_score"]) for i, r in enumerate(rows) if "grade" in r}
         metrics = score_predictions(labels, predicted, classes)
         metrics["model"] = str(options.model)
         atomic.write_json(options.output.with_name("metrics.json"), metrics)

@@ -86,6 +86,33 @@ def _why_nothing_matched(path: Path, missing: list[Any], problems: list[str], ph
     )
 
 
+def referable_scores(objective: str, outputs: np.ndarray, per_grade: np.ndarray) -> np.ndarray:
+    """What ranks photographs by referable DR: a regression grader's output (the grade scale), a classifier's
+    probability of grade >= 2 (`per_grade`: Grader.grades_and_scores' scores)."""
+    if objective == "regression":
+        return np.asarray(outputs, np.float64)[:, 0]
+    return np.asarray(per_grade, np.float64)[:, REFERABLE_GRADE:].sum(axis=1)
+
+
+def endpoint_intervals(
+    truth: np.ndarray,
+    grades: np.ndarray,
+    referable_score: np.ndarray,
+    patients: np.ndarray,
+    classes: int,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Each endpoint of `referable_endpoints` (the referable flag: grade >= 2) with its 95% interval over
+    `resamples` bootstrap resamples of `patients` (crossval.patient_ids), every photograph of a patient
+    drawn together."""
+    flags = grades >= REFERABLE_GRADE
+    draws = patient_resamples(patients, np.zeros(len(truth), np.int64), resamples, seed) if len(truth) else []
+    value = referable_endpoints(truth, grades, referable_score, flags, classes)
+    samples = [referable_endpoints(truth[d], grades[d], referable_score[d], flags[d], classes) for d in draws]
+    return {name: interval(v, np.array([s[name] for s in samples])) for name, v in value.items()}
+
+
 def referable_endpoints(
     truth: np.ndarray, predicted: np.ndarray, referable_score: np.ndarray, referable: np.ndarray, classes: int
 ) -> dict[str, float]:
@@ -104,25 +131,20 @@ def referable_endpoints(
 
 def score_predictions(
     labels: PhotographLabels,
-    predicted: dict[int, tuple[int, float, bool]],
+    predicted: dict[int, tuple[int, float]],
     classes: int,
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
     """metrics.json: each endpoint with its patient-bootstrap 95% interval, the confusion matrix and the
-    counts. `predicted`: index -> (grade, referable score, referable flag) of each photograph graded."""
+    counts. `predicted`: index -> (grade, referable score) of each photograph graded."""
     scored = sorted(i for i in labels.grades if i in predicted)
     truth = np.array([labels.grades[i] for i in scored], np.int64)
     grades = np.array([predicted[i][0] for i in scored], np.int64)
     scores = np.array([predicted[i][1] for i in scored], np.float64)
-    flags = np.array([predicted[i][2] for i in scored], bool)
     patients = patient_ids([labels.patients[i] for i in scored], len(scored))
-    draws = patient_resamples(patients, np.zeros(len(scored), np.int64), resamples, seed) if scored else []
-    value = referable_endpoints(truth, grades, scores, flags, classes)
-    samples = [referable_endpoints(truth[d], grades[d], scores[d], flags[d], classes) for d in draws]
-    endpoints = {name: interval(v, np.array([s[name] for s in samples])) for name, v in value.items()}
     return {
-        **endpoints,
+        **endpoint_intervals(truth, grades, scores, patients, classes, resamples, seed),
         "samples": len(scored),
         "patients": len(np.unique(patients)),
         "unmatched_rows": labels.unmatched_rows,

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from ssit_dist.data.loading.labelled import LabelledShards, collate_labelled
 from ssit_dist.data.loading.workers import worker_options
 from ssit_dist.dist import gather_objects
+from ssit_dist.eval.crossval import patient_ids
+from ssit_dist.eval.label_metrics import endpoint_intervals, referable_scores
 from ssit_dist.eval.metrics import grading_metrics
 from ssit_dist.models.grader import Grader
 
@@ -55,8 +57,14 @@ def missing(dataset: LabelledShards, indices: np.ndarray) -> list[str]:
     return [dataset.keys[i] for i in np.flatnonzero(~present)]
 
 
-def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, batch_size: int) -> dict[str, Any]:
-    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all)."""
+def evaluate(
+    grader: Grader, dataset: LabelledShards, accelerator: Accelerator, batch_size: int, intervals: bool = False
+) -> dict[str, Any]:
+    """Metrics of `grader` on `dataset` plus the per-sample rows behind them (rank 0 holds them all). With
+    `intervals` (the reported evaluation, not each epoch's selection) also the metrics' "intervals": QWK,
+    accuracy, referable AUC, sensitivity and specificity with patient-bootstrap 95% intervals, as `ssit-dist
+    predict --labels` reports them (eval/label_metrics.py; patients from the shards' groups where they
+    were packed with --group-by, else one per photograph)."""
     grader.eval()
     with accelerator.autocast():
         indices, outputs = run_over_split(grader, dataset, accelerator, batch_size)
@@ -64,6 +72,11 @@ def evaluate(grader: Grader, dataset: LabelledShards, accelerator: Accelerator, 
     truth = np.array(dataset.grades)[indices]
     metrics = grading_metrics(truth, predicted.numpy(), scores.numpy(), grader.num_classes)
     metrics["missing"] = missing(dataset, indices)
+    if intervals:
+        referable = referable_scores(grader.objective, outputs, scores.numpy())
+        patients = patient_ids([dataset.groups[i] for i in indices], len(indices))
+        metrics["intervals"] = endpoint_intervals(truth, predicted.numpy(), referable, patients, grader.num_classes)
+        metrics["intervals"]["patients"] = int(len(np.unique(patients)))
     return {
         "metrics": metrics,
         "indices": indices,

@@ -233,7 +233,7 @@ def final_report(run: FinetuneRun, selection: Selection) -> dict[str, Any]:
     cfg, out, accelerator = run.cfg, run.out, run.accelerator
     best, _ = load_grader(out / "best.safetensors")
     best.to(accelerator.device)
-    results = {name: evaluate(best, data, accelerator, cfg.eval_batch) for name, data in run.eval_sets.items()}
+    results = {name: evaluate(best, data, accelerator, cfg.eval_batch, True) for name, data in run.eval_sets.items()}
     final_weights = {
         name: evaluate(run.plain, data, accelerator, cfg.eval_batch)["metrics"] for name, data in run.eval_sets.items()
     }

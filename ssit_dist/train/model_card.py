@@ -80,7 +80,7 @@ def model_card(meta: EncoderMeta, run_dir: Path, tag: str, encoder: str) -> str:
     return "\n".join(lines)
 
 
-METRICS = ("samples", "qwk", "accuracy", "macro_auc")
+METRICS = ("samples", "qwk", "accuracy", "macro_auc", "referable_auc", "sensitivity", "specificity")
 
 
 def grader_card(meta: dict[str, Any], run_dir: Path, checkpoint: str) -> str:
@@ -148,8 +148,12 @@ def _metrics_section(run_dir: Path, checkpoint: str, meta: dict[str, Any]) -> li
         rows, note = {"val": meta["val"]}, f"{run_dir} has no report.json (unfinished): validation at selection."
     if not rows:
         return ["## Metrics", "", f"None recorded: {run_dir} has no report.json.", ""]
+    # Fine-tuning reports each endpoint with its patient-bootstrap interval under "intervals" (older runs: none).
+    rows = {name: {**m, **m.get("intervals", {})} for name, m in rows.items()}
     has_intervals = any(isinstance(v, dict) and "ci95" in v for m in rows.values() for v in m.values())
-    if not has_intervals:
+    if has_intervals:
+        note += " Intervals: 95%, from 1,000 bootstrap resamples of patients."
+    else:
         note += " The run recorded no intervals for them; `ssit-dist predict --labels` gives patient-bootstrap ones."
     table = [f"| split | {' | '.join(METRICS)} |", "|---" * (len(METRICS) + 1) + "|"]
     for name, m in rows.items():

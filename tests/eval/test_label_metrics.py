@@ -74,7 +74,7 @@ def test_patient_bootstrap_intervals_around_the_endpoints() -> None:
     truth = rng.integers(0, 5, 24)
     grades = np.where(rng.random(24) < 0.7, truth, rng.integers(0, 5, 24))
     labels = PhotographLabels("x.csv", "plain", dict(enumerate(truth.tolist())), {i: str(i // 2) for i in range(24)})
-    predicted = {i: (int(g), float(g) + rng.normal(0, 0.3), bool(g >= 2)) for i, g in enumerate(grades)}
+    predicted = {i: (int(g), float(g) + rng.normal(0, 0.3)) for i, g in enumerate(grades)}
     predicted.pop(5)  # a photograph that could not be read: labelled, not scored
     metrics = score_predictions(labels, predicted, 5, resamples=200)
     kept = [i for i in range(24) if i != 5]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ssit_dist.atomic import write_json
@@ -18,7 +17,7 @@ from ssit_dist.data.loading.labelled import LabelledShards, SplitSource, check_l
 from ssit_dist.data.packing.inputs import discover
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.shard import pack
-from ssit_dist.eval.metrics import grading_metrics
+from ssit_dist.eval.over_split import evaluate
 from ssit_dist.models.grader import Grader, save_grader
 from ssit_dist.models.pretrained import load_encoder
 from ssit_dist.models.vit import create_encoder
@@ -60,7 +59,7 @@ def pack_graded(graded_dir: Path, folder: Path, count: int = 12) -> Path:
 def write_run(folder: Path, shards: Path, pool: str, objective: str = "regression") -> Grader:
     """A fine-tuning run folder as `ssit-dist finetune` leaves it for its readers: config.yaml,
     fingerprint.json, best.safetensors with the meta fine-tuning writes beside it, and report.json with
-    the grader's metrics on the val and test splits (no intervals: fine-tuning records none)."""
+    the grader's metrics on the val and test splits with their intervals, as fine-tuning reports them."""
     cfg = FinetuneConfig(
         run_dir=str(folder),
         train=f"{shards}:train",
@@ -84,11 +83,11 @@ def write_run(folder: Path, shards: Path, pool: str, objective: str = "regressio
     return grader
 
 
-@torch.no_grad()
 def split_metrics(grader: Grader, source: SplitSource) -> dict:
-    """The grader's metrics on a split, as evaluation computes them (eval/metrics.py)."""
+    """The grader's metrics on a split, with their intervals, by fine-tuning's own evaluation of the best
+    weights (eval/over_split.py)."""
+    from accelerate import Accelerator
+
     index = read_index(source.folder)
     data = LabelledShards(source, eval_transform(SIZE, index.mean, index.std), grader.num_classes)
-    images, grades = zip(*[(data[i][0], data[i][1]) for i in range(len(data))], strict=True)
-    predicted, scores = grader.grades_and_scores(grader(torch.stack(images)))
-    return grading_metrics(np.array(grades), predicted.numpy(), scores.numpy(), grader.num_classes)
+    return evaluate(grader, data, Accelerator(cpu=True), batch_size=8, intervals=True)["metrics"]

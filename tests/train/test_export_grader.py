@@ -19,7 +19,6 @@ from tiny_grader import SIZE, fixed_input, pack_graded, write_run
 from conftest import invoke_cli
 from ssit_dist.atomic import write_json
 from ssit_dist.data.index import read_index
-from ssit_dist.eval.crossval import interval
 from ssit_dist.models.grader import Grader
 from ssit_dist.models.grader_files import GraderFileError, open_grader
 from ssit_dist.train.export import export_grader
@@ -116,24 +115,30 @@ def test_config_and_model_card(exported: dict[str, Path], runs: dict[str, Path],
     card = (exported["avg"] / "README.md").read_text()
     report = json.loads((runs["avg"] / "report.json").read_text())
     for split in ("val", "test"):
-        qwk = report[split]["qwk"]
-        assert f"| {split} | {report[split]['samples']} | {'undefined' if qwk is None else f'{qwk:.4f}'} |" in card
-    assert "The run recorded no intervals for them" in card
+        qwk = report[split]["intervals"]["qwk"]  # fine-tuning's patient-bootstrap interval of its QWK
+        low, high = qwk["ci95"]
+        shown = "undefined" if qwk["value"] is None else f"{qwk['value']:.4f} (95% CI {low:.4f} to {high:.4f})"
+        assert f"| {split} | {report[split]['samples']} | {shown} |" in card
+    assert "Intervals: 95%, from 1,000 bootstrap resamples of patients." in card
     assert all(h in card for h in index.splits["train"].sha256 + index.splits["test"].sha256)
     assert "| started from | random encoder |" in card
     assert "JPEG quality 90" in card and "cropped to a square of 64 px" in card
 
 
-def test_model_card_shows_intervals_the_run_recorded(runs: dict[str, Path], tmp_path: Path, packed: Path) -> None:
-    """A report whose metrics carry eval/crossval.py's intervals: the card gives each with its interval."""
+def test_model_card_of_a_run_without_intervals_says_so(runs: dict[str, Path], tmp_path: Path, packed: Path) -> None:
+    """A run from before fine-tuning reported intervals: the card gives the values and says where intervals
+    come from instead of inventing them."""
     run = tmp_path / "run"
     write_run(run, packed, "token")
     report = json.loads((run / "report.json").read_text())
-    report["test"]["qwk"] = interval(0.61, torch.linspace(0.4, 0.8, 101).numpy())
+    for split in ("val", "test"):
+        del report[split]["intervals"]
+    report["test"]["qwk"] = 0.61
     write_json(run / "report.json", report)
     card = (export_grader(run, tmp_path / "timm", layout="timm")[0] / "README.md").read_text()
-    assert "0.6100 (95% CI 0.4100 to 0.7900)" in card
-    assert "recorded no intervals" not in card
+    assert f"| test | {report['test']['samples']} | 0.6100 |" in card
+    assert "The run recorded no intervals for them; `ssit-dist predict --labels` gives" in card
+    assert "(95% CI" not in card
 
 
 def test_cls_avg_run_is_refused_for_timm_and_exports_as_files(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -167,6 +167,14 @@ def test_finetuning_writes_every_output_and_the_numbers_hold(graded_shards: Path
         cohen_kappa_score(truth, predicted, weights="quadratic", labels=list(range(5))), abs=1e-9
     )
     assert report["test"]["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    # Each endpoint with its patient-bootstrap interval (one patient per photograph: packed without groups).
+    intervals = report["test"]["intervals"]
+    assert intervals["patients"] == 45 and intervals["accuracy"]["value"] == pytest.approx(
+        report["test"]["accuracy"], abs=1e-4
+    )
+    for name in ("qwk", "accuracy", "referable_auc", "sensitivity", "specificity"):
+        low, high = intervals[name]["ci95"]
+        assert intervals[name]["value"] is None or low <= intervals[name]["value"] <= high, name
 
     # Reloading the best weights reproduces the validation QWK reported for them.
     grader, meta = load_grader(out / "best.safetensors")

@@ -7,6 +7,7 @@ and the grades once and remembers where each JPEG lies; a sample is then one see
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class LabelledShards(Dataset):
         self.index = check_labels(source, num_classes)
         self.keys: list[str] = []
         self.grades: list[int] = []
+        self.groups: list[str | None] = []  # each sample's patient, where packed with --group-by
         self._where: list[tuple[str, int, int]] = []  # (shard, offset of the jpg bytes, size)
         split = self.index.splits[source.split]
         for i, shard in enumerate(self.index.shard_paths(source.folder, source.split)):
@@ -107,6 +109,8 @@ class LabelledShards(Dataset):
                         entry["jpg"] = (member.offset_data, member.size)
                     elif ext == "cls":
                         entry["cls"] = _grade(tar.extractfile(member).read(), shard, key)  # type: ignore[union-attr]
+                    elif ext == "json":
+                        entry["group"] = _group(tar.extractfile(member).read())  # type: ignore[union-attr]
         except (tarfile.TarError, EOFError, OSError) as e:
             after = f"after sample {key}" if key else "at its start"
             raise ShardIndexError(
@@ -119,6 +123,7 @@ class LabelledShards(Dataset):
                 )
             self.keys.append(key)
             self.grades.append(entry["cls"])
+            self.groups.append(entry.get("group"))
             self._where.append((str(shard), *entry["jpg"]))
 
     def __len__(self) -> int:
@@ -159,6 +164,17 @@ def _grade(raw: bytes, shard: Path, key: str) -> int:
             f"{shard}: sample {key} has grade {text[:40]!r} in its cls member, not an integer; "
             "fix the labels CSV and re-run `ssit-dist shard`"
         ) from None
+
+
+def _group(raw: bytes) -> str | None:
+    """The sample's group (its patient) from its json member; None where it has none or is unreadable (the
+    group only pairs a patient's photographs in bootstrap intervals: no reason to refuse the sample)."""
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    group = meta.get("group") if isinstance(meta, dict) else None
+    return None if group is None else str(group)
 
 
 def collate_labelled(

@@ -25,6 +25,7 @@ from PIL import Image
 from conftest import CLI, invoke_cli, run_cli, tar_samples
 from ssit_dist.configclass import ConfigError
 from ssit_dist.data.index import read_index
+from ssit_dist.data.loading.labelled import LabelledShards, SplitSource
 from ssit_dist.data.packing.options import ShardOptions
 from ssit_dist.data.packing.preview import kept_patches
 
@@ -351,6 +352,10 @@ def test_group_by_patient_keeps_both_eyes_of_every_patient_in_one_split(graded_d
         {"train": 0.7, "val": 0.15, "test": 0.15}, abs=0.01
     )
     assert "patients" in result.stdout  # the table counts them per split
+    # The labelled loader reads each sample's patient (fine-tuning's bootstrap intervals resample them).
+    test = LabelledShards(SplitSource(out, "test"), lambda image: image)
+    assert [rows[f"{key}.jpeg"]["patient"] for key in test.keys] == test.groups
+    assert len(set(test.groups)) == index.splits["test"].groups
 
 
 def test_options_are_checked_when_built() -> None:
