@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ssit_dist.config import FinetuneConfig
 from ssit_dist.data.loading.labelled import LabelledShards
+from ssit_dist.data.loading.workers import start_batches, stop_batches
 from ssit_dist.dist import mean_over_ranks, on_rank_zero
 from ssit_dist.eval.grading_report import write_grading_report
 from ssit_dist.eval.over_split import evaluate
@@ -163,25 +164,29 @@ def train_one_epoch(run: FinetuneRun, selection: Selection, epoch: int) -> tuple
         loss_sum += selection.loss_so_far
     progress = Progress(log, f"epoch {epoch}", "batch", len(run.loader), accelerator.is_main_process, PROGRESS_EVERY_S)
     vote, stopping, process = StopVote(accelerator.device), False, accelerator.process_index
-    for images, grades, _ in loader:
-        torch.manual_seed(int(np.random.SeedSequence([run.cfg.seed, epoch, process, batches]).generate_state(1)[0]))
-        with accelerator.accumulate(model):
-            loss = run.plain.loss(model(images), grades)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad is not None:
-                accelerator.clip_grad_norm_(trainable, clip_grad)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                run.scheduler.step()
-            optimizer.zero_grad()
-        loss_sum += loss.detach().float()
-        batches += 1
-        progress.update(batches)
-        stopping = vote.cast(run.stop.requested) or stopping
-        if stopping and accelerator.sync_gradients and batches < len(run.loader):  # never within an accumulation
-            _save_in_epoch(run, selection, epoch, batches, loss_sum)
-            where = f"epoch {epoch} after batch {batches} of {len(run.loader)}"
-            raise StopRequested(f"stopped in {where}; relaunch to resume")
+    stream = start_batches(loader)  # this epoch's workers fork from a server that already imported the package
+    try:
+        for images, grades, _ in stream:
+            torch.manual_seed(int(np.random.SeedSequence([run.cfg.seed, epoch, process, batches]).generate_state(1)[0]))
+            with accelerator.accumulate(model):
+                loss = run.plain.loss(model(images), grades)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and clip_grad is not None:
+                    accelerator.clip_grad_norm_(trainable, clip_grad)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    run.scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach().float()
+            batches += 1
+            progress.update(batches)
+            stopping = vote.cast(run.stop.requested) or stopping
+            if stopping and accelerator.sync_gradients and batches < len(run.loader):  # never within an accumulation
+                _save_in_epoch(run, selection, epoch, batches, loss_sum)
+                where = f"epoch {epoch} after batch {batches} of {len(run.loader)}"
+                raise StopRequested(f"stopped in {where}; relaunch to resume")
+    finally:
+        stop_batches(stream)
     return loss_sum, batches
 
 

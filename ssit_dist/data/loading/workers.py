@@ -119,6 +119,9 @@ def stop_batches(batches: Iterator) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)  # what the DataLoader iterator's __del__ calls
     if shutdown is not None:
         shutdown()
+    close = getattr(batches, "close", None)  # a generator around a loader's iterator (Accelerate's loaders):
+    if close is not None:  # closing it releases the iterator, whose __del__ shuts the workers down
+        close()
     for worker in getattr(batches, "_workers", []):
         if worker.is_alive():
             worker.kill()
