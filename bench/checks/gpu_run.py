@@ -131,16 +131,15 @@ SMOKE = Plan(
 METHODS = {"ssit": (), "moco_v3": ("model.saliency=false",)}
 
 
+def split_graded(travel: Path) -> Path:
+    """The graded folder travel.py packed split train/val/test (the first it was given)."""
+    return travel / "eval" / json.loads((travel / "manifest.json").read_text())["eval_split"]
+
+
 def check(plan: Plan, travel: Path, work: Path) -> dict:
     """bench/checks/gpu_check.py (it skips itself without CUDA): pretraining on the pretraining shards,
     fine-tuning on the graded folder that travel.py split."""
-    split = json.loads((travel / "manifest.json").read_text())["eval_split"]
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "checks" / "gpu_check.py"),
-        "--shards",
-        str(travel / "eval" / split),
-    ]
+    command = [sys.executable, str(ROOT / "bench" / "checks" / "gpu_check.py"), "--shards", str(split_graded(travel))]
     command += ["--pretrain-shards", str(travel / "pretrain")]
     return _json_of(command, work / "check.log")
 
@@ -159,14 +158,8 @@ def step(plan: Plan, travel: Path, work: Path) -> dict:
 
 
 def predict(plan: Plan, travel: Path, work: Path) -> dict:
-    """bench/perf/predict.py over the graded photographs of the first eval folder, written out as files."""
-    split = json.loads((travel / "manifest.json").read_text())["eval_split"]
-    command = [
-        sys.executable,
-        str(ROOT / "bench" / "perf" / "predict.py"),
-        "--photos-from",
-        str(travel / "eval" / split),
-    ]
+    """bench/perf/predict.py over the graded photographs of the split graded folder, written out as files."""
+    command = [sys.executable, str(ROOT / "bench" / "perf" / "predict.py"), "--photos-from", str(split_graded(travel))]
     return _json_of([*command, *plan.predict_args], work / "predict.log")
 
 

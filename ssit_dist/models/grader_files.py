@@ -122,7 +122,7 @@ def no_head(path: Path, pretraining_run: bool = False) -> GraderFileError:
         steps = f"export it (`ssit-dist export {path} -o ENC`), then `ssit-dist finetune --init ENC.safetensors`"
     else:
         steps = f"fine-tune it first with `ssit-dist finetune --init {path}`"
-    return GraderFileError(f"{path} holds an encoder without a grading head: {steps}, and give the fine-tuning run")
+    return GraderFileError(f"{path} holds an encoder without a grading head: {steps}; then give its run folder")
 
 
 def _run_weights(folder: Path, checkpoint: str) -> Path:
