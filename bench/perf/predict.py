@@ -68,11 +68,13 @@ def write_packed(shards: Path, folder: Path, count: int) -> list[str]:
 
     folder.mkdir()
     index = read_index(shards)
+    written = 0
     for shard in [path for split in index.splits for path in index.shard_paths(shards, split)]:
         with tarfile.open(shard) as tar:
             for member in tar:
-                if member.name.endswith(".jpg") and len(list(folder.iterdir())) < count:
+                if member.name.endswith(".jpg") and written < count:
                     (folder / Path(member.name).name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    written += 1
     return find_photographs([str(folder)])
 
 

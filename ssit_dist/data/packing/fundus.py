@@ -8,6 +8,7 @@ not clearly wider than tall or the box is implausibly small.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -86,12 +87,10 @@ CENTRE_OVER_CORNERS_MIN = 20
 def fundus_doubt(image: np.ndarray) -> str | None:
     """Why a square crop (crop_to_disc's image) does not look like a fundus photograph, or None where it
     does: its corners (outside the inscribed circle) must be dark and its centre brighter than them."""
-    side = image.shape[0]
-    yy, xx = np.mgrid[:side, :side]
-    radius = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2)
+    corner_mask, centre_mask = _doubt_masks(image.shape[0])
     brightest = image.max(axis=2)
-    corners = float(brightest[radius > 0.51 * side].mean())
-    centre = float(brightest[radius < 0.45 * side].mean())
+    corners = float(brightest[corner_mask].mean())
+    centre = float(brightest[centre_mask].mean())
     if corners > CORNER_MAX:
         return (
             f"its corners are bright (mean {corners:.0f} of 255; a fundus photograph's are dark, at most {CORNER_MAX})"
@@ -99,6 +98,15 @@ def fundus_doubt(image: np.ndarray) -> str | None:
     if centre < corners + CENTRE_OVER_CORNERS_MIN:
         return f"no bright disc on a dark field (centre {centre:.0f}, corners {corners:.0f} of 255)"
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _doubt_masks(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The corners (outside the inscribed circle) and the centre of a square crop: made once per size, not
+    once per photograph (a grading worker checks every photograph at one size)."""
+    yy, xx = np.mgrid[:side, :side]
+    radius = np.hypot(yy - (side - 1) / 2, xx - (side - 1) / 2)
+    return radius > 0.51 * side, radius < 0.45 * side
 
 
 def circle_mask(size: int, radius: float) -> np.ndarray:
