@@ -7,10 +7,13 @@ own orphan check compares a worker's parent, which under forkserver is the forks
 as long as its workers: a trainer killed with SIGKILL would leave both behind for good. So each worker
 watches its trainer's pid (a pidfd) and exits when it ends.
 
-A loader's workers end with every epoch and new ones start with the next. Python's forkserver does not
-preload the main module as it means to (its `main_path` is never passed on), so each new worker would
-import torch, DeepSpeed and timm again, seconds of every epoch: the forkserver preloads the package's
-modules the trainer has imported instead, and a worker starts from them at the cost of a fork.
+A loader's workers end with every epoch and new ones start with the next. Each new worker runs the
+main module again and unpickles its dataset; Python's forkserver does not preload the main module as it
+means to (its `main_path` is never passed on), so each would import torch, OpenCV and the data modules
+again, seconds of every epoch. The forkserver preloads what a worker needs instead (`_worker_modules`),
+and a worker starts from it at the cost of a fork. Only that: a worker reads, decodes and augments, and
+never builds a model, so timm, DeepSpeed and torch's compiler (half a rank's import time) stay out of
+the forkserver, one per rank.
 """
 
 from __future__ import annotations
@@ -95,19 +98,28 @@ def start_batches(loader: DataLoader) -> Iterator:
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if loader.num_workers:
-            forkserver.set_forkserver_preload(_package_modules())  # read only when the server starts
+            forkserver.set_forkserver_preload(_worker_modules())  # read only when the server starts
             forkserver.ensure_running()
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _package_modules() -> list[str]:
-    """This package's modules the process has imported: what a worker runs, and what the trainer's main
-    module would otherwise import again in every worker."""
-    package = __name__.partition(".")[0]
-    # A __main__ module (ssit_dist.__main__, the CLI) runs its command when imported: never preloaded.
-    return sorted(n for n in sys.modules if n.partition(".")[0] == package and not n.endswith("__main__"))
+def _worker_modules() -> list[str]:
+    """What a worker imports before its first sample: the package's data modules the process has imported
+    (the dataset, its augmentation and this module's worker set-up come from them), and the main module
+    when multiprocessing runs it again by name (`python -m ssit_dist.train.pretrain`), with all it
+    imports. A script run by path is run again too: the `ssit-dist` console script imports the CLI, and
+    launch/pretrain.py imports the trainer under `if __name__ == "__main__"`. A `__main__` module
+    (`python -m ssit_dist`, and `python -m ssit_dist.train`, which the launchers start) is never run again."""
+    package, data = __name__.partition(".")[0], __name__.rpartition(".loading")[0]  # ssit_dist, ssit_dist.data
+    modules = {n for n in sys.modules if n == data or n.startswith(data + ".")}
+    main = getattr(sys.modules["__main__"].__spec__, "name", None)
+    if main is None and f"{package}.cli" in sys.modules:  # a script: the console script
+        main = f"{package}.cli"
+    if main is not None and not main.endswith("__main__"):
+        modules.add(main)
+    return sorted(modules)
 
 
 def stop_batches(batches: Iterator) -> None:

@@ -266,21 +266,23 @@ os.kill(os.getpid(), signal.SIGKILL)  # then the trainer dies without any cleanu
 
 
 @pytest.mark.multiprocess
-def test_each_epochs_workers_start_with_the_package_already_imported(shards: Path, tmp_path: Path) -> None:
+def test_each_epochs_workers_start_with_what_they_need_already_imported(shards: Path, tmp_path: Path) -> None:
     # Every epoch starts new workers, and each one runs the trainer's main module again; forked from a
-    # forkserver that holds the package, that costs a fork, not seconds of imports per worker per epoch.
+    # forkserver that holds the data modules, that costs a fork, not seconds of imports per worker per
+    # epoch. The model side (timm, and torch's compiler under it) is the trainer's alone.
     log = tmp_path / "starts.log"
     trainer = tmp_path / "trainer.py"
     trainer.write_text(f"""
 import itertools, sys
 with open({str(log)!r}, "a") as f:
-    print(__name__, "ssit_dist.data.loading.stream" in sys.modules, file=f)
+    print(__name__, "ssit_dist.data.loading.stream" in sys.modules, "timm" in sys.modules, file=f)
 from ssit_dist.data.loading.augment import PairAugment
 from ssit_dist.data.loading.sources import open_shards
 from ssit_dist.data.loading.epoch import EpochPlan
 from ssit_dist.data.loading.stream import PairStream, pair_loader
 from ssit_dist.data.loading.workers import start_batches, stop_batches
 if __name__ == "__main__":
+    from ssit_dist.models.ssit import SSiT  # the trainer builds its model
     shards = open_shards([{str(shards)!r}])
     plan = EpochPlan(tuple(shards.lengths), 1, 2, 4, 5, shuffle_buffer=8)
     loader = pair_loader(PairStream(shards, PairAugment(32, shards.mean, shards.std), plan, rank=0))
@@ -292,7 +294,17 @@ if __name__ == "__main__":
     result = subprocess.run([sys.executable, str(trainer)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     starts = log.read_text().splitlines()
-    assert starts == ["__main__ False"] + ["__mp_main__ True"] * 6, starts  # 3 epochs of 2 workers
+    assert starts == ["__main__ False False"] + ["__mp_main__ True False"] * 6, starts  # 3 epochs of 2 workers
+
+
+@pytest.mark.multiprocess
+def test_a_worker_running_launch_pretrain_again_imports_none_of_the_trainer() -> None:
+    # What multiprocessing does with the main script in each new loader worker.
+    script = Path(__file__).resolve().parents[3] / "launch" / "pretrain.py"
+    probe = f"import runpy, sys; runpy.run_path({str(script)!r}, run_name='__mp_main__'); "
+    probe += "print(sorted(m for m in ('ssit_dist.train.pretrain', 'timm', 'deepspeed') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_verify_names_a_changed_or_cut_shard(shards: Path, tmp_path: Path) -> None:
