@@ -30,7 +30,8 @@ def run_config(tmp: Path, shards: Path, name: str, slow: bool = False) -> Path:
     }
     if slow:
         model.update(SLOW)
-    return config(tmp, shards, name, ds_config(tmp, 2), epochs=4, checkpoint_every=1000, model=model)
+    # Loader workers: no process of a stopped run, workers included, may be left behind.
+    return config(tmp, shards, name, ds_config(tmp, 2), epochs=4, checkpoint_every=1000, model=model, data__workers=1)
 
 
 class Started:

@@ -56,7 +56,9 @@ def config(tmp: Path, shards: Path, name: str, ds: Path, **extra: object) -> Pat
             "proj_dim": 32,
             "timm_kwargs": {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3},
         },
-        "data": {"shards": [str(shards)], "workers": 1, "shuffle_buffer": 16},
+        # No loader workers unless a test is about them (stopping, resuming after a kill, SLURM): each
+        # rank's forkserver costs a second or two of imports, the workers more each epoch.
+        "data": {"shards": [str(shards)], "workers": 0, "shuffle_buffer": 16},
         "optim": {"warmup_epochs": 0.5, "lr": 0.005},
     }
     for key, value in extra.items():

@@ -92,7 +92,15 @@ def comment(cluster: LocalSlurm, job_id: str) -> str:
     return cluster.run("squeue", "-h", "--states=all", "-j", job_id, "-o", "%k").strip()
 
 
-STEPS = {"epochs": 1, "steps_per_epoch": 12, "checkpoint_every": 100, "log_every": 2, "dist_timeout_s": 60}
+# With a loader worker (SLURM signals every process of a job step, workers included).
+STEPS = {
+    "epochs": 1,
+    "steps_per_epoch": 12,
+    "checkpoint_every": 100,
+    "log_every": 2,
+    "dist_timeout_s": 60,
+    "data__workers": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +195,7 @@ def test_usr1_requeues_then_slurm_preemption_requeues_and_the_run_ends_with_the_
 def test_scancel_saves_and_cancels_without_requeue_on_a_free_port(
     cluster: LocalSlurm, shards: Path, tmp_path: Path
 ) -> None:
-    steps = {"epochs": 1, "steps_per_epoch": 400, "checkpoint_every": 1000, "dist_timeout_s": 60}
+    steps = {"epochs": 1, "steps_per_epoch": 400, "checkpoint_every": 1000, "dist_timeout_s": 60, "data__workers": 1}
     cfg = config(tmp_path, shards, "cancelled", ds_config(tmp_path, 0), **steps)
     job_id = submit(cluster, tmp_path, cfg, "--hold")
     # Another job's rendezvous on the port this job id maps to: the script must pick the next free one.
@@ -301,15 +309,24 @@ def _rank_processes(job_id: str, restart: int = 0) -> dict[int, int]:
     return {
         int(environ[b"SLURM_PROCID"]): pid
         for pid, (cmdline, environ) in _job_processes(job_id).items()
-        # argv "... -m ssit_dist.train.pretrain ...": the loader's forkserver names the module in its preload list
-        if b"\0-m\0ssit_dist.train.pretrain\0" in cmdline and int(environ.get(b"SLURM_RESTART_COUNT", b"0")) == restart
+        # argv "... -m ssit_dist.train pretrain ...", as the sbatch script starts each rank
+        if b"\0-m\0ssit_dist.train\0pretrain\0" in cmdline and int(environ.get(b"SLURM_RESTART_COUNT", b"0")) == restart
     }
 
 
 def test_a_dead_rank_fails_the_job_naming_it_and_its_node_and_leaves_nothing(
     two_nodes: TwoNodeSlurm, shards: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path, shards, "dies", ds_config(tmp_path, 0), epochs=1, steps_per_epoch=200, dist_timeout_s=60)
+    cfg = config(
+        tmp_path,
+        shards,
+        "dies",
+        ds_config(tmp_path, 0),
+        epochs=1,
+        steps_per_epoch=200,
+        dist_timeout_s=60,
+        data__workers=1,
+    )
     job_id = submit(two_nodes, tmp_path, cfg, nodes=2)
     metrics, deadline = tmp_path / "dies" / "metrics.jsonl", time.monotonic() + 180
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):

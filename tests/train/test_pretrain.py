@@ -156,9 +156,9 @@ def test_killed_job_resumes_to_the_same_weights(tiny_shards: Path, tmp_path: Pat
     # The uninterrupted run names its shards by a brace pattern: the same shards, counts and mean/std
     # as the folder, so the same data.
     pattern = f"{tiny_shards}/train-{{000000..000005}}.tar"
-    train(config(tmp_path, tiny_shards, "whole", ds, data__shards=[pattern]))
+    train(config(tmp_path, tiny_shards, "whole", ds, data__shards=[pattern], data__workers=1))
 
-    cfg = config(tmp_path, tiny_shards, "killed", ds)
+    cfg = config(tmp_path, tiny_shards, "killed", ds, data__workers=1)  # a loader worker's place is resumed too
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     proc = subprocess.Popen(
         torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
@@ -278,7 +278,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tiny_shards: Path, t
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_shards: Path, tmp_path: Path) -> None:
     # What SLURM sends before the time limit: the job must save where it is and stop with exit 0.
-    cfg = config(tmp_path, tiny_shards, "preempted", ds_config(tmp_path, 0), checkpoint_every=100)
+    cfg = config(tmp_path, tiny_shards, "preempted", ds_config(tmp_path, 0), checkpoint_every=100, data__workers=1)
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     proc = subprocess.Popen(
         torchrun(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True

@@ -142,7 +142,9 @@ def test_a_hung_read_stops_every_rank_at_the_stall_timeout(shards: Path, tmp_pat
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     # 10 s: more than a loaded machine takes to start the workers and bring the first batch (3 s was not).
-    cfg = short(tmp_path, copy, "hung", steps_per_epoch=400, checkpoint_every=1000, data__stall_timeout_s=10)
+    cfg = short(
+        tmp_path, copy, "hung", steps_per_epoch=400, checkpoint_every=1000, data__stall_timeout_s=10, data__workers=1
+    )
     trainer = subprocess.Popen(torchrun(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     try:
         metrics = tmp_path / "hung" / "metrics.jsonl"
