@@ -35,7 +35,7 @@ def launch(module: str, args: list[str], nproc: int, env: dict[str, str]) -> int
     """Run `python -m module args` as `nproc` ranks with `env` (plus each rank's place); the command's exit
     code: 0 when every rank ended well (a stop included), else the first failure's."""
     port = str(free_port())
-    print(f"ssit-dist: {nproc} ranks of {module}, rendezvous 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    print(f"ssit-dist: {nproc} ranks of {module} {args[0]}, rendezvous 127.0.0.1:{port}", file=sys.stderr, flush=True)
     ranks: list[subprocess.Popen] = []
     signals = _Signals(ranks)  # before the first rank: a signal while they start is passed on too
     for rank in range(nproc):

@@ -25,12 +25,12 @@ def cli_command(*args: str) -> list[str]:
 
 def finetune_command(*overrides: str) -> list[str]:
     """The command line of a one-process fine-tuning run with `field=value` overrides."""
-    return [sys.executable, "-m", "ssit_dist.train.finetune", *overrides]
+    return [sys.executable, "-m", "ssit_dist.train", "finetune", *overrides]
 
 
 def segment_command(*overrides: str) -> list[str]:
     """The command line of a one-process segmentation run with `field=value` overrides."""
-    return [sys.executable, "-m", "ssit_dist.train.segment", *overrides]
+    return [sys.executable, "-m", "ssit_dist.train", "segment", *overrides]
 
 
 def run_stage(name: str, command: list[str], log: Path, progress: Callable[[], None] | None = None) -> None:

@@ -124,8 +124,8 @@ def test_no_import_runs_back_up_the_flow() -> None:
 
 def test_every_package_module_is_used_by_the_product() -> None:
     """A module only bench/ or tests/ import is not part of the product: it belongs with them. Used means
-    reached from an entry point (the console script, `python -m ssit_dist`, launch/) through imports or
-    module names that start ranks (`python -m ssit_dist.train.segment`)."""
+    reached from an entry point (the console script, `python -m ssit_dist`, `python -m ssit_dist.train`,
+    launch/) through imports or module names that start ranks (`python -m ssit_dist.train.segment`)."""
     import ast
 
     modules = _package_modules()
@@ -135,7 +135,7 @@ def test_every_package_module_is_used_by_the_product() -> None:
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules
     }
-    reached = {"ssit_dist.cli", "ssit_dist.__main__"} | named
+    reached = {"ssit_dist.cli", "ssit_dist.__main__", "ssit_dist.train.__main__"} | named
     for path in (ROOT / "launch").rglob("*.py"):
         reached |= _imports(path) & modules.keys()
     todo = list(reached)

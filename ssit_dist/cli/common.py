@@ -22,7 +22,7 @@ class RateColumn(ProgressColumn):
 
 
 def launch_ranks(module: str, args: list[str], nproc: int) -> int:
-    """`nproc` ranks of the trainer `module` on this machine (ssit_dist/local_launch.py); each takes its
+    """`nproc` ranks of `python -m module args` on this machine (ssit_dist/local_launch.py); each takes its
     share of the cores itself (ssit_dist/runtime.py)."""
     from ssit_dist.local_launch import launch
 

@@ -23,7 +23,7 @@ def pretrain(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int
         check_inputs(read_settings(ctx, config), nproc)
     except (ConfigError, ShardIndexError) as e:
         fail(str(e), 2)
-    raise typer.Exit(launch_ranks("ssit_dist.train.pretrain", trainer_args(ctx, config), nproc))
+    raise typer.Exit(launch_ranks("ssit_dist.train", ["pretrain", *trainer_args(ctx, config)], nproc))
 
 
 def export(
@@ -63,17 +63,17 @@ def export(
 def finetune(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int = NPROC_OPTION) -> None:
     """Fine-tune and evaluate DR grading (quadratic weighted kappa) with Accelerate."""
     read_settings(ctx, config)  # a wrong field stops here, before any process starts
-    raise typer.Exit(_accelerate_trainer("ssit_dist.train.finetune", trainer_args(ctx, config), nproc))
+    raise typer.Exit(_accelerate_trainer("finetune", trainer_args(ctx, config), nproc))
 
 
-def _accelerate_trainer(module: str, args: list[str], nproc: int) -> int:
-    """A trainer module run with Accelerate: in this process for one, as `nproc` ranks for several
-    (Accelerate reads their torch.distributed environment, as under srun); its exit code."""
+def _accelerate_trainer(task: str, args: list[str], nproc: int) -> int:
+    """A trainer run with Accelerate (ssit_dist.train.TASK): in this process for one, as `nproc` ranks for
+    several (Accelerate reads their torch.distributed environment, as under srun); its exit code."""
     import importlib
 
     if nproc == 1:
-        return int(importlib.import_module(module).main(args))
-    return launch_ranks(module, args, nproc)
+        return int(importlib.import_module(f"ssit_dist.train.{task}").main(args))
+    return launch_ranks("ssit_dist.train", [task, *args], nproc)
 
 
 SYNTHETIC_VESSELS = {
@@ -99,7 +99,7 @@ def segment(
     args = trainer_args(ctx, config)
     if synthetic:
         args.append(f"data={_synthetic_vessels(cfg)}")
-    raise typer.Exit(_accelerate_trainer("ssit_dist.train.segment", args, nproc))
+    raise typer.Exit(_accelerate_trainer("segment", args, nproc))
 
 
 def _synthetic_vessels(cfg: Any) -> Path:
