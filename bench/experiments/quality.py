@@ -38,7 +38,7 @@ from ssit_dist.data.packing.inputs import Labels, read_labels, sample_key
 from ssit_dist.data.packing.label_formats import read_label_file
 from ssit_dist.eval.floors import floor_features_of_files
 from ssit_dist.info import collect
-from ssit_dist.models.ssit import ModelConfig
+from ssit_dist.models.model_config import ModelConfig
 from ssit_dist.stage import StageFailed, cli_command, run_stage
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository

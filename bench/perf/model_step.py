@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssit_dist.info import cpu_runs_natively
 from ssit_dist.models.compile import compile_model
 from ssit_dist.models.losses import contrastive_loss, saliency_loss
-from ssit_dist.models.ssit import ModelConfig, OnlineNetwork, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import OnlineNetwork, SSiT
 from ssit_dist.models.vit import encode
 from ssit_dist.train.pretrain_step import PlainEngine, train_step
 

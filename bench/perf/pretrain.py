@@ -380,7 +380,8 @@ def flops_per_pair(arch: str, device: str | torch.device) -> float:
     """FLOPs of one SSiT training step per pair at 224 px, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ssit_dist.models.ssit import ModelConfig, SSiT
+    from ssit_dist.models.model_config import ModelConfig
+    from ssit_dist.models.ssit import SSiT
     from ssit_dist.train.pretrain_step import PlainEngine, train_step
 
     model = SSiT(ModelConfig(arch=arch)).train().to(device)

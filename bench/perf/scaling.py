@@ -55,7 +55,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import SSiT
 
 COLLECTIVES = Path(__file__).with_name("collectives.py")
 ARCHS = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224"}

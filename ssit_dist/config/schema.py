@@ -16,8 +16,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ssit_dist.configclass import configclass, require, restate
-from ssit_dist.data.loading.augment import VIEW1, VIEW2, ViewRecipe
-from ssit_dist.models.ssit import ModelConfig
+from ssit_dist.data.loading.view_recipe import VIEW1, VIEW2, ViewRecipe
+from ssit_dist.models.model_config import ModelConfig
 from ssit_dist.sections import AccelerateRun, EncoderSource, HeadTraining, Run
 
 

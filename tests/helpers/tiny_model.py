@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import SSiT
 
 TINY = dict(
     arch="vit_small_patch16_224",

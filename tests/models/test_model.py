@@ -11,7 +11,8 @@ import torch
 from conftest import SHARED
 from ssit_dist.data.salient_patches import salient_token_indices
 from ssit_dist.dist import full_fp32_parameters
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import SSiT
 from ssit_dist.models.vit import create_encoder, encode
 from ssit_dist.train.pretrain_step import PlainEngine, train_step
 from ssit_dist.train.schedule import momentum as momentum_at

@@ -68,7 +68,8 @@ def test_zero_stages_make_the_same_update_and_bf16_is_close(tiny_shards: Path, t
     }
     lr = runs[0][0]["lr"]
     assert lr == pytest.approx(0.005 * 8 / 512)
-    from ssit_dist.models.ssit import ModelConfig, SSiT
+    from ssit_dist.models.model_config import ModelConfig
+    from ssit_dist.models.ssit import SSiT
 
     torch.manual_seed(3)  # the run's seed: the weights every stage started from
     model_cfg = yaml.safe_load((tmp_path / "z0.yaml").read_text())["model"]

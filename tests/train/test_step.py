@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import SSiT
 from ssit_dist.train.pretrain_step import PlainEngine, train_step
 
 TINY = ModelConfig(

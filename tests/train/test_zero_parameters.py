@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.batchnorm import convert_batchnorm
-from ssit_dist.models.ssit import ModelConfig, SSiT
+from ssit_dist.models.model_config import ModelConfig
+from ssit_dist.models.ssit import SSiT
 from ssit_dist.train.pretrain_step import train_step
 
 pytestmark = pytest.mark.multiprocess

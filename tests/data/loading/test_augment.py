@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ssit_dist.data.loading.augment import VIEW1, VIEW2, PairAugment, augment_view, crop_box, rotate
+from ssit_dist.data.loading.augment import PairAugment, augment_view, crop_box, rotate
+from ssit_dist.data.loading.view_recipe import VIEW1, VIEW2
 from ssit_dist.data.packing.saliency import saliency_map
 
 MEAN, STD = [0.45, 0.3, 0.2], [0.28, 0.2, 0.17]

@@ -19,12 +19,13 @@ from PIL import Image
 
 from conftest import pack_real_subset
 from ssit_dist.data.decode import decode_bgr, decode_jpegs
-from ssit_dist.data.loading.augment import VIEW1, VIEW2, PairAugment, ViewParams, apply_view, draw_view, rotate
+from ssit_dist.data.loading.augment import PairAugment, ViewParams, apply_view, draw_view, rotate
 from ssit_dist.data.loading.device_augment import DevicePairAugment, EncodedBatch, _hue, gaussian_blur, warp
 from ssit_dist.data.loading.epoch import EpochPlan
 from ssit_dist.data.loading.prefetch import Prefetcher
 from ssit_dist.data.loading.sources import SourceError, open_shards
 from ssit_dist.data.loading.stream import PairStream, pair_loader
+from ssit_dist.data.loading.view_recipe import VIEW1, VIEW2
 from ssit_dist.data.loading.workers import start_batches
 from ssit_dist.data.packing.saliency import saliency_map
 
