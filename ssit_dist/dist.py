@@ -30,6 +30,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from ssit_dist.ports import free_port
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,6 @@ log = logging.getLogger(__name__)
 class RankFailure(RuntimeError):
     """Work that one rank did for all (a checkpoint pointer, a config file, a report) failed there; every
     rank raises this, so none waits forever in the next collective."""
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now: several runs on one machine must not collide on 29500."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_distributed() -> bool:

@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 
-from ssit_dist.dist import free_port
-from ssit_dist.stop import STOP_SIGNALS
+from ssit_dist.ports import free_port
+from ssit_dist.signals import STOP_SIGNALS
 
 FAILURE_GRACE_S = 30.0
 POLL_S = 0.2

@@ -25,8 +25,8 @@ import psutil
 import torch
 
 from ssit_dist.dist import max_over_ranks
+from ssit_dist.signals import STOP_SIGNALS
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 SAME_PRESS_S = 2.0
 WATCH_EVERY_S = 1.0
 # A parent whose command line holds one of these started this rank and should outlive it; an ancestor

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssit_dist.dist import free_port
+from ssit_dist.ports import free_port
 from ssit_dist.runtime import intra_op_threads, ranks_on_this_node, tasks_per_node
 
 PROBE = """

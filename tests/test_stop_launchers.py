@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _deepspeed(cfg: Path) -> list[str]:
-    from ssit_dist.dist import free_port
+    from ssit_dist.ports import free_port
 
     runner = Path(sys.executable).with_name("deepspeed")
     return [str(runner), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "pretrain.py")] + [

@@ -21,7 +21,7 @@ from ssit_dist.config import (
     load_config,
     save_config,
 )
-from ssit_dist.data.loading.augment import VIEW1, VIEW2
+from ssit_dist.data.loading.view_recipe import VIEW1, VIEW2
 from ssit_dist.train.schedule import learning_rate, saliency_weight
 
 DS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -447,6 +447,26 @@ def test_reading_a_config_of_ones_own_imports_no_model(tmp_path: Path) -> None:
         "from ssit_dist.data.packing.options import ShardOptions\n"
         "assert load_config(None, ['size=64'], kind=ShardOptions).size == 64\n"
         "print(sorted(m for m in ('timm', 'torch', 'deepspeed') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.multiprocess
+def test_reading_a_run_config_and_launching_ranks_import_no_torch() -> None:
+    # `ssit-dist finetune|segment --nproc N`, `config`, `data-plan` and `slurm` read a run config in a
+    # process that trains nothing: torch, timm and DeepSpeed would cost it seconds of CPU on every call.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ssit_dist.config import FinetuneConfig, PretrainConfig, SegmentConfig, load_config\n"
+        "import ssit_dist.local_launch\n"
+        "for kind in (PretrainConfig, FinetuneConfig, SegmentConfig):\n"
+        "    assert load_config(None, ['seed=5'], kind=kind).seed == 5\n"
+        "print(sorted(m for m in ('timm', 'torch', 'deepspeed', 'cv2') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ssit_dist.dist import free_port
+from ssit_dist.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ssit_dist.stop import STOP_SIGNALS
+from ssit_dist.signals import STOP_SIGNALS
 
 
 def worker_options(workers: int, setup: Callable[[], None] | None = None, rank: int = 0) -> dict[str, Any]:
