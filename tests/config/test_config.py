@@ -434,40 +434,37 @@ def test_every_name_the_config_package_offers_resolves_as_mypy_sees_it() -> None
         config.Pretrain  # noqa: B018
 
 
-@pytest.mark.multiprocess
-def test_reading_a_config_of_ones_own_imports_no_model(tmp_path: Path) -> None:
-    # `ssit-dist shard` reads its settings through load_config: the model's imports (timm, torch) cost
-    # seconds on every call, and the packer needs neither.
+def _heavy_imports_after(script: str) -> str:
+    """Which of torch, timm, DeepSpeed and OpenCV a fresh interpreter holds after running `script`."""
     import subprocess
     import sys
 
-    script = (
-        "import sys\n"
-        "from ssit_dist.config import ConfigError, load_config\n"
-        "from ssit_dist.data.packing.options import ShardOptions\n"
-        "assert load_config(None, ['size=64'], kind=ShardOptions).size == 64\n"
-        "print(sorted(m for m in ('timm', 'torch', 'deepspeed') if m in sys.modules))\n"
-    )
+    script += "\nimport sys\nprint(sorted(m for m in ('timm', 'torch', 'deepspeed', 'cv2') if m in sys.modules))\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    return result.stdout.strip()
+
+
+@pytest.mark.multiprocess
+def test_reading_a_config_of_ones_own_imports_no_model() -> None:
+    # `ssit-dist shard` reads its settings through load_config: the model's imports (timm, torch) cost
+    # seconds on every call, and the packer needs neither.
+    script = (
+        "from ssit_dist.config import load_config\n"
+        "from ssit_dist.data.packing.options import ShardOptions\n"
+        "assert load_config(None, ['size=64'], kind=ShardOptions).size == 64\n"
+    )
+    assert _heavy_imports_after(script) == "[]"
 
 
 @pytest.mark.multiprocess
 def test_reading_a_run_config_and_launching_ranks_import_no_torch() -> None:
-    # `ssit-dist finetune|segment --nproc N`, `config`, `data-plan` and `slurm` read a run config in a
-    # process that trains nothing: torch, timm and DeepSpeed would cost it seconds of CPU on every call.
-    import subprocess
-    import sys
-
+    # `ssit-dist finetune|segment --nproc N`, `config` and `slurm` read a run config in a process that
+    # trains nothing: torch, timm and DeepSpeed would cost it seconds of CPU on every call.
     script = (
-        "import sys\n"
         "from ssit_dist.config import FinetuneConfig, PretrainConfig, SegmentConfig, load_config\n"
         "import ssit_dist.local_launch\n"
         "for kind in (PretrainConfig, FinetuneConfig, SegmentConfig):\n"
         "    assert load_config(None, ['seed=5'], kind=kind).seed == 5\n"
-        "print(sorted(m for m in ('timm', 'torch', 'deepspeed', 'cv2') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    assert _heavy_imports_after(script) == "[]"
