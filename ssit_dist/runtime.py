@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ssit_dist.dist import expand_nodelist
+from ssit_dist.placement import expand_nodelist
 
 log = logging.getLogger(__name__)
 

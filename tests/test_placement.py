@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssit_dist.dist import PlacementError, adopt_srun_environment, expand_nodelist, gpu_index
+from ssit_dist.placement import PlacementError, adopt_srun_environment, expand_nodelist, gpu_index
 
 SLURM_NAMES = (
     "RANK",

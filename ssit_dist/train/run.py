@@ -39,17 +39,9 @@ import torch
 from ssit_dist.config import ConfigError, FinetuneConfig, PretrainConfig, SegmentConfig, load_config, save_config
 from ssit_dist.data.index import ShardIndexError
 from ssit_dist.data.loading.sources import SourceError
-from ssit_dist.dist import (
-    PlacementError,
-    RankFailure,
-    adopt_srun_environment,
-    bind_gpu,
-    init_process_group,
-    on_rank_zero,
-    release_shared_memory_names,
-    shutdown,
-)
+from ssit_dist.dist import RankFailure, init_process_group, on_rank_zero, release_shared_memory_names, shutdown
 from ssit_dist.models.pretrained import EncoderInitError
+from ssit_dist.placement import PlacementError, adopt_srun_environment, bind_gpu
 from ssit_dist.runtime import apply_process_defaults
 from ssit_dist.stop import StopRequested
 from ssit_dist.train.checkpoint import CheckpointWriteError, ResumeError, ResumePlan, normalised, write_fingerprint
