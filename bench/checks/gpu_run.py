@@ -109,8 +109,7 @@ SMOKE = Plan(
     bench_steps=2,
     workers=1,
     # One: the smoke checks that every part runs, not speed, and shares the cores with the test suite,
-    # where a second intra-op thread waits for a busy core at every parallel region (measured with one
-    # core taken by another process: the step bench 29 s with two threads, 18 s with one).
+    # where a second intra-op thread waits for a busy core at every parallel region.
     threads=1,
     log_every=1,
     bf16=False,

@@ -4,7 +4,7 @@ pretrain, finetune or segment), as `ssit-dist TASK --nproc N` and the SLURM scri
 The same trainer as `python -m ssit_dist.train.TASK`, with lighter loader workers: multiprocessing runs
 the main module again in every worker it starts unless the module is a `__main__`, so under this entry a
 worker's forkserver imports only the data side of the package (ssit_dist/data/loading/workers.py), not
-the model, DeepSpeed and torch's compiler: a second or two of CPU and their memory, per rank.
+the model, DeepSpeed and torch's compiler, nor holds their memory, once per rank (docs/pretrain.md).
 """
 
 import importlib

@@ -12,8 +12,8 @@ main module again and unpickles its dataset; Python's forkserver does not preloa
 means to (its `main_path` is never passed on), so each would import torch, OpenCV and the data modules
 again, seconds of every epoch. The forkserver preloads what a worker needs instead (`_worker_modules`),
 and a worker starts from it at the cost of a fork. Only that: a worker reads, decodes and augments, and
-never builds a model, so timm, DeepSpeed and torch's compiler (half a rank's import time) stay out of
-the forkserver, one per rank.
+never builds a model, so timm, DeepSpeed and torch's compiler, most of a rank's import time, stay out
+of the forkserver, one per rank.
 """
 
 from __future__ import annotations
