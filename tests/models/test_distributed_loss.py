@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import start_ranks
 from ssit_dist.dist import free_port
 from ssit_dist.models.batchnorm import CrossRankBatchNorm1d, convert_batchnorm
 from ssit_dist.models.losses import contrastive_loss
@@ -65,7 +65,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path: Path) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    start_ranks(_worker, (free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # One process, whole batch.
@@ -162,9 +162,7 @@ def test_batchnorm_of_a_constant_feature_stays_finite_across_ranks(tmp_path: Pat
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    mp.start_processes(
-        _near_constant_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True
-    )
+    start_ranks(_near_constant_worker, (free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     out, x_grad = torch.cat([r["out"] for r in ranks]), torch.cat([r["x_grad"] for r in ranks])
     assert out.isfinite().all() and x_grad.isfinite().all(), (out, x_grad)

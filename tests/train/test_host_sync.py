@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from bench.checks.sync_count import FINETUNE_EPOCH, PRETRAIN_LOOP, count, syncs
+from gloo_ranks import start_ranks
 from ssit_dist.dist import free_port
 
 pytestmark = pytest.mark.multiprocess
@@ -96,7 +97,9 @@ def start(cfg: Path, out: Path, task: str = "pretrain") -> mp.ProcessContext:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
     args = (free_port(), str(cfg), str(out), task)
-    return mp.start_processes(_rank, args=args, nprocs=2, start_method="spawn", join=False)
+    ranks = start_ranks(_rank, args, join=False)
+    assert ranks is not None
+    return ranks
 
 
 def counted_run(cfg: Path, out: Path, task: str = "pretrain") -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from gloo_ranks import start_ranks
 from ssit_dist.dist import free_port, full_fp32_parameters
 from ssit_dist.models.batchnorm import convert_batchnorm
 from ssit_dist.models.model_config import ModelConfig
@@ -152,7 +152,7 @@ def _worker(rank: int, port: int, out: str, stage: int, bf16: bool) -> None:
 @pytest.mark.parametrize("stage, bf16", [(1, True), (2, False), (3, False), (3, True)])
 def test_full_fp32_parameters_reassemble_the_master_in_one_collective(tmp_path: Path, stage: int, bf16: bool) -> None:
     args = (free_port(), str(tmp_path), stage, bf16)
-    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
+    start_ranks(_worker, args)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         # One collective for every parameter tensor of the encoder and projector, not one each.
