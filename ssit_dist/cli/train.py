@@ -16,7 +16,7 @@ def pretrain(ctx: typer.Context, config: Path | None = CONFIG_OPTION, nproc: int
     (each saves, exit 0; a second Ctrl-C stops at once)."""
     from ssit_dist.config import ConfigError
     from ssit_dist.data.index import ShardIndexError
-    from ssit_dist.train.pretrain import check_inputs
+    from ssit_dist.train.pretrain_inputs import check_inputs
 
     # What every rank would check first, checked here once, before any rank starts.
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imports import heavy_imports_after
 from ssit_dist.config import (
     ConfigError,
     FinetuneConfig,
@@ -434,17 +435,6 @@ def test_every_name_the_config_package_offers_resolves_as_mypy_sees_it() -> None
         config.Pretrain  # noqa: B018
 
 
-def _heavy_imports_after(script: str) -> str:
-    """Which of torch, timm, DeepSpeed and OpenCV a fresh interpreter holds after running `script`."""
-    import subprocess
-    import sys
-
-    script += "\nimport sys\nprint(sorted(m for m in ('timm', 'torch', 'deepspeed', 'cv2') if m in sys.modules))\n"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip()
-
-
 @pytest.mark.multiprocess
 def test_reading_a_config_of_ones_own_imports_no_model() -> None:
     # `ssit-dist shard` reads its settings through load_config: the model's imports (timm, torch) cost
@@ -454,7 +444,7 @@ def test_reading_a_config_of_ones_own_imports_no_model() -> None:
         "from ssit_dist.data.packing.options import ShardOptions\n"
         "assert load_config(None, ['size=64'], kind=ShardOptions).size == 64\n"
     )
-    assert _heavy_imports_after(script) == "[]"
+    assert heavy_imports_after(script) == "[]"
 
 
 @pytest.mark.multiprocess
@@ -467,4 +457,4 @@ def test_reading_a_run_config_and_launching_ranks_import_no_torch() -> None:
         "for kind in (PretrainConfig, FinetuneConfig, SegmentConfig):\n"
         "    assert load_config(None, ['seed=5'], kind=kind).seed == 5\n"
     )
-    assert _heavy_imports_after(script) == "[]"
+    assert heavy_imports_after(script) == "[]"

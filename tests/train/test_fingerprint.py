@@ -12,8 +12,8 @@ from ssit_dist.data.loading.labelled import SplitSource
 from ssit_dist.data.loading.sources import ShardSet
 from ssit_dist.train.checkpoint import changed_fields
 from ssit_dist.train.finetune import run_fingerprint as finetune_fingerprint
-from ssit_dist.train.pretrain import RunInputs
 from ssit_dist.train.pretrain import run_fingerprint as pretrain_fingerprint
+from ssit_dist.train.pretrain_inputs import RunInputs
 
 RECORDED_PRETRAIN = {
     "data_order": {"piece_size": 64, "shuffle_buffer": 1000, "workers": 2},

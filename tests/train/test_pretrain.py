@@ -243,7 +243,7 @@ def test_an_error_in_the_training_step_ends_the_process(tiny_shards: Path, tmp_p
 
 
 def test_a_wrong_config_ends_the_trainer_with_exit_code_2_naming_the_field(tiny_shards: Path, tmp_path: Path) -> None:
-    # Each wrong field is checked in one process by test_run_inputs.py, through the function the trainer
+    # Each wrong field is checked in one process by test_pretrain_inputs.py, through the function the trainer
     # runs first (check_inputs); this pins that the trainer runs it and what a launcher sees.
     result = _launch_one(config(tmp_path, tiny_shards, "odd", ds_config(tmp_path, 0), global_batch=7))
     assert result.returncode == 2 and "global_batch 7" in result.stderr

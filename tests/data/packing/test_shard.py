@@ -158,7 +158,7 @@ def test_mixed_sizes_feed_cpu_pretraining_and_the_summary_says_what_the_gpu_path
     assert x1.shape == (4, 3, 32, 32)
     # A GPU-path run on the mixed shards stops before it starts, naming the repack, not at its first batch.
     from ssit_dist.config import ConfigError, load_config
-    from ssit_dist.train.pretrain import check_inputs
+    from ssit_dist.train.pretrain_inputs import check_inputs
     from tiny_runs import config, ds_config
 
     cfg = config(tmp_path, tmp_path / "mixed", "gpu", ds_config(tmp_path, 0), data__augment_on="gpu")

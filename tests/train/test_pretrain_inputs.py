@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imports import heavy_imports_after
 from ssit_dist.config import ConfigError, load_config
 from ssit_dist.data.index import ShardIndexError
-from ssit_dist.train.pretrain import check_inputs
+from ssit_dist.train.pretrain_inputs import check_inputs
 from tiny_runs import config, ds_config
 
 
@@ -29,6 +30,20 @@ def test_a_good_config_passes_with_the_shards_statistics(shards: Path, tmp_path:
     assert inputs.mean == index["mean"] and inputs.std == index["std"]
     assert inputs.shards.num_samples == 24 and inputs.held_out is None
     assert inputs.ds_config["train_batch_size"] == 8 and inputs.ds_config["zero_optimization"]["stage"] == 0
+
+
+@pytest.mark.multiprocess
+def test_the_check_the_launcher_runs_imports_no_model(shards: Path, tmp_path: Path) -> None:
+    # `ssit-dist pretrain` runs check_inputs once before it starts any rank: the model side (timm, and
+    # torch's compiler under it) would cost it seconds of CPU before the first rank starts.
+    cfg = config(tmp_path, shards, "good", ds_config(tmp_path, 0))
+    script = (
+        "from ssit_dist.config import load_config\n"
+        "from ssit_dist.train.pretrain_inputs import check_inputs\n"
+        f"assert check_inputs(load_config({str(cfg)!r}), world=2).shards.num_samples == 24\n"
+    )
+    # The shards' reader and decoder, and DeepSpeed's own check of the ZeRO section; no timm.
+    assert heavy_imports_after(script) == "['cv2', 'deepspeed', 'torch']"
 
 
 def test_wrong_batch_shards_and_retrieval_fields_are_named(shards: Path, tmp_path: Path) -> None:
