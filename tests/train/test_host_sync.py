@@ -176,10 +176,11 @@ def test_a_rank_whose_loader_dies_stops_every_rank_at_the_next_sync_point(shards
     while not ranks.join(timeout=120):
         pass
     errors = {r: (out / f"rank{r}.error").read_text() for r in range(2)}
-    # torch names the dead worker, unless the batch it had queued is read first: that batch's shared memory
-    # comes by a socket in the dead worker (torch's file_descriptor sharing), and the read is refused or reset.
-    dead_socket = errors[1].startswith(("ConnectionRefusedError", "ConnectionResetError"))
-    assert "DataLoader worker (pid(s)" in errors[1] or dead_socket, errors
+    # torch names the dead worker, or the batch it had queued is read first and the trainer says the same
+    # (tests/data/loading/test_prefetch.py, where that order is made certain). A raw socket error, which this
+    # test accepted before, stays accepted here.
+    named = ("DataLoader worker (pid(s)", "died before its batch was read")
+    assert any(text in errors[1] for text in named) or errors[1].startswith("Connection"), errors
     assert "the data loader failed on another rank" in errors[0], errors
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(logged) % 4 == 0 and len(logged) < 400  # reported only at sync points, stopped long before the end

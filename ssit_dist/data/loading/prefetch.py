@@ -22,6 +22,7 @@ import queue
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,14 @@ class Prefetcher:
                 return
 
     def _as_reported(self, failed: _Failed) -> BaseException:
+        if _worker_died(failed.error):
+            died = SourceError(
+                f"a loader worker on {socket.gethostname()} died before its batch was read (receiving it failed: "
+                f"{failed.error!r}); the system log says why, most often the kernel's OOM "
+                "killer: fewer data.workers, a smaller data.prefetch, or more memory per rank"
+            )
+            died.__cause__ = failed.error
+            return died
         if not (self.stall_s and failed.waited_s >= self.stall_s) or isinstance(failed.error, StopIteration):
             return failed.error
         stall = SourceError(
@@ -115,6 +124,17 @@ class Prefetcher:
         )
         stall.__cause__ = failed.error
         return stall
+
+
+def _worker_died(error: BaseException) -> bool:
+    """A batch comes from its worker by a pipe, and its shared memory by a socket to the worker (torch's
+    file-descriptor sharing): refused, reset or cut short while torch receives it, the worker is gone. torch
+    says so itself once the worker's exit has reached this process, which under a forkserver can come after
+    the read. A worker's own exception, which torch raises again here, names the worker and is left as is."""
+    if not isinstance(error, ConnectionError | EOFError) or "in DataLoader worker process" in str(error):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(frame.filename.endswith("/torch/utils/data/dataloader.py") for frame in frames)
 
 
 @contextlib.contextmanager
