@@ -1,7 +1,8 @@
 """What a pretraining run reads, checked before any engine is built: the batch layout, the filled DeepSpeed
 config, the shards and their statistics. Every rank runs `check_inputs` first (train/pretrain.py), and
 `ssit-dist pretrain` runs it once before starting any rank, which is why it lives apart from the trainer:
-it imports no model, DeepSpeed or compiler, and the launcher answers a wrong field at once."""
+it imports no model or compiler (DeepSpeed only for its own check of the ZeRO section), and the launcher
+answers a wrong field at once."""
 
 from __future__ import annotations
 
